@@ -1,0 +1,187 @@
+"""Model components: shapes, block-diagonal vision attention, token-count checks, masks,
+RoPE / M-RoPE, and KV-cache parity of greedy decoding."""
+
+import pytest
+import torch
+
+from vlm.generate import generate, sample_next
+from vlm.model.attention import causal_mask
+from vlm.model.decoder import Decoder
+from vlm.model.projector import Projector, spatial_merge, visual_token_count
+from vlm.model.rope import inv_frequencies, rope_cos_sin
+from vlm.model.vision import VisionEncoder
+from vlm.model.vlm import VLM, VisualTokenMismatch, media_span_ids
+
+PAD, IMG, VID = 0, 60, 61
+
+
+def tiny_vlm(merge=1, image_attention="causal", rope="rope", patch_embed="linear", seed=0):
+    torch.manual_seed(seed)
+    enc = VisionEncoder(patch_size=4, dim=32, n_layers=2, n_heads=2, pos_grid=4, patch_embed=patch_embed)
+    proj = Projector(32, 48, "mlp", merge_size=merge)
+    dec = Decoder(vocab_size=64, dim=48, n_layers=2, n_heads=4, n_kv_heads=2, rope=rope, max_seq_len=128)
+    return VLM(enc, proj, dec, media_token_ids=[IMG, VID], image_attention=image_attention).eval()
+
+
+def sample_ids(prefix, n_img, suffix):
+    return [*prefix, *([IMG] * n_img), *suffix]
+
+
+@pytest.mark.parametrize("patch_embed", ["linear", "conv"])
+def test_vision_encoder_shapes_and_grids(patch_embed):
+    enc = VisionEncoder(patch_size=4, dim=32, n_layers=2, n_heads=2, pos_grid=4, patch_embed=patch_embed)
+    grid = torch.tensor([[1, 4, 4], [1, 2, 8], [1, 3, 5], [2, 2, 2]])
+    n = int(grid.prod(-1).sum())
+    out = enc(torch.randn(n, 3 * 16), grid)
+    assert out.shape == (n, 32)
+    with pytest.raises(ValueError, match="covers"):
+        enc(torch.randn(n + 1, 48), grid)
+
+
+def test_vision_attention_is_block_diagonal():
+    """Changing one image's pixels leaves every other image's features unchanged."""
+    enc = VisionEncoder(patch_size=4, dim=32, n_layers=2, n_heads=2, pos_grid=4).eval()
+    grid = torch.tensor([[1, 4, 4], [1, 4, 4], [1, 2, 8], [1, 3, 3]])
+    sizes = grid.prod(-1).tolist()
+    x = torch.randn(sum(sizes), 48)
+    base = enc(x, grid)
+    x2 = x.clone()
+    x2[sizes[0] : sizes[0] + sizes[1]] += 1.0  # image 1 only
+    changed = enc(x2, grid)
+    s = torch.tensor([0] + sizes).cumsum(0)
+    for i in range(4):
+        same = torch.allclose(base[s[i] : s[i + 1]], changed[s[i] : s[i + 1]], atol=1e-6)
+        assert same == (i != 1)
+    # and the packed result equals encoding each image alone
+    for i in range(4):
+        alone = enc(x[s[i] : s[i + 1]], grid[i : i + 1])
+        torch.testing.assert_close(alone, base[s[i] : s[i + 1]], atol=1e-5, rtol=1e-5)
+
+
+def test_feature_layer_and_range():
+    enc = VisionEncoder(patch_size=4, dim=32, n_layers=4, n_heads=2, feature_layer=-2)
+    assert len(enc.blocks) == 3  # blocks after the feature layer are never built
+    with pytest.raises(ValueError, match="feature_layer"):
+        VisionEncoder(n_layers=2, feature_layer=2)
+
+
+def test_projector_merge_counts_and_layout():
+    grid = torch.tensor([[1, 4, 6]])
+    assert visual_token_count((1, 4, 6), 1) == 24
+    assert visual_token_count((1, 4, 6), 2) == 6
+    assert visual_token_count((2, 4, 4), 2) == 8
+    with pytest.raises(ValueError, match="divisible"):
+        visual_token_count((1, 3, 4), 2)
+    f = torch.arange(24.0).view(24, 1)  # feature = patch index, row-major 4x6
+    merged = spatial_merge(f, grid, 2)
+    assert merged.shape == (6, 4)
+    assert merged[0].tolist() == [0, 1, 6, 7]  # top-left 2x2 block
+    assert merged[1].tolist() == [2, 3, 8, 9]
+    p = Projector(8, 16, "linear", merge_size=2)
+    assert p(torch.randn(24, 8), grid).shape == (6, 16)
+
+
+def test_decoder_shapes_gqa_and_tied_head():
+    dec = Decoder(vocab_size=64, dim=48, n_layers=2, n_heads=4, n_kv_heads=2)
+    h = dec(torch.randn(2, 7, 48), torch.arange(7).expand(2, 7))
+    assert h.shape == (2, 7, 48)
+    assert dec.lm_head.weight is dec.embed_tokens.weight
+    assert dec.layers[0].self_attn.k_proj.out_features == 2 * 12
+
+
+def test_mrope_equals_rope_on_text():
+    inv = inv_frequencies(16, 10000.0)
+    pos = torch.arange(9).view(1, 9)
+    c1, s1 = rope_cos_sin(pos, inv)
+    c3, s3 = rope_cos_sin(pos.unsqueeze(0).expand(3, 1, 9), inv, [4, 2, 2])
+    torch.testing.assert_close(c1, c3)
+    torch.testing.assert_close(s1, s3)
+    # with distinct components, each frequency pair reads its own component
+    pos3 = torch.stack([torch.zeros(1, 9), torch.arange(9).view(1, 9), torch.zeros(1, 9)]).long()
+    c, _ = rope_cos_sin(pos3, inv, [4, 2, 2])
+    assert torch.all(c[0, :, :4] == 1) and not torch.all(c[0, :, 4:6] == 1)
+
+
+def test_media_span_ids_and_bidirectional_mask():
+    is_media = torch.tensor([[0, 1, 1, 0, 1, 1, 1, 0]]).bool()
+    spans = media_span_ids(is_media)
+    assert spans.tolist() == [[0, 1, 1, 0, 2, 2, 2, 0]]
+    m = causal_mask(8, 8, span_ids_q=spans, span_ids_k=spans)[0, 0]
+    assert m[1, 2] and m[4, 6] and not m[2, 4] and not m[0, 1] and not m[3, 4]
+    assert m[7].all()
+
+
+def test_visual_token_mismatch_names_the_sample():
+    m = tiny_vlm()
+    grid = torch.tensor([[1, 4, 4], [1, 4, 4]])
+    patches = torch.randn(32, 48)
+    good = sample_ids([1, 2], 16, [3])
+    bad = sample_ids([1, 2], 15, [3, 4])
+    ids = torch.tensor([good, bad])
+    with pytest.raises(VisualTokenMismatch, match=r"sample 'bad-one': 15 media placeholders .* 16 visual tokens"):
+        m(ids, torch.arange(ids.shape[1]).expand(2, -1), pixel_patches=patches, grid_thw=grid,
+          media_per_sample=torch.tensor([1, 1]), keys=["good-one", "bad-one"])
+    with pytest.raises(VisualTokenMismatch, match="no media"):
+        m(torch.tensor([good]), torch.arange(len(good))[None])
+
+
+def _prompt_batch(merge=1, rope="rope"):
+    """Two left-padded prompts with images of different sizes (one has two images)."""
+    n1 = visual_token_count((1, 4, 4), merge)
+    n2, n3 = visual_token_count((1, 2, 4), merge), visual_token_count((1, 4, 2), merge)
+    rows = [sample_ids([1, 2, 3], n1, [4, 5]), [7, *([IMG] * n2), 8, *([IMG] * n3), 9, 10, 11]]
+    L = max(map(len, rows))
+    ids = torch.full((2, L), PAD)
+    am = torch.zeros(2, L, dtype=torch.long)
+    pos = torch.zeros(2, L, dtype=torch.long)
+    for b, r in enumerate(rows):
+        ids[b, L - len(r):] = torch.tensor(r)
+        am[b, L - len(r):] = 1
+        pos[b, L - len(r):] = torch.arange(len(r))
+    if rope == "mrope":
+        pos = pos.unsqueeze(0).expand(3, -1, -1).clone()
+    grid = torch.tensor([[1, 4, 4], [1, 2, 4], [1, 4, 2]])
+    return {"input_ids": ids, "attention_mask": am, "position_ids": pos,
+            "pixel_patches": torch.randn(32, 48), "grid_thw": grid, "media_per_sample": torch.tensor([1, 2]), "keys": ["a", "b"]}
+
+
+@pytest.mark.parametrize("image_attention,rope,merge", [("causal", "rope", 1), ("bidirectional", "mrope", 2)])
+def test_kv_cache_greedy_equals_full_reforward(image_attention, rope, merge):
+    m = tiny_vlm(merge=merge, image_attention=image_attention, rope=rope, seed=1)
+    batch = _prompt_batch(merge, rope)
+    with_cache = generate(m, batch, 20, eos_ids=[63], suppress_ids=[PAD, IMG, VID], use_cache=True)
+    without = generate(m, batch, 20, eos_ids=[63], suppress_ids=[PAD, IMG, VID], use_cache=False)
+    assert with_cache == without
+    assert all(len(o) > 0 for o in with_cache)
+    # left padding does not change a row's answer: row 1 alone gives the same tokens
+    single = {k: (v[1:] if torch.is_tensor(v) and k not in ("pixel_patches", "grid_thw", "position_ids") else v) for k, v in batch.items()}
+    n_first = int(batch["grid_thw"][0].prod())
+    single["pixel_patches"], single["grid_thw"] = batch["pixel_patches"][n_first:], batch["grid_thw"][1:]
+    single["position_ids"], single["keys"] = batch["position_ids"][..., 1:, :], ["b"]
+    keep = single["attention_mask"][0].bool()
+    for k in ("input_ids", "attention_mask"):
+        single[k] = single[k][:, keep]
+    single["position_ids"] = single["position_ids"][..., keep]
+    alone = generate(m, single, 20, eos_ids=[63], suppress_ids=[PAD, IMG, VID])
+    assert alone[0] == with_cache[1]
+
+
+def test_padding_does_not_change_hidden_states():
+    """Right padding (training) and left padding (generation) both leave real tokens unchanged."""
+    m = tiny_vlm(seed=2)
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    h = m(ids, torch.arange(5)[None])
+    right = m(torch.tensor([[1, 2, 3, 4, 5, 0, 0]]), torch.tensor([[0, 1, 2, 3, 4, 0, 0]]), torch.tensor([[1] * 5 + [0, 0]]))
+    left = m(torch.tensor([[0, 0, 1, 2, 3, 4, 5]]), torch.tensor([[0, 0, 0, 1, 2, 3, 4]]), torch.tensor([[0, 0] + [1] * 5]))
+    torch.testing.assert_close(right[:, :5], h, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(left[:, 2:], h, atol=1e-5, rtol=1e-5)
+
+
+def test_sampling_top_p_and_temperature():
+    logits = torch.tensor([[0.0, 5.0, 4.9, -10.0]])
+    assert sample_next(logits).item() == 1
+    g = torch.Generator().manual_seed(0)
+    draws = {int(sample_next(logits, 1.0, 0.5, g)) for _ in range(50)}
+    assert draws == {1}  # token 1 alone reaches half the mass
+    draws = {int(sample_next(logits, 1.0, 0.99, g)) for _ in range(200)}
+    assert draws == {1, 2}

@@ -1,0 +1,66 @@
+"""Build the model, image processor and template from plain config dicts.
+
+The same functions serve training (config from Hydra) and inference (config read back from a
+checkpoint). A checkpoint's config is untrusted input: `safe_instantiate` only builds classes
+under the `vlm.` package, so a doctored `config.yaml` cannot name `os.system`.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+from hydra.utils import instantiate
+
+from vlm.data.processor import ImageProcessor
+from vlm.data.template import ChatTemplate
+from vlm.model.projector import visual_token_count
+from vlm.model.vlm import VLM
+from vlm.tokenizer import TextTokenizer
+
+ALLOWED_TARGET_PREFIX = "vlm."
+
+
+def _check_targets(cfg: Any, where: str = "model") -> None:
+    if isinstance(cfg, dict):
+        for k, v in cfg.items():
+            if k == "_target_" and not str(v).startswith(ALLOWED_TARGET_PREFIX):
+                raise ValueError(f"refusing to build {where}._target_={v!r}: only classes under {ALLOWED_TARGET_PREFIX!r} are allowed")
+            _check_targets(v, f"{where}.{k}")
+    elif isinstance(cfg, list):
+        for i, v in enumerate(cfg):
+            _check_targets(v, f"{where}[{i}]")
+
+
+def safe_instantiate(cfg: dict, where: str, **kwargs):
+    _check_targets(cfg, where)
+    return instantiate(cfg, **kwargs)
+
+
+def build_model(model_cfg: dict, tokenizer: TextTokenizer) -> VLM:
+    """model_cfg: {encoder, projector, decoder: {_target_, …}, image_attention, freeze?}."""
+    dec = dict(model_cfg["decoder"])
+    if dec.get("vocab_size") in (None, "auto"):
+        dec["vocab_size"] = tokenizer.vocab_size
+    elif dec["vocab_size"] < tokenizer.vocab_size:
+        raise ValueError(f"decoder.vocab_size {dec['vocab_size']} < tokenizer vocabulary {tokenizer.vocab_size}")
+    encoder = safe_instantiate(dict(model_cfg["encoder"]), "encoder")
+    projector = safe_instantiate(dict(model_cfg["projector"]), "projector")
+    decoder = safe_instantiate(dec, "decoder")
+    return VLM(
+        encoder,
+        projector,
+        decoder,
+        media_token_ids=[tokenizer.image_pad_id, tokenizer.video_pad_id],
+        image_attention=model_cfg.get("image_attention", "causal"),
+    )
+
+
+def build_processor(processor_cfg: dict) -> ImageProcessor:
+    return ImageProcessor.from_config(dict(processor_cfg))
+
+
+def build_template(template_cfg: dict, tokenizer: TextTokenizer) -> ChatTemplate:
+    cfg = dict(template_cfg)
+    merge = int(cfg.pop("merge_size", 1))
+    return ChatTemplate(tokenizer, partial(visual_token_count, merge_size=merge), merge_size=merge, **cfg)

@@ -1,0 +1,63 @@
+"""Batch processed samples: pad text, pack media.
+
+Batch contract (DESIGN.md): `input_ids [B, L]`, `labels [B, L]` (-100 = no loss),
+`attention_mask [B, L]` (1 = real token), `position_ids [B, L]` or `[3, B, L]`,
+`pixel_patches [Σn, C·P·P]`, `grid_thw [M, 3]` and `media_per_sample [B]`, media in sample order.
+Training pads on the right; generation pads on the left so every row ends at its prompt's end.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import torch
+
+from vlm.data.sample import ProcessedSample
+from vlm.data.template import IGNORE
+
+
+def collate(samples: list[ProcessedSample], pad_id: int, padding_side: str = "right") -> dict:
+    B = len(samples)
+    L = max(s.input_ids.numel() for s in samples)
+    mrope = samples[0].position_ids.dim() == 2
+    input_ids = torch.full((B, L), pad_id, dtype=torch.long)
+    labels = torch.full((B, L), IGNORE, dtype=torch.long)
+    attention_mask = torch.zeros(B, L, dtype=torch.long)
+    position_ids = torch.zeros((3, B, L) if mrope else (B, L), dtype=torch.long)
+    for b, s in enumerate(samples):
+        n = s.input_ids.numel()
+        sl = slice(L - n, L) if padding_side == "left" else slice(0, n)
+        input_ids[b, sl] = s.input_ids
+        labels[b, sl] = s.labels
+        attention_mask[b, sl] = 1
+        position_ids[..., b, sl] = s.position_ids
+    patches = [p for s in samples for p in s.patches]
+    grids = [g for s in samples for g in s.grids]
+    batch = {
+        "input_ids": input_ids,
+        "labels": labels,
+        "attention_mask": attention_mask,
+        "position_ids": position_ids,
+        "pixel_patches": torch.cat(patches, 0) if patches else None,
+        "grid_thw": torch.tensor(grids, dtype=torch.long).view(-1, 3) if grids else None,
+        "media_per_sample": torch.tensor([len(s.grids) for s in samples], dtype=torch.long),
+        "keys": [s.key for s in samples],
+        "skipped": Counter(),
+    }
+    for s in samples:
+        batch["skipped"].update(s.skipped or {})
+    if samples[0].prompt is not None:
+        batch["answers"] = [s.answer for s in samples]
+        batch["qtypes"] = [s.qtype for s in samples]
+        batch["prompts"] = [s.prompt for s in samples]
+    return batch
+
+
+class Collator:
+    """Picklable collate_fn for DataLoader workers."""
+
+    def __init__(self, pad_id: int, padding_side: str = "right"):
+        self.pad_id, self.padding_side = pad_id, padding_side
+
+    def __call__(self, samples):
+        return collate(samples, self.pad_id, self.padding_side)

@@ -1,0 +1,100 @@
+"""LightningDataModule over WebDataset shards (synthvqa by default, any chat/document shards)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+from torch.utils.data import DataLoader
+
+from vlm.build import build_processor, build_template
+from vlm.data.collate import Collator
+from vlm.data.sample import SampleProcessor
+from vlm.data.webdataset import ShardDataset, expand_urls, seed_worker
+from vlm.tokenizer import TextTokenizer
+
+
+class VLMDataModule(L.LightningDataModule):
+    """Args:
+    train_shards / val_shards: a directory of `.tar` shards, a glob, a brace pattern or a list.
+    tokenizer: path to `tokenizer.json`.
+    processor: ImageProcessor config; template: ChatTemplate config (max_length, rope, merge_size…).
+    synthetic: when set, synthvqa is generated under `synthetic.root` on first use.
+    """
+
+    def __init__(
+        self,
+        train_shards,
+        val_shards,
+        tokenizer: str,
+        processor: dict,
+        template: dict,
+        batch_size: int = 32,
+        val_batch_size: int = 64,
+        num_workers: int = 1,
+        val_num_workers: int = 1,
+        shuffle_buffer: int = 1000,
+        seed: int = 0,
+        max_consecutive_failures: int = 50,
+        max_image_pixels: int = 50_000_000,
+        pin_memory: bool = False,
+        synthetic: dict | None = None,
+        qtypes: list[str] | None = None,
+    ):
+        super().__init__()
+        self.cfg = dict(
+            train_shards=train_shards, val_shards=val_shards, tokenizer=tokenizer, batch_size=batch_size,
+            val_batch_size=val_batch_size, num_workers=num_workers, val_num_workers=val_num_workers,
+            shuffle_buffer=shuffle_buffer, seed=seed, max_consecutive_failures=max_consecutive_failures,
+            max_image_pixels=max_image_pixels, pin_memory=pin_memory,
+        )
+        self.processor_cfg, self.template_cfg = dict(processor), dict(template)
+        self.synthetic = dict(synthetic) if synthetic else None
+        self.qtypes = list(qtypes) if qtypes else None  # question types scored separately in validation
+        self.tokenizer: TextTokenizer | None = None
+
+    def prepare_data(self) -> None:
+        if self.synthetic:
+            from vlm.data.synthetic import SynthConfig, ensure_synthvqa
+
+            opts = dict(self.synthetic)
+            root = opts.pop("root")
+            cfg_fields = {k: opts.pop(k) for k in list(opts) if k in SynthConfig.__dataclass_fields__}
+            ensure_synthvqa(root, cfg=SynthConfig(**cfg_fields), **opts)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.tokenizer is not None:
+            return
+        self.prepare_data()  # idempotent; makes `setup` alone enough for tests and inference
+        tok_path = Path(self.cfg["tokenizer"])
+        if not tok_path.is_file():
+            raise FileNotFoundError(f"data.tokenizer: no tokenizer.json at {tok_path}")
+        self.tokenizer = TextTokenizer.from_file(tok_path)
+        self.image_processor = build_processor(self.processor_cfg)
+        self.template = build_template(self.template_cfg, self.tokenizer)
+
+    def _loader(self, shards, train: bool) -> DataLoader:
+        c = self.cfg
+        proc = SampleProcessor(self.image_processor, self.template, mode="train" if train else "eval", max_pixels=c["max_image_pixels"])
+        ds = ShardDataset(shards, proc, train=train, shuffle_buffer=c["shuffle_buffer"], seed=c["seed"],
+                          max_consecutive_failures=c["max_consecutive_failures"])
+        workers = c["num_workers"] if train else min(c["val_num_workers"], len(ds.urls))
+        return DataLoader(
+            ds,
+            batch_size=c["batch_size"] if train else c["val_batch_size"],
+            num_workers=workers,
+            collate_fn=Collator(self.tokenizer.pad_id, "right" if train else "left"),
+            pin_memory=c["pin_memory"],
+            persistent_workers=train and workers > 0,
+            prefetch_factor=4 if workers > 0 else None,
+            worker_init_fn=seed_worker if workers > 0 else None,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.cfg["train_shards"], train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.cfg["val_shards"], train=False)
+
+    def val_urls(self) -> list[str]:
+        return expand_urls(self.cfg["val_shards"])

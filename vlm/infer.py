@@ -1,0 +1,137 @@
+"""`python infer.py ckpt=PATH …`: answer one prompt (streamed), or evaluate on held-out shards.
+
+Model, image processor, template and tokenizer all come from the checkpoint, never from a
+training config, so preprocessing at inference is the preprocessing the model was trained with.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+from torch.utils.data import DataLoader
+
+from vlm.checkpoint import LoadedVLM, load_checkpoint
+from vlm.data.collate import Collator, collate
+from vlm.data.media import MediaError, load_image
+from vlm.data.sample import SampleProcessor
+from vlm.data.webdataset import ShardDataset
+from vlm.generate import generate
+from vlm.metrics import ExactMatchByType, normalize_answer
+
+
+def _special(tok) -> tuple[list[int], list[int]]:
+    eos = [tok.im_end_id, tok.eos_id]
+    suppress = [tok.pad_id, tok.im_start_id, tok.vision_start_id, tok.vision_end_id, tok.image_pad_id, tok.video_pad_id]
+    return eos, suppress
+
+
+def prompt_batch(loaded: LoadedVLM, images: list[bytes], prompt: str) -> dict:
+    """One chat prompt: the images first, then the text (the order synthvqa trains on)."""
+    content = [{"type": "image", "media": i} for i in range(len(images))] + [{"type": "text", "text": prompt}]
+    raw = {"__key__": "prompt", "json": json.dumps({"messages": [{"role": "user", "content": content}]}).encode()}
+    for i, b in enumerate(images):
+        raw[f"{i}.png"] = b  # the decoder sniffs the real format; the name only marks it as media
+    sample = SampleProcessor(loaded.processor, loaded.template, mode="eval")(raw)
+    return collate([sample], loaded.tokenizer.pad_id, padding_side="left")
+
+
+def answer(loaded: LoadedVLM, image_paths: list[str], prompt: str, max_new_tokens: int = 64, temperature: float = 0.0,
+           top_p: float = 1.0, seed: int = 0, stream=sys.stdout) -> str:
+    images = []
+    for p in image_paths:
+        load_image(p)  # fail early with one clear line (missing, unreadable, bomb…)
+        images.append(Path(p).read_bytes())
+    batch = prompt_batch(loaded, images, prompt)
+    tok = loaded.tokenizer
+    eos, suppress = _special(tok)
+    ids: list[int] = []
+    printed = ""
+
+    def on_token(t: torch.Tensor) -> None:
+        nonlocal printed
+        if int(t[0]) < 0 or int(t[0]) in eos:
+            return
+        ids.append(int(t[0]))
+        text = tok.decode(ids)
+        if stream is not None and not text.endswith("\ufffd"):  # wait for whole UTF-8 characters
+            stream.write(text[len(printed):])
+            stream.flush()
+            printed = text
+
+    gen = torch.Generator().manual_seed(seed)
+    generate(loaded.model, batch, max_new_tokens, eos, temperature, top_p, suppress, generator=gen, on_token=on_token)
+    if stream is not None:
+        stream.write("\n")
+    return tok.decode(ids)
+
+
+def evaluate(loaded: LoadedVLM, shards, batch_size: int = 64, max_new_tokens: int = 32, num_workers: int = 1,
+             out_path: str | None = None, max_samples: int | None = None) -> dict:
+    """Greedy answers on held-out shards; returns {'table': str, 'metrics': {...}, 'n': int}."""
+    proc = SampleProcessor(loaded.processor, loaded.template, mode="eval")
+    ds = ShardDataset(shards, proc, train=False)
+    loader = DataLoader(ds, batch_size=batch_size, num_workers=min(num_workers, len(ds.urls)),
+                        collate_fn=Collator(loaded.tokenizer.pad_id, "left"))
+    qtypes = list(loaded.config.get("val_qtypes") or [])
+    metric = ExactMatchByType(qtypes + ["other"])
+    eos, suppress = _special(loaded.tokenizer)
+    n, t0, skipped = 0, time.perf_counter(), Counter()
+    out = open(out_path, "w") if out_path else None
+    try:
+        for batch in loader:
+            skipped.update(batch["skipped"])
+            gen = generate(loaded.model, batch, max_new_tokens, eos, suppress_ids=suppress)
+            preds = [loaded.tokenizer.decode(g) for g in gen]
+            metric.update(preds, batch["answers"], batch["qtypes"])
+            if out:
+                for k, q, pr, a, p in zip(batch["keys"], batch["qtypes"], batch["prompts"], batch["answers"], preds):
+                    out.write(json.dumps({"key": k, "qtype": q, "question": pr, "answer": a, "prediction": p,
+                                          "correct": normalize_answer(p) == normalize_answer(a)}) + "\n")
+            n += len(preds)
+            if max_samples and n >= max_samples:
+                break
+    finally:
+        if out:
+            out.close()
+    res = {k: float(v) for k, v in metric.compute().items()}
+    counts = {q: int(metric.total[i]) for i, q in enumerate(metric.qtypes)}
+    rows = ["| question type | n | exact match |", "| --- | ---: | ---: |"]
+    for q in metric.qtypes:
+        if counts[q]:
+            rows.append(f"| {q} | {counts[q]} | {100 * res[q]:.1f}% |")
+    if res:
+        rows.append(f"| **mean over types** | {n} | {100 * res['mean']:.1f}% |")
+    return {"table": "\n".join(rows), "metrics": res, "n": n, "seconds": time.perf_counter() - t0, "skipped": dict(skipped)}
+
+
+def run(cfg: DictConfig) -> dict:
+    if not cfg.get("ckpt"):
+        raise FileNotFoundError("no checkpoint given: pass ckpt=PATH (a .ckpt file or an export folder)")
+    loaded = load_checkpoint(cfg.ckpt)
+    torch.manual_seed(cfg.seed)
+    if cfg.get("threads"):
+        torch.set_num_threads(int(cfg.threads))
+    data = cfg.get("data")
+    if data and data.get("val_shards"):
+        res = evaluate(loaded, data.val_shards, data.get("batch_size", 64), cfg.max_new_tokens,
+                       data.get("num_workers", 1), cfg.get("out"), data.get("max_samples"))
+        print(res["table"])
+        print(f"{res['n']} samples in {res['seconds']:.1f} s" + (f"; skipped {res['skipped']}" if res["skipped"] else ""))
+        if cfg.get("out"):
+            print(f"predictions written to {cfg.out}")
+        return res
+    if cfg.get("prompt") is None:
+        raise FileNotFoundError("nothing to do: pass image=PATH prompt=\"…\" or data=synthvqa_heldout")
+    images = cfg.get("image") or []
+    images = [images] if isinstance(images, str) else list(images)
+    text = answer(loaded, images, cfg.prompt, cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.seed)
+    return {"answer": text}
+
+
+__all__ = ["run", "answer", "evaluate", "prompt_batch", "MediaError"]

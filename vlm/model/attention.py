@@ -1,0 +1,111 @@
+"""Attention building blocks shared by the vision encoder and the decoder.
+
+Everything goes through `F.scaled_dot_product_attention`, which picks the fused kernel for the
+device. Masks are boolean with True = may attend.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from vlm.model.rope import apply_rope
+
+
+class KVCache:
+    """Preallocated per-layer key/value buffers for incremental decoding.
+
+    Buffers: `[B, H_kv, max_len, Dh]` per layer. `length` counts the positions already written;
+    a forward with L new tokens writes slots `[length, length + L)` and the caller advances.
+    """
+
+    def __init__(self, n_layers: int, batch: int, n_kv_heads: int, max_len: int, head_dim: int, dtype, device):
+        shape = (batch, n_kv_heads, max_len, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.max_len = max_len
+        self.length = 0
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write `[B, H_kv, L, Dh]` at the current offset; return all keys/values so far."""
+        end = self.length + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache overflow: {end} positions > max_len {self.max_len}")
+        self.k[layer][:, :, self.length : end] = k.to(self.k[layer].dtype)
+        self.v[layer][:, :, self.length : end] = v.to(self.v[layer].dtype)
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+    def advance(self, n: int) -> None:
+        self.length += n
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention with grouped-query heads and optional rotary positions.
+
+    x: `[B, L, D]` -> `[B, L, D]`. `n_kv_heads < n_heads` shares each key/value head across
+    `n_heads // n_kv_heads` query heads (GQA).
+    """
+
+    def __init__(self, dim: int, n_heads: int, n_kv_heads: int | None = None, bias: bool = False, qkv_bias: bool | None = None):
+        super().__init__()
+        n_kv_heads = n_kv_heads or n_heads
+        if dim % n_heads or n_heads % n_kv_heads:
+            raise ValueError(f"dim {dim}, n_heads {n_heads}, n_kv_heads {n_kv_heads} do not divide")
+        self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, dim // n_heads
+        qkv_bias = bias if qkv_bias is None else qkv_bias
+        self.q_proj = nn.Linear(dim, n_heads * self.head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(dim, n_kv_heads * self.head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(dim, n_kv_heads * self.head_dim, bias=qkv_bias)
+        self.o_proj = nn.Linear(n_heads * self.head_dim, dim, bias=bias)
+
+    def forward(
+        self,
+        x: Tensor,
+        rope: tuple[Tensor, Tensor] | None = None,
+        mask: Tensor | None = None,
+        is_causal: bool = False,
+        cache: KVCache | None = None,
+        layer_idx: int = 0,
+    ) -> Tensor:
+        B, L, _ = x.shape
+        q = self.q_proj(x).view(B, L, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if cache is not None:
+            k, v = cache.update(layer_idx, k, v)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=is_causal and mask is None,
+            enable_gqa=self.n_kv_heads != self.n_heads,
+        )
+        return self.o_proj(out.transpose(1, 2).reshape(B, L, -1))
+
+
+def causal_mask(
+    q_len: int,
+    k_len: int,
+    key_valid: Tensor | None = None,
+    span_ids_q: Tensor | None = None,
+    span_ids_k: Tensor | None = None,
+    device=None,
+) -> Tensor:
+    """Boolean mask `[B or 1, 1, q_len, k_len]`, True = may attend.
+
+    Queries are the last `q_len` of `k_len` positions (so it also serves cached decoding).
+    key_valid: `[B, k_len]` False at padding. span_ids_*: `[B, len]`, >0 inside a media span;
+    tokens of the same span see each other both ways (bidirectional attention within an image).
+    """
+    qpos = torch.arange(k_len - q_len, k_len, device=device)
+    kpos = torch.arange(k_len, device=device)
+    mask = (kpos[None, :] <= qpos[:, None])[None, None]  # [1, 1, q, k]
+    if span_ids_q is not None and span_ids_k is not None:
+        same = (span_ids_q[:, :, None] == span_ids_k[:, None, :]) & (span_ids_q[:, :, None] > 0)
+        mask = mask | same[:, None]
+    if key_valid is not None:
+        mask = mask & key_valid[:, None, None, :].bool()
+        # A fully padded query row would attend to nothing (NaN); let it see itself instead.
+        eye = (kpos[None, :] == qpos[:, None])[None, None]
+        mask = mask | (eye & ~mask.any(-1, keepdim=True))
+    return mask

@@ -1,0 +1,130 @@
+"""Llama-style decoder: RMSNorm, SwiGLU, grouped-query attention, RoPE (1D or M-RoPE), KV cache.
+
+The decoder consumes embeddings, not ids, so the VLM can splice visual tokens in before it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from vlm.model.attention import KVCache, SelfAttention
+from vlm.model.rope import inv_frequencies, rope_cos_sin
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (xf * self.weight.float()).to(x.dtype)
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden, bias=False)
+        self.up_proj = nn.Linear(dim, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderBlock(nn.Module):
+    def __init__(self, dim: int, n_heads: int, n_kv_heads: int, mlp_hidden: int, norm_eps: float, qkv_bias: bool):
+        super().__init__()
+        self.input_layernorm = RMSNorm(dim, norm_eps)
+        self.self_attn = SelfAttention(dim, n_heads, n_kv_heads, bias=False, qkv_bias=qkv_bias)
+        self.post_attention_layernorm = RMSNorm(dim, norm_eps)
+        self.mlp = SwiGLU(dim, mlp_hidden)
+
+    def forward(self, x, rope, mask, is_causal, cache, layer_idx):
+        x = x + self.self_attn(self.input_layernorm(x), rope, mask, is_causal, cache, layer_idx)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Decoder(nn.Module):
+    """Token embeddings + N pre-norm blocks + final norm + LM head.
+
+    Args mirror a HF Llama/Qwen2 config; `mlp_hidden=None` uses the Llama rule
+    (2/3 · 4 · dim rounded up to a multiple of 64). `rope="mrope"` reads `[3, B, L]` positions and
+    splits the rotary pairs by `mrope_section` (t, h, w); `None` gives an even split.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        dim: int = 256,
+        n_layers: int = 4,
+        n_heads: int = 4,
+        n_kv_heads: int | None = None,
+        mlp_hidden: int | None = None,
+        rope: str = "rope",
+        rope_theta: float = 10000.0,
+        mrope_section: list[int] | None = None,
+        max_seq_len: int = 2048,
+        norm_eps: float = 1e-6,
+        qkv_bias: bool = False,
+        tie_embeddings: bool = True,
+    ):
+        super().__init__()
+        if rope not in ("rope", "mrope"):
+            raise ValueError(f"decoder.rope must be 'rope' or 'mrope', got {rope!r}")
+        n_kv_heads = n_kv_heads or n_heads
+        mlp_hidden = mlp_hidden or 64 * -(-int(8 * dim / 3) // 64)
+        self.vocab_size, self.dim, self.n_layers = vocab_size, dim, n_layers
+        self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, dim // n_heads
+        self.rope, self.max_seq_len = rope, max_seq_len
+        half = self.head_dim // 2
+        if rope == "mrope" and mrope_section is None:
+            mrope_section = [half - 2 * (half // 3), half // 3, half // 3]
+        self.mrope_section = list(mrope_section) if mrope_section is not None else None
+        self.embed_tokens = nn.Embedding(vocab_size, dim)
+        self.layers = nn.ModuleList(
+            DecoderBlock(dim, n_heads, n_kv_heads, mlp_hidden, norm_eps, qkv_bias) for _ in range(n_layers)
+        )
+        self.norm = RMSNorm(dim, norm_eps)
+        self.lm_head = nn.Linear(dim, vocab_size, bias=False)
+        if tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.register_buffer("inv_freq", inv_frequencies(self.head_dim, rope_theta), persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        std = 0.02
+        for name, p in self.named_parameters():
+            if p.dim() == 2:
+                # Scale residual-branch outputs down with depth (GPT-2 / nanoGPT rule).
+                s = std / (2 * self.n_layers) ** 0.5 if name.endswith(("o_proj.weight", "down_proj.weight")) else std
+                nn.init.normal_(p, std=s)
+            elif "bias" in name:
+                nn.init.zeros_(p)
+
+    def forward(
+        self,
+        inputs_embeds: Tensor,
+        position_ids: Tensor,
+        mask: Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> Tensor:
+        """inputs_embeds: `[B, L, D]`; position_ids: `[B, L]` or `[3, B, L]`; mask: bool
+        `[B|1, 1, L, L_total]` or None for plain causal. Returns final-normed hidden `[B, L, D]`
+        (apply `lm_head` only where logits are needed)."""
+        rope = rope_cos_sin(position_ids, self.inv_freq, self.mrope_section if self.rope == "mrope" else None)
+        # Plain causal fast path only when the queries are the whole key sequence.
+        is_causal = mask is None and (cache is None or cache.length == 0)
+        if mask is None and not is_causal and inputs_embeds.shape[1] > 1:
+            raise ValueError("a mask is needed for multi-token forwards on a non-empty cache")
+        x = inputs_embeds
+        for i, layer in enumerate(self.layers):
+            x = layer(x, rope, mask, is_causal, cache, i)
+        return self.norm(x)
+
+    def new_cache(self, batch: int, max_len: int, dtype, device) -> KVCache:
+        return KVCache(self.n_layers, batch, self.n_kv_heads, max_len, self.head_dim, dtype, device)

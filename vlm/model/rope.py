@@ -1,0 +1,58 @@
+"""Rotary position embeddings: 1D RoPE for text decoders and M-RoPE (Qwen2-VL) for media.
+
+M-RoPE splits the rotary frequency pairs of each head into sections that read the temporal,
+height and width components of a 3D position `(t, h, w)`. Text tokens carry the same value in all
+three components, so on text-only input M-RoPE equals 1D RoPE.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def inv_frequencies(head_dim: int, theta: float, device=None) -> Tensor:
+    """`[head_dim // 2]` inverse frequencies, the standard `theta^(-2i/d)` ladder."""
+    return 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+
+
+def rope_cos_sin(
+    position_ids: Tensor, inv_freq: Tensor, mrope_section: list[int] | None = None
+) -> tuple[Tensor, Tensor]:
+    """Rotation tables for every token.
+
+    position_ids: `[B, L]` (1D) or `[3, B, L]` (M-RoPE, components t, h, w).
+    inv_freq: `[Dh/2]`.
+    mrope_section: with 3D positions, how many of the `Dh/2` frequency pairs read t, h and w
+        (must sum to `Dh/2`). Without it, 3D positions use their first component.
+    Returns cos, sin: `[B, L, Dh]` in float32.
+    """
+    if position_ids.dim() == 3:
+        if mrope_section is None:
+            position_ids = position_ids[0]
+        else:
+            if sum(mrope_section) != inv_freq.numel():
+                raise ValueError(f"mrope_section {mrope_section} must sum to head_dim/2 = {inv_freq.numel()}")
+            # freqs per component: [3, B, L, Dh/2]; then pick each frequency pair's component.
+            freqs = position_ids[..., None].float() * inv_freq
+            component = torch.repeat_interleave(
+                torch.arange(3, device=inv_freq.device), torch.tensor(mrope_section, device=inv_freq.device)
+            )  # [Dh/2] in {0,1,2}
+            freqs = freqs.gather(0, component.view(1, 1, 1, -1).expand(1, *freqs.shape[1:])).squeeze(0)
+            emb = torch.cat([freqs, freqs], dim=-1)
+            return emb.cos(), emb.sin()
+    freqs = position_ids[..., None].float() * inv_freq  # [B, L, Dh/2]
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x: `[B, H, L, Dh]`; cos, sin: `[B, L, Dh]`. Computed in float32, returned in x's dtype."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    xf = x.float()
+    return (xf * cos + rotate_half(xf) * sin).to(x.dtype)

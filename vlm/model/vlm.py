@@ -1,0 +1,147 @@
+"""The VLM: encoder -> projector -> visual tokens scattered into placeholder slots -> decoder.
+
+`fusion="interleave"`: the text sequence holds one placeholder token per visual token (the template
+sizes each span with `visual_token_count`); the projected visual tokens replace the placeholder
+embeddings in order. The count is checked per sample and a mismatch names the sample.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from vlm.model.attention import KVCache, causal_mask
+from vlm.model.decoder import Decoder
+from vlm.model.projector import Projector
+from vlm.model.vision import VisionEncoder
+
+
+class VisualTokenMismatch(ValueError):
+    """Placeholder count and visual-token count disagree for a sample."""
+
+
+def media_span_ids(is_media: Tensor) -> Tensor:
+    """`[B, L]` bool -> `[B, L]` int: k > 0 on the k-th contiguous media span of the row, 0 on text."""
+    starts = is_media & ~torch.nn.functional.pad(is_media, (1, 0))[:, :-1]
+    return starts.long().cumsum(-1) * is_media
+
+
+class VLM(nn.Module):
+    def __init__(
+        self,
+        encoder: VisionEncoder,
+        projector: Projector,
+        decoder: Decoder,
+        media_token_ids: Sequence[int],
+        image_attention: str = "causal",
+    ):
+        super().__init__()
+        if image_attention not in ("causal", "bidirectional"):
+            raise ValueError(f"image_attention must be 'causal' or 'bidirectional', got {image_attention!r}")
+        self.encoder, self.projector, self.decoder = encoder, projector, decoder
+        self.register_buffer("media_token_ids", torch.tensor(list(media_token_ids)), persistent=False)
+        self.image_attention = image_attention
+
+    def token_count(self, grid_thw) -> int:
+        return self.projector.token_count(grid_thw)
+
+    def encode_media(self, pixel_patches: Tensor, grid_thw: Tensor) -> Tensor:
+        """`[N, C·P·P]` patches of M items -> `[Σ token_count, D_llm]` visual tokens, item order."""
+        return self.projector(self.encoder(pixel_patches, grid_thw), grid_thw)
+
+    def is_media(self, input_ids: Tensor) -> Tensor:
+        return torch.isin(input_ids, self.media_token_ids)
+
+    def embed(
+        self,
+        input_ids: Tensor,
+        pixel_patches: Tensor | None = None,
+        grid_thw: Tensor | None = None,
+        media_per_sample: Tensor | None = None,
+        keys: Sequence[str] | None = None,
+    ) -> Tensor:
+        """Token embeddings `[B, L, D]` with visual tokens written into the placeholder slots."""
+        embeds = self.decoder.embed_tokens(input_ids)
+        is_media = self.is_media(input_ids)
+        n_slots = is_media.sum(-1)  # [B]
+        n_media = 0 if grid_thw is None else grid_thw.shape[0]
+        if n_media == 0:
+            if n_slots.any():
+                b = int(n_slots.nonzero()[0, 0])
+                raise VisualTokenMismatch(f"sample {_name(keys, b)}: {int(n_slots[b])} media placeholders but no media")
+            return embeds
+        counts = [self.token_count(g) for g in grid_thw.tolist()]
+        self._check_counts(n_slots, counts, media_per_sample, keys)
+        visual = self.encode_media(pixel_patches, grid_thw)
+        # Row-major placeholder order == sample order of media == order of `visual`.
+        return embeds.masked_scatter(is_media[..., None], visual.to(embeds.dtype))
+
+    @staticmethod
+    def _check_counts(n_slots: Tensor, counts: list[int], media_per_sample, keys) -> None:
+        n_slots = n_slots.tolist()
+        if media_per_sample is None:
+            if sum(n_slots) != sum(counts):
+                raise VisualTokenMismatch(
+                    f"batch has {sum(n_slots)} media placeholders but its media give {sum(counts)} visual tokens"
+                )
+            return
+        start = 0
+        for b, m in enumerate(media_per_sample.tolist()):
+            expected = sum(counts[start : start + m])
+            if n_slots[b] != expected:
+                raise VisualTokenMismatch(
+                    f"sample {_name(keys, b)}: {n_slots[b]} media placeholders but its {m} media item(s) "
+                    f"give {expected} visual tokens ({counts[start:start + m]})"
+                )
+            start += m
+        if start != len(counts):
+            raise VisualTokenMismatch(f"media_per_sample sums to {start} but the batch has {len(counts)} media items")
+
+    def attention_mask(self, input_ids: Tensor, attention_mask: Tensor | None, cache: KVCache | None) -> Tensor | None:
+        """Bool mask for the decoder, or None when plain causal attention is exact.
+
+        attention_mask: `[B, past + L]` key validity (1 = real token), HF convention.
+        """
+        L = input_ids.shape[1]
+        past = cache.length if cache is not None else 0
+        bidir = self.image_attention == "bidirectional" and L > 1
+        padded = attention_mask is not None and not bool(attention_mask.all())
+        if padded and past == 0 and not bidir:
+            # Right padding needs no mask: real tokens never look at later (pad) positions.
+            am = attention_mask.bool()
+            if bool((am[:, 1:] <= am[:, :-1]).all()):
+                padded = False
+        if not padded and not bidir and (past == 0 or L == 1):
+            return None
+        spans = media_span_ids(self.is_media(input_ids)) if bidir else None
+        if spans is not None and past:
+            spans_k = torch.nn.functional.pad(spans, (past, 0))
+        else:
+            spans_k = spans
+        return causal_mask(L, past + L, attention_mask if padded else None, spans, spans_k, device=input_ids.device)
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        position_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        pixel_patches: Tensor | None = None,
+        grid_thw: Tensor | None = None,
+        media_per_sample: Tensor | None = None,
+        keys: Sequence[str] | None = None,
+        cache: KVCache | None = None,
+    ) -> Tensor:
+        """input_ids: `[B, L]`; position_ids: `[B, L]` or `[3, B, L]`; returns hidden `[B, L, D]`.
+        Use `self.logits(hidden)` on the positions that need them."""
+        embeds = self.embed(input_ids, pixel_patches, grid_thw, media_per_sample, keys)
+        mask = self.attention_mask(input_ids, attention_mask, cache)
+        return self.decoder(embeds, position_ids, mask, cache)
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        return self.decoder.lm_head(hidden)
+
+
+def _name(keys, b: int) -> str:
+    return repr(keys[b]) if keys is not None and b < len(keys) else f"#{b}"

@@ -1,0 +1,54 @@
+"""Optimizer parameter groups and learning-rate schedules."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+COMPONENTS = ("encoder", "projector", "decoder")
+
+
+def param_groups(model: nn.Module, base_lr: float, weight_decay: float, component_lr: dict | None = None) -> list[dict]:
+    """AdamW groups: one per (component, decay?) with a per-component learning rate.
+
+    No weight decay on norms, biases, embeddings/position tables (anything not a 2D+ matrix of a
+    Linear/Conv, by the usual rule `p.dim() < 2`, plus embeddings by name). Frozen parameters are
+    left out, so the optimizer holds no state for them.
+    """
+    component_lr = component_lr or {}
+    groups: dict[tuple[str, bool], dict] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        comp = name.split(".", 1)[0]
+        decay = p.dim() >= 2 and "embed" not in name
+        lr = component_lr.get(comp) or base_lr
+        g = groups.setdefault((comp, decay), {"params": [], "lr": lr, "weight_decay": weight_decay if decay else 0.0, "name": f"{comp}{'' if decay else '_no_decay'}"})
+        g["params"].append(p)
+    if not groups:
+        raise ValueError("no trainable parameters: every component is frozen")
+    return list(groups.values())
+
+
+def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.1) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warmup to each group's lr, then cosine decay to `min_lr_ratio` of it at `total_steps`."""
+    if total_steps <= 0:
+        raise ValueError(f"warmup_cosine needs total_steps > 0 (set trainer.max_steps), got {total_steps}")
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def constant(optimizer: torch.optim.Optimizer, warmup_steps: int = 0, **_: object) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, warmup_steps)))
+
+
+SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]

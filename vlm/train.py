@@ -1,0 +1,81 @@
+"""`python train.py …`: compose the objects from the Hydra config and fit."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from vlm.module import VLMModule
+
+log = logging.getLogger("vlm.train")
+
+
+def build_callbacks(cfg: DictConfig) -> list[L.Callback]:
+    return [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None and "_target_" in c]
+
+
+def build_logger(cfg: DictConfig):
+    lg = cfg.get("logger")
+    if not lg or "_target_" not in lg:
+        return False
+    if "WandbLogger" in lg["_target_"]:
+        os.makedirs(lg.get("save_dir") or ".", exist_ok=True)
+    return instantiate(lg)
+
+
+def build_module(cfg: DictConfig, datamodule) -> VLMModule:
+    return VLMModule(
+        model=OmegaConf.to_container(cfg.model, resolve=True),
+        tokenizer_json=datamodule.tokenizer.to_str(),
+        processor=datamodule.processor_cfg,
+        template=datamodule.template_cfg,
+        optimizer=instantiate(cfg.optimizer),
+        scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
+        component_lr=OmegaConf.to_container(cfg.component_lr, resolve=True) if cfg.get("component_lr") else None,
+        val_max_new_tokens=cfg.val_max_new_tokens,
+        val_qtypes=datamodule.qtypes,
+    )
+
+
+def run(cfg: DictConfig) -> dict[str, float]:
+    """Train. Returns the final logged metrics (floats)."""
+    L.seed_everything(cfg.seed, workers=True)
+    if cfg.get("threads"):
+        torch.set_num_threads(int(cfg.threads))
+    datamodule = instantiate(cfg.data, _convert_="all")
+    datamodule.setup("fit")
+    module = build_module(cfg, datamodule)
+    if cfg.get("init_from"):
+        from vlm.checkpoint import load_checkpoint
+
+        src = load_checkpoint(cfg.init_from)
+        module.model.load_state_dict(src.model.state_dict())
+        log.info("initialised weights from %s", cfg.init_from)
+    logger = build_logger(cfg)
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=build_callbacks(cfg), logger=logger)
+    if logger:
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    n_params = sum(p.numel() for p in module.parameters())
+    n_train = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    log.info("model: %.2fM parameters (%.2fM trainable)", n_params / 1e6, n_train / 1e6)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+    _print_wandb_hint(logger)
+    return metrics
+
+
+def _print_wandb_hint(logger) -> None:
+    from lightning.pytorch.loggers import WandbLogger
+
+    if isinstance(logger, WandbLogger):
+        try:
+            run_dir = os.path.dirname(logger.experiment.dir)
+        except Exception:  # disabled mode has no directory
+            return
+        if os.environ.get("WANDB_MODE") != "disabled":
+            print(f"W&B run saved offline in {run_dir}\n  upload it with: wandb sync {run_dir}")
