@@ -32,7 +32,7 @@ def build_module(cfg: DictConfig, datamodule) -> VLMModule:
     return VLMModule(
         model=OmegaConf.to_container(cfg.model, resolve=True),
         tokenizer_json=datamodule.tokenizer.to_str(),
-        processor=datamodule.processor_cfg,
+        processor=datamodule.image_processor.to_config(),
         template=datamodule.template_cfg,
         optimizer=instantiate(cfg.optimizer),
         scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
