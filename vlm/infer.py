@@ -32,9 +32,9 @@ def _special(tok) -> tuple[list[int], list[int]]:
 
 
 def prompt_batch(loaded: LoadedVLM, images: list[bytes], prompt: str) -> dict:
-    """One chat prompt: the images first, then the text (the order synthvqa trains on)."""
-    content = [{"type": "image", "media": i} for i in range(len(images))] + [{"type": "text", "text": prompt}]
-    raw = {"__key__": "prompt", "json": json.dumps({"messages": [{"role": "user", "content": content}]}).encode()}
+    """One chat prompt, images placed where the model saw them in training (template.image_position)."""
+    messages = loaded.template.prompt_messages(len(images), prompt)
+    raw = {"__key__": "prompt", "json": json.dumps({"messages": messages}).encode()}
     for i, b in enumerate(images):
         raw[f"{i}.png"] = b  # the decoder sniffs the real format; the name only marks it as media
     sample = SampleProcessor(loaded.processor, loaded.template, mode="eval")(raw)

@@ -126,6 +126,10 @@ class SynthConfig:
     max_shapes: int = 4
     radius_min: float = 0.09  # bounding radius, as a fraction of the canvas side
     radius_max: float = 0.15
+    # Where the image goes in the first user turn: "first" (before the question, the LLaVA
+    # convention) or "last" (after it, so in a causal decoder the visual tokens can already see
+    # what is asked).
+    image_position: str = "first"
 
     def __post_init__(self) -> None:
         if self.qtype_weights is not None:
@@ -135,6 +139,8 @@ class SynthConfig:
                 raise ValueError(f"unknown qtypes {unknown} in qtype_weights; known: {QTYPES}")
             if any(w < 0 for w in self.qtype_weights.values()) or sum(self.qtype_weights.values()) <= 0:
                 raise ValueError(f"qtype_weights must be non-negative with a positive sum: {self.qtype_weights}")
+        if self.image_position not in ("first", "last"):
+            raise ValueError(f"image_position must be 'first' or 'last', got {self.image_position!r}")
         if self.canvas < 16:
             raise ValueError(f"canvas must be at least 16 px, got {self.canvas}")
         if self.turns < 1:
@@ -376,10 +382,10 @@ def _draw_qtype(rng: random.Random, weights: dict[str, float], allowed: Iterable
     return rng.choices(cands, weights=[weights[q] for q in cands])[0]
 
 
-def _chat(image_first: bool, question: str) -> dict:
-    content: list[dict] = [{"type": "image", "media": 0}] if image_first else []
-    content.append({"type": "text", "text": question})
-    return {"role": "user", "content": content}
+def _chat(with_image: bool, question: str, image_position: str = "first") -> dict:
+    image = [{"type": "image", "media": 0}] if with_image else []
+    text = [{"type": "text", "text": question}]
+    return {"role": "user", "content": image + text if image_position == "first" else text + image}
 
 
 def _answer(text: str) -> dict:
@@ -397,7 +403,7 @@ def make_sample(rng: random.Random, cfg: SynthConfig) -> dict:
     assert qtype is not None
     if qtype == "ocr":
         scene = sample_ocr_scene(rng, cfg)
-        messages = [_chat(True, Q_OCR), _answer(scene.text)]
+        messages = [_chat(True, Q_OCR, cfg.image_position), _answer(scene.text)]
         return {"image": render(scene), "messages": messages, "meta": {"family": "ocr", "qtypes": ["ocr"]}, "scene": scene}
 
     for _ in range(_MAX_TRIES):
@@ -414,7 +420,7 @@ def make_sample(rng: random.Random, cfg: SynthConfig) -> dict:
         qa = _pick(rng, bank, qtype, asked)
         assert qa is not None
         asked.add(qa[0])
-        messages += [_chat(not messages, qa[0]), _answer(qa[1])]
+        messages += [_chat(not messages, qa[0], cfg.image_position), _answer(qa[1])]
         qtypes.append(qtype)
         if len(qtypes) < cfg.turns:
             open_q = [q for q in SHAPE_QTYPES if any(_remaining(bank, q, asked))]
@@ -518,7 +524,10 @@ def write_split(
         results: Iterable[str] = map(_write_shard, tasks)
         pool = None
     else:
-        pool = multiprocessing.get_context("spawn").Pool(min(workers, len(tasks)))
+        # fork, not spawn: spawn re-runs the caller's main script in every worker, which loops
+        # forever when that script (unguarded) is what asked for the data. Workers only use PIL.
+        ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
+        pool = ctx.Pool(min(workers, len(tasks)))
         results = pool.imap_unordered(_write_shard, tasks)
     try:
         for _ in results:

@@ -57,8 +57,12 @@ class ChatTemplate:
         rope: str = "rope",
         merge_size: int = 1,
         system_prompt: str | None = None,
+        image_position: str = "first",
     ):
+        if image_position not in ("first", "last"):
+            raise ValueError(f"template.image_position must be 'first' or 'last', got {image_position!r}")
         self.tok = tokenizer
+        self.image_position = image_position
         self.token_count = token_count
         self.max_length = max_length
         self.rope = rope
@@ -66,6 +70,13 @@ class ChatTemplate:
         self.system_prompt = system_prompt
         self._role_prefix = {r: [tokenizer.im_start_id, *tokenizer.encode(f"{r}\n")] for r in ("system", "user", "assistant")}
         self._turn_end = [tokenizer.im_end_id, *tokenizer.encode("\n")]
+
+    def prompt_messages(self, n_images: int, text: str) -> list[dict]:
+        """A one-turn user prompt with `n_images` images placed as the model was trained
+        (`image_position`): used by inference to build the same layout as the training data."""
+        images = [{"type": "image", "media": i} for i in range(n_images)]
+        content = [*images, {"type": "text", "text": text}] if self.image_position == "first" else [{"type": "text", "text": text}, *images]
+        return [{"role": "user", "content": content}]
 
     # ---- rendering ---------------------------------------------------------------------------
     def _content(self, content, grids: Sequence[Sequence[int]], media_kinds: Sequence[str] | None, out_ids, out_labels, train: bool, order, kinds):
