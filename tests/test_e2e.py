@@ -148,3 +148,26 @@ def test_infer_cli_bad_inputs_give_one_clear_line(trained, tmp_path):
         lines = [line for line in r.stderr.splitlines() if line.strip()]
         assert len(lines) == 1 and lines[0].startswith("error: "), (name, r.stderr[-2000:])
         assert "Traceback" not in r.stderr
+
+
+def test_train_cli_sweep(synth_dir, tmp_path):
+    """`python train.py -m optimizer.lr=a,b` runs one job per value through the real Hydra entry."""
+    from tests.conftest import TINY
+
+    args = ["train.py", "-m", "optimizer.lr=1e-3,3e-3", "logger=none", f"paths.data_dir={synth_dir}",
+            f"hydra.sweep.dir={tmp_path / 'multirun'}", "trainer.max_steps=2", *TINY]
+    args = [a for a in args if not a.startswith("trainer.max_steps=4")]
+    r = _cli(args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for job in ("0", "1"):
+        assert (tmp_path / "multirun" / job / "export" / "model.safetensors").is_file()
+    lrs = sorted((tmp_path / "multirun" / j / ".hydra" / "overrides.yaml").read_text() for j in ("0", "1"))
+    assert "optimizer.lr=0.001" in lrs[0] and "optimizer.lr=0.003" in lrs[1]
+
+
+def test_train_cli_wrong_path_is_one_line(tmp_path):
+    r = _cli(["train.py", "data.train_shards=/nonexistent/shards", "data.synthetic=null",
+              f"data.tokenizer={tmp_path / 'none.json'}", f"hydra.run.dir={tmp_path / 'h'}", "logger=none"])
+    assert r.returncode == 2
+    lines = [line for line in r.stderr.splitlines() if line.strip() and "Seed set" not in line]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in r.stderr, r.stderr[-2000:]

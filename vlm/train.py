@@ -15,8 +15,11 @@ from vlm.module import VLMModule
 log = logging.getLogger("vlm.train")
 
 
-def build_callbacks(cfg: DictConfig) -> list[L.Callback]:
-    return [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None and "_target_" in c]
+def build_callbacks(cfg: DictConfig, has_logger: bool = True) -> list[L.Callback]:
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None and "_target_" in c]
+    if not has_logger:  # an LR monitor with nothing to log to is an error in Lightning
+        callbacks = [c for c in callbacks if not isinstance(c, L.pytorch.callbacks.LearningRateMonitor)]
+    return callbacks
 
 
 def build_logger(cfg: DictConfig):
@@ -57,7 +60,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
         module.model.load_state_dict(src.model.state_dict())
         log.info("initialised weights from %s", cfg.init_from)
     logger = build_logger(cfg)
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=build_callbacks(cfg), logger=logger)
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=build_callbacks(cfg, bool(logger)), logger=logger)
     if logger:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     n_params = sum(p.numel() for p in module.parameters())
