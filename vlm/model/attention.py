@@ -47,7 +47,15 @@ class SelfAttention(nn.Module):
     `n_heads // n_kv_heads` query heads (GQA).
     """
 
-    def __init__(self, dim: int, n_heads: int, n_kv_heads: int | None = None, bias: bool = False, qkv_bias: bool | None = None):
+    def __init__(
+        self,
+        dim: int,
+        n_heads: int,
+        n_kv_heads: int | None = None,
+        bias: bool = False,
+        qkv_bias: bool | None = None,
+        qk_norm: bool = False,
+    ):
         super().__init__()
         n_kv_heads = n_kv_heads or n_heads
         if dim % n_heads or n_heads % n_kv_heads:
@@ -58,6 +66,10 @@ class SelfAttention(nn.Module):
         self.k_proj = nn.Linear(dim, n_kv_heads * self.head_dim, bias=qkv_bias)
         self.v_proj = nn.Linear(dim, n_kv_heads * self.head_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(n_heads * self.head_dim, dim, bias=bias)
+        # QK-norm (OLMo 2, Qwen3): RMS-normalise each head's queries and keys, which keeps
+        # attention logits bounded and tolerates higher learning rates.
+        self.q_norm = nn.RMSNorm(self.head_dim, eps=1e-6) if qk_norm else None
+        self.k_norm = nn.RMSNorm(self.head_dim, eps=1e-6) if qk_norm else None
 
     def forward(
         self,
@@ -72,6 +84,8 @@ class SelfAttention(nn.Module):
         q = self.q_proj(x).view(B, L, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:

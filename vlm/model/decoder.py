@@ -37,10 +37,10 @@ class SwiGLU(nn.Module):
 
 
 class DecoderBlock(nn.Module):
-    def __init__(self, dim: int, n_heads: int, n_kv_heads: int, mlp_hidden: int, norm_eps: float, qkv_bias: bool):
+    def __init__(self, dim: int, n_heads: int, n_kv_heads: int, mlp_hidden: int, norm_eps: float, qkv_bias: bool, qk_norm: bool = False):
         super().__init__()
         self.input_layernorm = RMSNorm(dim, norm_eps)
-        self.self_attn = SelfAttention(dim, n_heads, n_kv_heads, bias=False, qkv_bias=qkv_bias)
+        self.self_attn = SelfAttention(dim, n_heads, n_kv_heads, bias=False, qkv_bias=qkv_bias, qk_norm=qk_norm)
         self.post_attention_layernorm = RMSNorm(dim, norm_eps)
         self.mlp = SwiGLU(dim, mlp_hidden)
 
@@ -71,6 +71,7 @@ class Decoder(nn.Module):
         max_seq_len: int = 2048,
         norm_eps: float = 1e-6,
         qkv_bias: bool = False,
+        qk_norm: bool = False,
         tie_embeddings: bool = True,
     ):
         super().__init__()
@@ -87,7 +88,7 @@ class Decoder(nn.Module):
         self.mrope_section = list(mrope_section) if mrope_section is not None else None
         self.embed_tokens = nn.Embedding(vocab_size, dim)
         self.layers = nn.ModuleList(
-            DecoderBlock(dim, n_heads, n_kv_heads, mlp_hidden, norm_eps, qkv_bias) for _ in range(n_layers)
+            DecoderBlock(dim, n_heads, n_kv_heads, mlp_hidden, norm_eps, qkv_bias, qk_norm) for _ in range(n_layers)
         )
         self.norm = RMSNorm(dim, norm_eps)
         self.lm_head = nn.Linear(dim, vocab_size, bias=False)
