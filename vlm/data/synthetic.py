@@ -40,6 +40,36 @@ Every image is a square canvas (``SynthConfig.canvas`` px, default 64) on a ligh
     and the BASIC layout engine (no system fonts, no raqm: identical on every machine).
     ``What does the text say?`` → the string exactly (the only answer that is not lower-case).
 
+synthvqa v2 families (off by default; enable with ``SynthConfig.families``, e.g.
+``["shapes", "ocr", "ocr_wide", "multi_image", "video"]`` or the aliases ``["v1", "v2"]``; with the
+default ``families`` the generator, its shards and ``SynthConfig.to_dict()`` are exactly v1's):
+
+``ocr_wide``
+    12–20 characters (``ocr_wide_min_len`` … ``ocr_wide_max_len``) from the OCR charset on a canvas
+    ``ocr_wide_aspect`` (8) times wider than tall (512×64 at canvas 64), same font, colours and
+    background rules as ``ocr``. The font size is the largest ≤ ``ocr_wide_font_frac · canvas`` at
+    which ``ocr_wide_max_len`` of the widest character fit the width less the margin (and the
+    height). ``What does the text say?`` → the string. Squashing this image into a square
+    compresses the text 8× horizontally; keeping the aspect ratio does not.
+``multi_image``
+    Two ``shapes`` images with different shape counts (the second is redrawn until they differ).
+    User content: image 0, image 1, then ``Which image has more shapes, the first or the second?``
+    (or the question first with ``image_position="last"``) → ``first`` / ``second``; by symmetry
+    each answer is drawn half of the time.
+``video``
+    ``video_min_frames`` … ``video_max_frames`` (4–8) frames of one shape (size as in ``shapes``)
+    moving in a straight line at constant speed: ``left`` / ``right`` / ``up`` / ``down`` (``up`` is
+    towards the top of the image), a total displacement of at least ``video_min_shift · canvas`` px
+    (and at most what fits; fully inside every frame). Stored as ONE media member,
+    ``KEY.0.mp4`` (``video_format="mp4"``: H.264 via PyAV's ``libx264rgb`` at ``qp=0``, bit-exact
+    RGB, at ``video_fps`` frames per second) or ``KEY.0.apng`` (``video_format="apng"``: an
+    animated PNG, lossless, no PyAV needed to write it); both decode with
+    :func:`vlm.data.video.decode_video`. User content: ``{"type": "video", "media": 0}`` and
+    ``Which way is the {color} {shape} moving?`` → the direction. Reversing the frames reverses the
+    answer, so it needs temporal order.
+
+v2 samples have one turn. Their qtype is the family name.
+
 Sampling: the qtype is drawn first by ``qtype_weights``, then images are drawn until one is valid
 for it. With ``turns > 1`` a shapes sample gets up to ``turns`` distinct questions about the same
 image (the first of the drawn qtype, the rest drawn by the weights among the qtypes that still
@@ -78,6 +108,16 @@ VERSION = 1
 
 QTYPES = ("color", "count_shape", "count_all", "exists", "left_right", "describe", "ocr")
 SHAPE_QTYPES = QTYPES[:-1]
+#: synthvqa v2 qtypes (one per v2 family); only drawn when their family is in ``SynthConfig.families``.
+QTYPES_V2 = ("ocr_wide", "multi_image", "video")
+QTYPES_ALL = QTYPES + QTYPES_V2
+V1_FAMILIES = ("shapes", "ocr")
+V2_FAMILIES = ("ocr_wide", "multi_image", "video")
+FAMILIES = V1_FAMILIES + V2_FAMILIES
+FAMILY_ALIASES = {"v1": V1_FAMILIES, "v2": V2_FAMILIES, "all": FAMILIES}
+QTYPE_FAMILY = {**{q: "shapes" for q in SHAPE_QTYPES}, "ocr": "ocr", **{q: q for q in QTYPES_V2}}
+DIRECTIONS = ("left", "right", "up", "down")
+VIDEO_FORMATS = {"mp4": "mp4", "apng": "apng"}  # video_format -> shard member extension
 SHAPES = ("circle", "square", "triangle")
 #: Colour name → RGB. Saturated and far apart, and every one has a channel far below the
 #: background's 225..255, so no shape can vanish into the background.
@@ -100,6 +140,8 @@ Q_EXISTS = "Is there a {color} {shape}?"
 Q_LEFT_RIGHT = "Is the {color} {shape} on the left or the right?"
 Q_DESCRIBE = "Describe the image."
 Q_OCR = "What does the text say?"
+Q_MULTI = "Which image has more shapes, the first or the second?"
+Q_VIDEO = "Which way is the {color} {shape} moving?"
 
 _MAX_TRIES = 10_000  # rejection-sampling bound; reaching it means the config cannot be satisfied
 
@@ -130,13 +172,43 @@ class SynthConfig:
     # convention) or "last" (after it, so in a causal decoder the visual tokens can already see
     # what is asked).
     image_position: str = "first"
+    # --- synthvqa v2 (see the module docstring). Left out of to_dict() while at their defaults,
+    # so a v1 config records exactly what it always did.
+    families: tuple[str, ...] | list[str] | str = V1_FAMILIES
+    ocr_wide_min_len: int = 12
+    ocr_wide_max_len: int = 20
+    ocr_wide_aspect: int = 8
+    ocr_wide_font_frac: float = 0.5
+    video_min_frames: int = 4
+    video_max_frames: int = 8
+    video_min_shift: float = 0.3  # total displacement, fraction of the canvas side
+    video_fps: float = 2.0
+    video_format: str = "mp4"
 
     def __post_init__(self) -> None:
+        self.families = _normalize_families(self.families)
+        if "ocr_wide" in self.families:
+            if not 1 <= self.ocr_wide_min_len <= self.ocr_wide_max_len:
+                raise ValueError(f"need 1 <= ocr_wide_min_len <= ocr_wide_max_len, got {self.ocr_wide_min_len}, {self.ocr_wide_max_len}")
+            if self.ocr_wide_aspect < 1:
+                raise ValueError(f"ocr_wide_aspect must be >= 1, got {self.ocr_wide_aspect}")
+        if "multi_image" in self.families and self.min_shapes == self.max_shapes:
+            raise ValueError("multi_image needs min_shapes < max_shapes (the two images must differ in count)")
+        if "video" in self.families:
+            if not 2 <= self.video_min_frames <= self.video_max_frames:
+                raise ValueError(f"need 2 <= video_min_frames <= video_max_frames, got {self.video_min_frames}, {self.video_max_frames}")
+            if not 0 < self.video_min_shift < 1 or not self.video_fps > 0:
+                raise ValueError(f"need 0 < video_min_shift < 1 and video_fps > 0, got {self.video_min_shift}, {self.video_fps}")
+            if self.video_format not in VIDEO_FORMATS:
+                raise ValueError(f"video_format must be one of {tuple(VIDEO_FORMATS)}, got {self.video_format!r}")
         if self.qtype_weights is not None:
             self.qtype_weights = {str(k): float(v) for k, v in dict(self.qtype_weights).items()}
-            unknown = sorted(set(self.qtype_weights) - set(QTYPES))
+            unknown = sorted(set(self.qtype_weights) - set(QTYPES_ALL))
             if unknown:
-                raise ValueError(f"unknown qtypes {unknown} in qtype_weights; known: {QTYPES}")
+                raise ValueError(f"unknown qtypes {unknown} in qtype_weights; known: {QTYPES_ALL}")
+            off = sorted(q for q, w in self.qtype_weights.items() if w > 0 and QTYPE_FAMILY[q] not in self.families)
+            if off:
+                raise ValueError(f"qtype_weights gives weight to {off}, whose families are not in families={list(self.families)}")
             if any(w < 0 for w in self.qtype_weights.values()) or sum(self.qtype_weights.values()) <= 0:
                 raise ValueError(f"qtype_weights must be non-negative with a positive sum: {self.qtype_weights}")
         if self.image_position not in ("first", "last"):
@@ -153,11 +225,26 @@ class SynthConfig:
             raise ValueError(f"need 0 < radius_min <= radius_max < 0.5, got {self.radius_min}, {self.radius_max}")
 
     @property
+    def qtypes(self) -> tuple[str, ...]:
+        """The qtypes of the enabled families, in ``QTYPES_ALL`` order (``QTYPES`` for v1)."""
+        return tuple(q for q in QTYPES_ALL if QTYPE_FAMILY[q] in self.families)
+
+    @property
     def weights(self) -> dict[str, float]:
-        """The weight of every qtype (uniform when ``qtype_weights`` is None)."""
+        """The weight of every enabled qtype (uniform when ``qtype_weights`` is None)."""
         if self.qtype_weights is None:
-            return {q: 1.0 for q in QTYPES}
-        return {q: self.qtype_weights.get(q, 0.0) for q in QTYPES}
+            return {q: 1.0 for q in self.qtypes}
+        return {q: self.qtype_weights.get(q, 0.0) for q in self.qtypes}
+
+    @property
+    def wide_size(self) -> tuple[int, int]:
+        """``(width, height)`` of an ``ocr_wide`` image."""
+        return self.canvas * self.ocr_wide_aspect, self.canvas
+
+    @property
+    def wide_font_px(self) -> int:
+        """The ``ocr_wide`` font size (derived, see the module docstring)."""
+        return _wide_font_px(*self.wide_size, self.ocr_wide_max_len, self.ocr_wide_font_frac)
 
     @property
     def font_px(self) -> int:
@@ -165,7 +252,11 @@ class SynthConfig:
         return _font_px(self.canvas, self.ocr_max_len, self.font_size, self.font_frac)
 
     def to_dict(self) -> dict[str, Any]:
-        return json.loads(json.dumps(dataclasses.asdict(self)))
+        d = json.loads(json.dumps(dataclasses.asdict(self)))
+        for k, default in _v2_defaults().items():  # v2 options only when they differ (v1 records unchanged)
+            if d[k] == default:
+                del d[k]
+        return d
 
     @classmethod
     def from_any(cls, cfg: SynthConfig | Mapping | None) -> SynthConfig:
@@ -175,6 +266,35 @@ class SynthConfig:
         if isinstance(cfg, cls):
             return cfg
         return cls(**{k: (dict(v) if isinstance(v, Mapping) else v) for k, v in dict(cfg).items()})
+
+
+_V2_FIELDS = ("families", "ocr_wide_min_len", "ocr_wide_max_len", "ocr_wide_aspect", "ocr_wide_font_frac",
+              "video_min_frames", "video_max_frames", "video_min_shift", "video_fps", "video_format")
+
+
+@functools.cache
+def _v2_defaults() -> dict[str, Any]:
+    fields = {f.name: f.default for f in dataclasses.fields(SynthConfig)}
+    return json.loads(json.dumps({k: fields[k] for k in _V2_FIELDS}))
+
+
+def _normalize_families(families: Any) -> tuple[str, ...]:
+    """A family list (names or the aliases v1 / v2 / all, or one comma-separated string) → the
+    enabled families in ``FAMILIES`` order."""
+    if isinstance(families, str):
+        families = [f.strip() for f in families.split(",") if f.strip()]
+    names: set[str] = set()
+    for f in families:
+        f = str(f)
+        if f in FAMILY_ALIASES:
+            names.update(FAMILY_ALIASES[f])
+        elif f in FAMILIES:
+            names.add(f)
+        else:
+            raise ValueError(f"unknown synthvqa family {f!r}; known: {FAMILIES} or aliases {tuple(FAMILY_ALIASES)}")
+    if not names:
+        raise ValueError("families must name at least one family")
+    return tuple(f for f in FAMILIES if f in names)
 
 
 # ----------------------------------------------------------------------------------------- font
@@ -216,6 +336,16 @@ def _font_px(canvas: int, max_len: int, font_size: int | None, font_frac: float)
         if w <= room and h <= room:
             return size
     raise ValueError(f"no font size >= 6 fits {max_len} characters in a {canvas}px canvas")
+
+
+@functools.cache
+def _wide_font_px(width: int, height: int, max_len: int, font_frac: float) -> int:
+    m = ocr_margin(height)
+    for size in range(max(6, round(font_frac * height)), 5, -1):
+        w, h = _widest(get_font(size), max_len)
+        if w <= width - 2 * m and h <= height - 2 * m:
+            return size
+    raise ValueError(f"no font size >= 6 fits {max_len} characters in a {width}x{height}px canvas")
 
 
 # ---------------------------------------------------------------------------------------- scenes
@@ -262,6 +392,49 @@ class OcrScene:
         return (self.xy[0] + left, self.xy[1] + top, self.xy[0] + right, self.xy[1] + bottom)
 
 
+@dataclass(frozen=True)
+class WideOcrScene:
+    """``ocr_wide``: text on a ``width x height`` canvas (``width = ocr_wide_aspect * height``)."""
+
+    width: int
+    height: int
+    background: tuple[int, int, int]
+    text: str
+    xy: tuple[int, int]
+    font_size: int
+    grey: int
+    family: str = "ocr_wide"
+
+    @property
+    def bbox(self) -> tuple[int, int, int, int]:
+        left, top, right, bottom = get_font(self.font_size).getbbox(self.text)
+        return (self.xy[0] + left, self.xy[1] + top, self.xy[0] + right, self.xy[1] + bottom)
+
+
+@dataclass(frozen=True)
+class MultiImageScene:
+    """``multi_image``: two shapes scenes; ``answer`` is ``first`` or ``second`` (more shapes)."""
+
+    scenes: tuple[ShapesScene, ShapesScene]
+    family: str = "multi_image"
+
+    @property
+    def answer(self) -> str:
+        a, b = (len(s.shapes) for s in self.scenes)
+        return "first" if a > b else "second"
+
+
+@dataclass(frozen=True)
+class VideoScene:
+    """``video``: ``frames[k]`` is the moving shape in frame k; ``direction`` its motion."""
+
+    canvas: int
+    background: tuple[int, int, int]
+    frames: tuple[Shape, ...]
+    direction: str
+    family: str = "video"
+
+
 def _background(rng: random.Random) -> tuple[int, int, int]:
     base = rng.randint(230, 255)
     return tuple(min(255, max(225, base + rng.randint(-8, 8))) for _ in range(3))  # type: ignore[return-value]
@@ -298,8 +471,57 @@ def sample_ocr_scene(rng: random.Random, cfg: SynthConfig) -> OcrScene:
     return OcrScene(c, _background(rng), text, (x, y), size, rng.randint(0, 80))
 
 
-def render(scene: ShapesScene | OcrScene) -> Image.Image:
+def sample_wide_ocr_scene(rng: random.Random, cfg: SynthConfig) -> WideOcrScene:
+    (W, H), size, m = cfg.wide_size, cfg.wide_font_px, ocr_margin(cfg.canvas)
+    n = rng.randint(cfg.ocr_wide_min_len, cfg.ocr_wide_max_len)
+    text = "".join(rng.choice(OCR_CHARSET) for _ in range(n))
+    left, top, right, bottom = get_font(size).getbbox(text)
+    x = rng.randint(m - left, W - m - right)
+    y = rng.randint(m - top, H - m - bottom)
+    return WideOcrScene(W, H, _background(rng), text, (x, y), size, rng.randint(0, 80))
+
+
+def sample_multi_image_scene(rng: random.Random, cfg: SynthConfig) -> MultiImageScene:
+    first = sample_shapes_scene(rng, cfg)
+    for _ in range(_MAX_TRIES):
+        second = sample_shapes_scene(rng, cfg)
+        if len(second.shapes) != len(first.shapes):
+            return MultiImageScene((first, second))
+    raise RuntimeError("could not draw two scenes with different shape counts")
+
+
+def sample_video_scene(rng: random.Random, cfg: SynthConfig) -> VideoScene:
+    """One shape moving at constant speed; every frame fully inside the canvas."""
+    c = cfg.canvas
+    n = rng.randint(cfg.video_min_frames, cfg.video_max_frames)
+    kind, color, direction = rng.choice(SHAPES), rng.choice(COLOR_NAMES), rng.choice(DIRECTIONS)
+    r = rng.uniform(cfg.radius_min, cfg.radius_max) * c
+    lo, hi = r + 1, c - 1 - r
+    span = hi - lo
+    dist = rng.uniform(min(cfg.video_min_shift * c, span), span)
+    forward = direction in ("right", "down")  # increasing x or y
+    a0 = rng.uniform(lo, hi - dist) if forward else rng.uniform(lo + dist, hi)
+    a1 = a0 + dist if forward else a0 - dist
+    other = rng.uniform(lo, hi)
+    frames = []
+    for k in range(n):
+        a = a0 + (a1 - a0) * k / (n - 1)
+        cx, cy = (a, other) if direction in ("left", "right") else (other, a)
+        frames.append(Shape(kind, color, cx, cy, r))
+    return VideoScene(c, _background(rng), tuple(frames), direction)
+
+
+def render_video(scene: VideoScene) -> list[Image.Image]:
+    """The frames of a video scene (PIL RGB, canvas x canvas)."""
+    return [render(ShapesScene(scene.canvas, scene.background, (s,))) for s in scene.frames]
+
+
+def render(scene: ShapesScene | OcrScene | WideOcrScene) -> Image.Image:
     """Draw a scene as a PIL RGB image."""
+    if isinstance(scene, WideOcrScene):
+        img = Image.new("RGB", (scene.width, scene.height), scene.background)
+        ImageDraw.Draw(img).text(scene.xy, scene.text, fill=(scene.grey,) * 3, font=get_font(scene.font_size))
+        return img
     img = Image.new("RGB", (scene.canvas, scene.canvas), scene.background)
     draw = ImageDraw.Draw(img)
     if isinstance(scene, OcrScene):
@@ -399,8 +621,10 @@ def make_sample(rng: random.Random, cfg: SynthConfig) -> dict:
     from; it is not written to shards.
     """
     weights = cfg.weights
-    qtype = _draw_qtype(rng, weights, QTYPES)
+    qtype = _draw_qtype(rng, weights, cfg.qtypes)
     assert qtype is not None
+    if qtype in QTYPES_V2:
+        return _make_v2_sample(rng, cfg, qtype)
     if qtype == "ocr":
         scene = sample_ocr_scene(rng, cfg)
         messages = [_chat(True, Q_OCR, cfg.image_position), _answer(scene.text)]
@@ -428,6 +652,35 @@ def make_sample(rng: random.Random, cfg: SynthConfig) -> dict:
     return {"image": render(scene), "messages": messages, "meta": {"family": "shapes", "qtypes": qtypes}, "scene": scene}
 
 
+def _chat_media(items: list[dict], question: str, image_position: str = "first") -> dict:
+    text = [{"type": "text", "text": question}]
+    return {"role": "user", "content": items + text if image_position == "first" else text + items}
+
+
+def _make_v2_sample(rng: random.Random, cfg: SynthConfig, qtype: str) -> dict:
+    """A v2 sample. Besides the v1 keys it has ``media``: one entry per media index, a PIL image
+    or (video) a list of PIL frames."""
+    meta = {"family": qtype, "qtypes": [qtype]}
+    if qtype == "ocr_wide":
+        scene = sample_wide_ocr_scene(rng, cfg)
+        img = render(scene)
+        messages = [_chat_media([{"type": "image", "media": 0}], Q_OCR, cfg.image_position), _answer(scene.text)]
+        return {"image": img, "media": [img], "messages": messages, "meta": meta, "scene": scene}
+    if qtype == "multi_image":
+        scene = sample_multi_image_scene(rng, cfg)
+        images = [render(s) for s in scene.scenes]
+        items = [{"type": "image", "media": 0}, {"type": "image", "media": 1}]
+        messages = [_chat_media(items, Q_MULTI, cfg.image_position), _answer(scene.answer)]
+        return {"media": images, "messages": messages, "meta": meta, "scene": scene}
+    if qtype == "video":
+        scene = sample_video_scene(rng, cfg)
+        s0 = scene.frames[0]
+        q = Q_VIDEO.format(color=s0.color, shape=s0.shape)
+        messages = [_chat_media([{"type": "video", "media": 0}], q, cfg.image_position), _answer(scene.direction)]
+        return {"media": [render_video(scene)], "messages": messages, "meta": meta, "scene": scene}
+    raise ValueError(f"not a v2 qtype: {qtype!r}")
+
+
 def sample_texts(messages: list[dict]) -> Iterator[str]:
     """All text items of a chat sample, in order."""
     for m in messages:
@@ -436,8 +689,9 @@ def sample_texts(messages: list[dict]) -> Iterator[str]:
                 yield item["text"]
 
 
-def vocabulary_texts() -> list[str]:
-    """Every question and every answer word the generator can produce (for the tokenizer)."""
+def vocabulary_texts(cfg: SynthConfig | Mapping | None = None) -> list[str]:
+    """Every question and every answer word the generator can produce (for the tokenizer).
+    The v2 texts are added only when ``cfg`` enables a v2 family (v1 output is unchanged)."""
     out = [Q_COUNT_ALL, Q_DESCRIBE, Q_OCR, "yes", "no", "left", "right", *COLOR_NAMES]
     out += [str(i) for i in range(len(COUNT_WORDS))] + list(OCR_CHARSET)
     for k in SHAPES:
@@ -446,6 +700,11 @@ def vocabulary_texts() -> list[str]:
             out += [Q_EXISTS.format(color=col, shape=k), Q_LEFT_RIGHT.format(color=col, shape=k)]
             out += [f"{COUNT_WORDS[n]} {col} {k}{'s' if n > 1 else ''}" for n in range(1, len(COUNT_WORDS))]
     out.append("one red circle, two green squares, three blue triangles and four yellow circles")
+    families = SynthConfig.from_any(cfg).families if cfg is not None else V1_FAMILIES
+    if "multi_image" in families:
+        out += [Q_MULTI, "first", "second"]
+    if "video" in families:
+        out += [*DIRECTIONS] + [Q_VIDEO.format(color=col, shape=k) for k in SHAPES for col in COLOR_NAMES]
     return out
 
 
@@ -465,6 +724,18 @@ def encode_png(img: Image.Image) -> bytes:
     return buf.getvalue()
 
 
+def _v2_members(key: str, doc: dict, media: list, cfg: SynthConfig) -> dict:
+    sample = {"__key__": key, "json": json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode("utf-8")}
+    for j, m in enumerate(media):
+        if isinstance(m, Image.Image):
+            sample[f"{j}.png"] = encode_png(m)
+        else:  # a video: one member holding all frames
+            from vlm.data.video import encode_video  # v1 never needs PyAV or torch
+
+            sample[f"{j}.{VIDEO_FORMATS[cfg.video_format]}"] = encode_video(m, cfg.video_fps, cfg.video_format)
+    return sample
+
+
 def _write_shard(task: tuple) -> str:
     """Write one shard (a pool task). Writes ``*.tar.tmp`` then renames: a complete ``.tar`` is
     never partial. Returns the path."""
@@ -477,6 +748,9 @@ def _write_shard(task: tuple) -> str:
         for i in range(count):
             s = make_sample(rng, cfg)
             doc = {"messages": s["messages"], "meta": s["meta"]}
+            if "media" in s:  # v2 samples: any number of images / videos
+                sink.write(_v2_members(f"{split}-{index:06d}-{i:06d}", doc, s["media"], cfg))
+                continue
             sink.write(
                 {
                     "__key__": f"{split}-{index:06d}-{i:06d}",
@@ -505,8 +779,15 @@ def write_split(
     if shard_size < 1 or n_samples < 0:
         raise ValueError(f"need shard_size >= 1 and n_samples >= 0, got {shard_size}, {n_samples}")
     cfg = SynthConfig.from_any(cfg)
-    if cfg.weights["ocr"] > 0:
+    if cfg.weights.get("ocr", 0) > 0:
         _ = cfg.font_px  # fail here, not in a worker, when the font cannot fit
+    if cfg.weights.get("ocr_wide", 0) > 0:
+        _ = cfg.wide_font_px
+    if cfg.weights.get("video", 0) > 0 and cfg.video_format == "mp4":
+        try:
+            import av  # noqa: F401
+        except ImportError as e:
+            raise RuntimeError("synthvqa video_format=mp4 needs PyAV (pip install av), or use video_format=apng") from e
     d = Path(out_dir) / split
     d.mkdir(parents=True, exist_ok=True)
     n_shards = math.ceil(n_samples / shard_size)
@@ -560,6 +841,9 @@ def _ordered(counts: Counter, order: Iterable[str]) -> dict[str, int]:
     return {k: counts[k] for k in order if counts[k]}
 
 
+from vlm.tokenizer import TOKENIZER_REVISION  # noqa: E402
+
+
 def _options(train_samples, heldout_samples, cfg, seed, heldout_seed, vocab_size, shard_size) -> dict:
     return {
         "name": NAME,
@@ -570,6 +854,7 @@ def _options(train_samples, heldout_samples, cfg, seed, heldout_seed, vocab_size
         "heldout_seed": int(heldout_seed),
         "shard_size": int(shard_size),
         "vocab_size": int(vocab_size),
+        "tokenizer_revision": TOKENIZER_REVISION,
         "cfg": cfg.to_dict(),
     }
 
@@ -645,8 +930,8 @@ def ensure_synthvqa(
         splits[split] = {
             "samples": sum(st["samples"] for st in stats),
             "turns": sum(st["turns"] for st in stats),
-            "families": _ordered(sum((st["families"] for st in stats), Counter()), ("shapes", "ocr")),
-            "qtypes": _ordered(sum((st["qtypes"] for st in stats), Counter()), QTYPES),
+            "families": _ordered(sum((st["families"] for st in stats), Counter()), FAMILIES),
+            "qtypes": _ordered(sum((st["qtypes"] for st in stats), Counter()), QTYPES_ALL),
             "shards": [os.path.relpath(p, root) for p in paths],
             "bytes": sum(os.path.getsize(p) for p in paths),
             "cfg": c.to_dict(),
@@ -654,11 +939,11 @@ def ensure_synthvqa(
         if splits[split]["samples"] != n:
             raise RuntimeError(f"{split}: expected {n} samples in the shards, found {splits[split]['samples']}")
     print(f"[{NAME}] training the tokenizer on {len(texts)} texts (vocab {vocab_size})", flush=True)
-    tok = train_tokenizer(texts + vocabulary_texts(), vocab_size=vocab_size)
+    tok = train_tokenizer(texts + vocabulary_texts(cfg), vocab_size=vocab_size)
     tok.save(root / "tokenizer.json")
     info = {
         "options": options,
-        "font_size": cfg.font_px if cfg.weights["ocr"] > 0 or heldout_samples else None,
+        "font_size": cfg.font_px if cfg.weights.get("ocr", 0) > 0 or heldout_samples else None,
         "colors": {k: list(v) for k, v in COLORS.items()},
         "splits": splits,
         "tokenizer": "tokenizer.json",
@@ -675,18 +960,26 @@ def ensure_synthvqa(
 
 __all__ = [
     "COLORS",
+    "DIRECTIONS",
+    "FAMILIES",
     "QTYPES",
+    "QTYPES_ALL",
+    "QTYPES_V2",
     "SHAPES",
+    "MultiImageScene",
     "OcrScene",
     "Shape",
     "ShapesScene",
     "SynthConfig",
+    "VideoScene",
+    "WideOcrScene",
     "describe",
     "ensure_synthvqa",
     "get_font",
     "make_sample",
     "question_bank",
     "render",
+    "render_video",
     "scan_shard",
     "vocabulary_texts",
     "write_split",
