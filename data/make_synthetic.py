@@ -1,8 +1,14 @@
 #!/usr/bin/env python
-"""Make the synthvqa v1 benchmark (shards + tokenizer + dataset.json); see data/README.md.
+"""Make the synthvqa benchmark (shards + tokenizer + dataset.json); see data/README.md.
 
-    python data/make_synthetic.py --out data/synthvqa                      # 60000 train + 1400 heldout
+    python data/make_synthetic.py --out data/synthvqa                      # v1: 60000 train + 1400 heldout
     python data/make_synthetic.py --out /tmp/tiny --train-samples 200 --heldout-samples 50
+    python data/make_synthetic.py --out data/synthvqa_v2 --families v1,v2  # + ocr_wide, multi_image, video
+    python data/make_synthetic.py --out /tmp/vid --families shapes,video --video-format apng
+
+``--families`` takes family names (shapes, ocr, ocr_wide, multi_image, video) or the aliases
+v1, v2, all, comma-separated; the default (v1) writes exactly the v1 benchmark.
+``conf/data/synthvqa_v2.yaml`` makes the same v1+v2 data on first use of ``data=synthvqa_v2``.
 
 Re-running with the same options does nothing; an interrupted run resumes.
 """
@@ -16,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from vlm.data.synthetic import QTYPES, SynthConfig, ensure_synthvqa
+from vlm.data.synthetic import FAMILIES, FAMILY_ALIASES, QTYPES_ALL, VIDEO_FORMATS, SynthConfig, ensure_synthvqa
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -28,14 +34,29 @@ def main(argv: list[str] | None = None) -> Path:
     p.add_argument("--turns", type=int, default=1, help="questions per shapes image in train (heldout: always 1)")
     p.add_argument("--font-size", type=int, default=None, help="OCR font size (default: derived from the canvas)")
     p.add_argument("--qtype-weights", type=json.loads, default=None,
-                   help=f'JSON dict qtype -> weight for train, e.g. \'{{"ocr": 2, "describe": 1}}\'; qtypes: {", ".join(QTYPES)}')
+                   help=f'JSON dict qtype -> weight for train, e.g. \'{{"ocr": 2, "describe": 1}}\'; qtypes: {", ".join(QTYPES_ALL)}')
+    p.add_argument("--families", default="v1",
+                   help=f"comma-separated families ({', '.join(FAMILIES)}) or aliases ({', '.join(FAMILY_ALIASES)}); default v1")
+    p.add_argument("--video-format", choices=sorted(VIDEO_FORMATS), default="mp4",
+                   help="video family member format: mp4 (H.264 via PyAV, lossless) or apng")
+    p.add_argument("--video-fps", type=float, default=2.0, help="frame rate written into video members")
+    p.add_argument("--video-frames", default="4,8", help="min,max frames per video (default 4,8)")
     p.add_argument("--seed", type=int, default=0, help="train seed")
     p.add_argument("--heldout-seed", type=int, default=1_000_003)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--shard-size", type=int, default=5000)
     p.add_argument("--vocab-size", type=int, default=512)
     a = p.parse_args(argv)
-    cfg = SynthConfig(canvas=a.canvas, turns=a.turns, font_size=a.font_size, qtype_weights=a.qtype_weights)
+    try:
+        fmin, fmax = (int(v) for v in a.video_frames.split(","))
+    except ValueError:
+        p.error(f"--video-frames must be MIN,MAX, got {a.video_frames!r}")
+    try:
+        cfg = SynthConfig(canvas=a.canvas, turns=a.turns, font_size=a.font_size, qtype_weights=a.qtype_weights,
+                          families=a.families, video_format=a.video_format, video_fps=a.video_fps,
+                          video_min_frames=fmin, video_max_frames=fmax)
+    except ValueError as e:
+        p.error(str(e))
     return ensure_synthvqa(
         a.out,
         train_samples=a.train_samples,

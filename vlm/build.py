@@ -1,4 +1,4 @@
-"""Build the model, image processor and template from plain config dicts.
+"""Build the model, media processor and template from plain config dicts.
 
 The same functions serve training (config from Hydra) and inference (config read back from a
 checkpoint). A checkpoint's config is untrusted input: `safe_instantiate` only builds classes
@@ -12,7 +12,7 @@ from typing import Any
 
 from hydra.utils import instantiate
 
-from vlm.data.processor import ImageProcessor
+from vlm.data.sample import MediaProcessor
 from vlm.data.template import ChatTemplate
 from vlm.model.projector import visual_token_count
 from vlm.model.vlm import VLM
@@ -56,8 +56,29 @@ def build_model(model_cfg: dict, tokenizer: TextTokenizer) -> VLM:
     )
 
 
-def build_processor(processor_cfg: dict) -> ImageProcessor:
-    return ImageProcessor.from_config(dict(processor_cfg))
+def build_processor(processor_cfg: dict) -> MediaProcessor:
+    """The image processor config, with the video processor's keys under `video` (optional; see
+    :class:`~vlm.data.sample.MediaProcessor`). The result is an `ImageProcessor` whose `.video` is
+    the `VideoProcessor` and whose `to_config()` round-trips both."""
+    return MediaProcessor.from_config(dict(processor_cfg))
+
+
+def check_processor_fits(model: VLM, processor) -> None:
+    """Fail early, with both config keys named, when the processor's patches cannot feed the
+    model's vision encoder (patch size or temporal patch) or its merge differs from the projector's."""
+    enc = model.encoder
+    T = getattr(processor, "temporal_patch", 1)
+    if processor.patch_size != enc.patch_size or T != getattr(enc, "temporal_patch", 1):
+        raise ValueError(
+            f"processor patch_size={processor.patch_size}, temporal_patch={T} do not fit the vision encoder "
+            f"(patch_size={enc.patch_size}, temporal_patch={getattr(enc, 'temporal_patch', 1)}); "
+            "set data.processor.patch_size / data.processor.video.temporal_patch to the encoder's"
+        )
+    if processor.merge_size != model.projector.merge_size:
+        raise ValueError(
+            f"processor merge_size={processor.merge_size} differs from the projector's {model.projector.merge_size}: "
+            "placeholder spans would not match the visual tokens"
+        )
 
 
 def build_template(template_cfg: dict, tokenizer: TextTokenizer) -> ChatTemplate:

@@ -1,7 +1,8 @@
 """Checkpoints: the export folder, and loading either it or a Lightning `.ckpt` for inference.
 
 Export folder (what `infer.py` and other engines read):
-    config.yaml         resolved model + processor + template configs, format version
+    config.yaml         resolved model + processor + template configs, format version; the
+                        processor config holds the video processor's keys under `processor.video`
     model.safetensors   the VLM's weights (no pickle)
     tokenizer.json      the tokenizer
 
@@ -19,8 +20,8 @@ import torch
 from omegaconf import OmegaConf
 from safetensors.torch import load_model, save_model
 
-from vlm.build import build_model, build_processor, build_template
-from vlm.data.processor import ImageProcessor
+from vlm.build import build_model, build_processor, build_template, check_processor_fits
+from vlm.data.sample import MediaProcessor
 from vlm.data.template import ChatTemplate
 from vlm.model.vlm import VLM
 from vlm.tokenizer import TextTokenizer
@@ -37,7 +38,7 @@ class CheckpointError(ValueError):
 class LoadedVLM:
     model: VLM
     tokenizer: TextTokenizer
-    processor: ImageProcessor
+    processor: MediaProcessor  # an ImageProcessor; `.video` is its VideoProcessor
     template: ChatTemplate
     config: dict
 
@@ -57,11 +58,16 @@ def export_folder(model: VLM, tokenizer: TextTokenizer, config: dict, out_dir: s
 
 def _build(config: dict, tokenizer: TextTokenizer) -> LoadedVLM:
     model = build_model(config["model"], tokenizer)
-    return LoadedVLM(model, tokenizer, build_processor(config["processor"]), build_template(config["template"], tokenizer), config)
+    processor = build_processor(config["processor"])
+    try:
+        check_processor_fits(model, processor)
+    except ValueError as e:
+        raise CheckpointError(f"checkpoint config: {e}") from None
+    return LoadedVLM(model, tokenizer, processor, build_template(config["template"], tokenizer), config)
 
 
 def load_checkpoint(path: str | Path, map_location: str = "cpu") -> LoadedVLM:
-    """Rebuild model, tokenizer, image processor and template from a checkpoint alone.
+    """Rebuild model, tokenizer, media processor (image + video) and template from a checkpoint alone.
 
     `path` is an export folder (with config.yaml) or a Lightning `.ckpt` file.
     """

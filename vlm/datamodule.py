@@ -18,7 +18,11 @@ class VLMDataModule(L.LightningDataModule):
     """Args:
     train_shards / val_shards: a directory of `.tar` shards, a glob, a brace pattern or a list.
     tokenizer: path to `tokenizer.json`.
-    processor: ImageProcessor config; template: ChatTemplate config (max_length, rope, merge_size…).
+    processor: ImageProcessor config, with the VideoProcessor keys under `processor.video`
+        (temporal_patch, target_fps, max_frames, max_video_tokens, …); built into one
+        `MediaProcessor` (`self.image_processor`, whose `to_config()` is what checkpoints store,
+        `video` included; `self.video_processor` is its video half).
+    template: ChatTemplate config (max_length, rope, merge_size…).
     synthetic: when set, synthvqa is generated under `synthetic.root` on first use.
     """
 
@@ -71,6 +75,7 @@ class VLMDataModule(L.LightningDataModule):
             raise FileNotFoundError(f"data.tokenizer: no tokenizer.json at {tok_path}")
         self.tokenizer = TextTokenizer.from_file(tok_path)
         self.image_processor = build_processor(self.processor_cfg)
+        self.video_processor = self.image_processor.video
         self.template = build_template(self.template_cfg, self.tokenizer)
 
     def _loader(self, shards, train: bool) -> DataLoader:

@@ -1,5 +1,13 @@
 """`python infer.py ckpt=PATH …`: answer one prompt (streamed), or evaluate on held-out shards.
 
+    python infer.py ckpt=PATH image=a.png prompt="…"
+    python infer.py ckpt=PATH 'image=[a.png,b.png]' prompt="Which image has more shapes, the first or the second?"
+    python infer.py ckpt=PATH video=clip.mp4 prompt="Which way is the red circle moving?"
+    python infer.py ckpt=PATH video=frames/ prompt="…"          # a folder of frames (sorted by name)
+
+Images come first (media 0, 1, …), then videos, placed before or after the prompt as in training
+(`template.image_position`).
+
 Model, image processor, template and tokenizer all come from the checkpoint, never from a
 training config, so preprocessing at inference is the preprocessing the model was trained with.
 """
@@ -19,6 +27,7 @@ from torch.utils.data import DataLoader
 from vlm.checkpoint import LoadedVLM, load_checkpoint
 from vlm.data.collate import Collator, collate
 from vlm.data.media import MediaError, load_image
+from vlm.data.video import probe_video
 from vlm.data.sample import SampleProcessor
 from vlm.data.webdataset import ShardDataset
 from vlm.generate import generate
@@ -31,23 +40,50 @@ def _special(tok) -> tuple[list[int], list[int]]:
     return eos, suppress
 
 
-def prompt_batch(loaded: LoadedVLM, images: list[bytes], prompt: str) -> dict:
-    """One chat prompt, images placed where the model saw them in training (template.image_position)."""
-    messages = loaded.template.prompt_messages(len(images), prompt)
+def prompt_batch(loaded: LoadedVLM, images: list[bytes], prompt: str, videos: list | None = None) -> dict:
+    """One chat prompt: images then videos, placed where the model saw them in training
+    (template.image_position). A video is its encoded bytes, or a list of frame images (bytes)."""
+    videos = list(videos or [])
+    messages = loaded.template.prompt_messages(len(images), prompt, n_videos=len(videos))
     raw = {"__key__": "prompt", "json": json.dumps({"messages": messages}).encode()}
     for i, b in enumerate(images):
         raw[f"{i}.png"] = b  # the decoder sniffs the real format; the name only marks it as media
+    for j, v in enumerate(videos):
+        i = len(images) + j
+        if isinstance(v, (list, tuple)):
+            for f, b in enumerate(v):
+                raw[f"{i}.{f}.png"] = b
+        else:
+            raw[f"{i}.mp4"] = v
     sample = SampleProcessor(loaded.processor, loaded.template, mode="eval")(raw)
     return collate([sample], loaded.tokenizer.pad_id, padding_side="left")
 
 
+_FRAME_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
+def read_video(path: str) -> bytes | list[bytes]:
+    """A video file's bytes (header checked), or a folder's frame images sorted by name."""
+    p = Path(path)
+    if p.is_dir():
+        frames = sorted(f for f in p.iterdir() if f.suffix.lower() in _FRAME_SUFFIXES)
+        if not frames:
+            raise FileNotFoundError(f"video folder {p} holds no frame images ({', '.join(_FRAME_SUFFIXES)})")
+        for f in frames:
+            load_image(f)  # one clear line for a bad frame
+        return [f.read_bytes() for f in frames]
+    probe_video(p)  # fail early with one clear line (missing, not a video, too large…)
+    return p.read_bytes()
+
+
 def answer(loaded: LoadedVLM, image_paths: list[str], prompt: str, max_new_tokens: int = 64, temperature: float = 0.0,
-           top_p: float = 1.0, seed: int = 0, stream=sys.stdout) -> str:
+           top_p: float = 1.0, seed: int = 0, stream=sys.stdout, video_paths: list[str] | None = None) -> str:
     images = []
     for p in image_paths:
         load_image(p)  # fail early with one clear line (missing, unreadable, bomb…)
         images.append(Path(p).read_bytes())
-    batch = prompt_batch(loaded, images, prompt)
+    videos = [read_video(p) for p in (video_paths or [])]
+    batch = prompt_batch(loaded, images, prompt, videos)
     tok = loaded.tokenizer
     eos, suppress = _special(tok)
     ids: list[int] = []
@@ -127,11 +163,18 @@ def run(cfg: DictConfig) -> dict:
             print(f"predictions written to {cfg.out}")
         return res
     if cfg.get("prompt") is None:
-        raise FileNotFoundError("nothing to do: pass image=PATH prompt=\"…\" or data=synthvqa_heldout")
-    images = cfg.get("image") or []
-    images = [images] if isinstance(images, str) else list(images)
-    text = answer(loaded, images, cfg.prompt, cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.seed)
+        raise FileNotFoundError("nothing to do: pass image=PATH (or video=PATH) prompt=\"…\" or data=synthvqa_heldout")
+    images, videos = _paths(cfg.get("image")), _paths(cfg.get("video"))
+    text = answer(loaded, images, cfg.prompt, cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.seed,
+                  video_paths=videos)
     return {"answer": text}
 
 
-__all__ = ["run", "answer", "evaluate", "prompt_batch", "MediaError"]
+def _paths(v) -> list[str]:
+    """`image=a.png`, `image=[a.png,b.png]` or null -> a list of paths."""
+    if v is None:
+        return []
+    return [str(v)] if isinstance(v, (str, Path)) else [str(x) for x in v]
+
+
+__all__ = ["run", "answer", "evaluate", "prompt_batch", "read_video", "MediaError"]

@@ -2,24 +2,60 @@
 
 Everything needed to rebuild the model for inference (model config, tokenizer, image processor
 and template configs) is stored in `hparams`, so a `.ckpt` is self-contained.
+
+Loss normalisation (exact across gradient accumulation and ranks). Each micro-batch returns the
+*sum* of its token cross-entropies. Lightning divides it by `accumulate_grad_batches` (A) and
+DDP / FSDP average gradients over the W ranks, so after the window the gradient is
+`Σ_{rank, micro} ∇sum / (A·W)`. Before the optimizer step (`on_before_optimizer_step`, i.e.
+before clipping) the label-token counts of the window are summed over ranks (one all-reduce) and
+every gradient is multiplied by `A·W / N_step`: the update is exactly that of the mean over all
+N_step label tokens of the step, as if the whole step were one batch — not the mean of per
+micro-batch means, which over-weights short answers. No lookahead is needed because the scale is
+applied to the accumulated gradient, not to each micro-batch's loss. The logged `train/loss` is
+the same global per-token mean.
+
+Numerics guard: in the same hook a non-finite loss (any micro-batch, any rank) or gradient norm
+is detected on every rank (the flag rides on the same all-reduce; the gradient norm is global
+already), logged (`train/nonfinite_loss`, `train/nonfinite_grad`), and then either the update is
+skipped (`numerics.on_nonfinite=skip`: gradients are dropped, so the optimizer leaves every
+parameter and its state untouched; the LR schedule still advances one step) or the run stops with
+`NonFiniteError` (`halt`).
+
+Exact resume: besides what Lightning stores (weights, optimizer, scheduler, loop counters), the
+checkpoint holds each rank's RNG states and the position of each DataLoader worker in its
+training stream (`vlm.data.webdataset.StreamTracker`); see `on_save_checkpoint`.
 """
 
 from __future__ import annotations
 
-import time
+import logging
+import random
 from collections import Counter
 from functools import partial
 
 import lightning as L
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from vlm.build import build_model
 from vlm.data.template import IGNORE
+from vlm.data.webdataset import ShardDataset, StreamTracker, set_resume_state
 from vlm.generate import generate
 from vlm.metrics import ExactMatchByType, normalize_answer
 from vlm.optim import COMPONENTS, param_groups
 from vlm.tokenizer import TextTokenizer
+
+log = logging.getLogger("vlm.module")
+
+NONFINITE_MODES = ("skip", "halt")
+# per micro-batch counts summed over the optimizer step and all ranks (one all-reduce)
+STAT_KEYS = ("label_tokens", "loss_sum", "nonfinite_loss", "samples", "text_tokens", "image_tokens",
+             "seq_sq", "patches", "patch_sq", "media")
+
+
+class NonFiniteError(RuntimeError):
+    """Training stopped on a non-finite loss or gradient (numerics.on_nonfinite=halt)."""
 
 
 class VLMModule(L.LightningModule):
@@ -35,6 +71,8 @@ class VLMModule(L.LightningModule):
         val_max_new_tokens: int = 24,
         val_qtypes: list[str] | None = None,
         log_examples: int = 8,
+        parallel: dict | None = None,
+        numerics: dict | None = None,
     ):
         super().__init__()
         # Only plain, rebuildable data goes into the checkpoint (loadable with weights_only=True).
@@ -54,8 +92,21 @@ class VLMModule(L.LightningModule):
         self.eos_ids = [tok.im_end_id, tok.eos_id]
         self.suppress_ids = [tok.pad_id, tok.im_start_id, tok.vision_start_id, tok.vision_end_id, tok.image_pad_id, tok.video_pad_id]
         self.skipped_total: Counter = Counter()
-        self._t_last: float | None = None
         self._examples: list = []
+        self.parallel_cfg = dict(parallel or {})
+        numerics = dict(numerics or {})
+        self.on_nonfinite = numerics.pop("on_nonfinite", "skip")
+        self.max_consecutive_skips = int(numerics.pop("max_consecutive_skips", 20))
+        if numerics or self.on_nonfinite not in NONFINITE_MODES:
+            raise ValueError(f"numerics: on_nonfinite must be one of {NONFINITE_MODES} (got {self.on_nonfinite!r}); "
+                             f"unknown keys {sorted(numerics)}")
+        self._parallelized = False
+        self._acc = self._new_acc()
+        self.last_step_stats: dict[str, float] = {}  # global counts of the last optimizer step (read by callbacks)
+        self.skipped_steps = 0
+        self._consecutive_skips = 0
+        self._tracker = StreamTracker()
+        self._rng_to_restore: dict | None = None
 
     # ---- freezing -----------------------------------------------------------------------------
     def _apply_freeze(self) -> None:
@@ -81,8 +132,8 @@ class VLMModule(L.LightningModule):
             batch.get("pixel_patches"), batch.get("grid_thw"), batch.get("media_per_sample"), batch.get("keys"),
         )
 
-    def loss(self, batch: dict) -> tuple[torch.Tensor, int]:
-        """Sum of token cross-entropies over label tokens / number of label tokens.
+    def loss_sum(self, batch: dict) -> tuple[torch.Tensor, int]:
+        """Sum of token cross-entropies over the label tokens, and their number.
 
         Logits are computed only where there is a label (the LM head is applied to those
         hidden states alone), which saves the head's cost on media and prompt positions.
@@ -94,32 +145,93 @@ class VLMModule(L.LightningModule):
         if n == 0:
             return hidden.sum() * 0.0, 0
         logits = self.model.logits(hidden[:, :-1][sel]).float()
-        return F.cross_entropy(logits, targets[sel], reduction="sum") / n, n
+        return F.cross_entropy(logits, targets[sel], reduction="sum"), n
+
+    def loss(self, batch: dict) -> tuple[torch.Tensor, int]:
+        """Mean token cross-entropy of one batch and its number of label tokens."""
+        total, n = self.loss_sum(batch)
+        return total / max(n, 1), n
+
+    @staticmethod
+    def _new_acc() -> dict:
+        return {k: 0.0 for k in STAT_KEYS}
+
+    def _batch_stats(self, batch: dict) -> dict[str, float]:
+        am = batch["attention_mask"]
+        lengths = am.sum(-1).double()
+        n_img = int(self.model.is_media(batch["input_ids"]).sum())
+        st = {"samples": am.shape[0], "text_tokens": float(lengths.sum()) - n_img, "image_tokens": n_img,
+              "seq_sq": float((lengths * (lengths + 1)).sum())}
+        grid = batch.get("grid_thw")
+        if grid is not None and grid.numel():
+            n = grid.prod(-1).double()
+            st.update(patches=float(n.sum()), patch_sq=float((n * n).sum()), media=grid.shape[0])
+        return st
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        loss, n_label = self.loss(batch)
+        loss_sum, n_label = self.loss_sum(batch)
         B = batch["input_ids"].shape[0]
-        n_img = int(self.model.is_media(batch["input_ids"]).sum())
-        n_text = int(batch["attention_mask"].sum()) - n_img
-        now = time.perf_counter()
-        if self._t_last is not None:
-            dt = now - self._t_last
-            self.log_dict({"train/image_tok_s": n_img / dt, "train/text_tok_s": n_text / dt, "train/samples_s": B / dt}, on_step=True, batch_size=B)
-        self._t_last = now
+        acc = self._acc
+        acc["label_tokens"] += n_label
+        loss_d = loss_sum.detach()
+        # kept as tensors: no device sync per micro-batch
+        acc["loss_sum"] = acc["loss_sum"] + loss_d.double()
+        acc["nonfinite_loss"] = acc["nonfinite_loss"] + (~torch.isfinite(loss_d)).double()
+        for k, v in self._batch_stats(batch).items():
+            acc[k] += v
+        self._tracker.on_batch(self.trainer.train_dataloader, B)
         self.skipped_total.update(batch.get("skipped") or {})
-        self.log("train/loss", loss, prog_bar=True, on_step=True, batch_size=B)
-        self.log("train/label_tokens", float(n_label), on_step=True, batch_size=B)
         if self.skipped_total:
             self.log("data/skipped", float(sum(self.skipped_total.values())), on_step=True, batch_size=B)
             for reason, c in self.skipped_total.items():
                 self.log(f"data/skipped_{reason}", float(c), on_step=True, batch_size=B)
-        return loss
+        # The sum, not the mean: the gradient is normalised by the step's global label-token
+        # count in `on_before_optimizer_step` (see the module docstring).
+        return loss_sum
+
+    def _reduce_step_stats(self) -> dict[str, float]:
+        vec = torch.stack([torch.as_tensor(self._acc[k], dtype=torch.float64).to(self.device) for k in STAT_KEYS])
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(vec)
+        self._acc = self._new_acc()
+        return dict(zip(STAT_KEYS, vec.tolist()))
 
     def on_before_optimizer_step(self, optimizer) -> None:
+        """Normalise the step's gradient by its global label-token count, log, guard numerics."""
+        st = self._reduce_step_stats()
+        n_tokens = st["label_tokens"]
         grads = [p.grad for p in self.parameters() if p.grad is not None]
+        scale = self.trainer.accumulate_grad_batches * self.trainer.world_size / max(n_tokens, 1.0)
         if grads:
-            norm = torch.nn.utils.get_total_norm(grads)
-            self.log("train/grad_norm", norm, on_step=True, prog_bar=False)
+            torch._foreach_mul_(grads, scale)
+        norm = _full(torch.nn.utils.get_total_norm(grads)) if grads else torch.zeros(())
+        loss = st["loss_sum"] / max(n_tokens, 1.0)
+        self.last_step_stats = st
+        self.log("train/loss", loss, prog_bar=True, on_step=True)
+        self.log("train/label_tokens", n_tokens, on_step=True)
+        self.log("train/grad_norm", norm.float(), on_step=True)
+        bad_loss = st["nonfinite_loss"] > 0
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        bad_grad = scaler is None and not bool(torch.isfinite(norm))  # fp16 loss scaling skips inf grads itself
+        if not (bad_loss or bad_grad):
+            self._consecutive_skips = 0
+            return
+        what = " and ".join(w for w, bad in (("loss", bad_loss), ("gradient norm", bad_grad)) if bad)
+        self.log("train/nonfinite_loss", float(bad_loss), on_step=True)
+        self.log("train/nonfinite_grad", float(bad_grad), on_step=True)
+        msg = (f"step {self.global_step}: non-finite {what} (loss {loss:.4g}, grad norm {float(norm):.4g}, "
+               f"{int(st['nonfinite_loss'])} bad micro-batch(es) over all ranks)")
+        self.skipped_steps += 1
+        self._consecutive_skips += 1
+        if self.on_nonfinite == "halt" or self._consecutive_skips > self.max_consecutive_skips:
+            why = ("numerics.on_nonfinite=halt" if self.on_nonfinite == "halt"
+                   else f"{self._consecutive_skips} non-finite steps in a row > numerics.max_consecutive_skips")
+            raise NonFiniteError(f"{msg}; stopping before the optimizer update ({why}). "
+                                 "Resume from the last checkpoint with a lower learning rate, or check the data of this step.")
+        log.warning("%s; skipping the update (numerics.on_nonfinite=skip)", msg)
+        self.log("train/skipped_steps", float(self.skipped_steps), on_step=True)
+        for p in self.parameters():  # the optimizer skips parameters without a gradient
+            p.grad = None
 
     def configure_optimizers(self):
         if self.optimizer_factory is None:
@@ -132,7 +244,67 @@ class VLMModule(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": self.scheduler_factory(opt), "interval": "step"}}
 
     def configure_model(self) -> None:
-        """Hook for sharding and activation checkpointing (FSDP2 goes here; see the scale-out issue)."""
+        """Under a model-parallel strategy (`trainer=fsdp`): `vlm.parallel.parallelize` (activation
+        checkpointing, compile, FSDP2 per block / vision tower / projector / root)."""
+        if self._parallelized or self.device_mesh is None:
+            return
+        from vlm.parallel import parallelize
+
+        precision = str(getattr(self.trainer, "precision", "")) if self._trainer is not None else None
+        parallelize(self.model, self.parallel_cfg, self.device_mesh["data_parallel"], precision)
+        self._parallelized = True
+
+    def configure_callbacks(self):
+        """A sharded model needs a collective to export: swap in the sharding-aware export callback."""
+        from vlm.parallel import is_sharded_strategy
+
+        if self._trainer is None or not is_sharded_strategy(self.trainer.strategy):
+            return []
+        from vlm.checkpoint import ExportCallback
+        from vlm.export import ShardedExportCallback
+
+        return [ShardedExportCallback(c.out_dir) for c in self.trainer.callbacks
+                if isinstance(c, ExportCallback) and not isinstance(c, ShardedExportCallback)]
+
+    # ---- exact resume: RNG states and data position -------------------------------------------
+    def _train_dataset(self):
+        loader = self.trainer.train_dataloader if self._trainer is not None else None
+        ds = getattr(loader, "dataset", None)
+        return loader if isinstance(ds, ShardDataset) and ds.train else None
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        loader = self._train_dataset()
+        mine = {"rng": _rng_state(), "data": self._tracker.state(loader) if loader is not None else None}
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        ranks = [None] * world
+        if world > 1:
+            dist.all_gather_object(ranks, mine)
+        else:
+            ranks = [mine]
+        checkpoint["vlm_resume"] = {"world_size": world, "ranks": ranks}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        res = checkpoint.get("vlm_resume")
+        if res is None or self._trainer is None or self.trainer.state.fn != "fit":
+            return
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        rank = dist.get_rank() if world > 1 else 0
+        step = int(checkpoint.get("global_step", 0))
+        if res["world_size"] == world:
+            mine = res["ranks"][rank]
+            self._rng_to_restore = mine["rng"]
+            set_resume_state(mine["data"], step)
+        else:
+            log.warning("checkpoint was saved with %d ranks, resuming on %d: RNG states are not restored and the "
+                        "training streams are reseeded from step %d (not bit-identical to an uninterrupted run)",
+                        res["world_size"], world, step)
+            set_resume_state(None, step)
+
+    def on_train_start(self) -> None:
+        # After the train DataLoader has started (its start draws from the RNG in both runs).
+        if self._rng_to_restore is not None:
+            _set_rng_state(self._rng_to_restore)
+            self._rng_to_restore = None
 
     # ---- validation: generate and score ------------------------------------------------------
     def on_validation_epoch_start(self) -> None:
@@ -187,5 +359,26 @@ class VLMModule(L.LightningModule):
         for image, prompt, pred, ans, qtype in self._examples:
             img = wandb.Image(proc.to_pil(*image)) if image is not None else None
             rows.append([img, qtype, prompt, pred, ans, normalize_answer(pred) == normalize_answer(ans)])
-        for lg in loggers:
-            lg.log_table(key="val/examples", columns=["image", "qtype", "question", "prediction", "answer", "correct"], data=rows, step=self.global_step)
+        columns = ["image", "qtype", "question", "prediction", "answer", "correct"]
+        for lg in loggers:  # straight to the run: Lightning's log_table stringifies media cells
+            lg.experiment.log({"val/examples": wandb.Table(columns=columns, data=rows), "trainer/global_step": self.global_step})
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor (sharded gradient norm) as a plain tensor; plain tensors unchanged."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

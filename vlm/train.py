@@ -42,6 +42,8 @@ def build_module(cfg: DictConfig, datamodule) -> VLMModule:
         component_lr=OmegaConf.to_container(cfg.component_lr, resolve=True) if cfg.get("component_lr") else None,
         val_max_new_tokens=cfg.val_max_new_tokens,
         val_qtypes=datamodule.qtypes,
+        parallel=OmegaConf.to_container(cfg.parallel, resolve=True) if cfg.get("parallel") else None,
+        numerics=OmegaConf.to_container(cfg.numerics, resolve=True) if cfg.get("numerics") else None,
     )
 
 

@@ -1,22 +1,112 @@
 """One raw shard sample (json + media bytes) -> one model-ready sample, or a `SampleError`.
 
-Used by the training loader, the evaluation loader and (for a single image) inference, so
-preprocessing cannot drift between them.
+Used by the training loader, the evaluation loader and inference, so preprocessing cannot drift
+between them.
+
+Media members (DESIGN.md): `KEY.N.ext` is media item N. Whether it is an image or a video is
+decided by the content item that references it (`{"type": "image", "media": N}` or
+`{"type": "video", "media": N}`), never by the file name; the bytes are sniffed by the decoders.
+Images: jpg, jpeg, png, webp, gif, bmp, tif, tiff. Videos: mp4, mov, webm, mkv, avi, apng, gif,
+webp (PyAV or Pillow), or a list of frames stored as `KEY.N.F.ext` (F = 0, 1, ...; image
+extensions) with an optional `"fps"` on the video item (default: the video processor's
+`default_fps`). Any number of images and videos may appear anywhere in any turn, or in an
+interleaved `{"document": [...]}` sample.
+
+Images go through the `ImageProcessor` (repeated `temporal_patch` times when the vision encoder
+groups frames, so images and videos share one patch layout `[n, C*T*P*P]`); videos go through the
+`VideoProcessor` (frame sampling, per-video token budget). A refused sample raises `SampleError`
+with a short reason for counting: `media_<reason>` for media the decoders or resizers refuse
+(`media_corrupt`, `media_too_many_pixels`, `media_aspect_ratio`, `media_too_many_frames`, ...),
+`bad_media_kind` for an index referenced both as an image and as a video or a frame list
+referenced as an image, `bad_media_index`, `template`, `too_long`, `bad_json`, `no_json`.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from vlm.data.media import MediaError, decode_image
 from vlm.data.processor import ImageProcessor
 from vlm.data.template import ChatTemplate, SampleTooLong, TemplateError
+from vlm.data.video import VideoProcessor, repeat_temporal
 
-_MEDIA_MEMBER = re.compile(r"^(\d+)\.(jpg|jpeg|png|webp|gif|bmp|tif|tiff)$")
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff")
+VIDEO_EXTS = ("mp4", "mov", "webm", "mkv", "avi", "apng", "gif", "webp")
+_MEDIA_MEMBER = re.compile(r"^(\d+)\.(" + "|".join(sorted(set(IMAGE_EXTS + VIDEO_EXTS))) + r")$")
+_FRAME_MEMBER = re.compile(r"^(\d+)\.(\d+)\.(" + "|".join(IMAGE_EXTS) + r")$")
+
+
+class MediaProcessor(ImageProcessor):
+    """The image processor plus the video processor that shares its geometry and normalisation.
+
+    Its config is the image config with one more key, `video`: the `VideoProcessor` keys
+    (`temporal_patch`, `target_fps`, `max_frames`, `max_video_tokens`, ...; image keys there
+    override the image value for video frames, e.g. a lower per-frame `max_pixels`).
+    `patch_size` and `merge_size` are always the image's. A config without `video` (checkpoints
+    made before video support) gets `temporal_patch=1`, the only encoder layout that existed then.
+    `temporal_patch` is also what images are repeated to (`process_image`).
+    """
+
+    def __init__(self, video: dict | None = None, **image_kw: Any) -> None:
+        super().__init__(**image_kw)
+        video = dict(video or {})
+        video.pop("_target_", None)
+        for k in ("patch_size", "merge_size"):
+            if k in video and int(video[k]) != getattr(self, k):
+                raise ValueError(f"processor.video.{k}={video[k]} differs from processor.{k}={getattr(self, k)}")
+        video.setdefault("temporal_patch", 1)
+        image_cfg = ImageProcessor.to_config(self)
+        known = set(VideoProcessor().to_config())
+        unknown = set(video) - known
+        if unknown:
+            raise ValueError(f"unknown processor.video keys: {sorted(unknown)}")
+        if "mean" in video or "std" in video:
+            video = {**video, **{k: tuple(float(v) for v in video[k]) for k in ("mean", "std") if k in video}}
+        self.video = VideoProcessor(**{**image_cfg, **video})
+
+    @property
+    def temporal_patch(self) -> int:
+        return self.video.temporal_patch
+
+    def process_image(self, image) -> tuple[torch.Tensor, tuple[int, int, int]]:
+        """An image as the vision encoder takes it: `patches [h*w, C*T*P*P]`, grid `(1, h, w)`."""
+        p = self(image)
+        patches = p.patches if self.temporal_patch == 1 else repeat_temporal(p.patches, self.temporal_patch)
+        return patches, p.grid
+
+    def to_pil(self, patches: torch.Tensor, grid: tuple[int, int, int]):
+        """The first frame of an image or video as the model saw it (``[n, C·T·P·P]`` + grid)."""
+        T, P = self.temporal_patch, self.patch_size
+        if T > 1 and patches.shape[-1] == 3 * T * P * P:
+            t, h, w = (int(v) for v in grid)
+            patches = patches[: h * w].reshape(h * w, 3, T, P * P)[:, :, 0].reshape(h * w, 3 * P * P)
+        return super().to_pil(patches, grid)
+
+    def to_config(self) -> dict[str, Any]:
+        cfg = ImageProcessor.to_config(self)
+        vid = self.video.to_config()
+        cfg["video"] = {k: v for k, v in vid.items() if k in VideoProcessor._VIDEO_KEYS or v != cfg.get(k)}
+        return cfg
+
+    @classmethod
+    def from_config(cls, d: Any) -> "MediaProcessor":
+        d = dict(d)
+        d.pop("_target_", None)
+        video = d.pop("video", None)
+        known = set(ImageProcessor().to_config())
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown ImageProcessor config keys: {sorted(unknown)}")
+        for k in ("mean", "std"):
+            if k in d:
+                d[k] = tuple(float(v) for v in d[k])
+        return cls(video=dict(video) if video is not None else None, **d)
 
 
 class SampleError(ValueError):
@@ -33,8 +123,9 @@ class ProcessedSample:
     input_ids: torch.Tensor  # [L] long
     labels: torch.Tensor  # [L] long, -100 = no loss
     position_ids: torch.Tensor  # [L] or [3, L]
-    patches: list[torch.Tensor]  # per media item in span order: [n_i, C·P·P]
+    patches: list[torch.Tensor]  # per media item in span order: [n_i, C·T·P·P]
     grids: list[tuple[int, int, int]]  # per media item in span order
+    kinds: list[str] | None = None  # per media item in span order: image | video
     qtype: str | None = None  # eval mode: the question type (from meta)
     answer: str | None = None  # eval mode: the reference answer
     prompt: str | None = None  # eval mode: the question text
@@ -64,18 +155,94 @@ def question_text(messages: list[dict]) -> str:
     return " ".join(parts)
 
 
+def media_items(sample: dict) -> list[dict]:
+    """Every content item of a chat (`messages`) or `document` sample, in order (malformed parts
+    are skipped here; the template reports them)."""
+    out: list[dict] = []
+    if isinstance(sample.get("messages"), list):
+        contents = [m.get("content") for m in sample["messages"] if isinstance(m, dict)]
+    else:
+        contents = [sample.get("document")]
+    for c in contents:
+        if isinstance(c, list):
+            out += [it for it in c if isinstance(it, dict) and it.get("type") in ("image", "video")]
+    return out
+
+
 class SampleProcessor:
     """Decode, check and render one raw sample.
 
-    mode="train": the whole conversation with labels. mode="eval": the conversation up to the
-    first assistant turn plus the generation prompt; the reference answer and qtype are kept.
+    mode="train": the whole conversation (or document) with labels. mode="eval": the conversation
+    up to the first assistant turn plus the generation prompt; the reference answer and qtype are
+    kept.
+
+    image_processor: an `ImageProcessor`; a `MediaProcessor` (what `vlm.build.build_processor`
+    returns) also brings its video processor and `temporal_patch`. video_processor: overrides it.
+    Without either, videos get `VideoProcessor.from_image_processor(image_processor,
+    temporal_patch=1)` (made on the first video).
     """
 
-    def __init__(self, image_processor: ImageProcessor, template: ChatTemplate, mode: str = "train", max_pixels: int = 50_000_000):
+    def __init__(self, image_processor: ImageProcessor, template: ChatTemplate, mode: str = "train",
+                 max_pixels: int = 50_000_000, video_processor: VideoProcessor | None = None):
         if mode not in ("train", "eval"):
             raise ValueError(f"mode must be 'train' or 'eval', got {mode!r}")
         self.image_processor, self.template, self.mode, self.max_pixels = image_processor, template, mode, max_pixels
+        self._video = video_processor if video_processor is not None else getattr(image_processor, "video", None)
+        if self._video is not None:
+            for k in ("patch_size", "merge_size"):
+                if getattr(self._video, k) != getattr(image_processor, k):
+                    raise ValueError(f"video processor {k}={getattr(self._video, k)} differs from the image processor's "
+                                     f"{getattr(image_processor, k)}")
 
+    @property
+    def video_processor(self) -> VideoProcessor:
+        if self._video is None:
+            self._video = VideoProcessor.from_image_processor(self.image_processor, temporal_patch=1)
+        return self._video
+
+    @property
+    def temporal_patch(self) -> int:
+        return self._video.temporal_patch if self._video is not None else 1
+
+    # ---- media ---------------------------------------------------------------------------------
+    def _image(self, data, key: str) -> tuple[torch.Tensor, tuple[int, int, int]]:
+        p = self.image_processor(decode_image(data, max_pixels=self.max_pixels, key=key))
+        T = self.temporal_patch
+        return (p.patches if T == 1 else repeat_temporal(p.patches, T)), p.grid
+
+    def _video_frames(self, frames: list, fps: float | None, key: str) -> tuple[torch.Tensor, tuple[int, int, int]]:
+        """A frame list: plan from the first frame's size, decode only the frames the plan keeps."""
+        vp = self.video_processor
+        if len(frames) > vp.max_frames_decoded:
+            raise MediaError("too_many_frames", f"{len(frames)} frames > max_frames_decoded={vp.max_frames_decoded}", key=key)
+        fps = vp.default_fps if fps is None else fps
+        first = decode_image(frames[0], max_pixels=min(self.max_pixels, vp.max_decode_pixels), key=key)
+        plan = vp.plan(len(frames), fps, first.height, first.width)
+        decoded = {0: first}
+        out = []
+        for j in plan.indices:
+            if j not in decoded:
+                try:
+                    decoded[j] = decode_image(frames[j], max_pixels=min(self.max_pixels, vp.max_decode_pixels), key=key)
+                except MediaError as e:
+                    raise MediaError(e.reason, f"frame {j}: {e.message}", key=key) from None
+                if decoded[j].size != first.size:
+                    raise MediaError("bad_size", f"frame {j} is {decoded[j].size}, frame 0 is {first.size}", key=key)
+            out.append(decoded[j])
+        p = vp.process_frames(out, plan, fps)
+        return p.patches, p.grid
+
+    def _media(self, i: int, kind: str, data, fps: float | None, key: str) -> tuple[torch.Tensor, tuple[int, int, int]]:
+        if kind == "image":
+            if isinstance(data, list):
+                raise SampleError("bad_media_kind", key, f"media {i} is a frame list but is referenced as an image")
+            return self._image(data, key)
+        if isinstance(data, list):
+            return self._video_frames(data, fps, key)
+        p = self.video_processor(data, key=key)
+        return p.patches, p.grid
+
+    # ---- sample --------------------------------------------------------------------------------
     def __call__(self, raw: dict) -> ProcessedSample:
         key = str(raw.get("__key__", "?"))
         if "json" not in raw:
@@ -86,11 +253,24 @@ class SampleProcessor:
             raise SampleError("bad_json", key, str(e)) from None
         if not isinstance(obj, dict) or not ("messages" in obj or "document" in obj):
             raise SampleError("bad_json", key, "json is not an object with 'messages' or 'document'")
-        media = {}
+        media: dict[int, Any] = {}
+        frames: dict[int, dict[int, Any]] = {}
         for name, value in raw.items():
             m = _MEDIA_MEMBER.match(name)
             if m:
+                if int(m.group(1)) in media:
+                    raise SampleError("bad_media_index", key, f"two members for media {m.group(1)}")
                 media[int(m.group(1))] = value
+                continue
+            m = _FRAME_MEMBER.match(name)
+            if m:
+                frames.setdefault(int(m.group(1)), {})[int(m.group(2))] = value
+        for i, fr in frames.items():
+            if i in media:
+                raise SampleError("bad_media_index", key, f"media {i} is both a file and a frame list")
+            if sorted(fr) != list(range(len(fr))):
+                raise SampleError("bad_media_index", key, f"frames of media {i} are numbered {sorted(fr)}, not 0..n-1")
+            media[i] = [fr[j] for j in range(len(fr))]
         if sorted(media) != list(range(len(media))):
             raise SampleError("bad_media_index", key, f"media members {sorted(media)} are not numbered 0..n-1")
 
@@ -108,33 +288,56 @@ class SampleProcessor:
             qtypes = (obj.get("meta") or {}).get("qtypes") or [None]
             qtype = qtypes[0]
             # Only the media the prompt references are needed.
-            used = {c.get("media") for m in msgs for c in (m.get("content") if isinstance(m.get("content"), list) else []) if isinstance(c, dict)}
+            used = {c.get("media") for c in media_items(sample)}
             media = {i: b for i, b in media.items() if i in used}
             if sorted(media) != list(range(len(media))):
                 raise SampleError("bad_media_index", key, "the first turn references media out of order")
 
+        # Kind of every media index, from the items that reference it (checked before decoding).
+        kinds: dict[int, str] = {}
+        fps: dict[int, float | None] = {}
+        for it in media_items(sample):
+            idx = it.get("media")
+            if not isinstance(idx, int) or isinstance(idx, bool) or idx not in media:
+                raise SampleError("template", key, f"{it.get('type')} item references media {idx!r}, the sample has {len(media)}")
+            if kinds.setdefault(idx, it["type"]) != it["type"]:
+                raise SampleError("bad_media_kind", key, f"media {idx} is referenced both as an image and as a video")
+            if it["type"] == "video" and it.get("fps") is not None:
+                try:
+                    f = float(it["fps"])
+                except (TypeError, ValueError):
+                    f = float("nan")
+                if not (math.isfinite(f) and f > 0):
+                    raise SampleError("template", key, f"video item for media {idx} has a bad fps {it['fps']!r}")
+                fps[idx] = f
+        unused = sorted(set(media) - set(kinds))
+        if unused:
+            raise SampleError("template", key, f"media {unused} not referenced by any image/video item")
+
         processed = []
         for i in range(len(media)):
             try:
-                processed.append(self.image_processor(decode_image(media[i], max_pixels=self.max_pixels, key=key)))
+                processed.append(self._media(i, kinds[i], media[i], fps.get(i), key))
             except MediaError as e:
-                raise SampleError(f"media_{e.reason}", key, f"media {i}: {e}") from None
-        grids = [p.grid for p in processed]
+                raise SampleError(f"media_{e.reason}", key, f"media {i} ({kinds[i]}): {e}") from None
+        grids = [g for _, g in processed]
+        kind_list = [kinds[i] for i in range(len(media))]
         try:
-            r = self.template.render(sample, grids, add_generation_prompt=self.mode == "eval")
+            r = self.template.render(sample, grids, media_kinds=kind_list, add_generation_prompt=self.mode == "eval")
         except SampleTooLong as e:
             raise SampleError("too_long", key, str(e)) from None
         except TemplateError as e:
             raise SampleError("template", key, str(e)) from None
         ordered = [processed[i] for i in r.media_order]
-        grids_in_order = [p.grid for p in ordered]
+        grids_in_order = [g for _, g in ordered]
         return ProcessedSample(
             key=key,
             input_ids=torch.tensor(r.input_ids, dtype=torch.long),
             labels=torch.tensor(r.labels, dtype=torch.long),
             position_ids=self.template.position_ids(r.input_ids, grids_in_order),
-            patches=[p.patches for p in ordered],
+            patches=[p for p, _ in ordered],
             grids=grids_in_order,
+            kinds=[kind_list[i] for i in r.media_order],
             qtype=qtype,
             answer=answer,
             prompt=prompt,

@@ -71,10 +71,12 @@ class ChatTemplate:
         self._role_prefix = {r: [tokenizer.im_start_id, *tokenizer.encode(f"{r}\n")] for r in ("system", "user", "assistant")}
         self._turn_end = [tokenizer.im_end_id, *tokenizer.encode("\n")]
 
-    def prompt_messages(self, n_images: int, text: str) -> list[dict]:
-        """A one-turn user prompt with `n_images` images placed as the model was trained
-        (`image_position`): used by inference to build the same layout as the training data."""
+    def prompt_messages(self, n_images: int, text: str, n_videos: int = 0) -> list[dict]:
+        """A one-turn user prompt with `n_images` images (media 0..n_images-1) then `n_videos`
+        videos (the next indices), placed as the model was trained (`image_position`): used by
+        inference to build the same layout as the training data."""
         images = [{"type": "image", "media": i} for i in range(n_images)]
+        images += [{"type": "video", "media": n_images + j} for j in range(n_videos)]
         content = [*images, {"type": "text", "text": text}] if self.image_position == "first" else [{"type": "text", "text": text}, *images]
         return [{"role": "user", "content": content}]
 
@@ -98,7 +100,10 @@ class ChatTemplate:
                 if not isinstance(idx, int) or not 0 <= idx < len(grids):
                     raise TemplateError(f"{kind} item references media {idx!r}, the sample has {len(grids)}")
                 n = self.token_count(grids[idx])
-                pad = self.tok.video_pad_id if (media_kinds and media_kinds[idx] == "video") else self.tok.image_pad_id
+                media_kind = media_kinds[idx] if media_kinds else kind  # the item's type unless told
+                if media_kind != kind:
+                    raise TemplateError(f"{kind} item references media {idx}, which is a {media_kind}")
+                pad = self.tok.video_pad_id if media_kind == "video" else self.tok.image_pad_id
                 span = [self.tok.vision_start_id, *([pad] * n), self.tok.vision_end_id]
                 out_ids += span
                 out_labels += [IGNORE] * len(span)

@@ -2,6 +2,16 @@
 
 - Training resamples shards forever with a seed per (rank, worker), so every rank and worker
   sees its own stream and no epoch boundary stalls the run.
+- Exact resume: each (rank, worker) stream is a sequence of *blocks* of `block_samples` raw
+  samples; block b draws its shards and shuffles with seeds derived from (seed, rank, worker, b),
+  starting with an empty shuffle buffer. A position is (block, index in block), so a resumed
+  worker re-reads at most one block's raw bytes (no decoding) to get back to exactly where it
+  was. Positions travel from the workers to the main process through a small shared-memory ring
+  (`positions`) and the main process (`StreamTracker`, driven by the LightningModule) turns the
+  batches it has consumed into one resume point per worker for the checkpoint. Resuming with a
+  different world size or number of workers (or other shards) cannot continue the old streams:
+  they are then reseeded from the resume step, so no data repeats, but the run is not
+  bit-identical to an uninterrupted one.
 - Evaluation reads each shard once, split explicitly by node (rank) then by worker.
 - Shard URLs are untrusted: only local files are opened (webdataset's `pipe:` URLs would run a
   shell command, so they are refused).
@@ -15,9 +25,11 @@ from __future__ import annotations
 import glob
 import logging
 import os
+import hashlib
 import random
 from collections import Counter
 from collections.abc import Iterator
+from itertools import islice
 
 import torch
 import torch.distributed as dist
@@ -73,6 +85,26 @@ class _TarErrors:
         return True
 
 
+# ---- exact resume: handing a checkpoint's stream positions to the next training dataset ---------
+_PENDING_RESUME: dict | None = None
+RING = 4096        # positions remembered per worker (must exceed how far a worker runs ahead)
+MAX_WORKERS = 32   # workers per rank whose positions can be tracked
+
+
+def set_resume_state(state: dict | None, step: int) -> None:
+    """Called when a checkpoint is loaded for training: the next training `ShardDataset` created
+    in this process continues the streams in `state` (from `StreamTracker.state`), or, with
+    `state=None` or when the layout differs, reseeds its streams from `step`."""
+    global _PENDING_RESUME
+    _PENDING_RESUME = {"state": state, "step": int(step)}
+
+
+def _take_resume_state() -> dict | None:
+    global _PENDING_RESUME
+    state, _PENDING_RESUME = _PENDING_RESUME, None
+    return state
+
+
 class ShardDataset(IterableDataset):
     def __init__(
         self,
@@ -83,19 +115,62 @@ class ShardDataset(IterableDataset):
         seed: int = 0,
         max_consecutive_failures: int = 50,
         warn_limit: int = 20,
+        block_samples: int | None = None,
     ):
         self.urls = expand_urls(urls)
         self.processor, self.train = processor, train
         self.shuffle_buffer, self.seed = shuffle_buffer, seed
         self.max_consecutive_failures, self.warn_limit = max_consecutive_failures, warn_limit
+        # Raw samples per stream block: the most a resume re-reads; several shuffle buffers long.
+        self.block_samples = int(block_samples or max(8192, 4 * shuffle_buffer))
+        self.rank, self.world = rank_world()
+        self.positions: torch.Tensor | None = None
+        self.resume: dict | None = None
+        if train:
+            # per worker, per yielded sample k: (k, block, index in block); shared with workers
+            self.positions = torch.full((MAX_WORKERS, RING, 3), -1, dtype=torch.long).share_memory_()
+            self.resume = _take_resume_state()
 
-    def _shards(self, rank: int, world: int, worker: int, n_workers: int) -> Iterator[str]:
+    def fingerprint(self) -> str:
+        """What a resume point is valid for: same shards, seed and block size."""
+        h = hashlib.sha1("\n".join([str(self.seed), str(self.block_samples), *self.urls]).encode())
+        return h.hexdigest()[:16]
+
+    def _start(self, worker: int, n_workers: int) -> tuple[int, int, str]:
+        """(block, index in block, stream tag) where this worker's training stream starts."""
+        if self.resume is None:
+            return 0, 0, ""
+        st, step = self.resume["state"], self.resume["step"]
+        if st is not None and st.get("num_workers") == n_workers and st.get("fingerprint") == self.fingerprint():
+            block, index = st["points"][worker]
+            return int(block), int(index), st.get("tag", "")
+        if worker == 0:
+            log.warning("training streams reseeded from step %d (the checkpoint's data layout differs: "
+                        "world size, num_workers, shards or seed)", step)
+        return 0, 0, f"r{step}"
+
+    def _shards(self, rank: int, world: int, worker: int, n_workers: int, block: int = 0, tag: str = "") -> Iterator[str]:
         if self.train:
-            rng = random.Random(f"{self.seed}-{rank}-{worker}")
+            rng = random.Random(f"{self.seed}-{rank}-{worker}-{block}{tag}")
             while True:
                 yield rng.choice(self.urls)
         else:
             yield from self.urls[rank::world][worker::n_workers]
+
+    def _train_stream(self, worker: int, n_workers: int, errors: _TarErrors) -> Iterator[tuple[int, int, dict]]:
+        """(block, index, raw sample) forever; positions before the resume point are read, not decoded."""
+        block, skip, tag = self._start(worker, n_workers)
+        while True:
+            shards = self._shards(self.rank, self.world, worker, n_workers, block, tag)
+            raw = self._raw(shards, errors)
+            it = islice(raw, self.block_samples)
+            if self.shuffle_buffer > 1:
+                it = self._shuffled(it, random.Random(f"buffer-{self.seed}-{self.rank}-{worker}-{block}{tag}"))
+            for j, item in enumerate(it):
+                if j >= skip:
+                    yield block, j, item
+            raw.close()
+            block, skip = block + 1, 0
 
     def _raw(self, shards: Iterator[str], errors: _TarErrors) -> Iterator[dict]:
         def streams():
@@ -118,17 +193,23 @@ class ShardDataset(IterableDataset):
         yield from buf
 
     def __iter__(self):
-        rank, world = rank_world()
         info = get_worker_info()
         worker, n_workers = (info.id, info.num_workers) if info else (0, 1)
         errors = _TarErrors()
-        raw = self._raw(self._shards(rank, world, worker, n_workers), errors)
-        if self.train and self.shuffle_buffer > 1:
-            raw = self._shuffled(raw, random.Random(f"buffer-{self.seed}-{rank}-{worker}"))
+        if self.train:
+            if worker >= MAX_WORKERS:
+                raise ValueError(f"at most {MAX_WORKERS} DataLoader workers per rank are supported for training")
+            stream = self._train_stream(worker, n_workers, errors)
+            ring = self.positions[worker]
+        else:
+            rank, world = rank_world()
+            stream = ((0, j, item) for j, item in enumerate(self._raw(self._shards(rank, world, worker, n_workers), errors)))
+            ring = None
         skipped: Counter = Counter()
         consecutive = 0
         warned = 0
-        for item in raw:
+        k = 0
+        for block, j, item in stream:
             try:
                 sample = self.processor(item)
             except SampleError as e:
@@ -148,7 +229,56 @@ class ShardDataset(IterableDataset):
             errors.counts.clear()
             sample.skipped = skipped  # travels to the main process with the batch
             skipped = Counter()
+            if ring is not None:
+                ring[k % RING] = torch.tensor([k, block, j])
+                k += 1
             yield sample
+
+
+class StreamTracker:
+    """Main-process side of exact resume.
+
+    The DataLoader hands out batches from its workers in strict round-robin order (batch i comes
+    from worker i mod W, each a run of consecutive samples of that worker's stream). Counting the
+    samples the *model* has consumed per worker (prefetched batches are not consumed) and looking
+    up the stream position of the last one in the dataset's shared ring gives, per worker, the
+    point its stream must continue from.
+    """
+
+    def __init__(self):
+        self.loader_id: int | None = None
+        self.batches = 0
+        self.consumed: list[int] = []
+
+    def on_batch(self, loader, batch_size: int) -> None:
+        ds = getattr(loader, "dataset", None)
+        if not isinstance(ds, ShardDataset) or not ds.train:
+            return
+        if id(loader) != self.loader_id:
+            self.loader_id, self.batches = id(loader), 0
+            self.consumed = [0] * max(1, loader.num_workers)
+        self.consumed[self.batches % len(self.consumed)] += batch_size
+        self.batches += 1
+
+    def state(self, loader) -> dict:
+        ds: ShardDataset = loader.dataset
+        n_workers = max(1, loader.num_workers)
+        consumed = self.consumed if self.loader_id == id(loader) else [0] * n_workers
+        points = []
+        for w in range(n_workers):
+            if consumed[w] == 0:  # nothing consumed from this worker yet: where it started
+                block, index, tag = ds._start(w, n_workers)
+                points.append([block, index])
+                continue
+            k = consumed[w] - 1
+            row = ds.positions[w, k % RING].tolist()
+            if row[0] != k:
+                raise RuntimeError(f"data position of worker {w} sample {k} is no longer known (ring holds sample {row[0]}): "
+                                   f"the worker ran more than {RING} samples ahead; lower prefetch_factor or batch size")
+            points.append([row[1], row[2] + 1])
+        tag = ds._start(0, n_workers)[2]
+        return {"num_workers": n_workers, "fingerprint": ds.fingerprint(), "tag": tag, "points": points,
+                "rank": ds.rank, "world": ds.world}
 
 
 def seed_worker(_: int) -> None:

@@ -56,3 +56,32 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
     xf = x.float()
     return (xf * cos + rotate_half(xf) * sin).to(x.dtype)
+
+
+def rope2d_inv_frequencies(head_dim: int, theta: float = 10000.0, device=None) -> Tensor:
+    """`[head_dim // 4]` inverse frequencies for 2D RoPE (each spatial axis gets half the pairs)."""
+    if head_dim % 4:
+        raise ValueError(f"2D RoPE needs a head_dim divisible by 4, got {head_dim}")
+    quarter = head_dim // 2
+    return 1.0 / (theta ** (torch.arange(0, quarter, 2, device=device, dtype=torch.float32) / quarter))
+
+
+def grid_hw(t: int, h: int, w: int, device=None) -> tuple[Tensor, Tensor]:
+    """Row and column index of every patch of a `(t, h, w)` item in packed order (`t`-major, then
+    row-major): two `[t*h*w]` long tensors. Every frame reuses the same (h, w) positions."""
+    hh = torch.arange(h, device=device).view(1, h, 1).expand(t, h, w).reshape(-1)
+    ww = torch.arange(w, device=device).view(1, 1, w).expand(t, h, w).reshape(-1)
+    return hh, ww
+
+
+def rope2d_cos_sin(h_ids: Tensor, w_ids: Tensor, inv_freq: Tensor) -> tuple[Tensor, Tensor]:
+    """2D rotary tables (the Qwen2-VL vision rule) for tokens at rows `h_ids` and columns `w_ids`.
+
+    h_ids, w_ids: `[N]`; inv_freq: `[Dh/4]` (:func:`rope2d_inv_frequencies`).
+    The first `Dh/4` rotary pairs rotate by the row, the next `Dh/4` by the column, so a query-key
+    dot product depends only on the (row, column) offset between the two tokens.
+    Returns cos, sin: `[N, Dh]` in float32, laid out for :func:`apply_rope` (`rotate_half` pairs).
+    """
+    freqs = torch.cat([h_ids[:, None].float() * inv_freq, w_ids[:, None].float() * inv_freq], dim=-1)  # [N, Dh/2]
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos(), emb.sin()

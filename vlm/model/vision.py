@@ -1,9 +1,21 @@
-"""ViT vision encoder over packed, variable-size media.
+"""ViT vision encoder over packed, variable-size media (images and videos).
 
-Input is the packed patch sequence of every media item in a batch, `patches [N, C·P·P]`, and each
-item's grid `grid_thw [M, 3]` (t, h, w in patches, row-major). Attention never crosses media
-items: items are grouped by patch count and each group runs as one dense batch, so the attention
-is exactly block-diagonal with no padding.
+Input is the packed patch sequence of every media item in a batch, `patches [N, C·T·P·P]`, and each
+item's grid `grid_thw [M, 3]` (t, h, w in patches, `t`-major then row-major). Attention never
+crosses media items: items are grouped by patch count and each group runs as one dense batch, so
+the attention is exactly block-diagonal with no padding.
+
+Video (Qwen2-VL style): `T = temporal_patch` consecutive frames form one temporal patch, laid out
+`[C, T, P, P]` (:func:`vlm.data.video.patchify_video`); an image is repeated `T` times by the
+processor (:func:`vlm.data.video.repeat_temporal`), so one encoder takes both. `T = 1` is the
+plain image ViT (`[C, P, P]` patches; a video is then one temporal patch per frame).
+
+Positions (`pos`): `learned` adds a `[pos_grid, pos_grid, D]` table, bicubically interpolated to
+each item's (h, w) and shared by its frames; `rope2d` rotates queries and keys inside every
+attention layer by the patch's (row, column) in its item (half the rotary pairs read the row, half
+the column), so attention logits depend on relative offsets only and any grid works without
+interpolation. Time is not encoded inside the encoder in either case: the decoder's M-RoPE gives
+each temporal patch its own time position.
 """
 
 from __future__ import annotations
@@ -13,28 +25,37 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vlm.model.attention import SelfAttention
+from vlm.model.rope import grid_hw, rope2d_cos_sin, rope2d_inv_frequencies
+
+POSITIONS = ("learned", "rope2d")
 
 
 class PatchEmbed(nn.Module):
-    """`[N, C·P·P]` -> `[N, D]`.
+    """`[N, C·T·P·P]` -> `[N, D]` (`T = temporal_patch`, 1 for a plain image encoder).
 
-    `linear`: one matrix (the classic ViT stem). `conv`: a small CNN inside each patch
-    (3x3 conv, GELU, 3x3 stride-2 conv, GELU, linear); it sees only its own patch, so the
-    packed-patch contract holds, but learns edges and strokes far faster than a single linear map
-    — a large win for tiny models trained from scratch.
+    `linear`: one matrix (the classic ViT stem; equal to Qwen2-VL's `Conv3d(C, D, (T, P, P))`).
+    `conv`: a small CNN inside each patch (3x3 conv, GELU, 3x3 stride-2 conv, GELU, linear) whose
+    input channels are the `C·T` (channel, frame) planes of the patch; it sees only its own patch,
+    so the packed-patch contract holds, but learns edges and strokes far faster than a single
+    linear map — a large win for tiny models trained from scratch.
     """
 
-    def __init__(self, patch_size: int, dim: int, channels: int = 3, kind: str = "linear", conv_channels: int = 32):
+    def __init__(self, patch_size: int, dim: int, channels: int = 3, kind: str = "linear", conv_channels: int = 32,
+                 temporal_patch: int = 1):
         super().__init__()
-        self.patch_size, self.channels, self.kind = patch_size, channels, kind
+        if temporal_patch < 1:
+            raise ValueError(f"encoder.temporal_patch must be >= 1, got {temporal_patch}")
+        self.patch_size, self.channels, self.kind, self.temporal_patch = patch_size, channels, kind, temporal_patch
+        planes = channels * temporal_patch  # [C, T, P, P] flattens channel-major: plane c*T + t
+        self.in_dim = planes * patch_size * patch_size
         if kind == "linear":
-            self.proj = nn.Linear(channels * patch_size * patch_size, dim)
+            self.proj = nn.Linear(self.in_dim, dim)
         elif kind == "conv":
             if patch_size % 2:
                 raise ValueError("encoder.patch_embed=conv needs an even patch_size")
             c = conv_channels
             self.conv = nn.Sequential(
-                nn.Conv2d(channels, c, 3, padding=1), nn.GELU(),
+                nn.Conv2d(planes, c, 3, padding=1), nn.GELU(),
                 nn.Conv2d(c, c, 3, stride=2, padding=1), nn.GELU(),
             )
             self.proj = nn.Linear(c * (patch_size // 2) ** 2, dim)
@@ -42,9 +63,16 @@ class PatchEmbed(nn.Module):
             raise ValueError(f"encoder.patch_embed must be 'linear' or 'conv', got {kind!r}")
 
     def forward(self, patches: Tensor) -> Tensor:
+        if patches.dim() != 2 or patches.shape[-1] != self.in_dim:
+            T, P = self.temporal_patch, self.patch_size
+            raise ValueError(
+                f"vision encoder expects patches [N, C*T*P*P] = [N, {self.channels}*{T}*{P}*{P}] = [N, {self.in_dim}], "
+                f"got {tuple(patches.shape)}: the processor's patch_size / temporal_patch "
+                f"(data.processor.video.temporal_patch) must match the encoder's (model.encoder.temporal_patch={T})"
+            )
         if self.kind == "conv":
             P = self.patch_size
-            x = self.conv(patches.view(-1, self.channels, P, P))
+            x = self.conv(patches.reshape(-1, self.channels * self.temporal_patch, P, P))
             patches = x.flatten(1)
         return self.proj(patches)
 
@@ -66,17 +94,20 @@ class ViTBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = MLP(dim, int(dim * mlp_ratio))
 
-    def forward(self, x: Tensor) -> Tensor:  # [G, n, D]
-        x = x + self.attn(self.norm1(x))
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None = None) -> Tensor:  # [G, n, D]
+        x = x + self.attn(self.norm1(x), rope)
         return x + self.mlp(self.norm2(x))
 
 
 class VisionEncoder(nn.Module):
-    """Patch embedding + learned 2D position embedding + pre-norm transformer blocks.
+    """Patch embedding + 2D positions (`pos`: learned table or rope2d) + pre-norm transformer blocks.
 
-    The position table is `[pos_grid, pos_grid, D]` and is bicubically interpolated to each
-    item's (h, w), so any grid works. `feature_layer` picks which block's output feeds the
-    projector (-1 = last, -2 = penultimate as in LLaVA); the final LayerNorm is applied to it.
+    `pos="learned"`: the position table is `[pos_grid, pos_grid, D]` and is bicubically
+    interpolated to each item's (h, w), so any grid works. `pos="rope2d"`: no table; 2D rotary
+    positions in every attention layer (`rope_theta`), per token, grouped like the tokens.
+    `temporal_patch` T: frames per temporal patch (patch vectors are `C·T·P·P`). `feature_layer`
+    picks which block's output feeds the projector (-1 = last, -2 = penultimate as in LLaVA); the
+    final LayerNorm is applied to it.
     """
 
     def __init__(
@@ -91,21 +122,39 @@ class VisionEncoder(nn.Module):
         patch_embed: str = "linear",
         conv_channels: int = 32,
         feature_layer: int = -1,
+        temporal_patch: int = 1,
+        pos: str = "learned",
+        rope_theta: float = 10000.0,
     ):
         super().__init__()
         if not -n_layers <= feature_layer < n_layers:
             raise ValueError(f"encoder.feature_layer {feature_layer} out of range for {n_layers} layers")
+        if pos not in POSITIONS:
+            raise ValueError(f"encoder.pos must be one of {POSITIONS}, got {pos!r}")
+        if dim % n_heads:
+            raise ValueError(f"encoder.dim {dim} is not divisible by n_heads {n_heads}")
         self.patch_size, self.dim, self.channels = patch_size, dim, channels
+        self.temporal_patch, self.pos = int(temporal_patch), pos
         self.feature_layer = feature_layer % n_layers
-        self.patch_embed = PatchEmbed(patch_size, dim, channels, patch_embed, conv_channels)
-        self.pos_embed = nn.Parameter(torch.randn(pos_grid, pos_grid, dim) * 0.02)
+        self.patch_embed = PatchEmbed(patch_size, dim, channels, patch_embed, conv_channels, self.temporal_patch)
+        if pos == "learned":
+            self.pos_embed = nn.Parameter(torch.randn(pos_grid, pos_grid, dim) * 0.02)
+        else:
+            head_dim = dim // n_heads
+            # Not a parameter and not saved: derived from the config, like the decoder's.
+            self.register_buffer("rope_inv_freq", rope2d_inv_frequencies(head_dim, rope_theta), persistent=False)
         # Only the blocks up to the feature layer are ever used; don't build dead ones.
         self.blocks = nn.ModuleList(ViTBlock(dim, n_heads, mlp_ratio) for _ in range(self.feature_layer + 1))
         self.norm = nn.LayerNorm(dim)
         self.out_dim = dim
 
+    @property
+    def patch_dim(self) -> int:
+        """Length of one input patch vector, `C·T·P·P`."""
+        return self.patch_embed.in_dim
+
     def position_embedding(self, t: int, h: int, w: int) -> Tensor:
-        """`[t·h·w, D]` for one item (same table for every frame)."""
+        """`[t·h·w, D]` for one item (same table for every frame); `pos="learned"` only."""
         table = self.pos_embed
         if table.shape[:2] != (h, w):
             table = F.interpolate(
@@ -113,32 +162,47 @@ class VisionEncoder(nn.Module):
             )[0].permute(1, 2, 0).to(table.dtype)
         return table.reshape(1, h * w, -1).expand(t, -1, -1).reshape(t * h * w, -1)
 
+    def rope_tables(self, t: int, h: int, w: int) -> tuple[Tensor, Tensor]:
+        """2D rotary cos, sin `[t·h·w, Dh]` for one item (`pos="rope2d"` only)."""
+        hh, ww = grid_hw(t, h, w, device=self.rope_inv_freq.device)
+        return rope2d_cos_sin(hh, ww, self.rope_inv_freq)
+
     def forward(self, patches: Tensor, grid_thw: Tensor) -> Tensor:
-        """patches: `[N, C·P·P]`, grid_thw: `[M, 3]` with Σ t·h·w = N. Returns `[N, D]`."""
+        """patches: `[N, C·T·P·P]`, grid_thw: `[M, 3]` with Σ t·h·w = N. Returns `[N, D]`."""
         grids = [tuple(g) for g in grid_thw.tolist()]
         sizes = [t * h * w for t, h, w in grids]
         if sum(sizes) != patches.shape[0]:
             raise ValueError(f"grid_thw covers {sum(sizes)} patches but {patches.shape[0]} were given")
         x = self.patch_embed(patches)
-        pos_cache: dict[tuple, Tensor] = {}
-        pos = [pos_cache.setdefault(g, self.position_embedding(*g)) for g in grids]
-        x = x + torch.cat(pos, 0).to(x.dtype)
+        rope = None
+        if self.pos == "learned":
+            pos_cache: dict[tuple, Tensor] = {}
+            pos = [pos_cache.setdefault(g, self.position_embedding(*g)) for g in grids]
+            x = x + torch.cat(pos, 0).to(x.dtype)
+        else:
+            rope_cache: dict[tuple, tuple[Tensor, Tensor]] = {}
+            tabs = [rope_cache[g] if g in rope_cache else rope_cache.setdefault(g, self.rope_tables(*g)) for g in grids]
+            rope = (torch.cat([c for c, _ in tabs], 0), torch.cat([s for _, s in tabs], 0))  # [N, Dh] each
 
         # Group items by patch count: each group is a dense [G, n, D] batch (block-diagonal attention).
+        # The rotary tables are per token, so they are gathered exactly like the tokens.
         offsets = torch.tensor([0] + sizes[:-1]).cumsum(0).tolist()
         groups: dict[int, list[int]] = {}
         for i, n in enumerate(sizes):
             groups.setdefault(n, []).append(i)
         if len(groups) == 1:
-            n = sizes[0]
-            return self._encode(x.view(len(sizes), n, -1)).reshape(-1, self.dim)
+            n, G = sizes[0], len(sizes)
+            r = None if rope is None else (rope[0].view(G, n, -1), rope[1].view(G, n, -1))
+            return self._encode(x.view(G, n, -1), r).reshape(-1, self.dim)
         out = torch.empty(x.shape[0], self.dim, dtype=x.dtype, device=x.device)
         for n, items in groups.items():
+            G = len(items)
             idx = torch.cat([torch.arange(offsets[i], offsets[i] + n) for i in items]).to(x.device)
-            out[idx] = self._encode(x[idx].view(len(items), n, -1)).reshape(-1, self.dim).to(out.dtype)
+            r = None if rope is None else (rope[0][idx].view(G, n, -1), rope[1][idx].view(G, n, -1))
+            out[idx] = self._encode(x[idx].view(G, n, -1), r).reshape(-1, self.dim).to(out.dtype)
         return out
 
-    def _encode(self, x: Tensor) -> Tensor:
+    def _encode(self, x: Tensor, rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
         for block in self.blocks:
-            x = block(x)
+            x = block(x, rope)
         return self.norm(x)

@@ -1,0 +1,169 @@
+"""Scale-out: FSDP2 sharding, activation checkpointing and compile for the VLM (torchtitan style).
+
+`parallelize(model, cfg, mesh, precision)` is called once from `VLMModule.configure_model` when the
+trainer runs a model-parallel strategy (`trainer=fsdp`). It applies, in this order:
+
+1. activation checkpointing per transformer block (`ac: none | full | selective`; selective
+   checkpoints every `ac_every`-th block),
+2. `torch.compile` per block (`compile: true`),
+3. `fully_shard` per decoder block, the vision tower as one unit, the projector as one unit, then
+   the root (token embeddings + final norm + the LM head tied to them).
+
+Checkpointing and compile wrap each block's `forward` in place, so parameter names (and so
+checkpoints, optimizer groups and the export folder) do not change with these options.
+
+Mixed precision: with a `bf16*` trainer precision (`mixed_precision: auto`), FSDP keeps fp32
+sharded master weights, all-gathers them as bf16 for compute and reduce-scatters gradients in fp32.
+
+Frozen components (`model.freeze`) are sharded like the rest; they have no gradients, and
+`vlm.optim.param_groups` leaves them out of the optimizer.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, fields
+from functools import partial
+
+import torch
+from torch import nn
+
+log = logging.getLogger("vlm.parallel")
+
+AC_MODES = ("none", "full", "selective")
+
+
+@dataclass
+class ParallelConfig:
+    ac: str = "none"                 # activation checkpointing: none | full (every block) | selective
+    ac_every: int = 2                # selective: checkpoint every n-th block
+    compile: bool = False            # torch.compile each transformer block
+    compile_backend: str = "inductor"
+    mixed_precision: str = "auto"    # auto (bf16 params / fp32 reduce when precision is bf16*) | none | bf16
+    reshard_after_forward: bool = True  # ZeRO-3 style; false keeps gathered params until backward (ZeRO-2)
+
+    def __post_init__(self):
+        if self.ac not in AC_MODES:
+            raise ValueError(f"parallel.ac must be one of {AC_MODES}, got {self.ac!r}")
+        if self.ac_every < 1:
+            raise ValueError(f"parallel.ac_every must be >= 1, got {self.ac_every}")
+        if self.mixed_precision not in ("auto", "none", "bf16"):
+            raise ValueError(f"parallel.mixed_precision must be auto, none or bf16, got {self.mixed_precision!r}")
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> ParallelConfig:
+        d = dict(d or {})
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown parallel options {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**d)
+
+
+def blocks(model: nn.Module) -> list[nn.Module]:
+    """The transformer blocks: vision blocks then decoder layers."""
+    return list(model.encoder.blocks) + list(model.decoder.layers)
+
+
+def apply_ac(block_list: list[nn.Module], mode: str, every: int = 2) -> int:
+    """Wrap each chosen block's forward in non-reentrant activation checkpointing. Returns the count."""
+    if mode == "none":
+        return 0
+    from torch.utils.checkpoint import checkpoint
+
+    n = 0
+    for i, block in enumerate(block_list):
+        if mode == "selective" and i % every:
+            continue
+        block.forward = partial(checkpoint, block.forward, use_reentrant=False, preserve_rng_state=False)
+        n += 1
+    return n
+
+
+def apply_compile(block_list: list[nn.Module], backend: str = "inductor") -> None:
+    for block in block_list:
+        block.forward = torch.compile(block.forward, backend=backend)
+
+
+def mp_policy(cfg: ParallelConfig, precision: str | None):
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    mode = cfg.mixed_precision
+    if mode == "auto":
+        mode = "bf16" if str(precision or "").startswith("bf16") else "none"
+    if mode == "none":
+        return MixedPrecisionPolicy()
+    return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+
+
+def parallelize(model: nn.Module, cfg: ParallelConfig | dict | None, mesh, precision: str | None = None) -> nn.Module:
+    """AC -> compile -> fully_shard (per decoder block, vision tower, projector, root). In place."""
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+    cfg = cfg if isinstance(cfg, ParallelConfig) else ParallelConfig.from_dict(cfg)
+    bl = blocks(model)
+    n_ac = apply_ac(bl, cfg.ac, cfg.ac_every)
+    if cfg.compile:
+        apply_compile(bl, cfg.compile_backend)
+    kw = dict(mesh=mesh, mp_policy=mp_policy(cfg, precision))
+    layers = list(model.decoder.layers)
+    for i, layer in enumerate(layers):
+        # the last block's parameters are needed again at once by backward: keep them gathered
+        fully_shard(layer, reshard_after_forward=cfg.reshard_after_forward and i < len(layers) - 1, **kw)
+    fully_shard(model.encoder, reshard_after_forward=cfg.reshard_after_forward, **kw)
+    fully_shard(model.projector, reshard_after_forward=cfg.reshard_after_forward, **kw)
+    fully_shard(model, reshard_after_forward=cfg.reshard_after_forward, **kw)
+    # `logits` (the tied LM head) runs outside `forward`: let FSDP gather the root for it too.
+    register_fsdp_forward_method(model, "logits")
+    log.info("parallelize: %d blocks checkpointed (%s), compile=%s, %d decoder units + vision + projector + root, mp=%s",
+             n_ac, cfg.ac, cfg.compile, len(layers), kw["mp_policy"].param_dtype)
+    return model
+
+
+def is_sharded(module: nn.Module) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in module.parameters())
+
+
+def full_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
+    """Full (unsharded) CPU state dict. Collective when sharded: call on every rank; rank 0 gets
+    the tensors, other ranks an empty dict."""
+    if not is_sharded(module):
+        return {k: v.detach().cpu() for k, v in module.state_dict().items()}
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+try:
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    class FSDP2Strategy(ModelParallelStrategy):
+        """Lightning's `ModelParallelStrategy` with FSDP2 as the default layout: all devices of all
+        nodes form one data-parallel (sharding) group unless sizes are given."""
+
+        def __init__(self, data_parallel_size="auto", tensor_parallel_size=1, **kwargs):
+            super().__init__(data_parallel_size=data_parallel_size, tensor_parallel_size=tensor_parallel_size, **kwargs)
+
+        def setup_environment(self) -> None:
+            if self._tensor_parallel_size == "auto":
+                self._tensor_parallel_size = 1
+            if self._data_parallel_size == "auto":
+                world = self.num_nodes * self.num_processes
+                if world % int(self._tensor_parallel_size):
+                    raise ValueError(f"world size {world} is not divisible by tensor_parallel_size {self._tensor_parallel_size}")
+                self._data_parallel_size = world // int(self._tensor_parallel_size)
+            if int(self._tensor_parallel_size) != 1:
+                raise ValueError("vlm.parallel supports data-parallel sharding only (tensor_parallel_size=1)")
+            super().setup_environment()
+except ImportError:  # pragma: no cover - lightning always present in this project
+    pass
+
+
+def is_sharded_strategy(strategy) -> bool:
+    try:
+        from lightning.pytorch.strategies import ModelParallelStrategy
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(strategy, ModelParallelStrategy)
