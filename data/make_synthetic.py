@@ -22,7 +22,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from vlm.data.synthetic import FAMILIES, FAMILY_ALIASES, QTYPES_ALL, VIDEO_FORMATS, SynthConfig, ensure_synthvqa
+from vlm.data.synthetic import (
+    FAMILIES,
+    FAMILY_ALIASES,
+    QTYPES_ALL,
+    VIDEO_FORMATS,
+    SynthConfig,
+    ensure_synthvqa,
+)
 
 
 def main(argv: list[str] | None = None) -> Path:

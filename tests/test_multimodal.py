@@ -91,20 +91,20 @@ def chat(content, answer="first") -> bytes:
 def processor(tok, T=2, merge=2, resolution="dynamic", rope="mrope", max_length=512, mode="train", **kw):
     proc = build_processor(dict(patch_size=4, merge_size=merge, resolution=resolution, image_size=32,
                                 min_pixels=kw.pop("min_pixels", 64), max_pixels=kw.pop("max_pixels", 48 * 48),
-                                video=dict(temporal_patch=T, max_frames=8, max_video_tokens=kw.pop("max_video_tokens", 64)), **kw))
-    template = build_template(dict(max_length=max_length, rope=rope, merge_size=merge), tok)
+                                video={"temporal_patch": T, "max_frames": 8, "max_video_tokens": kw.pop("max_video_tokens", 64)}, **kw))
+    template = build_template({"max_length": max_length, "rope": rope, "merge_size": merge}, tok)
     return SampleProcessor(proc, template, mode=mode)
 
 
 def tiny_model(tok, T=2, pos="rope2d", merge=2, rope="mrope", seed=0):
     torch.manual_seed(seed)
-    cfg = dict(
-        encoder=dict(_target_="vlm.model.vision.VisionEncoder", patch_size=4, dim=32, n_layers=2, n_heads=2,
-                     pos_grid=4, patch_embed="conv", conv_channels=8, temporal_patch=T, pos=pos),
-        projector=dict(_target_="vlm.model.projector.Projector", in_dim=32, out_dim=32, merge_size=merge),
-        decoder=dict(_target_="vlm.model.decoder.Decoder", dim=32, n_layers=2, n_heads=2, n_kv_heads=1, rope=rope,
-                     max_seq_len=1024),
-    )
+    cfg = {
+        "encoder": {"_target_": "vlm.model.vision.VisionEncoder", "patch_size": 4, "dim": 32, "n_layers": 2, "n_heads": 2,
+                     "pos_grid": 4, "patch_embed": "conv", "conv_channels": 8, "temporal_patch": T, "pos": pos},
+        "projector": {"_target_": "vlm.model.projector.Projector", "in_dim": 32, "out_dim": 32, "merge_size": merge},
+        "decoder": {"_target_": "vlm.model.decoder.Decoder", "dim": 32, "n_layers": 2, "n_heads": 2, "n_kv_heads": 1, "rope": rope,
+                     "max_seq_len": 1024},
+    }
     return build_model(cfg, tok)
 
 
@@ -235,6 +235,9 @@ def test_token_counts_agree_for_every_media_kind(tok):
     s = sp(_raw("img", [{"type": "image", "media": 0}], {"0.png": png((32, 32))}))
     x = s.patches[0].view(-1, 3, 2, 16)
     assert torch.equal(x[:, :, 0], x[:, :, 1])
+    # and the example-table path (MediaProcessor.to_pil) undoes it: the first frame, as resized
+    shown = sp.image_processor.to_pil(s.patches[0], s.grids[0])
+    assert shown.size == (32, 32) and shown.getpixel((5, 5)) == (200, 30, 30)
 
 
 def test_multi_image_order_and_any_turn(tok):
@@ -418,24 +421,46 @@ def test_two_images_and_a_video_through_the_real_model(real_cfg, tok):
 
 
 def test_processor_config_round_trip_and_old_configs():
-    cfg = dict(patch_size=8, merge_size=1, resolution="dynamic", min_pixels=1024, max_pixels=14400,
-               video=dict(temporal_patch=2, max_frames=8, max_video_tokens=256, max_pixels=4096))
+    cfg = {"patch_size": 8, "merge_size": 1, "resolution": "dynamic", "min_pixels": 1024, "max_pixels": 14400,
+               "video": {"temporal_patch": 2, "max_frames": 8, "max_video_tokens": 256, "max_pixels": 4096}}
     p = build_processor(cfg)
     assert isinstance(p.video, VideoProcessor) and p.temporal_patch == 2
     assert p.video.image.max_pixels == 4096 and p.max_pixels == 14400  # per-frame cap of its own
     again = build_processor(p.to_config())
     assert again == p and again.video == p.video
     assert build_processor(json.loads(json.dumps(p.to_config()))) == p
-    old = build_processor(dict(patch_size=8, merge_size=1, resolution="fixed", image_size=64))
+    old = build_processor({"patch_size": 8, "merge_size": 1, "resolution": "fixed", "image_size": 64})
     assert old.temporal_patch == 1 and old.video.resolution == "fixed"  # checkpoints before video support
     with pytest.raises(ValueError, match="unknown processor.video keys"):
-        build_processor(dict(patch_size=8, video=dict(temporal_pach=2)))
+        build_processor({"patch_size": 8, "video": {"temporal_pach": 2}})
     with pytest.raises(ValueError, match="differs"):
-        build_processor(dict(patch_size=8, video=dict(patch_size=14)))
+        build_processor({"patch_size": 8, "video": {"patch_size": 14}})
     # patches from a T=2 processor reach a T=1 model only with a clear error naming both keys
     tok_ = train_tokenizer(["a b c"] * 5, vocab_size=300)
-    p4 = build_processor(dict(patch_size=4, merge_size=2, resolution="dynamic", min_pixels=64, max_pixels=4096,
-                              video=dict(temporal_patch=2)))
+    p4 = build_processor({"patch_size": 4, "merge_size": 2, "resolution": "dynamic", "min_pixels": 64, "max_pixels": 4096,
+                              "video": {"temporal_patch": 2}})
     with pytest.raises(ValueError, match=r"temporal_patch=2 do not fit.*data.processor.video.temporal_patch"):
         check_processor_fits(tiny_model(tok_, T=1, pos="learned"), p4)
     check_processor_fits(tiny_model(tok_, T=2), p4)
+
+
+def test_token_caps_and_make_synthetic_families(tmp_path):
+    p = build_processor({"patch_size": 8, "merge_size": 2, "resolution": "dynamic", "min_tokens": 4, "max_tokens": 225,
+                             "video": {"temporal_patch": 2, "max_tokens": 64}})
+    assert (p.min_pixels, p.max_pixels, p.video.image.max_pixels) == (4 * 256, 225 * 256, 64 * 256)
+    assert p.grid_for(64, 512) == (1, 8, 64)  # ocr_wide keeps 512x64: 128 tokens after the 2x2 merge
+    assert build_processor(p.to_config()) == p
+    with pytest.raises(ValueError, match="not both"):
+        build_processor({"resolution": "dynamic", "max_tokens": 10, "max_pixels": 640})
+    import importlib.util
+
+    from tests.conftest import ROOT
+
+    spec = importlib.util.spec_from_file_location("make_synthetic", ROOT / "data" / "make_synthetic.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    root = mod.main(["--out", str(tmp_path / "sv"), "--families", "shapes,video", "--train-samples", "12",
+                     "--heldout-samples", "4", "--workers", "1", "--video-format", "apng"])
+    info = json.loads((root / "dataset.json").read_text())
+    assert set(info["splits"]["train"]["families"]) <= {"shapes", "video"}
+    assert info["splits"]["train"]["cfg"]["families"] == ["shapes", "video"]

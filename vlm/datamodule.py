@@ -77,6 +77,9 @@ class VLMDataModule(L.LightningDataModule):
         self.image_processor = build_processor(self.processor_cfg)
         self.video_processor = self.image_processor.video
         self.template = build_template(self.template_cfg, self.tokenizer)
+        # Fail now, with the path in the message, not minutes later inside the Trainer.
+        expand_urls(self.cfg["train_shards"])
+        expand_urls(self.cfg["val_shards"])
 
     def _loader(self, shards, train: bool) -> DataLoader:
         c = self.cfg

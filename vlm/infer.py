@@ -27,8 +27,8 @@ from torch.utils.data import DataLoader
 from vlm.checkpoint import LoadedVLM, load_checkpoint
 from vlm.data.collate import Collator, collate
 from vlm.data.media import MediaError, load_image
-from vlm.data.video import probe_video
 from vlm.data.sample import SampleProcessor
+from vlm.data.video import probe_video
 from vlm.data.webdataset import ShardDataset
 from vlm.generate import generate
 from vlm.metrics import ExactMatchByType, normalize_answer
@@ -77,7 +77,11 @@ def read_video(path: str) -> bytes | list[bytes]:
 
 
 def answer(loaded: LoadedVLM, image_paths: list[str], prompt: str, max_new_tokens: int = 64, temperature: float = 0.0,
-           top_p: float = 1.0, seed: int = 0, stream=sys.stdout, video_paths: list[str] | None = None) -> str:
+           top_p: float = 1.0, seed: int = 0, stream="stdout", video_paths: list[str] | None = None) -> str:
+    """Stream the answer to `stream` (default: the current `sys.stdout`, looked up at call time; None:
+    silent) and return it. Images are media 0…n-1, videos follow."""
+    if isinstance(stream, str) and stream == "stdout":
+        stream = sys.stdout
     images = []
     for p in image_paths:
         load_image(p)  # fail early with one clear line (missing, unreadable, bomb…)
@@ -177,4 +181,4 @@ def _paths(v) -> list[str]:
     return [str(v)] if isinstance(v, (str, Path)) else [str(x) for x in v]
 
 
-__all__ = ["run", "answer", "evaluate", "prompt_batch", "read_video", "MediaError"]
+__all__ = ["MediaError", "answer", "evaluate", "prompt_batch", "read_video", "run"]

@@ -47,13 +47,22 @@ class MediaProcessor(ImageProcessor):
 
     Its config is the image config with one more key, `video`: the `VideoProcessor` keys
     (`temporal_patch`, `target_fps`, `max_frames`, `max_video_tokens`, ...; image keys there
-    override the image value for video frames, e.g. a lower per-frame `max_pixels`).
-    `patch_size` and `merge_size` are always the image's. A config without `video` (checkpoints
-    made before video support) gets `temporal_patch=1`, the only encoder layout that existed then.
-    `temporal_patch` is also what images are repeated to (`process_image`).
+    override the image value for video frames, e.g. a lower per-frame `max_pixels`, or
+    `min_tokens` / `max_tokens`). `patch_size` and `merge_size` are always the image's. A config
+    without `video` (checkpoints made before video support) gets `temporal_patch=1`, the only
+    encoder layout that existed then. `temporal_patch` is also what images are repeated to
+    (`process_image`).
+
+    `min_tokens` / `max_tokens` (here and under `video`): the dynamic-resolution caps in LLM
+    tokens per image (per frame), instead of `min_pixels` / `max_pixels`:
+    `pixels = tokens * (patch_size * merge_size)^2`, so the caps keep their meaning when the merge
+    changes. Give one or the other, not both; `to_config()` records the resulting pixels.
     """
 
-    def __init__(self, video: dict | None = None, **image_kw: Any) -> None:
+    def __init__(self, video: dict | None = None, min_tokens: int | None = None, max_tokens: int | None = None,
+                 **image_kw: Any) -> None:
+        f2 = (int(image_kw.get("patch_size", 8)) * int(image_kw.get("merge_size", 1))) ** 2
+        _tokens_to_pixels(image_kw, min_tokens, max_tokens, f2, "processor")
         super().__init__(**image_kw)
         video = dict(video or {})
         video.pop("_target_", None)
@@ -61,6 +70,8 @@ class MediaProcessor(ImageProcessor):
             if k in video and int(video[k]) != getattr(self, k):
                 raise ValueError(f"processor.video.{k}={video[k]} differs from processor.{k}={getattr(self, k)}")
         video.setdefault("temporal_patch", 1)
+        _tokens_to_pixels(video, video.pop("min_tokens", None), video.pop("max_tokens", None), self.factor ** 2,
+                          "processor.video")
         image_cfg = ImageProcessor.to_config(self)
         known = set(VideoProcessor().to_config())
         unknown = set(video) - known
@@ -84,7 +95,7 @@ class MediaProcessor(ImageProcessor):
         """The first frame of an image or video as the model saw it (``[n, C·T·P·P]`` + grid)."""
         T, P = self.temporal_patch, self.patch_size
         if T > 1 and patches.shape[-1] == 3 * T * P * P:
-            t, h, w = (int(v) for v in grid)
+            _, h, w = (int(v) for v in grid)
             patches = patches[: h * w].reshape(h * w, 3, T, P * P)[:, :, 0].reshape(h * w, 3 * P * P)
         return super().to_pil(patches, grid)
 
@@ -95,11 +106,11 @@ class MediaProcessor(ImageProcessor):
         return cfg
 
     @classmethod
-    def from_config(cls, d: Any) -> "MediaProcessor":
+    def from_config(cls, d: Any) -> MediaProcessor:
         d = dict(d)
         d.pop("_target_", None)
         video = d.pop("video", None)
-        known = set(ImageProcessor().to_config())
+        known = set(ImageProcessor().to_config()) | {"min_tokens", "max_tokens"}
         unknown = set(d) - known
         if unknown:
             raise ValueError(f"unknown ImageProcessor config keys: {sorted(unknown)}")
@@ -153,6 +164,18 @@ def question_text(messages: list[dict]) -> str:
         elif isinstance(content, list):
             parts += [c["text"] for c in content if isinstance(c, dict) and c.get("type") == "text"]
     return " ".join(parts)
+
+
+def _tokens_to_pixels(cfg: dict, min_tokens, max_tokens, factor_sq: int, where: str) -> None:
+    """Write `min_pixels` / `max_pixels` into `cfg` from token caps (in place)."""
+    for name, tokens in (("min", min_tokens), ("max", max_tokens)):
+        if tokens is None:
+            continue
+        if cfg.get(f"{name}_pixels") is not None:
+            raise ValueError(f"{where}: give {name}_tokens or {name}_pixels, not both")
+        if isinstance(tokens, bool) or not isinstance(tokens, (int, float)) or tokens <= 0 or int(tokens) != tokens:
+            raise ValueError(f"{where}.{name}_tokens must be a positive integer, got {tokens!r}")
+        cfg[f"{name}_pixels"] = int(tokens) * factor_sq
 
 
 def media_items(sample: dict) -> list[dict]:
