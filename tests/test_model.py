@@ -27,7 +27,7 @@ def sample_ids(prefix, n_img, suffix):
     return [*prefix, *([IMG] * n_img), *suffix]
 
 
-@pytest.mark.parametrize("patch_embed", ["linear", "conv"])
+@pytest.mark.parametrize("patch_embed", ["linear", "conv", "conv_image"])
 def test_vision_encoder_shapes_and_grids(patch_embed):
     enc = VisionEncoder(patch_size=4, dim=32, n_layers=2, n_heads=2, pos_grid=4, patch_embed=patch_embed)
     grid = torch.tensor([[1, 4, 4], [1, 2, 8], [1, 3, 5], [2, 2, 2]])
@@ -38,9 +38,10 @@ def test_vision_encoder_shapes_and_grids(patch_embed):
         enc(torch.randn(n + 1, 48), grid)
 
 
-def test_vision_attention_is_block_diagonal():
+@pytest.mark.parametrize("patch_embed", ["linear", "conv_image"])
+def test_vision_attention_is_block_diagonal(patch_embed):
     """Changing one image's pixels leaves every other image's features unchanged."""
-    enc = VisionEncoder(patch_size=4, dim=32, n_layers=2, n_heads=2, pos_grid=4).eval()
+    enc = VisionEncoder(patch_size=4, dim=32, n_layers=2, n_heads=2, pos_grid=4, patch_embed=patch_embed).eval()
     grid = torch.tensor([[1, 4, 4], [1, 4, 4], [1, 2, 8], [1, 3, 3]])
     sizes = grid.prod(-1).tolist()
     x = torch.randn(sum(sizes), 48)
@@ -56,6 +57,20 @@ def test_vision_attention_is_block_diagonal():
     for i in range(4):
         alone = enc(x[s[i] : s[i + 1]], grid[i : i + 1])
         torch.testing.assert_close(alone, base[s[i] : s[i + 1]], atol=1e-5, rtol=1e-5)
+
+
+def test_conv_image_stem_is_the_conv_over_the_whole_image():
+    """`conv_image` = the patch CNN run over the reassembled image, cut back into patches."""
+    from vlm.data.processor import patchify
+
+    torch.manual_seed(0)
+    enc = VisionEncoder(patch_size=4, dim=32, n_layers=1, n_heads=2, patch_embed="conv_image")
+    img = torch.randn(3, 16, 12)
+    y = enc.patch_embed.conv(img[None])  # [1, c, 8, 6]
+    c = y.shape[1]
+    expected = y.view(c, 4, 2, 3, 2).permute(1, 3, 0, 2, 4).reshape(12, c * 4)
+    got = enc.patch_embed._conv_images(patchify(img, 4), [(1, 4, 3)])
+    torch.testing.assert_close(got, expected)
 
 
 def test_feature_layer_and_range():

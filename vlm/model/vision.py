@@ -38,6 +38,9 @@ class PatchEmbed(nn.Module):
     input channels are the `C·T` (channel, frame) planes of the patch; it sees only its own patch,
     so the packed-patch contract holds, but learns edges and strokes far faster than a single
     linear map — a large win for tiny models trained from scratch.
+    `conv_image`: the same layers run over each whole image (the patches are put back together
+    from the grid, convolved, and cut into patches again), so strokes that cross a patch border
+    are seen whole. Same parameters as `conv`; items never mix (each image is its own conv input).
     """
 
     def __init__(self, patch_size: int, dim: int, channels: int = 3, kind: str = "linear", conv_channels: int = 32,
@@ -50,7 +53,7 @@ class PatchEmbed(nn.Module):
         self.in_dim = planes * patch_size * patch_size
         if kind == "linear":
             self.proj = nn.Linear(self.in_dim, dim)
-        elif kind == "conv":
+        elif kind in ("conv", "conv_image"):
             if patch_size % 2:
                 raise ValueError("encoder.patch_embed=conv needs an even patch_size")
             c = conv_channels
@@ -60,9 +63,9 @@ class PatchEmbed(nn.Module):
             )
             self.proj = nn.Linear(c * (patch_size // 2) ** 2, dim)
         else:
-            raise ValueError(f"encoder.patch_embed must be 'linear' or 'conv', got {kind!r}")
+            raise ValueError(f"encoder.patch_embed must be 'linear', 'conv' or 'conv_image', got {kind!r}")
 
-    def forward(self, patches: Tensor) -> Tensor:
+    def forward(self, patches: Tensor, grid_thw: Tensor | None = None) -> Tensor:
         if patches.dim() != 2 or patches.shape[-1] != self.in_dim:
             T, P = self.temporal_patch, self.patch_size
             raise ValueError(
@@ -74,7 +77,36 @@ class PatchEmbed(nn.Module):
             P = self.patch_size
             x = self.conv(patches.reshape(-1, self.channels * self.temporal_patch, P, P))
             patches = x.flatten(1)
+        elif self.kind == "conv_image":
+            if grid_thw is None:
+                raise ValueError("patch_embed=conv_image needs the grids")
+            patches = self._conv_images(patches, [tuple(g) for g in grid_thw.tolist()])
         return self.proj(patches)
+
+    def _conv_images(self, patches: Tensor, grids: list[tuple[int, int, int]]) -> Tensor:
+        """Per image: patches -> pixels `[C·T, h·P, w·P]` -> conv -> patches of `c·(P/2)²`.
+        Items with the same grid are convolved as one batch."""
+        P, Q, C = self.patch_size, self.patch_size // 2, self.channels * self.temporal_patch
+        sizes = [t * h * w for t, h, w in grids]
+        offsets = torch.tensor([0] + sizes[:-1]).cumsum(0).tolist()
+        by_grid: dict[tuple, list[int]] = {}
+        for i, g in enumerate(grids):
+            by_grid.setdefault(g, []).append(i)
+        out = None
+        for (t, h, w), items in by_grid.items():
+            n = t * h * w
+            idx = torch.cat([torch.arange(offsets[i], offsets[i] + n) for i in items]).to(patches.device)
+            G = len(items) * t
+            x = patches[idx].view(G, h, w, C, P, P).permute(0, 3, 1, 4, 2, 5).reshape(G, C, h * P, w * P)
+            y = self.conv(x)  # [G, c, h·Q, w·Q]
+            c = y.shape[1]
+            y = y.view(G, c, h, Q, w, Q).permute(0, 2, 4, 1, 3, 5).reshape(G * h * w, c * Q * Q)
+            if len(by_grid) == 1:
+                return y
+            if out is None:
+                out = y.new_empty(patches.shape[0], y.shape[1])
+            out[idx] = y
+        return out
 
 
 class MLP(nn.Module):
@@ -173,7 +205,7 @@ class VisionEncoder(nn.Module):
         sizes = [t * h * w for t, h, w in grids]
         if sum(sizes) != patches.shape[0]:
             raise ValueError(f"grid_thw covers {sum(sizes)} patches but {patches.shape[0]} were given")
-        x = self.patch_embed(patches)
+        x = self.patch_embed(patches, grid_thw)
         rope = None
         if self.pos == "learned":
             pos_cache: dict[tuple, Tensor] = {}
