@@ -149,7 +149,7 @@ class Throughput(L.Callback):
     start-up (CPU / unknown GPU). window: steps averaged for the logged rates (1 = per step).
     """
 
-    def __init__(self, peak_tflops: float | None = None, measure_seconds: float = 0.5, window: int = 1):
+    def __init__(self, peak_tflops: float | None = None, measure_seconds: float = 0.25, window: int = 1):
         self.peak_tflops = peak_tflops
         self.measure_seconds, self.window = measure_seconds, max(1, int(window))
         self.flops: FlopModel | None = None
@@ -173,6 +173,9 @@ class Throughput(L.Callback):
             else:
                 self.peak_source = "table"
             log.info("throughput: peak %.3f TFLOP/s per process (%s)", self.peak_tflops, getattr(self, "peak_source", "set"))
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._last_step = trainer.global_step
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self._t0 is None:

@@ -40,7 +40,12 @@ import torch.nn.functional as F
 
 from vlm.build import build_model
 from vlm.data.template import IGNORE
-from vlm.data.webdataset import ShardDataset, StreamTracker, set_resume_state
+from vlm.data.webdataset import (
+    ShardDataset,
+    StreamTracker,
+    clear_resume_state,
+    set_resume_state,
+)
 from vlm.generate import generate
 from vlm.metrics import ExactMatchByType, normalize_answer
 from vlm.optim import COMPONENTS, param_groups
@@ -100,7 +105,7 @@ class VLMModule(L.LightningModule):
         if numerics or self.on_nonfinite not in NONFINITE_MODES:
             raise ValueError(f"numerics: on_nonfinite must be one of {NONFINITE_MODES} (got {self.on_nonfinite!r}); "
                              f"unknown keys {sorted(numerics)}")
-        self._parallelized = False
+        self._parallelized = self._compiled = False
         self._acc = self._new_acc()
         self.last_step_stats: dict[str, float] = {}  # global counts of the last optimizer step (read by callbacks)
         self.skipped_steps = 0
@@ -127,6 +132,10 @@ class VLMModule(L.LightningModule):
 
     # ---- training -----------------------------------------------------------------------------
     def forward(self, batch: dict) -> torch.Tensor:
+        return self.model(
+                    batch["input_ids"], batch["position_ids"], batch.get("attention_mask"),
+                    batch.get("pixel_patches"), batch.get("grid_thw"), batch.get("media_per_sample"), batch.get("keys"),
+                )
         return self.model(
             batch["input_ids"], batch["position_ids"], batch.get("attention_mask"),
             batch.get("pixel_patches"), batch.get("grid_thw"), batch.get("media_per_sample"), batch.get("keys"),
@@ -156,16 +165,17 @@ class VLMModule(L.LightningModule):
     def _new_acc() -> dict:
         return {k: 0.0 for k in STAT_KEYS}
 
-    def _batch_stats(self, batch: dict) -> dict[str, float]:
+    def _batch_stats(self, batch: dict) -> dict[str, torch.Tensor]:
+        """Token counts for normalisation, throughput and FLOPs, as device tensors (no sync)."""
         am = batch["attention_mask"]
         lengths = am.sum(-1).double()
-        n_img = int(self.model.is_media(batch["input_ids"]).sum())
-        st = {"samples": am.shape[0], "text_tokens": float(lengths.sum()) - n_img, "image_tokens": n_img,
-              "seq_sq": float((lengths * (lengths + 1)).sum())}
+        n_img = self.model.is_media(batch["input_ids"]).sum().double()
+        st = {"samples": torch.tensor(float(am.shape[0])), "text_tokens": lengths.sum() - n_img, "image_tokens": n_img,
+              "seq_sq": (lengths * (lengths + 1)).sum()}
         grid = batch.get("grid_thw")
         if grid is not None and grid.numel():
             n = grid.prod(-1).double()
-            st.update(patches=float(n.sum()), patch_sq=float((n * n).sum()), media=grid.shape[0])
+            st.update(patches=n.sum(), patch_sq=(n * n).sum(), media=torch.tensor(float(grid.shape[0])))
         return st
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
@@ -178,7 +188,7 @@ class VLMModule(L.LightningModule):
         acc["loss_sum"] = acc["loss_sum"] + loss_d.double()
         acc["nonfinite_loss"] = acc["nonfinite_loss"] + (~torch.isfinite(loss_d)).double()
         for k, v in self._batch_stats(batch).items():
-            acc[k] += v
+            acc[k] = acc[k] + v
         self._tracker.on_batch(self.trainer.train_dataloader, B)
         self.skipped_total.update(batch.get("skipped") or {})
         if self.skipped_total:
@@ -190,7 +200,7 @@ class VLMModule(L.LightningModule):
         return loss_sum
 
     def _reduce_step_stats(self) -> dict[str, float]:
-        vec = torch.stack([torch.as_tensor(self._acc[k], dtype=torch.float64).to(self.device) for k in STAT_KEYS])
+        vec = torch.stack([torch.as_tensor(self._acc[k], dtype=torch.float64, device=self.device) for k in STAT_KEYS])
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(vec)
         self._acc = self._new_acc()
@@ -244,15 +254,21 @@ class VLMModule(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": self.scheduler_factory(opt), "interval": "step"}}
 
     def configure_model(self) -> None:
-        """Under a model-parallel strategy (`trainer=fsdp`): `vlm.parallel.parallelize` (activation
-        checkpointing, compile, FSDP2 per block / vision tower / projector / root)."""
-        if self._parallelized or self.device_mesh is None:
-            return
-        from vlm.parallel import parallelize
+        """`vlm.parallel.parallelize`: under a model-parallel strategy (`trainer=fsdp`) activation
+        checkpointing, compile and FSDP2 (per block / vision tower / projector / root); under
+        other strategies only checkpointing and compile, when `parallel.ac` / `parallel.compile` ask."""
+        from vlm.parallel import ParallelConfig, parallelize
 
+        if self._parallelized or self._compiled:
+            return
+        cfg = ParallelConfig.from_dict(self.parallel_cfg)
         precision = str(getattr(self.trainer, "precision", "")) if self._trainer is not None else None
-        parallelize(self.model, self.parallel_cfg, self.device_mesh["data_parallel"], precision)
-        self._parallelized = True
+        if self.device_mesh is not None:
+            parallelize(self.model, cfg, self.device_mesh["data_parallel"], precision)
+            self._parallelized = True
+        elif cfg.ac != "none" or cfg.compile:  # single device / DDP: checkpointing and compile only
+            parallelize(self.model, cfg, None, precision)
+            self._compiled = True
 
     def configure_callbacks(self):
         """A sharded model needs a collective to export: swap in the sharding-aware export callback."""
@@ -274,7 +290,8 @@ class VLMModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         loader = self._train_dataset()
-        mine = {"rng": _rng_state(), "data": self._tracker.state(loader) if loader is not None else None}
+        mine = {"rng": _rng_state(), "data": self._tracker.state(loader) if loader is not None else None,
+                "skipped_samples": dict(self.skipped_total), "skipped_steps": self.skipped_steps}
         world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
         ranks = [None] * world
         if world > 1:
@@ -293,12 +310,17 @@ class VLMModule(L.LightningModule):
         if res["world_size"] == world:
             mine = res["ranks"][rank]
             self._rng_to_restore = mine["rng"]
+            self.skipped_total = Counter(mine.get("skipped_samples") or {})
+            self.skipped_steps = int(mine.get("skipped_steps", 0))
             set_resume_state(mine["data"], step)
         else:
             log.warning("checkpoint was saved with %d ranks, resuming on %d: RNG states are not restored and the "
                         "training streams are reseeded from step %d (not bit-identical to an uninterrupted run)",
                         res["world_size"], world, step)
             set_resume_state(None, step)
+
+    def teardown(self, stage: str) -> None:
+        clear_resume_state()  # a resume state no training dataset took must not leak into a later run
 
     def on_train_start(self) -> None:
         # After the train DataLoader has started (its start draws from the RNG in both runs).
@@ -310,9 +332,23 @@ class VLMModule(L.LightningModule):
     def on_validation_epoch_start(self) -> None:
         self.val_em.reset()
         self._examples = []
+        self._val_model = None
+        if self._parallelized:
+            # Ranks hold different numbers of validation batches and stop generating at different
+            # steps, so a sharded forward (an all-gather per unit) would deadlock: generate with
+            # one unsharded copy per rank instead (freed at the end of validation).
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                get_model_state_dict,
+            )
+
+            state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True))
+            model = build_model(self.hparams["model"], self.tokenizer).to(self.device)
+            model.load_state_dict(state, strict=False)
+            self._val_model = model.eval()
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        out = generate(self.model, batch, self.val_max_new_tokens, self.eos_ids, suppress_ids=self.suppress_ids)
+        out = generate(getattr(self, "_val_model", None) or self.model, batch, self.val_max_new_tokens, self.eos_ids, suppress_ids=self.suppress_ids)
         preds = [self.tokenizer.decode(o) for o in out]
         self.val_em.update(preds, batch["answers"], batch["qtypes"])
         if len(self._examples) < self.log_examples:
@@ -338,6 +374,7 @@ class VLMModule(L.LightningModule):
             self._examples.append((image, batch["prompts"][b], preds[b], batch["answers"][b], batch["qtypes"][b]))
 
     def on_validation_epoch_end(self) -> None:
+        self._val_model = None
         res = self.val_em.compute()
         for k, v in res.items():
             name = "val/accuracy" if k == "mean" else f"val/acc_{k}"

@@ -1,7 +1,7 @@
 """Scale-out: FSDP2 sharding, activation checkpointing and compile for the VLM (torchtitan style).
 
-`parallelize(model, cfg, mesh, precision)` is called once from `VLMModule.configure_model` when the
-trainer runs a model-parallel strategy (`trainer=fsdp`). It applies, in this order:
+`parallelize(model, cfg, mesh, precision)` is called once from `VLMModule.configure_model`. Under a
+model-parallel strategy (`trainer=fsdp`) it applies, in this order:
 
 1. activation checkpointing per transformer block (`ac: none | full | selective`; selective
    checkpoints every `ac_every`-th block),
@@ -9,6 +9,7 @@ trainer runs a model-parallel strategy (`trainer=fsdp`). It applies, in this ord
 3. `fully_shard` per decoder block, the vision tower as one unit, the projector as one unit, then
    the root (token embeddings + final norm + the LM head tied to them).
 
+Under other strategies (single device, DDP) only steps 1 and 2 are applied, when asked for.
 Checkpointing and compile wrap each block's `forward` in place, so parameter names (and so
 checkpoints, optimizer groups and the export folder) do not change with these options.
 
@@ -96,15 +97,20 @@ def mp_policy(cfg: ParallelConfig, precision: str | None):
     return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
 
 
-def parallelize(model: nn.Module, cfg: ParallelConfig | dict | None, mesh, precision: str | None = None) -> nn.Module:
-    """AC -> compile -> fully_shard (per decoder block, vision tower, projector, root). In place."""
-    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+def parallelize(model: nn.Module, cfg: ParallelConfig | dict | None, mesh=None, precision: str | None = None) -> nn.Module:
+    """AC -> compile -> fully_shard (per decoder block, vision tower, projector, root). In place.
 
+    With `mesh=None` (single device, DDP) only activation checkpointing and compile are applied."""
     cfg = cfg if isinstance(cfg, ParallelConfig) else ParallelConfig.from_dict(cfg)
     bl = blocks(model)
     n_ac = apply_ac(bl, cfg.ac, cfg.ac_every)
     if cfg.compile:
         apply_compile(bl, cfg.compile_backend)
+    if mesh is None:
+        log.info("parallelize: %d blocks checkpointed (%s), compile=%s, not sharded", n_ac, cfg.ac, cfg.compile)
+        return model
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
     kw = dict(mesh=mesh, mp_policy=mp_policy(cfg, precision))
     layers = list(model.decoder.layers)
     for i, layer in enumerate(layers):
@@ -131,7 +137,10 @@ def full_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
     the tensors, other ranks an empty dict."""
     if not is_sharded(module):
         return {k: v.detach().cpu() for k, v in module.state_dict().items()}
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+    )
 
     return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 

@@ -2,16 +2,17 @@
 
 - Training resamples shards forever with a seed per (rank, worker), so every rank and worker
   sees its own stream and no epoch boundary stalls the run.
-- Exact resume: each (rank, worker) stream is a sequence of *blocks* of `block_samples` raw
-  samples; block b draws its shards and shuffles with seeds derived from (seed, rank, worker, b),
-  starting with an empty shuffle buffer. A position is (block, index in block), so a resumed
-  worker re-reads at most one block's raw bytes (no decoding) to get back to exactly where it
-  was. Positions travel from the workers to the main process through a small shared-memory ring
-  (`positions`) and the main process (`StreamTracker`, driven by the LightningModule) turns the
-  batches it has consumed into one resume point per worker for the checkpoint. Resuming with a
-  different world size or number of workers (or other shards) cannot continue the old streams:
-  they are then reseeded from the resume step, so no data repeats, but the run is not
-  bit-identical to an uninterrupted one.
+- Exact resume: a worker's training stream reads whole shards in the order its seeded RNG picks
+  them, and is cut into *blocks* of `block_samples` raw samples; each block is shuffled with its
+  own buffer (seeded by the block number) that starts empty. A position is (block, index in the
+  block, and where the block started: shard number in the pick order, sample offset in that
+  shard), so a resumed worker re-draws the shard order (no I/O), opens the block's first shard,
+  and re-reads at most one block of raw bytes (no decoding) to be exactly where it was. Workers
+  report positions through a small shared-memory ring (`positions`); the main process
+  (`StreamTracker`, driven by the LightningModule) turns the batches the *model* has consumed
+  into one resume point per stream for the checkpoint. Resuming with a different world size,
+  number of workers, shards or seed cannot continue the old streams: they are then reseeded
+  from the resume step (no data repeats, but not bit-identical to an uninterrupted run).
 - Evaluation reads each shard once, split explicitly by node (rank) then by worker.
 - Shard URLs are untrusted: only local files are opened (webdataset's `pipe:` URLs would run a
   shell command, so they are refused).
@@ -23,13 +24,13 @@
 from __future__ import annotations
 
 import glob
+import hashlib
 import logging
 import os
-import hashlib
 import random
 from collections import Counter
 from collections.abc import Iterator
-from itertools import islice
+from itertools import chain, islice
 
 import torch
 import torch.distributed as dist
@@ -87,8 +88,8 @@ class _TarErrors:
 
 # ---- exact resume: handing a checkpoint's stream positions to the next training dataset ---------
 _PENDING_RESUME: dict | None = None
-RING = 4096        # positions remembered per worker (must exceed how far a worker runs ahead)
-MAX_WORKERS = 32   # workers per rank whose positions can be tracked
+RING = 4096        # positions remembered per worker: more than a worker runs ahead (batch x (prefetch + 2))
+MAX_WORKERS = 16   # training DataLoader workers per rank (the ring is 16 x 4096 x 5 int64 = 2.6 MB of shared memory)
 
 
 def set_resume_state(state: dict | None, step: int) -> None:
@@ -97,6 +98,10 @@ def set_resume_state(state: dict | None, step: int) -> None:
     `state=None` or when the layout differs, reseeds its streams from `step`."""
     global _PENDING_RESUME
     _PENDING_RESUME = {"state": state, "step": int(step)}
+
+
+def clear_resume_state() -> None:
+    _take_resume_state()
 
 
 def _take_resume_state() -> dict | None:
@@ -121,14 +126,15 @@ class ShardDataset(IterableDataset):
         self.processor, self.train = processor, train
         self.shuffle_buffer, self.seed = shuffle_buffer, seed
         self.max_consecutive_failures, self.warn_limit = max_consecutive_failures, warn_limit
-        # Raw samples per stream block: the most a resume re-reads; several shuffle buffers long.
+        # Raw samples per stream block: the most a resume re-reads (without decoding); several
+        # shuffle buffers long, since each block's buffer starts empty.
         self.block_samples = int(block_samples or max(8192, 4 * shuffle_buffer))
         self.rank, self.world = rank_world()
         self.positions: torch.Tensor | None = None
         self.resume: dict | None = None
         if train:
-            # per worker, per yielded sample k: (k, block, index in block); shared with workers
-            self.positions = torch.full((MAX_WORKERS, RING, 3), -1, dtype=torch.long).share_memory_()
+            # per worker, per yielded sample k: (k, block, index in block, block's shard, offset); shared with workers
+            self.positions = torch.full((MAX_WORKERS, RING, 5), -1, dtype=torch.long).share_memory_()
             self.resume = _take_resume_state()
 
     def fingerprint(self) -> str:
@@ -136,40 +142,54 @@ class ShardDataset(IterableDataset):
         h = hashlib.sha1("\n".join([str(self.seed), str(self.block_samples), *self.urls]).encode())
         return h.hexdigest()[:16]
 
-    def _start(self, worker: int, n_workers: int) -> tuple[int, int, str]:
-        """(block, index in block, stream tag) where this worker's training stream starts."""
+    def _start(self, worker: int, n_workers: int) -> tuple[int, list[int], str]:
+        """(stream, [block, index, shard, offset], tag) where this worker's training stream starts.
+
+        A resumed DataLoader hands its first batch to worker 0 again, while the interrupted one
+        would have asked worker `batches mod W` next; so worker w continues stream
+        `(w + offset) mod W`, which keeps the batch order identical."""
         if self.resume is None:
-            return 0, 0, ""
+            return worker, [0, 0, 0, 0], ""
         st, step = self.resume["state"], self.resume["step"]
         if st is not None and st.get("num_workers") == n_workers and st.get("fingerprint") == self.fingerprint():
-            block, index = st["points"][worker]
-            return int(block), int(index), st.get("tag", "")
+            stream = (worker + int(st.get("offset", 0))) % n_workers
+            return stream, [int(v) for v in st["points"][stream]], st.get("tag", "")
         if worker == 0:
             log.warning("training streams reseeded from step %d (the checkpoint's data layout differs: "
                         "world size, num_workers, shards or seed)", step)
-        return 0, 0, f"r{step}"
+        return worker, [0, 0, 0, 0], f"r{step}"
 
-    def _shards(self, rank: int, world: int, worker: int, n_workers: int, block: int = 0, tag: str = "") -> Iterator[str]:
-        if self.train:
-            rng = random.Random(f"{self.seed}-{rank}-{worker}-{block}{tag}")
-            while True:
-                yield rng.choice(self.urls)
-        else:
-            yield from self.urls[rank::world][worker::n_workers]
+    def _shards(self, rank: int, world: int, worker: int, n_workers: int) -> Iterator[str]:
+        yield from self.urls[rank::world][worker::n_workers]
 
-    def _train_stream(self, worker: int, n_workers: int, errors: _TarErrors) -> Iterator[tuple[int, int, dict]]:
-        """(block, index, raw sample) forever; positions before the resume point are read, not decoded."""
-        block, skip, tag = self._start(worker, n_workers)
+    def _cursor(self, stream: int, tag: str, shard: int, offset: int, errors: _TarErrors) -> Iterator[tuple[int, int, dict]]:
+        """(shard number, offset in shard, raw sample) of a training stream from (shard, offset) on."""
+        rng = random.Random(f"{self.seed}-{self.rank}-{stream}{tag}")
+        for _ in range(shard):  # the pick order is replayed without reading anything
+            rng.choice(self.urls)
         while True:
-            shards = self._shards(self.rank, self.world, worker, n_workers, block, tag)
-            raw = self._raw(shards, errors)
-            it = islice(raw, self.block_samples)
+            url = rng.choice(self.urls)
+            with open(url, "rb") as f:
+                samples = group_by_keys(tar_file_expander([{"url": url, "stream": f}], handler=errors), handler=errors)
+                for o, item in enumerate(samples):
+                    if o >= offset:
+                        yield shard, o, item
+            shard, offset = shard + 1, 0
+
+    def _train_stream(self, worker: int, n_workers: int, errors: _TarErrors) -> Iterator[tuple[list[int], dict]]:
+        """([block, index, shard, offset of the block start], raw sample) forever. Samples before
+        the resume point are read, not decoded."""
+        stream, (block, skip, shard, offset), tag = self._start(worker, n_workers)
+        raw = self._cursor(stream, tag, shard, offset, errors)
+        while True:
+            first = next(raw)
+            start = first[:2]
+            items = (x[2] for x in chain([first], islice(raw, self.block_samples - 1)))
             if self.shuffle_buffer > 1:
-                it = self._shuffled(it, random.Random(f"buffer-{self.seed}-{self.rank}-{worker}-{block}{tag}"))
-            for j, item in enumerate(it):
+                items = self._shuffled(items, random.Random(f"buffer-{self.seed}-{self.rank}-{stream}-{block}{tag}"))
+            for j, item in enumerate(items):
                 if j >= skip:
-                    yield block, j, item
-            raw.close()
+                    yield [block, j, *start], item
             block, skip = block + 1, 0
 
     def _raw(self, shards: Iterator[str], errors: _TarErrors) -> Iterator[dict]:
@@ -203,13 +223,13 @@ class ShardDataset(IterableDataset):
             ring = self.positions[worker]
         else:
             rank, world = rank_world()
-            stream = ((0, j, item) for j, item in enumerate(self._raw(self._shards(rank, world, worker, n_workers), errors)))
+            stream = ((None, item) for item in self._raw(self._shards(rank, world, worker, n_workers), errors))
             ring = None
         skipped: Counter = Counter()
         consecutive = 0
         warned = 0
         k = 0
-        for block, j, item in stream:
+        for pos, item in stream:
             try:
                 sample = self.processor(item)
             except SampleError as e:
@@ -230,7 +250,7 @@ class ShardDataset(IterableDataset):
             sample.skipped = skipped  # travels to the main process with the batch
             skipped = Counter()
             if ring is not None:
-                ring[k % RING] = torch.tensor([k, block, j])
+                ring[k % RING] = torch.tensor([k, *pos])
                 k += 1
             yield sample
 
@@ -263,22 +283,23 @@ class StreamTracker:
     def state(self, loader) -> dict:
         ds: ShardDataset = loader.dataset
         n_workers = max(1, loader.num_workers)
-        consumed = self.consumed if self.loader_id == id(loader) else [0] * n_workers
-        points = []
+        mine = self.loader_id == id(loader)
+        consumed = self.consumed if mine else [0] * n_workers
+        points: list[list[int]] = [[0, 0, 0, 0]] * n_workers
+        tag = ""
         for w in range(n_workers):
-            if consumed[w] == 0:  # nothing consumed from this worker yet: where it started
-                block, index, tag = ds._start(w, n_workers)
-                points.append([block, index])
-                continue
-            k = consumed[w] - 1
-            row = ds.positions[w, k % RING].tolist()
-            if row[0] != k:
-                raise RuntimeError(f"data position of worker {w} sample {k} is no longer known (ring holds sample {row[0]}): "
-                                   f"the worker ran more than {RING} samples ahead; lower prefetch_factor or batch size")
-            points.append([row[1], row[2] + 1])
-        tag = ds._start(0, n_workers)[2]
+            stream, point, tag = ds._start(w, n_workers)
+            if consumed[w]:
+                k = consumed[w] - 1
+                row = ds.positions[w, k % RING].tolist()
+                if row[0] != k:
+                    raise RuntimeError(f"data position of worker {w} sample {k} is no longer known (ring holds sample {row[0]}): "
+                                       f"the worker ran more than {RING} samples ahead; lower prefetch_factor or batch size")
+                point = [row[1], row[2] + 1, row[3], row[4]]
+            points[stream] = point
+        offset = ds._start(0, n_workers)[0] + (self.batches if mine else 0)
         return {"num_workers": n_workers, "fingerprint": ds.fingerprint(), "tag": tag, "points": points,
-                "rank": ds.rank, "world": ds.world}
+                "offset": offset % n_workers, "rank": ds.rank, "world": ds.world}
 
 
 def seed_worker(_: int) -> None:
