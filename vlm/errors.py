@@ -9,8 +9,12 @@ from contextlib import contextmanager
 from vlm.checkpoint import CheckpointError
 from vlm.data.media import MediaError
 from vlm.data.sample import SampleError
+from vlm.module import NonFiniteError
 
-USER_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, CheckpointError, MediaError, SampleError)
+# NonFiniteError: the numerics guard halted training (numerics.on_nonfinite=halt); its message
+# says which value went non-finite at which step.
+USER_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, CheckpointError, MediaError, SampleError,
+               NonFiniteError)
 
 
 @contextmanager
