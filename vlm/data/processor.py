@@ -320,16 +320,20 @@ class ImageProcessor:
     @classmethod
     def from_config(cls, d: dict[str, Any]) -> "ImageProcessor":
         """Rebuild from :meth:`to_config` output (also accepts an OmegaConf mapping)."""
+        return cls(**cls.config_kwargs(d))
+
+    @staticmethod
+    def config_kwargs(d: dict[str, Any], extra_keys: set[str] = frozenset()) -> dict[str, Any]:
+        """Check a config's keys (unknown ones are an error) and normalise it to constructor kwargs."""
         d = dict(d)
         d.pop("_target_", None)
-        known = set(cls().to_config())
-        unknown = set(d) - known
+        unknown = set(d) - set(ImageProcessor().to_config()) - set(extra_keys)
         if unknown:
             raise ValueError(f"unknown ImageProcessor config keys: {sorted(unknown)}")
         for k in ("mean", "std"):
             if k in d:
                 d[k] = tuple(float(v) for v in d[k])
-        return cls(**d)
+        return d
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.to_config().items())

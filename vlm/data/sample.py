@@ -108,15 +108,8 @@ class MediaProcessor(ImageProcessor):
     @classmethod
     def from_config(cls, d: Any) -> MediaProcessor:
         d = dict(d)
-        d.pop("_target_", None)
         video = d.pop("video", None)
-        known = set(ImageProcessor().to_config()) | {"min_tokens", "max_tokens"}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown ImageProcessor config keys: {sorted(unknown)}")
-        for k in ("mean", "std"):
-            if k in d:
-                d[k] = tuple(float(v) for v in d[k])
+        d = ImageProcessor.config_kwargs(d, extra_keys={"min_tokens", "max_tokens"})
         return cls(video=dict(video) if video is not None else None, **d)
 
 
