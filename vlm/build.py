@@ -14,7 +14,7 @@ from hydra.utils import instantiate
 
 from vlm.data.sample import MediaProcessor
 from vlm.data.template import ChatTemplate
-from vlm.model.projector import visual_token_count
+from vlm.model.projector import token_grid, visual_token_count
 from vlm.model.vlm import VLM
 from vlm.tokenizer import TextTokenizer
 
@@ -45,14 +45,24 @@ def build_model(model_cfg: dict, tokenizer: TextTokenizer) -> VLM:
     elif dec["vocab_size"] < tokenizer.vocab_size:
         raise ValueError(f"decoder.vocab_size {dec['vocab_size']} < tokenizer vocabulary {tokenizer.vocab_size}")
     encoder = safe_instantiate(dict(model_cfg["encoder"]), "encoder")
-    projector = safe_instantiate(dict(model_cfg["projector"]), "projector")
+    proj = dict(model_cfg["projector"])
+    # The projector reads what the encoder emits: k·dim when several feature layers are concatenated.
+    if proj.get("in_dim") in (None, "auto"):
+        proj["in_dim"] = encoder.out_dim
+    elif int(proj["in_dim"]) != encoder.out_dim:
+        raise ValueError(f"projector.in_dim={proj['in_dim']} but the encoder emits {encoder.out_dim} features "
+                         "(set projector.in_dim=null to follow the encoder)")
+    projector = safe_instantiate(proj, "projector")
     decoder = safe_instantiate(dec, "decoder")
+    fusion = model_cfg.get("fusion") or "interleave"
     return VLM(
         encoder,
         projector,
         decoder,
         media_token_ids=[tokenizer.image_pad_id, tokenizer.video_pad_id],
         image_attention=model_cfg.get("image_attention", "causal"),
+        fusion=fusion,
+        cross_attn=dict(model_cfg.get("cross_attn") or {}) if fusion == "cross_attn" else None,
     )
 
 
@@ -82,6 +92,23 @@ def check_processor_fits(model: VLM, processor) -> None:
 
 
 def build_template(template_cfg: dict, tokenizer: TextTokenizer) -> ChatTemplate:
+    """template_cfg: ChatTemplate kwargs plus the token layout keys `merge_size`, `queries`
+    (qformer) and `fusion` (see `vlm.model.projector.token_grid`)."""
     cfg = dict(template_cfg)
-    merge = int(cfg.pop("merge_size", 1))
-    return ChatTemplate(tokenizer, partial(visual_token_count, merge_size=merge), merge_size=merge, **cfg)
+    layout = dict(merge_size=int(cfg.pop("merge_size", 1) or 1), queries=cfg.pop("queries", None),
+                  fusion=cfg.pop("fusion", None) or "interleave")
+    return ChatTemplate(tokenizer, partial(visual_token_count, **layout), merge_size=layout["merge_size"],
+                        token_grid=partial(token_grid, **layout), **cfg)
+
+
+def check_template_fits(model: VLM, template: ChatTemplate) -> None:
+    """Fail early when the template's media spans would not match the model's visual tokens
+    (projector kind / merge / queries or fusion differ between the data and model configs)."""
+    m = model.projector.merge_size
+    for grid in ((1, 2 * m, 4 * m), (2, 4 * m, 2 * m)):
+        ours, theirs = template.token_grid(grid), model.token_grid(grid)
+        if tuple(ours) != tuple(theirs):
+            raise ValueError(
+                f"the template lays out a {grid} media item as tokens {tuple(ours)} but the model as {tuple(theirs)}: "
+                "data.template.merge_size / queries / fusion must follow model.projector and model.fusion"
+            )

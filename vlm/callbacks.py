@@ -123,7 +123,10 @@ class FlopModel:
         self.dec_per_token = 2 * (_numel(dec.layers) + _numel(dec.norm))
         self.dec_attn = 2 * dec.n_heads * dec.head_dim * dec.n_layers  # × L(L+1) per sample
         self.head_per_label = 2 * dec.lm_head.weight.numel()
-        order = ["encoder", "projector", "decoder"]
+        # fusion=cross_attn: the gated blocks run on every text token (keys/values on visual tokens:
+        # counted as if on text, a small over-estimate for the tiny marker-only sequences)
+        self.xattn_per_token = 2 * _numel(getattr(model, "cross_attn", None))
+        order = ["encoder", "projector", "decoder", "cross_attn"]
         self.mult = {}
         upstream_trainable = False
         for comp in order:
@@ -138,6 +141,8 @@ class FlopModel:
         decoder = self.dec_per_token * tokens + self.dec_attn * st.get("seq_sq", 0) + self.head_per_label * st.get("label_tokens", 0)
         out = {"vision": vision * self.mult["encoder"], "projector": projector * self.mult["projector"],
                "decoder": decoder * self.mult["decoder"]}
+        if self.xattn_per_token:
+            out["cross_attn"] = self.xattn_per_token * tokens * self.mult["cross_attn"]
         out["total"] = sum(out.values())
         return out
 

@@ -20,7 +20,7 @@ import torch
 from omegaconf import OmegaConf
 from safetensors.torch import load_model, save_model
 
-from vlm.build import build_model, build_processor, build_template, check_processor_fits
+from vlm.build import build_model, build_processor, build_template, check_processor_fits, check_template_fits
 from vlm.data.sample import MediaProcessor
 from vlm.data.template import ChatTemplate
 from vlm.model.vlm import VLM
@@ -59,11 +59,13 @@ def export_folder(model: VLM, tokenizer: TextTokenizer, config: dict, out_dir: s
 def _build(config: dict, tokenizer: TextTokenizer) -> LoadedVLM:
     model = build_model(config["model"], tokenizer)
     processor = build_processor(config["processor"])
+    template = build_template(config["template"], tokenizer)
     try:
         check_processor_fits(model, processor)
+        check_template_fits(model, template)
     except ValueError as e:
         raise CheckpointError(f"checkpoint config: {e}") from None
-    return LoadedVLM(model, tokenizer, processor, build_template(config["template"], tokenizer), config)
+    return LoadedVLM(model, tokenizer, processor, template, config)
 
 
 def load_checkpoint(path: str | Path, map_location: str = "cpu") -> LoadedVLM:

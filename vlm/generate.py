@@ -42,12 +42,14 @@ def generate(
     use_cache: bool = True,
     generator: torch.Generator | None = None,
     on_token: Callable[[Tensor], None] | None = None,
+    prune: dict | None = None,
 ) -> list[list[int]]:
     """Generate up to `max_new_tokens` per row; a row stops at its first EOS (kept in its output).
 
     suppress_ids: tokens never generated (structural tokens such as media placeholders).
     on_token: called with the `[B]` new tokens after every step (streaming).
-    Returns the new token ids per row.
+    prune: `{keep_ratio, method}` drops visual tokens before the prompt's forward (`vlm.prune`;
+    needs the KV cache). Returns the new token ids per row.
     """
     ids: Tensor = batch["input_ids"]
     am: Tensor = batch["attention_mask"]
@@ -68,7 +70,18 @@ def generate(
     if use_cache:
         param = next(model.parameters())
         cache = model.decoder.new_cache(B, L + max_new_tokens, param.dtype, device)
-    hidden = model(ids, pos, am, cache=cache, **media)
+    if prune and float(prune.get("keep_ratio", 1.0)) < 1.0 and media["grid_thw"] is not None:
+        if cache is None:
+            raise ValueError("visual-token pruning needs use_cache=True")
+        from vlm.prune import prune_visual_tokens
+
+        pb = prune_visual_tokens(model, batch, float(prune["keep_ratio"]), prune.get("method", "attention"),
+                                 int(prune.get("seed", 0)))
+        ids, pos, am = pb["input_ids"], pb["position_ids"], pb["attention_mask"]
+        L = ids.shape[1]
+        hidden = model(ids, pos, am, cache=cache, inputs_embeds=pb["inputs_embeds"])
+    else:
+        hidden = model(ids, pos, am, cache=cache, **media)
     if cache is not None:
         cache.advance(L)
     logits = model.logits(hidden[:, -1]).float()

@@ -15,6 +15,7 @@ training config, so preprocessing at inference is the preprocessing the model wa
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from collections import Counter
@@ -77,7 +78,8 @@ def read_video(path: str) -> bytes | list[bytes]:
 
 
 def answer(loaded: LoadedVLM, image_paths: list[str], prompt: str, max_new_tokens: int = 64, temperature: float = 0.0,
-           top_p: float = 1.0, seed: int = 0, stream="stdout", video_paths: list[str] | None = None) -> str:
+           top_p: float = 1.0, seed: int = 0, stream="stdout", video_paths: list[str] | None = None,
+           prune: dict | None = None) -> str:
     """Stream the answer to `stream` (default: the current `sys.stdout`, looked up at call time; None:
     silent) and return it. Images are media 0…n-1, videos follow."""
     if isinstance(stream, str) and stream == "stdout":
@@ -105,15 +107,17 @@ def answer(loaded: LoadedVLM, image_paths: list[str], prompt: str, max_new_token
             printed = text
 
     gen = torch.Generator().manual_seed(seed)
-    generate(loaded.model, batch, max_new_tokens, eos, temperature, top_p, suppress, generator=gen, on_token=on_token)
+    generate(loaded.model, batch, max_new_tokens, eos, temperature, top_p, suppress, generator=gen, on_token=on_token,
+             prune=prune)
     if stream is not None:
         stream.write("\n")
     return tok.decode(ids)
 
 
 def evaluate(loaded: LoadedVLM, shards, batch_size: int = 64, max_new_tokens: int = 32, num_workers: int = 1,
-             out_path: str | None = None, max_samples: int | None = None) -> dict:
-    """Greedy answers on held-out shards; returns {'table': str, 'metrics': {...}, 'n': int}."""
+             out_path: str | None = None, max_samples: int | None = None, prune: dict | None = None) -> dict:
+    """Greedy answers on held-out shards; returns {'table': str, 'metrics': {...}, 'n': int,
+    'seconds': float, 'skipped': {...}, 'visual_tokens': mean visual tokens per sample the decoder saw}."""
     proc = SampleProcessor(loaded.processor, loaded.template, mode="eval")
     ds = ShardDataset(shards, proc, train=False)
     loader = DataLoader(ds, batch_size=batch_size, num_workers=min(num_workers, len(ds.urls)),
@@ -122,11 +126,17 @@ def evaluate(loaded: LoadedVLM, shards, batch_size: int = 64, max_new_tokens: in
     metric = ExactMatchByType(qtypes + ["other"])
     eos, suppress = _special(loaded.tokenizer)
     n, t0, skipped = 0, time.perf_counter(), Counter()
+    is_media = loaded.model.is_media
+    keep = float((prune or {}).get("keep_ratio", 1.0))
+    visual = 0
     out = open(out_path, "w") if out_path else None
     try:
         for batch in loader:
             skipped.update(batch["skipped"])
-            gen = generate(loaded.model, batch, max_new_tokens, eos, suppress_ids=suppress)
+            gen = generate(loaded.model, batch, max_new_tokens, eos, suppress_ids=suppress, prune=prune)
+            # tokens per media span after pruning: ceil(keep · n), at least one (vlm.prune)
+            spans = [len(s) for s in _span_lengths(is_media(batch["input_ids"]))]
+            visual += sum(max(1, math.ceil(keep * s)) for s in spans) if keep < 1 else sum(spans)
             preds = [loaded.tokenizer.decode(g) for g in gen]
             metric.update(preds, batch["answers"], batch["qtypes"])
             if out:
@@ -147,20 +157,38 @@ def evaluate(loaded: LoadedVLM, shards, batch_size: int = 64, max_new_tokens: in
             rows.append(f"| {q} | {counts[q]} | {100 * res[q]:.1f}% |")
     if res:
         rows.append(f"| **mean over types** | {n} | {100 * res['mean']:.1f}% |")
-    return {"table": "\n".join(rows), "metrics": res, "n": n, "seconds": time.perf_counter() - t0, "skipped": dict(skipped)}
+    return {"table": "\n".join(rows), "metrics": res, "n": n, "seconds": time.perf_counter() - t0, "skipped": dict(skipped),
+            "visual_tokens": visual / max(n, 1)}
+
+
+def _span_lengths(is_media: torch.Tensor) -> list[list[int]]:
+    """`[B, L]` bool -> the contiguous media spans of every row, as index lists."""
+    out = []
+    for row in is_media.tolist():
+        cur: list[int] = []
+        for i, m in enumerate(row):
+            if m:
+                cur.append(i)
+            elif cur:
+                out.append(cur)
+                cur = []
+        if cur:
+            out.append(cur)
+    return out
 
 
 def run(cfg: DictConfig) -> dict:
     if not cfg.get("ckpt"):
         raise FileNotFoundError("no checkpoint given: pass ckpt=PATH (a .ckpt file or an export folder)")
     loaded = load_checkpoint(cfg.ckpt)
+    prune = dict(cfg.get("infer", {}).get("prune") or {}) or None
     torch.manual_seed(cfg.seed)
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
     data = cfg.get("data")
     if data and data.get("val_shards"):
         res = evaluate(loaded, data.val_shards, data.get("batch_size", 64), cfg.max_new_tokens,
-                       data.get("num_workers", 1), cfg.get("out"), data.get("max_samples"))
+                       data.get("num_workers", 1), cfg.get("out"), data.get("max_samples"), prune)
         print(res["table"])
         print(f"{res['n']} samples in {res['seconds']:.1f} s" + (f"; skipped {res['skipped']}" if res["skipped"] else ""))
         if cfg.get("out"):
@@ -170,7 +198,7 @@ def run(cfg: DictConfig) -> dict:
         raise FileNotFoundError("nothing to do: pass image=PATH (or video=PATH) prompt=\"…\" or data=synthvqa_heldout")
     images, videos = _paths(cfg.get("image")), _paths(cfg.get("video"))
     text = answer(loaded, images, cfg.prompt, cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.seed,
-                  video_paths=videos)
+                  video_paths=videos, prune=prune)
     return {"answer": text}
 
 

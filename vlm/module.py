@@ -120,22 +120,19 @@ class VLMModule(L.LightningModule):
             raise ValueError(f"model.freeze has unknown components {sorted(unknown)}; use {COMPONENTS}")
         for comp in COMPONENTS:
             frozen = bool(self.freeze_spec.get(comp, False))
-            for p in getattr(self.model, comp).parameters():
+            part = getattr(self.model, comp, None)
+            for p in part.parameters() if part is not None else ():
                 p.requires_grad_(not frozen)
 
     def train(self, mode: bool = True):
         super().train(mode)
         for comp in COMPONENTS:  # frozen parts stay in eval mode (no dropout / norm-stat drift)
-            if self.freeze_spec.get(comp):
+            if self.freeze_spec.get(comp) and getattr(self.model, comp, None) is not None:
                 getattr(self.model, comp).eval()
         return self
 
     # ---- training -----------------------------------------------------------------------------
     def forward(self, batch: dict) -> torch.Tensor:
-        return self.model(
-                    batch["input_ids"], batch["position_ids"], batch.get("attention_mask"),
-                    batch.get("pixel_patches"), batch.get("grid_thw"), batch.get("media_per_sample"), batch.get("keys"),
-                )
         return self.model(
             batch["input_ids"], batch["position_ids"], batch.get("attention_mask"),
             batch.get("pixel_patches"), batch.get("grid_thw"), batch.get("media_per_sample"), batch.get("keys"),

@@ -8,7 +8,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-COMPONENTS = ("encoder", "projector", "decoder")
+COMPONENTS = ("encoder", "projector", "decoder", "cross_attn")  # cross_attn: only with fusion=cross_attn
 
 
 def param_groups(model: nn.Module, base_lr: float, weight_decay: float, component_lr: dict | None = None) -> list[dict]:

@@ -118,6 +118,10 @@ def parallelize(model: nn.Module, cfg: ParallelConfig | dict | None, mesh=None, 
         fully_shard(layer, reshard_after_forward=cfg.reshard_after_forward and i < len(layers) - 1, **kw)
     fully_shard(model.encoder, reshard_after_forward=cfg.reshard_after_forward, **kw)
     fully_shard(model.projector, reshard_after_forward=cfg.reshard_after_forward, **kw)
+    if getattr(model, "cross_attn", None) is not None:
+        for blk in model.cross_attn.blocks:
+            fully_shard(blk, reshard_after_forward=cfg.reshard_after_forward, **kw)
+            register_fsdp_forward_method(blk, "media_kv")  # called outside `forward`
     fully_shard(model, reshard_after_forward=cfg.reshard_after_forward, **kw)
     # `logits` (the tied LM head) runs outside `forward`: let FSDP gather the root for it too.
     register_fsdp_forward_method(model, "logits")

@@ -10,6 +10,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from vlm.build import check_template_fits
 from vlm.module import VLMModule
 
 log = logging.getLogger("vlm.train")
@@ -47,6 +48,27 @@ def build_module(cfg: DictConfig, datamodule) -> VLMModule:
     )
 
 
+def _init_weights(module: VLMModule, path: str) -> None:
+    """`init_from=PATH`: this model's weights from a .ckpt or export folder (a previous stage),
+    with a fresh optimizer and schedule. Every key must fit; a mismatch names the keys."""
+    from vlm.checkpoint import load_checkpoint
+
+    src = load_checkpoint(path).model.state_dict()
+    dst = module.model.state_dict()
+    missing = sorted(set(dst) - set(src))
+    unexpected = sorted(set(src) - set(dst))
+    shapes = sorted(f"{k} {tuple(src[k].shape)} vs {tuple(dst[k].shape)}" for k in set(src) & set(dst)
+                    if src[k].shape != dst[k].shape)
+    if missing or unexpected or shapes:
+        def few(xs):
+            return ", ".join(xs[:6]) + (f" … (+{len(xs) - 6})" if len(xs) > 6 else "")
+        parts = [f"missing {few(missing)}" if missing else "", f"unexpected {few(unexpected)}" if unexpected else "",
+                 f"shape mismatch {few(shapes)}" if shapes else ""]
+        raise ValueError(f"init_from={path}: the weights do not fit this model: " + "; ".join(p for p in parts if p))
+    module.model.load_state_dict(src)
+    log.info("initialised weights from %s", path)
+
+
 def run(cfg: DictConfig) -> dict[str, float]:
     """Train. Returns the final logged metrics (floats)."""
     L.seed_everything(cfg.seed, workers=True)
@@ -55,12 +77,9 @@ def run(cfg: DictConfig) -> dict[str, float]:
     datamodule = instantiate(cfg.data, _convert_="all")
     datamodule.setup("fit")
     module = build_module(cfg, datamodule)
+    check_template_fits(module.model, datamodule.template)
     if cfg.get("init_from"):
-        from vlm.checkpoint import load_checkpoint
-
-        src = load_checkpoint(cfg.init_from)
-        module.model.load_state_dict(src.model.state_dict())
-        log.info("initialised weights from %s", cfg.init_from)
+        _init_weights(module, cfg.init_from)
     logger = build_logger(cfg)
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=build_callbacks(cfg, bool(logger)), logger=logger)
     if logger:

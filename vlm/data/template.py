@@ -46,7 +46,9 @@ class ChatTemplate:
     """Render chat or document samples for a tokenizer and a visual-token-count function.
 
     token_count: grid (t, h, w) -> number of LLM tokens (`visual_token_count` with the projector's
-    merge size). rope: "rope" (1D positions) or "mrope" (3D positions, Qwen2-VL rule).
+    layout). token_grid: grid -> the LLM-side token grid `(t, h, w)` that M-RoPE lays positions
+    on (`vlm.model.projector.token_grid`); default `(t, h/m, w/m)` with `merge_size` m.
+    rope: "rope" (1D positions) or "mrope" (3D positions, Qwen2-VL rule).
     """
 
     def __init__(
@@ -58,6 +60,7 @@ class ChatTemplate:
         merge_size: int = 1,
         system_prompt: str | None = None,
         image_position: str = "first",
+        token_grid: Callable[[Sequence[int]], Sequence[int]] | None = None,
     ):
         if image_position not in ("first", "last"):
             raise ValueError(f"template.image_position must be 'first' or 'last', got {image_position!r}")
@@ -67,6 +70,7 @@ class ChatTemplate:
         self.max_length = max_length
         self.rope = rope
         self.merge_size = merge_size
+        self.token_grid = token_grid or self._merged_grid
         self.system_prompt = system_prompt
         self._role_prefix = {r: [tokenizer.im_start_id, *tokenizer.encode(f"{r}\n")] for r in ("system", "user", "assistant")}
         self._turn_end = [tokenizer.im_end_id, *tokenizer.encode("\n")]
@@ -168,11 +172,15 @@ class ChatTemplate:
         return r
 
     # ---- positions ---------------------------------------------------------------------------
+    def _merged_grid(self, grid: Sequence[int]) -> tuple[int, int, int]:
+        t, h, w = (int(v) for v in grid)
+        return t, h // self.merge_size, w // self.merge_size
+
     def position_ids(self, input_ids: Sequence[int], grids_in_order: Sequence[Sequence[int]]) -> torch.Tensor:
         """`[L]` for 1D RoPE, `[3, L]` for M-RoPE.
 
         M-RoPE rule (Qwen2-VL): text tokens carry (p, p, p). A media span's tokens carry
-        (p0 + t, p0 + h, p0 + w) on the merged grid, where p0 is the position after the preceding
+        (p0 + t, p0 + h, p0 + w) on the LLM-side token grid (`token_grid`), where p0 is the position after the preceding
         text; the text after the span resumes at one past the largest position the span used.
         """
         L = len(input_ids)
@@ -188,8 +196,7 @@ class ChatTemplate:
                 p += 1
                 i += 1
                 continue
-            t, h, w = (int(v) for v in grids_in_order[m])
-            h, w = h // self.merge_size, w // self.merge_size
+            t, h, w = (int(v) for v in self.token_grid(grids_in_order[m]))
             n = t * h * w
             tt = torch.arange(t).view(t, 1, 1).expand(t, h, w).reshape(-1)
             hh = torch.arange(h).view(1, h, 1).expand(t, h, w).reshape(-1)

@@ -26,6 +26,7 @@ class KVCache:
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
         self.max_len = max_len
         self.length = 0
+        self.cross: dict | None = None  # fusion=cross_attn: media keys/values, computed once
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Write `[B, H_kv, L, Dh]` at the current offset; return all keys/values so far."""

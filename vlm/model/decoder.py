@@ -5,6 +5,8 @@ The decoder consumes embeddings, not ids, so the VLM can splice visual tokens in
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -113,10 +115,12 @@ class Decoder(nn.Module):
         position_ids: Tensor,
         mask: Tensor | None = None,
         cache: KVCache | None = None,
+        before_layer: Callable[[int, Tensor], Tensor] | None = None,
     ) -> Tensor:
         """inputs_embeds: `[B, L, D]`; position_ids: `[B, L]` or `[3, B, L]`; mask: bool
         `[B|1, 1, L, L_total]` or None for plain causal. Returns final-normed hidden `[B, L, D]`
-        (apply `lm_head` only where logits are needed)."""
+        (apply `lm_head` only where logits are needed). before_layer(i, x) -> x runs before layer
+        i (the cross-attention fusion blocks hook in here)."""
         rope = rope_cos_sin(position_ids, self.inv_freq, self.mrope_section if self.rope == "mrope" else None)
         # Plain causal fast path only when the queries are the whole key sequence.
         is_causal = mask is None and (cache is None or cache.length == 0)
@@ -124,6 +128,8 @@ class Decoder(nn.Module):
             raise ValueError("a mask is needed for multi-token forwards on a non-empty cache")
         x = inputs_embeds
         for i, layer in enumerate(self.layers):
+            if before_layer is not None:
+                x = before_layer(i, x)
             x = layer(x, rope, mask, is_causal, cache, i)
         return self.norm(x)
 

@@ -1,22 +1,53 @@
 """Projectors: vision features -> LLM-dimension visual tokens.
 
-`visual_token_count` is THE function that says how many LLM tokens a media item gets. The chat
-template calls it to size placeholder spans and the model calls it to check them, so the two can
-never disagree silently.
+`token_grid` / `visual_token_count` are THE functions that say how many LLM tokens a media item
+gets and how they are laid out. The chat template calls them to size placeholder spans (and to
+lay out M-RoPE positions) and the model calls them to check the spans, so the two can never
+disagree silently.
+
+Kinds (`model/projector=...`):
+
+| kind            | tokens per item     | what it does                                                            |
+| --------------- | ------------------- | ----------------------------------------------------------------------- |
+| `linear`        | t·(h/m)·(w/m)       | [m×m concat → LayerNorm if m > 1] → Linear                              |
+| `mlp`           | t·(h/m)·(w/m)       | [m×m concat → LayerNorm if m > 1] → Linear → GELU → Linear (LLaVA-1.5)  |
+| `merge`         | t·(h/m)·(w/m)       | LayerNorm per patch → m×m concat → MLP of width m²·D (Qwen2-VL merger)  |
+| `pixel_shuffle` | t·(h/m)·(w/m)       | m×m space-to-depth → one Linear without bias (Idefics3 / nanoVLM)       |
+| `qformer`       | `queries`, any grid | N learned queries: self-attention + cross-attention to the item's      |
+|                 |                     | features, a few blocks (BLIP-2 Q-Former / resampler), → Linear          |
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
+KINDS = ("linear", "mlp", "merge", "pixel_shuffle", "qformer")
+SPATIAL_KINDS = ("linear", "mlp", "merge", "pixel_shuffle")
 
-def visual_token_count(grid_thw, merge_size: int = 1) -> int:
-    """LLM tokens for one media item with grid (t, h, w) in patches after an m×m spatial merge."""
+
+def token_grid(grid_thw, merge_size: int = 1, queries: int | None = None, fusion: str = "interleave") -> tuple[int, int, int]:
+    """The LLM-side token grid `(t, h, w)` of one media item with patch grid `grid_thw`.
+
+    Spatial projectors: `(t, h/m, w/m)`. `queries=N` (qformer): `(1, 1, N)` whatever the grid.
+    `fusion="cross_attn"`: `(1, 1, 1)`, one marker token in the text (the visual tokens are read
+    by cross-attention instead). M-RoPE lays the span's positions out on this grid.
+    """
     t, h, w = (int(v) for v in grid_thw)
+    if fusion == "cross_attn":
+        return (1, 1, 1)
+    if queries:
+        return (1, 1, int(queries))
     if h % merge_size or w % merge_size:
         raise ValueError(f"grid {h}x{w} is not divisible by merge_size {merge_size}")
-    return t * (h // merge_size) * (w // merge_size)
+    return (t, h // merge_size, w // merge_size)
+
+
+def visual_token_count(grid_thw, merge_size: int = 1, queries: int | None = None, fusion: str = "interleave") -> int:
+    """LLM tokens for one media item with grid (t, h, w) in patches (see `token_grid`)."""
+    t, h, w = token_grid(grid_thw, merge_size, queries, fusion)
+    return t * h * w
 
 
 def spatial_merge(features: Tensor, grid_thw: Tensor, m: int) -> Tensor:
@@ -36,30 +67,128 @@ def spatial_merge(features: Tensor, grid_thw: Tensor, m: int) -> Tensor:
     return out[0] if len(out) == 1 else torch.cat(out, 0)
 
 
-class Projector(nn.Module):
-    """`kind="linear"`: one Linear. `kind="mlp"`: Linear -> GELU -> Linear (LLaVA-1.5).
+class QFormerBlock(nn.Module):
+    """Pre-norm: queries self-attend, cross-attend to the media features, then an MLP."""
 
-    With `merge_size=m > 1`, each m×m patch block is concatenated first (token count / m²),
-    then LayerNorm'd (Qwen2-VL's merger) before the projection.
+    def __init__(self, dim: int, n_heads: int, mlp_ratio: float = 4.0):
+        super().__init__()
+        self.n_heads = n_heads
+        self.norm_q = nn.LayerNorm(dim)
+        self.self_attn = nn.MultiheadAttention(dim, n_heads, batch_first=True)
+        self.norm_x = nn.LayerNorm(dim)
+        self.norm_kv = nn.LayerNorm(dim)
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)
+        self.o = nn.Linear(dim, dim)
+        self.norm_mlp = nn.LayerNorm(dim)
+        hidden = int(dim * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+
+    def forward(self, q: Tensor, feats: Tensor) -> Tensor:
+        """q: `[G, N, D]` queries; feats: `[G, n, D]` features of G items with n patches each."""
+        h = self.norm_q(q)
+        q = q + self.self_attn(h, h, h, need_weights=False)[0]
+        G, N, D = q.shape
+        H = self.n_heads
+        qq = self.q(self.norm_x(q)).view(G, N, H, D // H).transpose(1, 2)
+        k, v = self.kv(self.norm_kv(feats)).view(G, -1, 2, H, D // H).permute(2, 0, 3, 1, 4)
+        x = F.scaled_dot_product_attention(qq, k, v).transpose(1, 2).reshape(G, N, D)
+        q = q + self.o(x)
+        return q + self.mlp(self.norm_mlp(q))
+
+
+class QFormer(nn.Module):
+    """`queries` learned query vectors read each media item through `blocks` blocks; the item
+    becomes exactly `queries` tokens whatever its grid. Items are grouped by patch count and each
+    group runs as one dense batch (no padding, no cross-item attention), like the vision encoder."""
+
+    def __init__(self, in_dim: int, out_dim: int, queries: int = 32, blocks: int = 2, n_heads: int = 4, dim: int | None = None):
+        super().__init__()
+        dim = dim or in_dim
+        if dim % n_heads:
+            raise ValueError(f"projector.dim {dim} is not divisible by projector.n_heads {n_heads}")
+        self.queries = nn.Parameter(torch.randn(queries, dim) * 0.02)
+        self.inp = nn.Linear(in_dim, dim) if dim != in_dim else nn.Identity()
+        self.blocks = nn.ModuleList(QFormerBlock(dim, n_heads) for _ in range(blocks))
+        self.norm = nn.LayerNorm(dim)
+        self.out = nn.Linear(dim, out_dim)
+
+    def forward(self, features: Tensor, grid_thw: Tensor) -> Tensor:
+        """features `[N, D_vis]` packed per item -> `[M·queries, D_llm]`, item order."""
+        x = self.inp(features)
+        sizes = [t * h * w for t, h, w in grid_thw.tolist()]
+        offsets = torch.tensor([0] + sizes[:-1]).cumsum(0).tolist()
+        groups: dict[int, list[int]] = {}
+        for i, n in enumerate(sizes):
+            groups.setdefault(n, []).append(i)
+        M, N = len(sizes), self.queries.shape[0]
+        out = x.new_empty(M, N, self.out.out_features)
+        for n, items in groups.items():
+            idx = torch.cat([torch.arange(offsets[i], offsets[i] + n) for i in items]).to(x.device)
+            feats = x[idx].view(len(items), n, -1)
+            q = self.queries.to(x.dtype).expand(len(items), -1, -1)
+            for block in self.blocks:
+                q = block(q, feats)
+            out[torch.tensor(items, device=x.device)] = self.out(self.norm(q)).to(out.dtype)
+        return out.reshape(M * N, -1)
+
+
+class Projector(nn.Module):
+    """Vision features `[N, D_vis]` (packed per item) -> visual tokens `[Σ tokens(item), D_llm]`.
+
+    kind: one of `KINDS` (table in the module docstring). merge_size: m for the spatial kinds;
+    `qformer` reads the unmerged patches (its m only rounds the processor's grids to multiples of m). hidden: the MLP width (`mlp`: out_dim;
+    `merge`: m²·in_dim by default). queries / blocks / n_heads / dim: the `qformer`'s.
     """
 
-    def __init__(self, in_dim: int, out_dim: int, kind: str = "mlp", merge_size: int = 1, hidden: int | None = None):
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int,
+        kind: str = "mlp",
+        merge_size: int = 1,
+        hidden: int | None = None,
+        queries: int | None = None,
+        blocks: int = 2,
+        n_heads: int = 4,
+        dim: int | None = None,
+    ):
         super().__init__()
-        if kind not in ("linear", "mlp"):
-            raise ValueError(f"projector.kind must be 'linear' or 'mlp', got {kind!r}")
-        self.kind, self.merge_size = kind, merge_size
-        d = in_dim * merge_size * merge_size
-        self.norm = nn.LayerNorm(d) if merge_size > 1 else nn.Identity()
-        if kind == "linear":
-            self.proj = nn.Linear(d, out_dim)
-        else:
-            hidden = hidden or out_dim
+        if kind not in KINDS:
+            raise ValueError(f"projector.kind must be one of {KINDS}, got {kind!r}")
+        if (kind == "qformer") != bool(queries):
+            raise ValueError(f"projector.queries is for kind=qformer only (kind={kind!r}, queries={queries!r})")
+        self.kind, self.merge_size = kind, int(merge_size)
+        self.queries = int(queries) if queries else None
+        m2 = self.merge_size**2
+        d = in_dim * m2
+        self.norm: nn.Module = nn.Identity()
+        if kind in ("linear", "mlp"):
+            self.norm = nn.LayerNorm(d) if merge_size > 1 else nn.Identity()
+            if kind == "linear":
+                self.proj = nn.Linear(d, out_dim)
+            else:
+                hidden = hidden or out_dim
+                self.proj = nn.Sequential(nn.Linear(d, hidden), nn.GELU(), nn.Linear(hidden, out_dim))
+        elif kind == "merge":
+            self.norm = nn.LayerNorm(in_dim)  # per patch, before the concat (Qwen2-VL's ln_q)
+            hidden = hidden or d
             self.proj = nn.Sequential(nn.Linear(d, hidden), nn.GELU(), nn.Linear(hidden, out_dim))
+        elif kind == "pixel_shuffle":
+            self.proj = nn.Linear(d, out_dim, bias=False)
+        else:
+            self.proj = QFormer(in_dim, out_dim, self.queries, blocks, n_heads, dim)
+
+    def token_grid(self, grid_thw) -> tuple[int, int, int]:
+        return token_grid(grid_thw, self.merge_size, self.queries)
 
     def token_count(self, grid_thw) -> int:
-        return visual_token_count(grid_thw, self.merge_size)
+        return visual_token_count(grid_thw, self.merge_size, self.queries)
 
     def forward(self, features: Tensor, grid_thw: Tensor) -> Tensor:
         """features: `[N, D_vis]` packed per item -> `[Σ token_count(item), D_llm]`."""
+        if self.kind == "qformer":
+            return self.proj(features, grid_thw)
+        if self.kind == "merge":
+            return self.proj(spatial_merge(self.norm(features), grid_thw, self.merge_size))
         return self.proj(self.norm(spatial_merge(features, grid_thw, self.merge_size)))
-

@@ -139,7 +139,9 @@ class VisionEncoder(nn.Module):
     positions in every attention layer (`rope_theta`), per token, grouped like the tokens.
     `temporal_patch` T: frames per temporal patch (patch vectors are `C·T·P·P`). `feature_layer`
     picks which block's output feeds the projector (-1 = last, -2 = penultimate as in LLaVA); the
-    final LayerNorm is applied to it.
+    final LayerNorm is applied to it. `feature_layers` (a list, overrides `feature_layer`) takes
+    several blocks' outputs, each final-normed, and `feature_combine`s them: `concat` along the
+    feature dimension (`out_dim = k·dim`, as multi-layer LLaVA variants / Cambrian) or `mean`.
     """
 
     def __init__(
@@ -157,17 +159,27 @@ class VisionEncoder(nn.Module):
         temporal_patch: int = 1,
         pos: str = "learned",
         rope_theta: float = 10000.0,
+        feature_layers: list[int] | None = None,
+        feature_combine: str = "concat",
     ):
         super().__init__()
-        if not -n_layers <= feature_layer < n_layers:
-            raise ValueError(f"encoder.feature_layer {feature_layer} out of range for {n_layers} layers")
+        layers = [feature_layer] if feature_layers is None else list(feature_layers)
+        if not layers:
+            raise ValueError("encoder.feature_layers is empty")
+        for i in layers:
+            if not -n_layers <= int(i) < n_layers:
+                raise ValueError(f"encoder.feature_layer {i} out of range for {n_layers} layers")
+        if feature_combine not in ("concat", "mean"):
+            raise ValueError(f"encoder.feature_combine must be 'concat' or 'mean', got {feature_combine!r}")
         if pos not in POSITIONS:
             raise ValueError(f"encoder.pos must be one of {POSITIONS}, got {pos!r}")
         if dim % n_heads:
             raise ValueError(f"encoder.dim {dim} is not divisible by n_heads {n_heads}")
         self.patch_size, self.dim, self.channels = patch_size, dim, channels
         self.temporal_patch, self.pos = int(temporal_patch), pos
-        self.feature_layer = feature_layer % n_layers
+        self.feature_layers = sorted({int(i) % n_layers for i in layers})
+        self.feature_layer = self.feature_layers[-1]
+        self.feature_combine = feature_combine
         self.patch_embed = PatchEmbed(patch_size, dim, channels, patch_embed, conv_channels, self.temporal_patch)
         if pos == "learned":
             self.pos_embed = nn.Parameter(torch.randn(pos_grid, pos_grid, dim) * 0.02)
@@ -178,7 +190,8 @@ class VisionEncoder(nn.Module):
         # Only the blocks up to the feature layer are ever used; don't build dead ones.
         self.blocks = nn.ModuleList(ViTBlock(dim, n_heads, mlp_ratio) for _ in range(self.feature_layer + 1))
         self.norm = nn.LayerNorm(dim)
-        self.out_dim = dim
+        k = len(self.feature_layers)
+        self.out_dim = dim * k if feature_combine == "concat" else dim
 
     @property
     def patch_dim(self) -> int:
@@ -225,16 +238,22 @@ class VisionEncoder(nn.Module):
         if len(groups) == 1:
             n, G = sizes[0], len(sizes)
             r = None if rope is None else (rope[0].view(G, n, -1), rope[1].view(G, n, -1))
-            return self._encode(x.view(G, n, -1), r).reshape(-1, self.dim)
-        out = torch.empty(x.shape[0], self.dim, dtype=x.dtype, device=x.device)
+            return self._encode(x.view(G, n, -1), r).reshape(-1, self.out_dim)
+        out = torch.empty(x.shape[0], self.out_dim, dtype=x.dtype, device=x.device)
         for n, items in groups.items():
             G = len(items)
             idx = torch.cat([torch.arange(offsets[i], offsets[i] + n) for i in items]).to(x.device)
             r = None if rope is None else (rope[0][idx].view(G, n, -1), rope[1][idx].view(G, n, -1))
-            out[idx] = self._encode(x[idx].view(G, n, -1), r).reshape(-1, self.dim).to(out.dtype)
+            out[idx] = self._encode(x[idx].view(G, n, -1), r).reshape(-1, self.out_dim).to(out.dtype)
         return out
 
     def _encode(self, x: Tensor, rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
-        for block in self.blocks:
+        """`[G, n, D]` -> `[G, n, out_dim]`: the selected blocks' outputs, final-normed, combined."""
+        feats = []
+        for i, block in enumerate(self.blocks):
             x = block(x, rope)
-        return self.norm(x)
+            if i in self.feature_layers:
+                feats.append(self.norm(x))
+        if len(feats) == 1:
+            return feats[0]
+        return torch.cat(feats, -1) if self.feature_combine == "concat" else torch.stack(feats).mean(0)

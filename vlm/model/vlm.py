@@ -3,6 +3,10 @@
 `fusion="interleave"`: the text sequence holds one placeholder token per visual token (the template
 sizes each span with `visual_token_count`); the projected visual tokens replace the placeholder
 embeddings in order. The count is checked per sample and a mismatch names the sample.
+
+`fusion="cross_attn"`: the text holds one marker token per media item; the visual tokens are read
+by tanh-gated cross-attention blocks before every `cross_attn.every`-th decoder layer
+(`vlm.model.cross_attention`). The same per-sample check applies (one marker per item).
 """
 
 from __future__ import annotations
@@ -13,9 +17,12 @@ import torch
 from torch import Tensor, nn
 
 from vlm.model.attention import KVCache, causal_mask
+from vlm.model.cross_attention import CrossAttentionFusion, pad_media
 from vlm.model.decoder import Decoder
-from vlm.model.projector import Projector
+from vlm.model.projector import Projector, token_grid
 from vlm.model.vision import VisionEncoder
+
+FUSIONS = ("interleave", "cross_attn")
 
 
 class VisualTokenMismatch(ValueError):
@@ -36,16 +43,31 @@ class VLM(nn.Module):
         decoder: Decoder,
         media_token_ids: Sequence[int],
         image_attention: str = "causal",
+        fusion: str = "interleave",
+        cross_attn: dict | None = None,
     ):
         super().__init__()
         if image_attention not in ("causal", "bidirectional"):
             raise ValueError(f"image_attention must be 'causal' or 'bidirectional', got {image_attention!r}")
+        if fusion not in FUSIONS:
+            raise ValueError(f"model.fusion must be one of {FUSIONS}, got {fusion!r}")
         self.encoder, self.projector, self.decoder = encoder, projector, decoder
         self.register_buffer("media_token_ids", torch.tensor(list(media_token_ids)), persistent=False)
-        self.image_attention = image_attention
+        self.image_attention, self.fusion = image_attention, fusion
+        self.cross_attn: CrossAttentionFusion | None = None
+        if fusion == "cross_attn":
+            d = decoder
+            self.cross_attn = CrossAttentionFusion(
+                d.dim, d.n_heads, d.n_kv_heads, d.layers[0].mlp.down_proj.in_features, d.n_layers, **dict(cross_attn or {})
+            )
+
+    def token_grid(self, grid_thw) -> tuple[int, int, int]:
+        """The LLM-side token grid of one media item: what the template lays out in the text."""
+        return token_grid(grid_thw, self.projector.merge_size, self.projector.queries, self.fusion)
 
     def token_count(self, grid_thw) -> int:
-        return self.projector.token_count(grid_thw)
+        t, h, w = self.token_grid(grid_thw)
+        return t * h * w
 
     def encode_media(self, pixel_patches: Tensor, grid_thw: Tensor) -> Tensor:
         """`[N, C·P·P]` patches of M items -> `[Σ token_count, D_llm]` visual tokens, item order."""
@@ -62,7 +84,12 @@ class VLM(nn.Module):
         media_per_sample: Tensor | None = None,
         keys: Sequence[str] | None = None,
     ) -> Tensor:
-        """Token embeddings `[B, L, D]` with visual tokens written into the placeholder slots."""
+        """Token embeddings `[B, L, D]` with visual tokens written into the placeholder slots
+        (`fusion=interleave`; with `cross_attn` the markers keep their own embedding)."""
+        return self._embed(input_ids, pixel_patches, grid_thw, media_per_sample, keys)[0]
+
+    def _embed(self, input_ids, pixel_patches=None, grid_thw=None, media_per_sample=None, keys=None):
+        """-> (embeds `[B, L, D]`, visual tokens `[Σ, D]` or None, per-item projector token counts)."""
         embeds = self.decoder.embed_tokens(input_ids)
         is_media = self.is_media(input_ids)
         n_slots = is_media.sum(-1)  # [B]
@@ -71,12 +98,14 @@ class VLM(nn.Module):
             if n_slots.any():
                 b = int(n_slots.nonzero()[0, 0])
                 raise VisualTokenMismatch(f"sample {_name(keys, b)}: {int(n_slots[b])} media placeholders but no media")
-            return embeds
-        counts = [self.token_count(g) for g in grid_thw.tolist()]
-        self._check_counts(n_slots, counts, media_per_sample, keys)
+            return embeds, None, []
+        grids = grid_thw.tolist()
+        self._check_counts(n_slots, [self.token_count(g) for g in grids], media_per_sample, keys)
         visual = self.encode_media(pixel_patches, grid_thw)
+        if self.fusion == "cross_attn":
+            return embeds, visual, [self.projector.token_count(g) for g in grids]
         # Row-major placeholder order == sample order of media == order of `visual`.
-        return embeds.masked_scatter(is_media[..., None], visual.to(embeds.dtype))
+        return embeds.masked_scatter(is_media[..., None], visual.to(embeds.dtype)), visual, []
 
     @staticmethod
     def _check_counts(n_slots: Tensor, counts: list[int], media_per_sample, keys) -> None:
@@ -132,12 +161,27 @@ class VLM(nn.Module):
         media_per_sample: Tensor | None = None,
         keys: Sequence[str] | None = None,
         cache: KVCache | None = None,
+        inputs_embeds: Tensor | None = None,
     ) -> Tensor:
         """input_ids: `[B, L]`; position_ids: `[B, L]` or `[3, B, L]`; returns hidden `[B, L, D]`.
-        Use `self.logits(hidden)` on the positions that need them."""
-        embeds = self.embed(input_ids, pixel_patches, grid_thw, media_per_sample, keys)
+        Use `self.logits(hidden)` on the positions that need them. inputs_embeds: precomputed
+        embeddings (e.g. after visual-token pruning, `vlm.prune`), used instead of embedding."""
+        if inputs_embeds is not None:
+            embeds, visual, counts = inputs_embeds, None, []
+        else:
+            embeds, visual, counts = self._embed(input_ids, pixel_patches, grid_thw, media_per_sample, keys)
         mask = self.attention_mask(input_ids, attention_mask, cache)
-        return self.decoder(embeds, position_ids, mask, cache)
+        before = None
+        if self.cross_attn is not None:
+            media = item = None
+            if visual is not None:
+                mps = media_per_sample.tolist() if media_per_sample is not None else [len(counts)]
+                media, item = pad_media(visual.to(embeds.dtype), counts, mps)
+            st = self.cross_attn.state(self.is_media(input_ids), media, item, cache)
+            if st is not None:
+                def before(i: int, x: Tensor, st=st) -> Tensor:
+                    return self.cross_attn.apply(i, x, st)
+        return self.decoder(embeds, position_ids, mask, cache, before)
 
     def logits(self, hidden: Tensor) -> Tensor:
         return self.decoder.lm_head(hidden)
