@@ -63,6 +63,7 @@ def build_model(model_cfg: dict, tokenizer: TextTokenizer) -> VLM:
         image_attention=model_cfg.get("image_attention", "causal"),
         fusion=fusion,
         cross_attn=dict(model_cfg.get("cross_attn") or {}) if fusion == "cross_attn" else None,
+        packed_attention=model_cfg.get("packed_attention") or "sdpa",
     )
 
 

@@ -208,5 +208,8 @@ class Throughput(L.Callback):
                "train/text_tok_s": tot["text_tokens"] / T, "train/tflops": tflops,
                "train/mfu": tflops / self.peak_tflops if self.peak_tflops else float("nan"),
                "train/step_s": dt}
+        cap = sum(s.get("capacity", 0.0) for _, s in self._recent)
+        if cap:  # share of the batch tensors that is padding (sequence packing drives it down)
+            row["train/padding"] = 1.0 - (tot["image_tokens"] + tot["text_tokens"]) / cap
         self.history.append({"step": trainer.global_step, **row, "model_flops": self.flops(st)["total"]})
         pl_module.log_dict(row, on_step=True, on_epoch=False)

@@ -24,6 +24,9 @@ class VLMDataModule(L.LightningDataModule):
         `video` included; `self.video_processor` is its video half).
     template: ChatTemplate config (max_length, rope, merge_size…).
     synthetic: when set, synthvqa is generated under `synthetic.root` on first use.
+    packing: pack training samples into rows of `pack_length` tokens (null = the template's
+        `max_length`) with `pack_method` (best_fit | greedy) over windows of `pack_window` samples
+        (`vlm.data.packing`); `batch_size` then counts rows.
     """
 
     def __init__(
@@ -44,6 +47,10 @@ class VLMDataModule(L.LightningDataModule):
         pin_memory: bool = False,
         synthetic: dict | None = None,
         qtypes: list[str] | None = None,
+        packing: bool = False,
+        pack_length: int | None = None,
+        pack_method: str = "best_fit",
+        pack_window: int = 256,
     ):
         super().__init__()
         self.cfg = dict(
@@ -53,6 +60,13 @@ class VLMDataModule(L.LightningDataModule):
             max_image_pixels=max_image_pixels, pin_memory=pin_memory,
         )
         self.processor_cfg, self.template_cfg = dict(processor), dict(template)
+        self.packing = None
+        if packing:
+            length = int(pack_length or self.template_cfg.get("max_length", 512))
+            if length < int(self.template_cfg.get("max_length", 0)):
+                raise ValueError(f"data.pack_length={length} is shorter than data.template.max_length="
+                                 f"{self.template_cfg['max_length']}: the longest samples would not fit a row")
+            self.packing = {"length": length, "method": pack_method, "window": int(pack_window)}
         self.synthetic = dict(synthetic) if synthetic else None
         self.qtypes = list(qtypes) if qtypes else None  # question types scored separately in validation
         self.tokenizer: TextTokenizer | None = None
@@ -85,7 +99,7 @@ class VLMDataModule(L.LightningDataModule):
         c = self.cfg
         proc = SampleProcessor(self.image_processor, self.template, mode="train" if train else "eval", max_pixels=c["max_image_pixels"])
         ds = ShardDataset(shards, proc, train=train, shuffle_buffer=c["shuffle_buffer"], seed=c["seed"],
-                          max_consecutive_failures=c["max_consecutive_failures"])
+                          max_consecutive_failures=c["max_consecutive_failures"], packing=self.packing if train else None)
         workers = c["num_workers"] if train else min(c["val_num_workers"], len(ds.urls))
         return DataLoader(
             ds,

@@ -56,7 +56,7 @@ log = logging.getLogger("vlm.module")
 NONFINITE_MODES = ("skip", "halt")
 # per micro-batch counts summed over the optimizer step and all ranks (one all-reduce)
 STAT_KEYS = ("label_tokens", "loss_sum", "nonfinite_loss", "samples", "text_tokens", "image_tokens",
-             "seq_sq", "patches", "patch_sq", "media")
+             "seq_sq", "patches", "patch_sq", "media", "capacity")
 
 
 class NonFiniteError(RuntimeError):
@@ -136,6 +136,7 @@ class VLMModule(L.LightningModule):
         return self.model(
             batch["input_ids"], batch["position_ids"], batch.get("attention_mask"),
             batch.get("pixel_patches"), batch.get("grid_thw"), batch.get("media_per_sample"), batch.get("keys"),
+            seq_ids=batch.get("seq_ids"),
         )
 
     def loss_sum(self, batch: dict) -> tuple[torch.Tensor, int]:
@@ -168,7 +169,12 @@ class VLMModule(L.LightningModule):
         lengths = am.sum(-1).double()
         n_img = self.model.is_media(batch["input_ids"]).sum().double()
         st = {"samples": torch.tensor(float(am.shape[0])), "text_tokens": lengths.sum() - n_img, "image_tokens": n_img,
-              "seq_sq": (lengths * (lengths + 1)).sum()}
+              "seq_sq": (lengths * (lengths + 1)).sum(), "capacity": torch.tensor(float(am.numel()))}
+        seq_ids = batch.get("seq_ids")
+        if seq_ids is not None:  # packed rows: attention is per sample, samples are the packed ones
+            k = torch.arange(1, int(seq_ids.max()) + 1, device=seq_ids.device)
+            per = (seq_ids[None] == k[:, None, None]).sum(-1).double()  # [K, B] sample lengths
+            st.update(samples=batch["samples_per_row"].sum().double(), seq_sq=(per * (per + 1)).sum())
         grid = batch.get("grid_thw")
         if grid is not None and grid.numel():
             n = grid.prod(-1).double()

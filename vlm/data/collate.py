@@ -4,6 +4,8 @@ Batch contract (DESIGN.md): `input_ids [B, L]`, `labels [B, L]` (-100 = no loss)
 `attention_mask [B, L]` (1 = real token), `position_ids [B, L]` or `[3, B, L]`,
 `pixel_patches [Σn, C·P·P]`, `grid_thw [M, 3]` and `media_per_sample [B]`, media in sample order.
 Training pads on the right; generation pads on the left so every row ends at its prompt's end.
+Packed rows (`vlm.data.packing`) add `seq_ids [B, L]` (k = the row's k-th sample, 0 = padding)
+and `samples_per_row [B]`; `media_per_sample` then counts the media of each row.
 """
 
 from __future__ import annotations
@@ -44,6 +46,15 @@ def collate(samples: list[ProcessedSample], pad_id: int, padding_side: str = "ri
         "keys": [s.key for s in samples],
         "skipped": Counter(),
     }
+    if samples[0].seq_lens is not None:
+        seq_ids = torch.zeros(B, L, dtype=torch.long)
+        for b, s in enumerate(samples):
+            start = L - s.input_ids.numel() if padding_side == "left" else 0
+            for j, n in enumerate(s.seq_lens):
+                seq_ids[b, start : start + n] = j + 1
+                start += n
+        batch["seq_ids"] = seq_ids
+        batch["samples_per_row"] = torch.tensor([len(s.seq_lens) for s in samples], dtype=torch.long)
     for s in samples:
         batch["skipped"].update(s.skipped or {})
     if samples[0].prompt is not None:

@@ -134,6 +134,7 @@ class ProcessedSample:
     answer: str | None = None  # eval mode: the reference answer
     prompt: str | None = None  # eval mode: the question text
     skipped: dict | None = None  # bad samples (reason -> count) skipped just before this one
+    seq_lens: list[int] | None = None  # a packed row (vlm.data.packing): its samples' lengths, in order
 
 
 def first_turn(messages: list[dict]) -> tuple[list[dict], str | None]:

@@ -13,6 +13,9 @@
   into one resume point per stream for the checkpoint. Resuming with a different world size,
   number of workers, shards or seed cannot continue the old streams: they are then reseeded
   from the resume step (no data repeats, but not bit-identical to an uninterrupted run).
+- Sequence packing (`packing`, training only): each worker packs every `window` good samples into
+  rows (`vlm.data.packing`); a row's resume point is its window's first sample plus the number of
+  the window's rows already emitted, so a resumed worker re-reads one window and drops those rows.
 - Evaluation reads each shard once, split explicitly by node (rank) then by worker.
 - Shard URLs are untrusted: only local files are opened (webdataset's `pipe:` URLs would run a
   shell command, so they are refused).
@@ -89,7 +92,7 @@ class _TarErrors:
 # ---- exact resume: handing a checkpoint's stream positions to the next training dataset ---------
 _PENDING_RESUME: dict | None = None
 RING = 4096        # positions remembered per worker: more than a worker runs ahead (batch x (prefetch + 2))
-MAX_WORKERS = 16   # training DataLoader workers per rank (the ring is 16 x 4096 x 5 int64 = 2.6 MB of shared memory)
+MAX_WORKERS = 16   # training DataLoader workers per rank (the ring is 16 x 4096 x 6 int64 = 3.1 MB of shared memory)
 
 
 def set_resume_state(state: dict | None, step: int) -> None:
@@ -121,6 +124,7 @@ class ShardDataset(IterableDataset):
         max_consecutive_failures: int = 50,
         warn_limit: int = 20,
         block_samples: int | None = None,
+        packing: dict | None = None,
     ):
         self.urls = expand_urls(urls)
         self.processor, self.train = processor, train
@@ -130,34 +134,46 @@ class ShardDataset(IterableDataset):
         # shuffle buffers long, since each block's buffer starts empty.
         self.block_samples = int(block_samples or max(8192, 4 * shuffle_buffer))
         self.rank, self.world = rank_world()
+        self.packing = dict(packing) if packing and train else None
+        if self.packing:
+            from vlm.data.packing import METHODS
+
+            if self.packing.get("method", "best_fit") not in METHODS:
+                raise ValueError(f"data.pack_method must be one of {METHODS}, got {self.packing.get('method')!r}")
+            if int(self.packing.get("window", 1)) < 1 or int(self.packing.get("length", 0)) < 1:
+                raise ValueError(f"data.pack_length and data.pack_window must be >= 1, got {self.packing}")
         self.positions: torch.Tensor | None = None
         self.resume: dict | None = None
         if train:
-            # per worker, per yielded sample k: (k, block, index in block, block's shard, offset); shared with workers
-            self.positions = torch.full((MAX_WORKERS, RING, 5), -1, dtype=torch.long).share_memory_()
+            # per worker, per yielded sample (or packed row) k: (k, block, index in block, block's
+            # shard, offset, packed rows of the window already emitted); shared with workers
+            self.positions = torch.full((MAX_WORKERS, RING, 6), -1, dtype=torch.long).share_memory_()
             self.resume = _take_resume_state()
 
     def fingerprint(self) -> str:
         """What a resume point is valid for: same shards, seed and block size."""
-        h = hashlib.sha1("\n".join([str(self.seed), str(self.block_samples), *self.urls]).encode())
+        pk = "" if not self.packing else f"pack-{self.packing.get('length')}-{self.packing.get('method', 'best_fit')}-{self.packing.get('window')}"
+        h = hashlib.sha1("\n".join([str(self.seed), str(self.block_samples), pk, *self.urls]).encode())
         return h.hexdigest()[:16]
 
     def _start(self, worker: int, n_workers: int) -> tuple[int, list[int], str]:
-        """(stream, [block, index, shard, offset], tag) where this worker's training stream starts.
+        """(stream, [block, index, shard, offset, rows], tag) where this worker's training stream
+        starts (`rows`: packed rows of the first window already consumed).
 
         A resumed DataLoader hands its first batch to worker 0 again, while the interrupted one
         would have asked worker `batches mod W` next; so worker w continues stream
         `(w + offset) mod W`, which keeps the batch order identical."""
         if self.resume is None:
-            return worker, [0, 0, 0, 0], ""
+            return worker, [0, 0, 0, 0, 0], ""
         st, step = self.resume["state"], self.resume["step"]
         if st is not None and st.get("num_workers") == n_workers and st.get("fingerprint") == self.fingerprint():
             stream = (worker + int(st.get("offset", 0))) % n_workers
-            return stream, [int(v) for v in st["points"][stream]], st.get("tag", "")
+            point = [int(v) for v in st["points"][stream]]
+            return stream, (point + [0])[:5], st.get("tag", "")
         if worker == 0:
             log.warning("training streams reseeded from step %d (the checkpoint's data layout differs: "
-                        "world size, num_workers, shards or seed)", step)
-        return worker, [0, 0, 0, 0], f"r{step}"
+                        "world size, num_workers, shards, seed or packing)", step)
+        return worker, [0, 0, 0, 0, 0], f"r{step}"
 
     def _shards(self, rank: int, world: int, worker: int, n_workers: int) -> Iterator[str]:
         yield from self.urls[rank::world][worker::n_workers]
@@ -176,10 +192,10 @@ class ShardDataset(IterableDataset):
                         yield shard, o, item
             shard, offset = shard + 1, 0
 
-    def _train_stream(self, worker: int, n_workers: int, errors: _TarErrors) -> Iterator[tuple[list[int], dict]]:
-        """([block, index, shard, offset of the block start], raw sample) forever. Samples before
-        the resume point are read, not decoded."""
-        stream, (block, skip, shard, offset), tag = self._start(worker, n_workers)
+    def _train_stream(self, start: tuple, errors: _TarErrors) -> Iterator[tuple[list[int], dict]]:
+        """([block, index, shard, offset of the block start], raw sample) forever, from `start`
+        (`_start`'s answer). Samples before the resume point are read, not decoded."""
+        stream, (block, skip, shard, offset, _), tag = start
         raw = self._cursor(stream, tag, shard, offset, errors)
         while True:
             first = next(raw)
@@ -216,19 +232,31 @@ class ShardDataset(IterableDataset):
         info = get_worker_info()
         worker, n_workers = (info.id, info.num_workers) if info else (0, 1)
         errors = _TarErrors()
+        skip_rows = 0
         if self.train:
             if worker >= MAX_WORKERS:
                 raise ValueError(f"at most {MAX_WORKERS} DataLoader workers per rank are supported for training")
-            stream = self._train_stream(worker, n_workers, errors)
+            start = self._start(worker, n_workers)
+            skip_rows = start[1][4]
+            stream = self._train_stream(start, errors)
             ring = self.positions[worker]
         else:
             rank, world = rank_world()
             stream = ((None, item) for item in self._raw(self._shards(rank, world, worker, n_workers), errors))
             ring = None
+        good = self._processed(stream, errors)
+        if self.packing:
+            good = self._packed(good, skip_rows)
+        for k, (pos, sample) in enumerate(good):
+            if ring is not None:
+                ring[k % RING] = torch.tensor([k, *pos])
+            yield sample
+
+    def _processed(self, stream, errors: _TarErrors) -> Iterator[tuple[list[int] | None, object]]:
+        """(position + [0], processed sample) of the good samples; bad ones skipped and counted."""
         skipped: Counter = Counter()
         consecutive = 0
         warned = 0
-        k = 0
         for pos, item in stream:
             try:
                 sample = self.processor(item)
@@ -249,10 +277,26 @@ class ShardDataset(IterableDataset):
             errors.counts.clear()
             sample.skipped = skipped  # travels to the main process with the batch
             skipped = Counter()
-            if ring is not None:
-                ring[k % RING] = torch.tensor([k, *pos])
-                k += 1
-            yield sample
+            yield (None if pos is None else [*pos, 0]), sample
+
+    def _packed(self, good, skip_rows: int) -> Iterator[tuple[list[int], object]]:
+        """Pack every `window` good samples into rows; a row's position is its window's first
+        sample's, with the index moved back by one (the tracker resumes *after* a position) and
+        the number of the window's rows emitted so far including this one."""
+        from vlm.data.packing import pack
+
+        length, method = int(self.packing["length"]), self.packing.get("method", "best_fit")
+        window = int(self.packing.get("window", 64))
+        while True:
+            chunk = list(islice(good, window))
+            if not chunk:
+                return
+            b, j, shard, offset, _ = chunk[0][0]
+            rows = pack([s for _, s in chunk], length, method)
+            for i, row in enumerate(rows):
+                if i >= skip_rows:
+                    yield [b, j - 1, shard, offset, i + 1], row
+            skip_rows = 0
 
 
 class StreamTracker:
@@ -285,7 +329,7 @@ class StreamTracker:
         n_workers = max(1, loader.num_workers)
         mine = self.loader_id == id(loader)
         consumed = self.consumed if mine else [0] * n_workers
-        points: list[list[int]] = [[0, 0, 0, 0]] * n_workers
+        points: list[list[int]] = [[0, 0, 0, 0, 0]] * n_workers
         tag = ""
         for w in range(n_workers):
             stream, point, tag = ds._start(w, n_workers)
@@ -295,7 +339,7 @@ class StreamTracker:
                 if row[0] != k:
                     raise RuntimeError(f"data position of worker {w} sample {k} is no longer known (ring holds sample {row[0]}): "
                                        f"the worker ran more than {RING} samples ahead; lower prefetch_factor or batch size")
-                point = [row[1], row[2] + 1, row[3], row[4]]
+                point = [row[1], row[2] + 1, row[3], row[4], row[5]]
             points[stream] = point
         offset = ds._start(0, n_workers)[0] + (self.batches if mine else 0)
         return {"num_workers": n_workers, "fingerprint": ds.fingerprint(), "tag": tag, "points": points,

@@ -91,11 +91,46 @@ class SelfAttention(nn.Module):
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
             k, v = cache.update(layer_idx, k, v)
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=is_causal and mask is None,
-            enable_gqa=self.n_kv_heads != self.n_heads,
-        )
+        if mask is not None and not isinstance(mask, Tensor):  # a FlexAttention BlockMask (packed rows)
+            out = flex_attention(q, k, v, block_mask=mask, enable_gqa=self.n_kv_heads != self.n_heads)
+        else:
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=is_causal and mask is None,
+                enable_gqa=self.n_kv_heads != self.n_heads,
+            )
         return self.o_proj(out.transpose(1, 2).reshape(B, L, -1))
+
+
+_FLEX = None
+
+
+def flex_attention(q: Tensor, k: Tensor, v: Tensor, block_mask, enable_gqa: bool = False) -> Tensor:
+    """FlexAttention with a block mask: compiled (fused, skips empty blocks) on GPUs; the eager
+    reference implementation elsewhere (correct, for tests and CPU runs)."""
+    global _FLEX
+    if _FLEX is None:
+        from torch.nn.attention.flex_attention import flex_attention as fa
+
+        _FLEX = torch.compile(fa, dynamic=False) if q.is_cuda else fa
+    return _FLEX(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)
+
+
+def packed_block_mask(seq_ids: Tensor, span_ids: Tensor | None = None):
+    """FlexAttention `BlockMask` for packed rows: causal within each sample (`seq_ids [B, L]`,
+    0 = padding, which sees only itself), plus both ways inside a media span when `span_ids` is
+    given — the same pattern as `causal_mask` + the packed restriction, built blockwise."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    B, L = seq_ids.shape
+
+    def mask_mod(b, h, qi, ki):
+        same = seq_ids[b, qi] == seq_ids[b, ki]
+        ok = same & ((ki <= qi) & (seq_ids[b, ki] > 0) | (qi == ki))
+        if span_ids is not None:
+            ok = ok | ((span_ids[b, qi] == span_ids[b, ki]) & (span_ids[b, qi] > 0))
+        return ok
+
+    return create_block_mask(mask_mod, B, None, L, L, device=seq_ids.device)
 
 
 def causal_mask(

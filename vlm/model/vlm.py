@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from vlm.model.attention import KVCache, causal_mask
+from vlm.model.attention import KVCache, causal_mask, packed_block_mask
 from vlm.model.cross_attention import CrossAttentionFusion, pad_media
 from vlm.model.decoder import Decoder
 from vlm.model.projector import Projector, token_grid
@@ -45,6 +45,7 @@ class VLM(nn.Module):
         image_attention: str = "causal",
         fusion: str = "interleave",
         cross_attn: dict | None = None,
+        packed_attention: str = "sdpa",
     ):
         super().__init__()
         if image_attention not in ("causal", "bidirectional"):
@@ -53,7 +54,9 @@ class VLM(nn.Module):
             raise ValueError(f"model.fusion must be one of {FUSIONS}, got {fusion!r}")
         self.encoder, self.projector, self.decoder = encoder, projector, decoder
         self.register_buffer("media_token_ids", torch.tensor(list(media_token_ids)), persistent=False)
-        self.image_attention, self.fusion = image_attention, fusion
+        if packed_attention not in ("sdpa", "flex"):
+            raise ValueError(f"model.packed_attention must be 'sdpa' or 'flex', got {packed_attention!r}")
+        self.image_attention, self.fusion, self.packed_attention = image_attention, fusion, packed_attention
         self.cross_attn: CrossAttentionFusion | None = None
         if fusion == "cross_attn":
             d = decoder
@@ -128,14 +131,26 @@ class VLM(nn.Module):
         if start != len(counts):
             raise VisualTokenMismatch(f"media_per_sample sums to {start} but the batch has {len(counts)} media items")
 
-    def attention_mask(self, input_ids: Tensor, attention_mask: Tensor | None, cache: KVCache | None) -> Tensor | None:
+    def attention_mask(self, input_ids: Tensor, attention_mask: Tensor | None, cache: KVCache | None,
+                       seq_ids: Tensor | None = None) -> Tensor | None:
         """Bool mask for the decoder, or None when plain causal attention is exact.
 
         attention_mask: `[B, past + L]` key validity (1 = real token), HF convention.
+        seq_ids: `[B, L]` packed rows (k = the row's k-th sample, 0 = padding): attention stays
+        inside each sample (block-diagonal causal).
         """
         L = input_ids.shape[1]
         past = cache.length if cache is not None else 0
         bidir = self.image_attention == "bidirectional" and L > 1
+        if seq_ids is not None:
+            if past:
+                raise ValueError("packed rows (seq_ids) are for training forwards, not cached decoding")
+            spans = media_span_ids(self.is_media(input_ids)) if bidir else None
+            if self.packed_attention == "flex":
+                return packed_block_mask(seq_ids, spans)
+            base = causal_mask(L, L, attention_mask, spans, spans, device=input_ids.device)
+            same = (seq_ids[:, :, None] == seq_ids[:, None, :]) | torch.eye(L, dtype=torch.bool, device=input_ids.device)
+            return base & same[:, None]
         padded = attention_mask is not None and not bool(attention_mask.all())
         if padded and past == 0 and not bidir:
             # Right padding needs no mask: real tokens never look at later (pad) positions.
@@ -162,15 +177,17 @@ class VLM(nn.Module):
         keys: Sequence[str] | None = None,
         cache: KVCache | None = None,
         inputs_embeds: Tensor | None = None,
+        seq_ids: Tensor | None = None,
     ) -> Tensor:
         """input_ids: `[B, L]`; position_ids: `[B, L]` or `[3, B, L]`; returns hidden `[B, L, D]`.
         Use `self.logits(hidden)` on the positions that need them. inputs_embeds: precomputed
-        embeddings (e.g. after visual-token pruning, `vlm.prune`), used instead of embedding."""
+        embeddings (e.g. after visual-token pruning, `vlm.prune`), used instead of embedding.
+        seq_ids: `[B, L]` for packed rows (`vlm.data.packing`): block-diagonal attention."""
         if inputs_embeds is not None:
             embeds, visual, counts = inputs_embeds, None, []
         else:
             embeds, visual, counts = self._embed(input_ids, pixel_patches, grid_thw, media_per_sample, keys)
-        mask = self.attention_mask(input_ids, attention_mask, cache)
+        mask = self.attention_mask(input_ids, attention_mask, cache, seq_ids)
         before = None
         if self.cross_attn is not None:
             media = item = None
