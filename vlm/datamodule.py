@@ -24,6 +24,8 @@ class VLMDataModule(L.LightningDataModule):
         `video` included; `self.video_processor` is its video half).
     template: ChatTemplate config (max_length, rope, merge_size…).
     synthetic: when set, synthvqa is generated under `synthetic.root` on first use.
+    sources: a mixture (`data=mix`, `vlm.data.mixture`): `[{name, shards, weight, task, prompts?}]`;
+        replaces `train_shards` for training.
     packing: pack training samples into rows of `pack_length` tokens (null = the template's
         `max_length`) with `pack_method` (best_fit | greedy) over windows of `pack_window` samples
         (`vlm.data.packing`); `batch_size` then counts rows.
@@ -51,6 +53,7 @@ class VLMDataModule(L.LightningDataModule):
         pack_length: int | None = None,
         pack_method: str = "best_fit",
         pack_window: int = 256,
+        sources: list[dict] | None = None,
     ):
         super().__init__()
         self.cfg = dict(
@@ -60,6 +63,7 @@ class VLMDataModule(L.LightningDataModule):
             max_image_pixels=max_image_pixels, pin_memory=pin_memory,
         )
         self.processor_cfg, self.template_cfg = dict(processor), dict(template)
+        self.sources = [dict(x) for x in sources] if sources else None
         self.packing = None
         if packing:
             length = int(pack_length or self.template_cfg.get("max_length", 512))
@@ -92,14 +96,27 @@ class VLMDataModule(L.LightningDataModule):
         self.video_processor = self.image_processor.video
         self.template = build_template(self.template_cfg, self.tokenizer)
         # Fail now, with the path in the message, not minutes later inside the Trainer.
-        expand_urls(self.cfg["train_shards"])
+        if self.sources:
+            for src in self.sources:
+                try:
+                    expand_urls(src.get("shards") or [])
+                except (FileNotFoundError, ValueError) as e:
+                    raise FileNotFoundError(f"data.sources[{src.get('name')}].shards: {e}") from None
+        else:
+            expand_urls(self.cfg["train_shards"])
         expand_urls(self.cfg["val_shards"])
 
     def _loader(self, shards, train: bool) -> DataLoader:
         c = self.cfg
         proc = SampleProcessor(self.image_processor, self.template, mode="train" if train else "eval", max_pixels=c["max_image_pixels"])
-        ds = ShardDataset(shards, proc, train=train, shuffle_buffer=c["shuffle_buffer"], seed=c["seed"],
-                          max_consecutive_failures=c["max_consecutive_failures"], packing=self.packing if train else None)
+        if train and self.sources:
+            from vlm.data.mixture import MixtureDataset
+
+            ds = MixtureDataset(self.sources, proc, seed=c["seed"], shuffle_buffer=c["shuffle_buffer"],
+                                max_consecutive_failures=c["max_consecutive_failures"], packing=self.packing)
+        else:
+            ds = ShardDataset(shards, proc, train=train, shuffle_buffer=c["shuffle_buffer"], seed=c["seed"],
+                              max_consecutive_failures=c["max_consecutive_failures"], packing=self.packing if train else None)
         workers = c["num_workers"] if train else min(c["val_num_workers"], len(ds.urls))
         return DataLoader(
             ds,

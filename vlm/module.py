@@ -97,6 +97,7 @@ class VLMModule(L.LightningModule):
         self.eos_ids = [tok.im_end_id, tok.eos_id]
         self.suppress_ids = [tok.pad_id, tok.im_start_id, tok.vision_start_id, tok.vision_end_id, tok.image_pad_id, tok.video_pad_id]
         self.skipped_total: Counter = Counter()
+        self.source_total: Counter = Counter()
         self._examples: list = []
         self.parallel_cfg = dict(parallel or {})
         numerics = dict(numerics or {})
@@ -194,6 +195,10 @@ class VLMModule(L.LightningModule):
             acc[k] = acc[k] + v
         self._tracker.on_batch(self.trainer.train_dataloader, B)
         self.skipped_total.update(batch.get("skipped") or {})
+        if batch.get("sources"):  # data=mix: the mix actually seen, cumulative per source
+            self.source_total.update(batch["sources"])
+            for name, c in self.source_total.items():
+                self.log(f"data/source_{name}", float(c), on_step=True, batch_size=B)
         if self.skipped_total:
             self.log("data/skipped", float(sum(self.skipped_total.values())), on_step=True, batch_size=B)
             for reason, c in self.skipped_total.items():

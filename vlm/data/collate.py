@@ -57,6 +57,8 @@ def collate(samples: list[ProcessedSample], pad_id: int, padding_side: str = "ri
         batch["samples_per_row"] = torch.tensor([len(s.seq_lens) for s in samples], dtype=torch.long)
     for s in samples:
         batch["skipped"].update(s.skipped or {})
+    if samples[0].source is not None:  # data=mix: samples per source in this batch
+        batch["sources"] = Counter(name for s in samples for name in (s.source or "").split("+") if name)
     if samples[0].prompt is not None:
         batch["answers"] = [s.answer for s in samples]
         batch["qtypes"] = [s.qtype for s in samples]

@@ -73,6 +73,7 @@ def concat(samples: list[ProcessedSample]) -> ProcessedSample:
         kinds=[k for s in samples for k in (s.kinds or [])],
         seq_lens=[s.input_ids.numel() for s in samples],
         skipped=_merged_skips(samples),
+        source="+".join(s.source for s in samples) if samples[0].source is not None else None,
     )
 
 

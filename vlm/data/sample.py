@@ -135,6 +135,7 @@ class ProcessedSample:
     prompt: str | None = None  # eval mode: the question text
     skipped: dict | None = None  # bad samples (reason -> count) skipped just before this one
     seq_lens: list[int] | None = None  # a packed row (vlm.data.packing): its samples' lengths, in order
+    source: str | None = None  # the mixture source (data=mix); "a+b" for a packed row
 
 
 def first_turn(messages: list[dict]) -> tuple[list[dict], str | None]:

@@ -125,6 +125,7 @@ class ShardDataset(IterableDataset):
         warn_limit: int = 20,
         block_samples: int | None = None,
         packing: dict | None = None,
+        task=None,
     ):
         self.urls = expand_urls(urls)
         self.processor, self.train = processor, train
@@ -134,6 +135,7 @@ class ShardDataset(IterableDataset):
         # shuffle buffers long, since each block's buffer starts empty.
         self.block_samples = int(block_samples or max(8192, 4 * shuffle_buffer))
         self.rank, self.world = rank_world()
+        self.task = task  # raw sample -> raw sample before decoding (vlm.data.mixture tasks), or None
         self.packing = dict(packing) if packing and train else None
         if self.packing:
             from vlm.data.packing import METHODS
@@ -259,7 +261,7 @@ class ShardDataset(IterableDataset):
         warned = 0
         for pos, item in stream:
             try:
-                sample = self.processor(item)
+                sample = self.processor(self.task(item) if self.task is not None else item)
             except SampleError as e:
                 skipped[e.reason] += 1
                 consecutive += 1
@@ -324,8 +326,10 @@ class StreamTracker:
         self.consumed[self.batches % len(self.consumed)] += batch_size
         self.batches += 1
 
-    def state(self, loader) -> dict:
-        ds: ShardDataset = loader.dataset
+    def state(self, loader) -> dict | None:
+        ds = loader.dataset
+        if not isinstance(ds, ShardDataset):  # a mixture: resumed by reseeding from the step
+            return None
         n_workers = max(1, loader.num_workers)
         mine = self.loader_id == id(loader)
         consumed = self.consumed if mine else [0] * n_workers
