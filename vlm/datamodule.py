@@ -54,13 +54,16 @@ class VLMDataModule(L.LightningDataModule):
         pack_method: str = "best_fit",
         pack_window: int = 256,
         sources: list[dict] | None = None,
+        max_bad_fraction: float = 0.5,
+        bad_window: int = 1000,
     ):
         super().__init__()
         self.cfg = dict(
             train_shards=train_shards, val_shards=val_shards, tokenizer=tokenizer, batch_size=batch_size,
             val_batch_size=val_batch_size, num_workers=num_workers, val_num_workers=val_num_workers,
             shuffle_buffer=shuffle_buffer, seed=seed, max_consecutive_failures=max_consecutive_failures,
-            max_image_pixels=max_image_pixels, pin_memory=pin_memory,
+            max_image_pixels=max_image_pixels, pin_memory=pin_memory, max_bad_fraction=max_bad_fraction,
+            bad_window=bad_window,
         )
         self.processor_cfg, self.template_cfg = dict(processor), dict(template)
         self.sources = [dict(x) for x in sources] if sources else None
@@ -113,10 +116,12 @@ class VLMDataModule(L.LightningDataModule):
             from vlm.data.mixture import MixtureDataset
 
             ds = MixtureDataset(self.sources, proc, seed=c["seed"], shuffle_buffer=c["shuffle_buffer"],
-                                max_consecutive_failures=c["max_consecutive_failures"], packing=self.packing)
+                                max_consecutive_failures=c["max_consecutive_failures"], packing=self.packing,
+                                max_bad_fraction=c["max_bad_fraction"], bad_window=c["bad_window"])
         else:
             ds = ShardDataset(shards, proc, train=train, shuffle_buffer=c["shuffle_buffer"], seed=c["seed"],
-                              max_consecutive_failures=c["max_consecutive_failures"], packing=self.packing if train else None)
+                              max_consecutive_failures=c["max_consecutive_failures"], packing=self.packing if train else None,
+                              max_bad_fraction=c["max_bad_fraction"], bad_window=c["bad_window"])
         workers = c["num_workers"] if train else min(c["val_num_workers"], len(ds.urls))
         return DataLoader(
             ds,

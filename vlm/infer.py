@@ -133,6 +133,8 @@ def evaluate(loaded: LoadedVLM, shards, batch_size: int = 64, max_new_tokens: in
     try:
         for batch in loader:
             skipped.update(batch["skipped"])
+            if batch.get("empty"):
+                continue
             gen = generate(loaded.model, batch, max_new_tokens, eos, suppress_ids=suppress, prune=prune)
             # tokens per media span after pruning: ceil(keep · n), at least one (vlm.prune)
             spans = [len(s) for s in _span_lengths(is_media(batch["input_ids"]))]

@@ -356,6 +356,8 @@ class VLMModule(L.LightningModule):
             self._val_model = model.eval()
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
+        if batch.get("empty"):  # only skip counts (bad samples at the end of a shard split)
+            return
         out = generate(getattr(self, "_val_model", None) or self.model, batch, self.val_max_new_tokens, self.eos_ids, suppress_ids=self.suppress_ids)
         preds = [self.tokenizer.decode(o) for o in out]
         self.val_em.update(preds, batch["answers"], batch["qtypes"])

@@ -19,6 +19,12 @@ from vlm.data.template import IGNORE
 
 
 def collate(samples: list[ProcessedSample], pad_id: int, padding_side: str = "right") -> dict:
+    skipped = Counter()
+    for s in samples:
+        skipped.update(s.skipped or {})
+    samples = [s for s in samples if not s.report_only]
+    if not samples:  # only the skip counts of a stream's trailing bad samples
+        return {"empty": True, "keys": [], "skipped": skipped}
     B = len(samples)
     L = max(s.input_ids.numel() for s in samples)
     mrope = samples[0].position_ids.dim() == 2
@@ -44,7 +50,7 @@ def collate(samples: list[ProcessedSample], pad_id: int, padding_side: str = "ri
         "grid_thw": torch.tensor(grids, dtype=torch.long).view(-1, 3) if grids else None,
         "media_per_sample": torch.tensor([len(s.grids) for s in samples], dtype=torch.long),
         "keys": [s.key for s in samples],
-        "skipped": Counter(),
+        "skipped": skipped,
     }
     if samples[0].seq_lens is not None:
         seq_ids = torch.zeros(B, L, dtype=torch.long)
@@ -55,8 +61,6 @@ def collate(samples: list[ProcessedSample], pad_id: int, padding_side: str = "ri
                 start += n
         batch["seq_ids"] = seq_ids
         batch["samples_per_row"] = torch.tensor([len(s.seq_lens) for s in samples], dtype=torch.long)
-    for s in samples:
-        batch["skipped"].update(s.skipped or {})
     if samples[0].source is not None:  # data=mix: samples per source in this batch
         batch["sources"] = Counter(name for s in samples for name in (s.source or "").split("+") if name)
     if samples[0].prompt is not None:

@@ -136,6 +136,15 @@ class ProcessedSample:
     skipped: dict | None = None  # bad samples (reason -> count) skipped just before this one
     seq_lens: list[int] | None = None  # a packed row (vlm.data.packing): its samples' lengths, in order
     source: str | None = None  # the mixture source (data=mix); "a+b" for a packed row
+    report_only: bool = False  # no sample: carries the skip counts of the bad samples at a stream's end
+
+
+def skip_report(skipped: dict) -> ProcessedSample:
+    """A stand-in that carries skip counts when no good sample follows them (end of a finite
+    stream); collate drops it and keeps the counts."""
+    e = torch.empty(0, dtype=torch.long)
+    return ProcessedSample(key="", input_ids=e, labels=e, position_ids=e, patches=[], grids=[], skipped=dict(skipped),
+                           report_only=True)
 
 
 def first_turn(messages: list[dict]) -> tuple[list[dict], str | None]:

@@ -31,7 +31,7 @@ import hashlib
 import logging
 import os
 import random
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Iterator
 from itertools import chain, islice
 
@@ -40,7 +40,7 @@ import torch.distributed as dist
 from torch.utils.data import IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
-from vlm.data.sample import SampleError, SampleProcessor
+from vlm.data.sample import SampleError, SampleProcessor, skip_report
 
 log = logging.getLogger("vlm.data")
 
@@ -126,6 +126,8 @@ class ShardDataset(IterableDataset):
         block_samples: int | None = None,
         packing: dict | None = None,
         task=None,
+        max_bad_fraction: float = 0.5,
+        bad_window: int = 1000,
     ):
         self.urls = expand_urls(urls)
         self.processor, self.train = processor, train
@@ -135,6 +137,10 @@ class ShardDataset(IterableDataset):
         # shuffle buffers long, since each block's buffer starts empty.
         self.block_samples = int(block_samples or max(8192, 4 * shuffle_buffer))
         self.rank, self.world = rank_world()
+        if not 0.0 < max_bad_fraction <= 1.0 or bad_window < 1:
+            raise ValueError(f"data.max_bad_fraction must be in (0, 1] and data.bad_window >= 1, got "
+                             f"{max_bad_fraction}, {bad_window}")
+        self.max_bad_fraction, self.bad_window = float(max_bad_fraction), int(bad_window)
         self.task = task  # raw sample -> raw sample before decoding (vlm.data.mixture tasks), or None
         self.packing = dict(packing) if packing and train else None
         if self.packing:
@@ -249,9 +255,11 @@ class ShardDataset(IterableDataset):
         good = self._processed(stream, errors)
         if self.packing:
             good = self._packed(good, skip_rows)
-        for k, (pos, sample) in enumerate(good):
-            if ring is not None:
+        k = 0
+        for pos, sample in good:
+            if ring is not None and pos is not None:
                 ring[k % RING] = torch.tensor([k, *pos])
+                k += 1
             yield sample
 
     def _processed(self, stream, errors: _TarErrors) -> Iterator[tuple[list[int] | None, object]]:
@@ -259,12 +267,25 @@ class ShardDataset(IterableDataset):
         skipped: Counter = Counter()
         consecutive = 0
         warned = 0
+        window: deque = deque(maxlen=self.bad_window)  # 1 = failed, over the last `bad_window` samples
+        window_reasons: deque = deque(maxlen=self.bad_window)
+        n_bad = 0
         for pos, item in stream:
             try:
                 sample = self.processor(self.task(item) if self.task is not None else item)
             except SampleError as e:
                 skipped[e.reason] += 1
                 consecutive += 1
+                n_bad += 1 - (window[0] if len(window) == self.bad_window else 0)
+                window.append(1)
+                window_reasons.append(e.reason)
+                if len(window) == self.bad_window and n_bad > self.max_bad_fraction * self.bad_window:
+                    reasons = Counter(r for r in window_reasons if r)
+                    raise RuntimeError(
+                        f"{n_bad} of the last {self.bad_window} samples failed (more than data.max_bad_fraction="
+                        f"{self.max_bad_fraction}); reasons {dict(reasons.most_common())}, last: {e}. "
+                        "The shards look broken; fix them or raise data.max_bad_fraction."
+                    ) from None
                 if warned < self.warn_limit:
                     log.warning("skipping %s", e)
                     warned += 1
@@ -275,11 +296,17 @@ class ShardDataset(IterableDataset):
                     ) from None
                 continue
             consecutive = 0
+            n_bad -= window[0] if len(window) == self.bad_window else 0
+            window.append(0)
+            window_reasons.append(None)
             skipped.update(errors.counts)
             errors.counts.clear()
             sample.skipped = skipped  # travels to the main process with the batch
             skipped = Counter()
             yield (None if pos is None else [*pos, 0]), sample
+        skipped.update(errors.counts)
+        if skipped:  # bad samples after the last good one (a finite stream): report them anyway
+            yield None, skip_report(skipped)
 
     def _packed(self, good, skip_rows: int) -> Iterator[tuple[list[int], object]]:
         """Pack every `window` good samples into rows; a row's position is its window's first
