@@ -40,20 +40,27 @@ def safe_instantiate(cfg: dict, where: str, **kwargs):
 def build_model(model_cfg: dict, tokenizer: TextTokenizer) -> VLM:
     """model_cfg: {encoder, projector, decoder: {_target_, …}, image_attention, freeze?}."""
     dec = dict(model_cfg["decoder"])
-    if dec.get("vocab_size") in (None, "auto"):
+    pretrained = bool(dec.get("pretrained"))
+    if pretrained:
+        dec.pop("vocab_size", None)  # the folder's config says it; grown below if tokens were added
+    elif dec.get("vocab_size") in (None, "auto"):
         dec["vocab_size"] = tokenizer.vocab_size
     elif dec["vocab_size"] < tokenizer.vocab_size:
         raise ValueError(f"decoder.vocab_size {dec['vocab_size']} < tokenizer vocabulary {tokenizer.vocab_size}")
     encoder = safe_instantiate(dict(model_cfg["encoder"]), "encoder")
-    proj = dict(model_cfg["projector"])
-    # The projector reads what the encoder emits: k·dim when several feature layers are concatenated.
-    if proj.get("in_dim") in (None, "auto"):
-        proj["in_dim"] = encoder.out_dim
-    elif int(proj["in_dim"]) != encoder.out_dim:
-        raise ValueError(f"projector.in_dim={proj['in_dim']} but the encoder emits {encoder.out_dim} features "
-                         "(set projector.in_dim=null to follow the encoder)")
-    projector = safe_instantiate(proj, "projector")
     decoder = safe_instantiate(dec, "decoder")
+    if pretrained and tokenizer.vocab_size > decoder.vocab_size:
+        decoder.grow_vocab(tokenizer.vocab_size)
+    proj = dict(model_cfg["projector"])
+    # The projector reads what the encoder emits (k·dim with several concatenated feature layers)
+    # and writes the decoder's width.
+    for key, have, what in (("in_dim", encoder.out_dim, "the encoder emits"), ("out_dim", decoder.dim, "the decoder is")):
+        if proj.get(key) in (None, "auto"):
+            proj[key] = have
+        elif int(proj[key]) != have:
+            raise ValueError(f"projector.{key}={proj[key]} but {what} {have} wide "
+                             f"(set projector.{key}=null to follow it)")
+    projector = safe_instantiate(proj, "projector")
     fusion = model_cfg.get("fusion") or "interleave"
     return VLM(
         encoder,

@@ -92,6 +92,8 @@ class VLMDataModule(L.LightningDataModule):
             return
         self.prepare_data()  # idempotent; makes `setup` alone enough for tests and inference
         tok_path = Path(self.cfg["tokenizer"])
+        if tok_path.is_dir():  # a pretrained model's folder
+            tok_path = tok_path / "tokenizer.json"
         if not tok_path.is_file():
             raise FileNotFoundError(f"data.tokenizer: no tokenizer.json at {tok_path}")
         self.tokenizer = TextTokenizer.from_file(tok_path)

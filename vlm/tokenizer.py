@@ -72,13 +72,24 @@ class TextTokenizer:
         self.tok.save(str(path))
 
     @classmethod
-    def from_file(cls, path: str | Path) -> TextTokenizer:
+    def from_file(cls, path: str | Path, add_missing: bool = True) -> TextTokenizer:
+        """A `tokenizer.json` (or a folder holding one, e.g. a pretrained model's). Structural
+        tokens the tokenizer lacks (a pretrained LLM's has no `<|image_pad|>`) are added as new
+        special tokens at the end of the vocabulary when `add_missing`; the model's embedding and
+        head grow to match (`vlm.model.decoder.Decoder.grow_vocab`)."""
         path = Path(path)
         if path.is_dir():
             path = path / "tokenizer.json"
         if not path.is_file():
             raise FileNotFoundError(f"no tokenizer.json at {path}")
-        return cls(Tokenizer.from_file(str(path)))
+        tok = Tokenizer.from_file(str(path))
+        if add_missing:
+            from tokenizers import AddedToken
+
+            missing = [t for t in SPECIAL_TOKENS if tok.token_to_id(t) is None]
+            if missing:
+                tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in missing])
+        return cls(tok)
 
     @classmethod
     def from_str(cls, text: str) -> TextTokenizer:

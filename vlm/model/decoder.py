@@ -133,5 +133,25 @@ class Decoder(nn.Module):
             x = layer(x, rope, mask, is_causal, cache, i)
         return self.norm(x)
 
+    @torch.no_grad()
+    def grow_vocab(self, n: int) -> None:
+        """Grow the embedding (and an untied head) to `n` rows for tokens added to a pretrained
+        tokenizer; new rows are the mean of the old ones (a neutral start, as in LLaVA / HF's
+        `resize_token_embeddings(mean_resizing=True)`)."""
+        old = self.embed_tokens.weight
+        if n <= old.shape[0]:
+            return
+        emb = nn.Embedding(n, self.dim, device=old.device, dtype=old.dtype)
+        emb.weight[: old.shape[0]] = old
+        emb.weight[old.shape[0]:] = old.mean(0)
+        tied = self.lm_head.weight is old
+        head = nn.Linear(self.dim, n, bias=False, device=old.device, dtype=old.dtype)
+        if tied:
+            head.weight = emb.weight
+        else:
+            head.weight[: old.shape[0]] = self.lm_head.weight
+            head.weight[old.shape[0]:] = self.lm_head.weight.mean(0)
+        self.embed_tokens, self.lm_head, self.vocab_size = emb, head, n
+
     def new_cache(self, batch: int, max_len: int, dtype, device) -> KVCache:
         return KVCache(self.n_layers, batch, self.n_kv_heads, max_len, self.head_dim, dtype, device)

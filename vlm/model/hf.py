@@ -1,0 +1,214 @@
+"""Pretrained parts from Hugging Face-layout folders (`config.json` + `*.safetensors`).
+
+    model/decoder=llama model.decoder.pretrained=/models/SmolLM2-135M      # also Mistral-style
+    model/decoder=qwen2 model.decoder.pretrained=/models/Qwen2.5-0.5B       # q/k/v biases
+
+`pretrained_decoder(path)` builds our `Decoder` from the folder's `config.json` and loads its
+weights through an explicit key map: one table per family, `{}` standing for the layer index.
+Every key is accounted for — a missing or unexpected key, or a shape mismatch, is an error naming
+it (`PretrainedError`). Tensors are read one at a time from memory-mapped safetensors files
+(single file or sharded with `model.safetensors.index.json`), so loading a 7B decoder does not
+need twice its size in memory; `device="meta"` builds the module without allocating anything
+(the key-map tests at full size use it).
+
+Not supported (a clear error, not a silent difference): rope scaling other than the default
+(Llama 3.1 `llama3`, YaRN…), a `head_dim` different from `hidden_size / num_attention_heads`,
+activations other than SiLU, sliding-window attention.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from vlm.model.decoder import Decoder
+
+
+class PretrainedError(ValueError):
+    """A pretrained folder that does not fit: missing files, unsupported options, key mismatches."""
+
+
+# ---- key maps: HF name -> ours; "{}" = layer index ----------------------------------------------
+_LLAMA_LAYER = {
+    "model.layers.{}.input_layernorm.weight": "layers.{}.input_layernorm.weight",
+    "model.layers.{}.self_attn.q_proj.weight": "layers.{}.self_attn.q_proj.weight",
+    "model.layers.{}.self_attn.k_proj.weight": "layers.{}.self_attn.k_proj.weight",
+    "model.layers.{}.self_attn.v_proj.weight": "layers.{}.self_attn.v_proj.weight",
+    "model.layers.{}.self_attn.o_proj.weight": "layers.{}.self_attn.o_proj.weight",
+    "model.layers.{}.post_attention_layernorm.weight": "layers.{}.post_attention_layernorm.weight",
+    "model.layers.{}.mlp.gate_proj.weight": "layers.{}.mlp.gate_proj.weight",
+    "model.layers.{}.mlp.up_proj.weight": "layers.{}.mlp.up_proj.weight",
+    "model.layers.{}.mlp.down_proj.weight": "layers.{}.mlp.down_proj.weight",
+}
+_QKV_BIAS = {
+    "model.layers.{}.self_attn.q_proj.bias": "layers.{}.self_attn.q_proj.bias",
+    "model.layers.{}.self_attn.k_proj.bias": "layers.{}.self_attn.k_proj.bias",
+    "model.layers.{}.self_attn.v_proj.bias": "layers.{}.self_attn.v_proj.bias",
+}
+_DECODER_GLOBAL = {"model.embed_tokens.weight": "embed_tokens.weight", "model.norm.weight": "norm.weight"}
+DECODER_FAMILIES = {
+    "llama": {"layer": _LLAMA_LAYER, "qkv_bias": False},
+    "mistral": {"layer": _LLAMA_LAYER, "qkv_bias": False},
+    "qwen2": {"layer": {**_LLAMA_LAYER, **_QKV_BIAS}, "qkv_bias": True},
+}
+
+
+def expand(layer_map: dict[str, str], n_layers: int, global_map: dict[str, str], prefix_hf: str = "",
+           prefix_ours: str = "") -> dict[str, str]:
+    """The full HF -> ours name table for `n_layers` layers."""
+    out = {prefix_hf + k: prefix_ours + v for k, v in global_map.items()}
+    for i in range(n_layers):
+        out.update({prefix_hf + k.format(i): prefix_ours + v.format(i) for k, v in layer_map.items()})
+    return out
+
+
+# ---- reading folders ------------------------------------------------------------------------------
+def read_config(folder: str | Path) -> dict:
+    folder = Path(folder)
+    path = folder / "config.json"
+    if not path.is_file():
+        raise PretrainedError(f"{folder}: no config.json (expected a Hugging Face-layout model folder)")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise PretrainedError(f"{path}: not valid JSON ({e})") from None
+
+
+class SafetensorsFolder:
+    """Lazy, memory-mapped access to every tensor of a folder's safetensors file(s)."""
+
+    def __init__(self, folder: str | Path):
+        from safetensors import safe_open
+
+        folder = Path(folder)
+        index = folder / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            files = sorted(set(weight_map.values()))
+        else:
+            files = sorted(p.name for p in folder.glob("*.safetensors"))
+            if not files:
+                raise PretrainedError(f"{folder}: no *.safetensors weights")
+        self._handles = {f: safe_open(str(folder / f), framework="pt", device="cpu") for f in files}
+        self.where = {k: f for f, h in self._handles.items() for k in h.keys()}
+
+    def keys(self) -> set[str]:
+        return set(self.where)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._handles[self.where[key]].get_slice(key).get_shape())
+
+    def get(self, key: str) -> torch.Tensor:
+        return self._handles[self.where[key]].get_tensor(key)
+
+
+def check_and_load(module: nn.Module, source: SafetensorsFolder | dict[str, torch.Tensor], mapping: dict[str, str],
+                   ignore: tuple[str, ...] = (), where: str = "") -> None:
+    """Load `source[hf] -> module[ours]` for every pair of `mapping`; every parameter and buffer the
+    module saves must be covered and every source key used (except names matching `ignore`
+    suffixes), shapes must agree — otherwise one `PretrainedError` naming the keys."""
+    ours = module.state_dict()
+    src_keys = set(source.keys()) if isinstance(source, dict) else source.keys()
+    shape = (lambda k: tuple(source[k].shape)) if isinstance(source, dict) else source.shape
+    mapped_ours = set(mapping.values())
+    missing_src = sorted(k for k in mapping if k not in src_keys)
+    unexpected = sorted(k for k in src_keys if k not in mapping and not k.endswith(ignore))
+    unmapped = sorted(k for k in ours if k not in mapped_ours and not _tied_alias(module, k, mapped_ours))
+    bad_target = sorted(v for v in mapped_ours if v not in ours)
+    shapes = sorted(f"{k} {shape(k)} -> {v} {tuple(ours[v].shape)}" for k, v in mapping.items()
+                    if k in src_keys and v in ours and shape(k) != tuple(ours[v].shape))
+    problems = [(f"missing in the checkpoint: {_few(missing_src)}" if missing_src else ""),
+                (f"unexpected in the checkpoint: {_few(unexpected)}" if unexpected else ""),
+                (f"not covered by the key map: {_few(unmapped)}" if unmapped else ""),
+                (f"key map names unknown parameters: {_few(bad_target)}" if bad_target else ""),
+                (f"shape mismatch: {_few(shapes)}" if shapes else "")]
+    problems = [p for p in problems if p]
+    if problems:
+        raise PretrainedError(f"{where or 'pretrained weights'}: " + "; ".join(problems))
+    params = dict(module.named_parameters())
+    params.update(dict(module.named_buffers()))
+    meta = any(p.is_meta for p in params.values())
+    if meta:
+        return  # the key map and shapes are proven; nothing is allocated
+    with torch.no_grad():
+        for k, v in mapping.items():
+            t = source[k] if isinstance(source, dict) else source.get(k)
+            params[v].copy_(t.to(params[v].dtype))
+
+
+def _tied_alias(module: nn.Module, key: str, mapped: set[str]) -> bool:
+    """`lm_head.weight` tied to `embed_tokens.weight` needs no entry of its own."""
+    if key.endswith("lm_head.weight"):
+        emb = key[: -len("lm_head.weight")] + "embed_tokens.weight"
+        sd = module.state_dict()
+        return emb in mapped and sd[key].data_ptr() == sd[emb].data_ptr() if not sd[key].is_meta else emb in mapped
+    return False
+
+
+def _few(xs: list[str], n: int = 6) -> str:
+    return ", ".join(xs[:n]) + (f" … (+{len(xs) - n} more)" if len(xs) > n else "")
+
+
+# ---- decoders -------------------------------------------------------------------------------------
+def _rope_theta(cfg: dict) -> float:
+    params = cfg.get("rope_parameters") or {}
+    scaling = cfg.get("rope_scaling") or {}
+    for kind in (params.get("rope_type"), scaling.get("rope_type"), scaling.get("type")):
+        if kind not in (None, "default"):
+            raise PretrainedError(f"rope scaling {kind!r} is not supported (only the default rope)")
+    return float(params.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+
+
+def decoder_kwargs(cfg: dict) -> dict:
+    """Our `Decoder` arguments from a HF Llama / Mistral / Qwen2 `config.json`."""
+    family = cfg.get("model_type")
+    if family not in DECODER_FAMILIES:
+        raise PretrainedError(f"model_type {family!r} is not a supported decoder family ({sorted(DECODER_FAMILIES)})")
+    dim, heads = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
+    if cfg.get("head_dim") not in (None, dim // heads):
+        raise PretrainedError(f"head_dim {cfg['head_dim']} != hidden_size / num_attention_heads = {dim // heads}")
+    if cfg.get("hidden_act", "silu") != "silu":
+        raise PretrainedError(f"hidden_act {cfg['hidden_act']!r} is not supported (SiLU only)")
+    if cfg.get("use_sliding_window") or (family == "mistral" and cfg.get("sliding_window")):
+        raise PretrainedError("sliding-window attention is not supported")
+    if cfg.get("attention_bias") or cfg.get("mlp_bias"):
+        raise PretrainedError("attention_bias / mlp_bias on a Llama-family model is not supported")
+    return dict(
+        vocab_size=int(cfg["vocab_size"]), dim=dim, n_layers=int(cfg["num_hidden_layers"]), n_heads=heads,
+        n_kv_heads=int(cfg.get("num_key_value_heads") or heads), mlp_hidden=int(cfg["intermediate_size"]),
+        rope_theta=_rope_theta(cfg), max_seq_len=int(cfg.get("max_position_embeddings", 2048)),
+        norm_eps=float(cfg.get("rms_norm_eps", 1e-6)), qkv_bias=DECODER_FAMILIES[family]["qkv_bias"],
+        tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+    )
+
+
+def decoder_key_map(cfg: dict) -> dict[str, str]:
+    fam = DECODER_FAMILIES[cfg["model_type"]]
+    n = int(cfg["num_hidden_layers"])
+    glob = dict(_DECODER_GLOBAL)
+    if not cfg.get("tie_word_embeddings", False):
+        glob["lm_head.weight"] = "lm_head.weight"
+    return expand(fam["layer"], n, glob)
+
+
+def pretrained_decoder(pretrained: str, device: str | torch.device | None = None, **overrides) -> Decoder:
+    """Build our `Decoder` from a HF-layout folder and load its weights (see the module docstring).
+
+    overrides: our `Decoder` arguments that are not in a HF config (e.g. `rope="mrope"`,
+    `mrope_section`); architecture fields given here must agree with the folder's config."""
+    cfg = read_config(pretrained)
+    kw = decoder_kwargs(cfg)
+    for k, v in overrides.items():
+        if k in kw and v is not None and v != kw[k] and k != "max_seq_len":
+            raise PretrainedError(f"decoder.{k}={v!r} contradicts {pretrained}/config.json ({kw[k]!r})")
+        if v is not None or k not in kw:
+            kw[k] = v
+    with torch.device(device or "cpu"):
+        dec = Decoder(**kw)
+    if str(device) == "meta":
+        return dec
+    check_and_load(dec, SafetensorsFolder(pretrained), decoder_key_map(cfg), where=str(pretrained))
+    return dec
