@@ -212,3 +212,136 @@ def pretrained_decoder(pretrained: str, device: str | torch.device | None = None
         return dec
     check_and_load(dec, SafetensorsFolder(pretrained), decoder_key_map(cfg), where=str(pretrained))
     return dec
+
+
+# ---- vision towers --------------------------------------------------------------------------------
+_SIGLIP_LAYER = {
+    "vision_model.encoder.layers.{}.layer_norm1.weight": "blocks.{}.norm1.weight",
+    "vision_model.encoder.layers.{}.layer_norm1.bias": "blocks.{}.norm1.bias",
+    "vision_model.encoder.layers.{}.self_attn.q_proj.weight": "blocks.{}.attn.q_proj.weight",
+    "vision_model.encoder.layers.{}.self_attn.q_proj.bias": "blocks.{}.attn.q_proj.bias",
+    "vision_model.encoder.layers.{}.self_attn.k_proj.weight": "blocks.{}.attn.k_proj.weight",
+    "vision_model.encoder.layers.{}.self_attn.k_proj.bias": "blocks.{}.attn.k_proj.bias",
+    "vision_model.encoder.layers.{}.self_attn.v_proj.weight": "blocks.{}.attn.v_proj.weight",
+    "vision_model.encoder.layers.{}.self_attn.v_proj.bias": "blocks.{}.attn.v_proj.bias",
+    "vision_model.encoder.layers.{}.self_attn.out_proj.weight": "blocks.{}.attn.o_proj.weight",
+    "vision_model.encoder.layers.{}.self_attn.out_proj.bias": "blocks.{}.attn.o_proj.bias",
+    "vision_model.encoder.layers.{}.layer_norm2.weight": "blocks.{}.norm2.weight",
+    "vision_model.encoder.layers.{}.layer_norm2.bias": "blocks.{}.norm2.bias",
+    "vision_model.encoder.layers.{}.mlp.fc1.weight": "blocks.{}.mlp.fc1.weight",
+    "vision_model.encoder.layers.{}.mlp.fc1.bias": "blocks.{}.mlp.fc1.bias",
+    "vision_model.encoder.layers.{}.mlp.fc2.weight": "blocks.{}.mlp.fc2.weight",
+    "vision_model.encoder.layers.{}.mlp.fc2.bias": "blocks.{}.mlp.fc2.bias",
+}
+_SIGLIP_GLOBAL = {
+    "vision_model.embeddings.patch_embedding.bias": "patch_embed.proj.bias",
+    "vision_model.post_layernorm.weight": "norm.weight",
+    "vision_model.post_layernorm.bias": "norm.bias",
+}
+# reshaped on the way in: conv [D, C, P, P] -> linear [D, C·P·P]; table [n², D] -> [n, n, D]
+_SIGLIP_RESHAPED = {
+    "vision_model.embeddings.patch_embedding.weight": "patch_embed.proj.weight",
+    "vision_model.embeddings.position_embedding.weight": "pos_embed",
+}
+
+
+def _vision_config(cfg: dict) -> dict:
+    """The vision part of a SigLIP config (a full `siglip` config nests it under `vision_config`)."""
+    if cfg.get("model_type") == "siglip":
+        cfg = cfg.get("vision_config") or {}
+    if cfg.get("model_type", "siglip_vision_model") != "siglip_vision_model":
+        raise PretrainedError(f"model_type {cfg.get('model_type')!r} is not a supported vision tower (siglip)")
+    return cfg
+
+
+def vision_kwargs(cfg: dict, feature_layer: int = -1) -> dict:
+    v = _vision_config(cfg)
+    act = {"gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "quick_gelu": "quick_gelu"}.get(v.get("hidden_act", "gelu_pytorch_tanh"))
+    if act is None:
+        raise PretrainedError(f"hidden_act {v.get('hidden_act')!r} is not supported")
+    P, size = int(v.get("patch_size", 16)), int(v.get("image_size", 224))
+    dim = int(v.get("hidden_size", 768))
+    return dict(patch_size=P, dim=dim, n_layers=int(v.get("num_hidden_layers", 12)),
+                n_heads=int(v.get("num_attention_heads", 12)), mlp_hidden=int(v.get("intermediate_size", 3072)),
+                channels=int(v.get("num_channels", 3)), pos_grid=size // P, patch_embed="linear", pos="learned",
+                act=act, norm_eps=float(v.get("layer_norm_eps", 1e-6)), feature_layer=feature_layer)
+
+
+def pretrained_vision_encoder(pretrained: str, feature_layer: int = -1, device: str | torch.device | None = None,
+                              **overrides):
+    """Our `VisionEncoder` from a HF SigLIP folder (`siglip_vision_model` or a full `siglip`
+    checkpoint, whose text tower is then ignored). The final LayerNorm is SigLIP's
+    `post_layernorm`, applied to the selected layer (for the last layer: exactly HF's
+    `last_hidden_state`). Layers after `feature_layer` and the attention-pooling head are not
+    built: their keys are listed as deliberately unused."""
+    from vlm.model.vision import VisionEncoder
+
+    cfg = read_config(pretrained)
+    kw = vision_kwargs(cfg, feature_layer)
+    kw.update({k: v for k, v in overrides.items() if v is not None})
+    with torch.device(device or "cpu"):
+        enc = VisionEncoder(**kw)
+    if str(device) == "meta":
+        return enc
+    src = SafetensorsFolder(pretrained)
+    n_built = len(enc.blocks)
+    # full SiglipModel checkpoints (and older transformers) prefix the tower with "vision_model."
+    pre = "vision_model." if any(k.startswith("vision_model.") for k in src.keys()) else ""
+
+    def re(table: dict[str, str]) -> dict[str, str]:
+        return {pre + k.removeprefix("vision_model."): v for k, v in table.items()}
+
+    mapping = expand(re(_SIGLIP_LAYER), n_built, re(_SIGLIP_GLOBAL))
+    unused = tuple(k for k in src.keys() if not k.startswith(pre) or k.startswith(pre + "head.")
+                   or any(k.startswith(f"{pre}encoder.layers.{i}.") for i in range(n_built, kw["n_layers"])))
+    reshaped = {}
+    for k, ours in re(_SIGLIP_RESHAPED).items():
+        if k not in src.keys():
+            raise PretrainedError(f"{pretrained}: missing in the checkpoint: {k}")
+        reshaped[ours] = src.get(k)
+    view = _Remapped(src, drop=set(unused) | set(re(_SIGLIP_RESHAPED)))
+    check_and_load(_Without(enc, set(reshaped)), view, mapping, where=str(pretrained))
+    with torch.no_grad():
+        w = reshaped["patch_embed.proj.weight"]
+        if w.reshape(w.shape[0], -1).shape != enc.patch_embed.proj.weight.shape:
+            raise PretrainedError(f"{pretrained}: patch embedding {tuple(w.shape)} does not fit {tuple(enc.patch_embed.proj.weight.shape)}")
+        enc.patch_embed.proj.weight.copy_(w.reshape(w.shape[0], -1))
+        table = reshaped["pos_embed"]
+        n = kw["pos_grid"]
+        if table.shape != (n * n, kw["dim"]):
+            raise PretrainedError(f"{pretrained}: position table {tuple(table.shape)} is not {n}x{n}x{kw['dim']}")
+        enc.pos_embed.copy_(table.view(n, n, -1))
+    return enc
+
+
+class _Remapped:
+    """A SafetensorsFolder view without some keys (handled elsewhere or deliberately unused)."""
+
+    def __init__(self, src: SafetensorsFolder, drop: set[str]):
+        self.src, self.drop = src, drop
+
+    def keys(self) -> set[str]:
+        return self.src.keys() - self.drop
+
+    def shape(self, key):
+        return self.src.shape(key)
+
+    def get(self, key):
+        return self.src.get(key)
+
+
+class _Without(nn.Module):
+    """`module`'s state without some keys (loaded by hand), for `check_and_load`'s accounting."""
+
+    def __init__(self, module: nn.Module, skip: set[str]):
+        super().__init__()
+        self.inner, self.skip = module, skip
+
+    def state_dict(self, *a, **kw):
+        return {k: v for k, v in self.inner.state_dict().items() if k not in self.skip}
+
+    def named_parameters(self, *a, **kw):
+        return ((k, v) for k, v in self.inner.named_parameters() if k not in self.skip)
+
+    def named_buffers(self, *a, **kw):
+        return ((k, v) for k, v in self.inner.named_buffers() if k not in self.skip)

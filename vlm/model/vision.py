@@ -109,22 +109,33 @@ class PatchEmbed(nn.Module):
         return out
 
 
+ACTIVATIONS = {
+    "gelu": F.gelu,                                             # exact (erf) GELU
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),       # SigLIP's gelu_pytorch_tanh
+    "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),       # CLIP's
+}
+
+
 class MLP(nn.Module):
-    def __init__(self, dim: int, hidden: int):
+    def __init__(self, dim: int, hidden: int, act: str = "gelu"):
         super().__init__()
+        if act not in ACTIVATIONS:
+            raise ValueError(f"encoder.act must be one of {sorted(ACTIVATIONS)}, got {act!r}")
         self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+        self.act = ACTIVATIONS[act]
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(F.gelu(self.fc1(x)))
+        return self.fc2(self.act(self.fc1(x)))
 
 
 class ViTBlock(nn.Module):
-    def __init__(self, dim: int, n_heads: int, mlp_ratio: float):
+    def __init__(self, dim: int, n_heads: int, mlp_ratio: float, act: str = "gelu", norm_eps: float = 1e-5,
+                 mlp_hidden: int | None = None):
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim)
+        self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
         self.attn = SelfAttention(dim, n_heads, bias=True)
-        self.norm2 = nn.LayerNorm(dim)
-        self.mlp = MLP(dim, int(dim * mlp_ratio))
+        self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
+        self.mlp = MLP(dim, mlp_hidden or int(dim * mlp_ratio), act)
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None = None) -> Tensor:  # [G, n, D]
         x = x + self.attn(self.norm1(x), rope)
@@ -139,7 +150,8 @@ class VisionEncoder(nn.Module):
     positions in every attention layer (`rope_theta`), per token, grouped like the tokens.
     `temporal_patch` T: frames per temporal patch (patch vectors are `C·T·P·P`). `feature_layer`
     picks which block's output feeds the projector (-1 = last, -2 = penultimate as in LLaVA); the
-    final LayerNorm is applied to it. `feature_layers` (a list, overrides `feature_layer`) takes
+    final LayerNorm is applied to it. `act` (gelu / gelu_tanh / quick_gelu), `norm_eps` and
+    `mlp_hidden` match pretrained towers (`vlm.model.hf.pretrained_vision_encoder`). `feature_layers` (a list, overrides `feature_layer`) takes
     several blocks' outputs, each final-normed, and `feature_combine`s them: `concat` along the
     feature dimension (`out_dim = k·dim`, as multi-layer LLaVA variants / Cambrian) or `mean`.
     """
@@ -161,6 +173,9 @@ class VisionEncoder(nn.Module):
         rope_theta: float = 10000.0,
         feature_layers: list[int] | None = None,
         feature_combine: str = "concat",
+        act: str = "gelu",
+        norm_eps: float = 1e-5,
+        mlp_hidden: int | None = None,
     ):
         super().__init__()
         layers = [feature_layer] if feature_layers is None else list(feature_layers)
@@ -188,8 +203,9 @@ class VisionEncoder(nn.Module):
             # Not a parameter and not saved: derived from the config, like the decoder's.
             self.register_buffer("rope_inv_freq", rope2d_inv_frequencies(head_dim, rope_theta), persistent=False)
         # Only the blocks up to the feature layer are ever used; don't build dead ones.
-        self.blocks = nn.ModuleList(ViTBlock(dim, n_heads, mlp_ratio) for _ in range(self.feature_layer + 1))
-        self.norm = nn.LayerNorm(dim)
+        self.blocks = nn.ModuleList(ViTBlock(dim, n_heads, mlp_ratio, act, norm_eps, mlp_hidden)
+                                    for _ in range(self.feature_layer + 1))
+        self.norm = nn.LayerNorm(dim, eps=norm_eps)
         k = len(self.feature_layers)
         self.out_dim = dim * k if feature_combine == "concat" else dim
 
