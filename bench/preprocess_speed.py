@@ -3,7 +3,8 @@
     python bench/preprocess_speed.py [--repeat 30] [--threads 1]
 
 Prints milliseconds per image (median of ``--repeat`` runs after a warm-up) and the ratio to raw
-decode. "gap2" columns use ``reducing_gap=2.0`` (approximate, faster downscaling). Images are made
+decode. "gap2" columns use ``reducing_gap=2.0`` (approximate, faster downscaling); "draft" columns
+``jpeg_draft=True`` (libjpeg decodes at 1/2..1/8 scale, never below the target; the default config). Images are made
 in memory: a 64x64 PNG, a 640x480 "photo-like" JPEG (q90, smooth gradients + shapes + noise) and a
 1024x768 JPEG of the same kind. Single-threaded torch by default, as in a DataLoader worker.
 """
@@ -84,6 +85,8 @@ def main() -> None:
         "+proc fixed224/p14": ImageProcessor(patch_size=14, image_size=224),
         "+proc 64/p8 gap2": ImageProcessor(patch_size=8, image_size=64, reducing_gap=2.0),
         "+proc 224/p14 gap2": ImageProcessor(patch_size=14, image_size=224, reducing_gap=2.0),
+        "+proc 64/p8 draft": ImageProcessor(patch_size=8, image_size=64, jpeg_draft=True),
+        "+proc 224/p14 draft": ImageProcessor(patch_size=14, image_size=224, jpeg_draft=True),
     }
 
     print(f"# python {platform.python_version()}, torch {torch.__version__}, "
@@ -96,7 +99,8 @@ def main() -> None:
         raw = time_ms(lambda: raw_decode(data), args.repeat)
         row = {"raw PIL": raw, "decode_image": time_ms(lambda: decode_image(data), args.repeat)}
         for pname, proc in processors.items():
-            row[pname] = time_ms(lambda: proc(decode_image(data)), args.repeat)
+            draft = proc.draft_size if proc.jpeg_draft else None
+            row[pname] = time_ms(lambda: proc(decode_image(data, draft=draft)), args.repeat)
         cells = [f"{row[c]:8.3f} ms ({row[c] / raw:4.2f}x)" for c in cols]
         print(f"{name:<20} {len(data):>8} " + " ".join(f"{c:>20}" for c in cells))
 

@@ -286,3 +286,41 @@ def test_media_error_shape():
     e2 = pickle.loads(pickle.dumps(e))
     assert (e2.reason, e2.key, str(e2)) == (e.reason, e.key, str(e))
     assert MediaError(reason="missing").reason == "missing"
+
+
+def test_jpeg_draft_decodes_smaller_but_never_below_the_target():
+    """`jpeg_draft`: libjpeg's DCT downscale for big photos; the processed patches stay within a few
+    grey levels of the exact path, EXIF rotation is respected, other formats are untouched."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from vlm.data.media import decode_image
+    from vlm.data.processor import ImageProcessor
+
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:480, 0:640]
+    a = np.stack([xx * 255 / 640, yy * 255 / 480, (xx + yy) % 256], -1) + rng.normal(0, 4, (480, 640, 3))
+    img = Image.fromarray(a.clip(0, 255).astype(np.uint8))
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=90)
+    data = buf.getvalue()
+    exact, drafted = ImageProcessor(patch_size=8, image_size=64), ImageProcessor(patch_size=8, image_size=64, jpeg_draft=True)
+    small = decode_image(data, draft=drafted.draft_size)
+    assert small.size == (160, 120)  # 1/4 scale: 1/8 would give 80x60, below the 64x64 target
+    d = (exact(decode_image(data)).patches - drafted(small).patches).abs()
+    assert float(d.mean()) < 2 * 2 / 255 and float(d.max()) < 2 * 24 / 255
+    # EXIF orientation 6 (rotate 90): the drafted decode keeps the displayed orientation
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=90, exif=exif.tobytes())
+    wide = ImageProcessor(patch_size=8, resolution="dynamic", max_pixels=64 * 48, jpeg_draft=True)
+    rot = decode_image(buf.getvalue(), draft=wide.draft_size)
+    full = decode_image(buf.getvalue())
+    assert full.size == (480, 640) and rot.size[0] < rot.size[1] and rot.size[0] >= wide.target_size(640, 480)[1]
+    # a PNG is decoded whole
+    png = io.BytesIO()
+    img.save(png, "PNG")
+    assert decode_image(png.getvalue(), draft=drafted.draft_size).size == (640, 480)

@@ -197,6 +197,7 @@ def decode_image(
     max_pixels: int = 50_000_000,
     key: str | None = None,
     formats: tuple[str, ...] | list[str] | None = ALLOWED_FORMATS,
+    draft=None,
 ) -> Image.Image:
     """Decode ``data`` into a fully loaded RGB image, or raise :class:`MediaError`.
 
@@ -204,6 +205,9 @@ def decode_image(
     decoded (Pillow itself still refuses anything above ``2 * Image.MAX_IMAGE_PIXELS``).
     ``key`` names the item in error messages (a shard key or a path). ``formats`` restricts the
     Pillow plugins tried (``None``: all of Pillow's, not recommended for untrusted data).
+    ``draft(width, height) -> (w, h) | None``: for JPEGs, the size the caller will resize to (as
+    displayed, after EXIF rotation); libjpeg then decodes at the largest 1/2, 1/4 or 1/8 scale
+    that is still at least that big (`ImageProcessor.draft_size`).
     """
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise TypeError(f"decode_image expects bytes, got {type(data).__name__}")
@@ -213,7 +217,7 @@ def decode_image(
         raise ValueError(f"max_pixels must be positive, got {max_pixels}")
     try:
         with _strict_pillow():
-            return _decode(data, max_pixels=max_pixels, key=key, formats=formats)
+            return _decode(data, max_pixels=max_pixels, key=key, formats=formats, draft=draft)
     except MediaError:
         raise
     except Image.DecompressionBombError as e:
@@ -222,7 +226,7 @@ def decode_image(
         raise MediaError("corrupt", f"{type(e).__name__}: {e}", key=key) from e
 
 
-def _decode(data, *, max_pixels: int, key: str | None, formats) -> Image.Image:
+def _decode(data, *, max_pixels: int, key: str | None, formats, draft=None) -> Image.Image:
     fmt_hint = _sniff(data)
     if formats is not None:
         formats = [f.upper() for f in formats if f.upper() in Image.OPEN]
@@ -249,6 +253,15 @@ def _decode(data, *, max_pixels: int, key: str | None, formats) -> Image.Image:
             key=key,
         )
 
+    if draft is not None and img.format == "JPEG":
+        try:
+            rotated = img.getexif().get(0x0112, 1) in (5, 6, 7, 8)  # EXIF turns it by 90 degrees
+        except Exception:
+            rotated = False
+        want = draft(height, width) if rotated else draft(width, height)
+        if want is not None:
+            tw, th = want
+            img.draft(img.mode, (th, tw) if rotated else (tw, th))
     animated = bool(getattr(img, "is_animated", False))
     if animated:
         img.seek(0)

@@ -175,6 +175,10 @@ class ImageProcessor:
             shrink by an integer factor with a box filter, then resample. ``None`` (default) is
             the exact filter; ``2.0``-``3.0`` is several times faster for large photos at a
             near-invisible cost. Part of the config, so training and inference agree.
+        jpeg_draft: let libjpeg decode a JPEG directly at 1/2, 1/4 or 1/8 scale when the target
+            is that much smaller (DCT-domain downscaling, what Pillow's ``thumbnail`` does), then
+            resample to the exact target. Decoding a 640x480 photo for a 64 px target then costs
+            less than decoding it whole. The image is never drafted below the target size.
     """
 
     def __init__(
@@ -190,6 +194,7 @@ class ImageProcessor:
         mean: tuple[float, float, float] | list[float] = (0.5, 0.5, 0.5),
         std: tuple[float, float, float] | list[float] = (0.5, 0.5, 0.5),
         reducing_gap: float | None = None,
+        jpeg_draft: bool = False,
     ) -> None:
         self.patch_size = _positive_int("patch_size", patch_size)
         self.merge_size = _positive_int("merge_size", merge_size)
@@ -229,6 +234,7 @@ class ImageProcessor:
             if not reducing_gap >= 1.0:
                 raise ValueError(f"reducing_gap must be None or >= 1.0, got {reducing_gap}")
         self.reducing_gap = reducing_gap
+        self.jpeg_draft = bool(jpeg_draft)
         # x_norm = (u8 / 255 - mean) / std = u8 * scale + shift, per channel, fused in one pass.
         std_t = torch.tensor(self.std, dtype=torch.float64)
         mean_t = torch.tensor(self.mean, dtype=torch.float64)
@@ -256,6 +262,17 @@ class ImageProcessor:
         return smart_resize(
             height, width, self.factor, self.min_pixels, self.max_pixels, self.max_aspect_ratio
         )
+
+    def draft_size(self, width: int, height: int) -> tuple[int, int] | None:
+        """What `decode_image(draft=…)` may shrink a JPEG to: the target `(W, H)`, or None when
+        drafting is off or the image would be refused anyway (the processor reports that)."""
+        if not self.jpeg_draft:
+            return None
+        try:
+            hh, ww = self.target_size(height, width)
+        except MediaError:
+            return None
+        return ww, hh
 
     def grid_for(self, height: int, width: int) -> tuple[int, int, int]:
         """``(1, h, w)`` grid an input of ``height x width`` pixels gets, without processing it."""
@@ -315,6 +332,7 @@ class ImageProcessor:
             "mean": list(self.mean),
             "std": list(self.std),
             "reducing_gap": self.reducing_gap,
+            "jpeg_draft": self.jpeg_draft,
         }
 
     @classmethod

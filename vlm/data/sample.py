@@ -233,7 +233,9 @@ class SampleProcessor:
 
     # ---- media ---------------------------------------------------------------------------------
     def _image(self, data, key: str) -> tuple[torch.Tensor, tuple[int, int, int]]:
-        p = self.image_processor(decode_image(data, max_pixels=self.max_pixels, key=key))
+        ip = self.image_processor
+        draft = ip.draft_size if getattr(ip, "jpeg_draft", False) else None
+        p = ip(decode_image(data, max_pixels=self.max_pixels, key=key, draft=draft))
         T = self.temporal_patch
         return (p.patches if T == 1 else repeat_temporal(p.patches, T)), p.grid
 

@@ -551,6 +551,7 @@ class VideoProcessor:
         mean: Sequence[float] = (0.5, 0.5, 0.5),
         std: Sequence[float] = (0.5, 0.5, 0.5),
         reducing_gap: float | None = None,
+        jpeg_draft: bool = False,  # frames are decoded by the video path; kept so image configs fit
         temporal_patch: int = 2,
         target_fps: float | None = 2.0,
         max_frames: int = 16,
@@ -562,7 +563,7 @@ class VideoProcessor:
         self.image = ImageProcessor(
             patch_size=patch_size, merge_size=merge_size, resolution=resolution, image_size=image_size,
             min_pixels=min_pixels, max_pixels=max_pixels, max_aspect_ratio=max_aspect_ratio,
-            interpolation=interpolation, mean=mean, std=std, reducing_gap=reducing_gap,
+            interpolation=interpolation, mean=mean, std=std, reducing_gap=reducing_gap, jpeg_draft=jpeg_draft,
         )
         self.temporal_patch = _pos_int("temporal_patch", temporal_patch)
         self.max_frames = _pos_int("max_frames", max_frames)
