@@ -94,6 +94,56 @@ def test_broken_vision_checkpoints_are_named(tmp_path):
     save_file(sd, str(path / "model.safetensors"))
     with pytest.raises(PretrainedError, match="missing in the checkpoint: vision_model.encoder.layers.2.mlp.fc2.bias"):
         pretrained_vision_encoder(str(path))
-    (path / "config.json").write_text('{"model_type": "clip_vision_model"}')
+    (path / "config.json").write_text('{"model_type": "dinov2"}')
     with pytest.raises(PretrainedError, match="not a supported vision tower"):
         pretrained_vision_encoder(str(path))
+
+
+def _clip(tmp_path, full=False):
+    torch.manual_seed(0)
+    kw = dict(hidden_size=32, intermediate_size=52, num_hidden_layers=3, num_attention_heads=4, image_size=32,
+              patch_size=8)
+    if full:
+        cfg = transformers.CLIPConfig(vision_config=kw, text_config=dict(hidden_size=16, intermediate_size=32,
+                                      num_hidden_layers=1, num_attention_heads=2, vocab_size=50), projection_dim=8)
+        model = transformers.CLIPModel(cfg)
+    else:
+        model = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**kw))
+    vision = getattr(model, "vision_model", model)
+    with torch.no_grad():
+        for n, p in vision.named_parameters():
+            if "norm" in n or n.endswith("bias") or "class_embedding" in n:
+                p.add_(torch.randn_like(p) * 0.1)
+    path = tmp_path / ("clip_full" if full else "clip_vision")
+    model.save_pretrained(path)
+    return vision.eval(), path
+
+
+@pytest.mark.parametrize("full", [False, True], ids=["vision_model", "full_clip"])
+def test_clip_features_match_transformers_llava_style(tmp_path, full):
+    """LLaVA's read of CLIP: hidden_states[-2] without the CLS token (and without a final norm)."""
+    ref, path = _clip(tmp_path, full)
+    for layer, pick in ((-2, lambda o: o.hidden_states[-2]), (-1, lambda o: o.last_hidden_state)):
+        enc = pretrained_vision_encoder(str(path), feature_layer=layer).eval()
+        px = torch.randn(2, 3, 32, 32)
+        with torch.no_grad():
+            want = pick(ref(pixel_values=px, output_hidden_states=True))[:, 1:]
+            got = _ours(enc, px).view(2, 16, -1)
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    px2 = torch.randn(1, 3, 48, 40)  # another grid: interpolated patch positions, CLS position kept
+    with torch.no_grad():
+        want2 = ref(pixel_values=px2, interpolate_pos_encoding=True).last_hidden_state[:, 1:]
+        got2 = _ours(enc, px2).view(1, 30, -1)
+    torch.testing.assert_close(got2, want2, atol=1e-4, rtol=1e-4)
+
+
+def test_clip_vit_l_336_key_map_on_meta(tmp_path):
+    cfg = transformers.CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                                        num_attention_heads=16, image_size=336, patch_size=14, projection_dim=768)
+    (tmp_path / "config.json").write_text(cfg.to_json_string())
+    enc = pretrained_vision_encoder(str(tmp_path), device="meta")
+    with torch.device("meta"):
+        ref = transformers.CLIPVisionModel(cfg)
+    n_ref = sum(v.numel() for k, v in ref.state_dict().items() if not k.endswith("position_ids"))
+    assert sum(p.numel() for p in enc.parameters()) == n_ref  # every weight of the tower has a place
+    assert enc.pos_embed.shape == (24, 24, 1024)

@@ -245,38 +245,51 @@ _SIGLIP_RESHAPED = {
 }
 
 
-def _vision_config(cfg: dict) -> dict:
-    """The vision part of a SigLIP config (a full `siglip` config nests it under `vision_config`)."""
-    if cfg.get("model_type") == "siglip":
-        cfg = cfg.get("vision_config") or {}
-    if cfg.get("model_type", "siglip_vision_model") != "siglip_vision_model":
-        raise PretrainedError(f"model_type {cfg.get('model_type')!r} is not a supported vision tower (siglip)")
-    return cfg
+VISION_FAMILIES = ("siglip", "clip")
+
+
+def _vision_config(cfg: dict) -> tuple[str, dict]:
+    """(family, vision config) of a SigLIP / CLIP config (full checkpoints nest it under `vision_config`)."""
+    mt = cfg.get("model_type")
+    if mt in ("siglip", "clip"):
+        return mt, cfg.get("vision_config") or {}
+    if mt in ("siglip_vision_model", "clip_vision_model"):
+        return mt.split("_")[0], cfg
+    raise PretrainedError(f"model_type {mt!r} is not a supported vision tower ({', '.join(VISION_FAMILIES)})")
 
 
 def vision_kwargs(cfg: dict, feature_layer: int = -1) -> dict:
-    v = _vision_config(cfg)
-    act = {"gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "quick_gelu": "quick_gelu"}.get(v.get("hidden_act", "gelu_pytorch_tanh"))
+    family, v = _vision_config(cfg)
+    default_act = "gelu_pytorch_tanh" if family == "siglip" else "quick_gelu"
+    act = {"gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "quick_gelu": "quick_gelu"}.get(v.get("hidden_act", default_act))
     if act is None:
         raise PretrainedError(f"hidden_act {v.get('hidden_act')!r} is not supported")
-    P, size = int(v.get("patch_size", 16)), int(v.get("image_size", 224))
-    dim = int(v.get("hidden_size", 768))
-    return dict(patch_size=P, dim=dim, n_layers=int(v.get("num_hidden_layers", 12)),
-                n_heads=int(v.get("num_attention_heads", 12)), mlp_hidden=int(v.get("intermediate_size", 3072)),
-                channels=int(v.get("num_channels", 3)), pos_grid=size // P, patch_embed="linear", pos="learned",
-                act=act, norm_eps=float(v.get("layer_norm_eps", 1e-6)), feature_layer=feature_layer)
+    P, size = int(v.get("patch_size", 16 if family == "siglip" else 32)), int(v.get("image_size", 224))
+    kw = dict(patch_size=P, dim=int(v.get("hidden_size", 768)), n_layers=int(v.get("num_hidden_layers", 12)),
+              n_heads=int(v.get("num_attention_heads", 12)), mlp_hidden=int(v.get("intermediate_size", 3072)),
+              channels=int(v.get("num_channels", 3)), pos_grid=size // P, patch_embed="linear", pos="learned",
+              act=act, norm_eps=float(v.get("layer_norm_eps", 1e-6 if family == "siglip" else 1e-5)),
+              feature_layer=feature_layer)
+    if family == "clip":  # CLS token, LayerNorm before the blocks, hidden states read as they are
+        kw.update(cls_token=True, pre_norm=True, final_norm=False, patch_bias=False)
+    return kw
 
 
 def pretrained_vision_encoder(pretrained: str, feature_layer: int = -1, device: str | torch.device | None = None,
                               **overrides):
-    """Our `VisionEncoder` from a HF SigLIP folder (`siglip_vision_model` or a full `siglip`
-    checkpoint, whose text tower is then ignored). The final LayerNorm is SigLIP's
-    `post_layernorm`, applied to the selected layer (for the last layer: exactly HF's
-    `last_hidden_state`). Layers after `feature_layer` and the attention-pooling head are not
-    built: their keys are listed as deliberately unused."""
+    """Our `VisionEncoder` from a HF SigLIP or CLIP folder (a vision-only or a full checkpoint, whose
+    text tower is then ignored).
+
+    SigLIP: the final LayerNorm is `post_layernorm`, applied to the selected layer (for the last
+    layer exactly HF's `last_hidden_state`). CLIP: a CLS token and `pre_layrnorm`; features are the
+    selected layer's hidden states without a final norm and without the CLS (LLaVA's
+    `vision_feature_layer=-2`, `select_feature="patch"`; `feature_layer=-1` is HF's
+    `last_hidden_state[:, 1:]`). Layers after `feature_layer`, the pooling head and the projection
+    heads are not built: their keys are listed as deliberately unused."""
     from vlm.model.vision import VisionEncoder
 
     cfg = read_config(pretrained)
+    family, _ = _vision_config(cfg)
     kw = vision_kwargs(cfg, feature_layer)
     kw.update({k: v for k, v in overrides.items() if v is not None})
     with torch.device(device or "cpu"):
@@ -285,32 +298,44 @@ def pretrained_vision_encoder(pretrained: str, feature_layer: int = -1, device: 
         return enc
     src = SafetensorsFolder(pretrained)
     n_built = len(enc.blocks)
-    # full SiglipModel checkpoints (and older transformers) prefix the tower with "vision_model."
+    # full checkpoints (and older transformers) prefix the tower with "vision_model."
     pre = "vision_model." if any(k.startswith("vision_model.") for k in src.keys()) else ""
 
     def re(table: dict[str, str]) -> dict[str, str]:
         return {pre + k.removeprefix("vision_model."): v for k, v in table.items()}
 
-    mapping = expand(re(_SIGLIP_LAYER), n_built, re(_SIGLIP_GLOBAL))
+    glob = dict(_SIGLIP_GLOBAL)
+    if family == "clip":
+        glob.pop("vision_model.embeddings.patch_embedding.bias")
+        glob.update({"vision_model.pre_layrnorm.weight": "pre_norm.weight", "vision_model.pre_layrnorm.bias": "pre_norm.bias"})
+    mapping = expand(re(_SIGLIP_LAYER), n_built, re(glob))
     unused = tuple(k for k in src.keys() if not k.startswith(pre) or k.startswith(pre + "head.")
+                   or k == pre + "embeddings.position_ids"
                    or any(k.startswith(f"{pre}encoder.layers.{i}.") for i in range(n_built, kw["n_layers"])))
-    reshaped = {}
-    for k, ours in re(_SIGLIP_RESHAPED).items():
+    by_hand = re(_SIGLIP_RESHAPED)
+    if family == "clip":
+        by_hand[pre + "embeddings.class_embedding"] = "cls"
+    loaded = {}
+    for k, ours in by_hand.items():
         if k not in src.keys():
             raise PretrainedError(f"{pretrained}: missing in the checkpoint: {k}")
-        reshaped[ours] = src.get(k)
-    view = _Remapped(src, drop=set(unused) | set(re(_SIGLIP_RESHAPED)))
-    check_and_load(_Without(enc, set(reshaped)), view, mapping, where=str(pretrained))
+        loaded[ours] = src.get(k)
+    skip = set(loaded) | ({"cls_pos"} if family == "clip" else set())
+    check_and_load(_Without(enc, skip), _Remapped(src, drop=set(unused) | set(by_hand)), mapping, where=str(pretrained))
     with torch.no_grad():
-        w = reshaped["patch_embed.proj.weight"]
+        w = loaded["patch_embed.proj.weight"]
         if w.reshape(w.shape[0], -1).shape != enc.patch_embed.proj.weight.shape:
             raise PretrainedError(f"{pretrained}: patch embedding {tuple(w.shape)} does not fit {tuple(enc.patch_embed.proj.weight.shape)}")
         enc.patch_embed.proj.weight.copy_(w.reshape(w.shape[0], -1))
-        table = reshaped["pos_embed"]
+        table = loaded["pos_embed"]
         n = kw["pos_grid"]
-        if table.shape != (n * n, kw["dim"]):
-            raise PretrainedError(f"{pretrained}: position table {tuple(table.shape)} is not {n}x{n}x{kw['dim']}")
-        enc.pos_embed.copy_(table.view(n, n, -1))
+        extra = 1 if family == "clip" else 0  # CLIP's table starts with the CLS position
+        if table.shape != (extra + n * n, kw["dim"]):
+            raise PretrainedError(f"{pretrained}: position table {tuple(table.shape)} is not {extra}+{n}x{n} x {kw['dim']}")
+        enc.pos_embed.copy_(table[extra:].view(n, n, -1))
+        if family == "clip":
+            enc.cls.copy_(loaded["cls"])
+            enc.cls_pos.copy_(table[0])
     return enc
 
 

@@ -151,7 +151,10 @@ class VisionEncoder(nn.Module):
     `temporal_patch` T: frames per temporal patch (patch vectors are `C·T·P·P`). `feature_layer`
     picks which block's output feeds the projector (-1 = last, -2 = penultimate as in LLaVA); the
     final LayerNorm is applied to it. `act` (gelu / gelu_tanh / quick_gelu), `norm_eps` and
-    `mlp_hidden` match pretrained towers (`vlm.model.hf.pretrained_vision_encoder`). `feature_layers` (a list, overrides `feature_layer`) takes
+    `mlp_hidden` match pretrained towers (`vlm.model.hf.pretrained_vision_encoder`); so do CLIP's
+    `cls_token` (a learned token prepended to every item — and temporal patch — inside attention,
+    with its own position, dropped from the output), `pre_norm` (LayerNorm after the embeddings),
+    `final_norm: false` (LLaVA reads a hidden layer as is) and `patch_bias: false`. `feature_layers` (a list, overrides `feature_layer`) takes
     several blocks' outputs, each final-normed, and `feature_combine`s them: `concat` along the
     feature dimension (`out_dim = k·dim`, as multi-layer LLaVA variants / Cambrian) or `mean`.
     """
@@ -176,6 +179,10 @@ class VisionEncoder(nn.Module):
         act: str = "gelu",
         norm_eps: float = 1e-5,
         mlp_hidden: int | None = None,
+        cls_token: bool = False,
+        pre_norm: bool = False,
+        final_norm: bool = True,
+        patch_bias: bool = True,
     ):
         super().__init__()
         layers = [feature_layer] if feature_layers is None else list(feature_layers)
@@ -196,6 +203,14 @@ class VisionEncoder(nn.Module):
         self.feature_layer = self.feature_layers[-1]
         self.feature_combine = feature_combine
         self.patch_embed = PatchEmbed(patch_size, dim, channels, patch_embed, conv_channels, self.temporal_patch)
+        if not patch_bias:
+            self.patch_embed.proj.bias = None
+        if cls_token and pos != "learned":
+            raise ValueError("encoder.cls_token needs pos=learned")
+        self.cls = nn.Parameter(torch.randn(dim) * 0.02) if cls_token else None
+        self.cls_pos = nn.Parameter(torch.zeros(dim)) if cls_token else None
+        self.pre_norm = nn.LayerNorm(dim, eps=norm_eps) if pre_norm else None
+        self.final_norm = bool(final_norm)
         if pos == "learned":
             self.pos_embed = nn.Parameter(torch.randn(pos_grid, pos_grid, dim) * 0.02)
         else:
@@ -245,6 +260,8 @@ class VisionEncoder(nn.Module):
             tabs = [rope_cache[g] if g in rope_cache else rope_cache.setdefault(g, self.rope_tables(*g)) for g in grids]
             rope = (torch.cat([c for c, _ in tabs], 0), torch.cat([s for _, s in tabs], 0))  # [N, Dh] each
 
+        if self.cls is not None:  # the CLS joins each frame: group by the frame size too
+            return self._forward_cls(x, grids, sizes)
         # Group items by patch count: each group is a dense [G, n, D] batch (block-diagonal attention).
         # The rotary tables are per token, so they are gathered exactly like the tokens.
         offsets = torch.tensor([0] + sizes[:-1]).cumsum(0).tolist()
@@ -263,13 +280,34 @@ class VisionEncoder(nn.Module):
             out[idx] = self._encode(x[idx].view(G, n, -1), r).reshape(-1, self.out_dim).to(out.dtype)
         return out
 
+    def _forward_cls(self, x: Tensor, grids, sizes) -> Tensor:
+        offsets = torch.tensor([0] + sizes[:-1]).cumsum(0).tolist()
+        groups: dict[tuple, list[int]] = {}
+        for i, g in enumerate(grids):
+            groups.setdefault(g, []).append(i)
+        out = torch.empty(x.shape[0], self.out_dim, dtype=x.dtype, device=x.device)
+        for (t, h, w), items in groups.items():
+            n = t * h * w
+            idx = torch.cat([torch.arange(offsets[i], offsets[i] + n) for i in items]).to(x.device)
+            self._frame_tokens = h * w
+            out[idx] = self._encode(x[idx].view(len(items), n, -1)).reshape(-1, self.out_dim).to(out.dtype)
+        return out
+
     def _encode(self, x: Tensor, rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
         """`[G, n, D]` -> `[G, n, out_dim]`: the selected blocks' outputs, final-normed, combined."""
+        if self.cls is not None:  # [G, n, D] -> [G·t, 1 + n/t, D]: one CLS per frame, as CLIP sees images
+            G, n, D = x.shape
+            x = x.reshape(-1, self._frame_tokens, D)
+            cls = (self.cls + self.cls_pos).to(x.dtype).expand(x.shape[0], 1, D)
+            x = torch.cat([cls, x], 1)
+        if self.pre_norm is not None:
+            x = self.pre_norm(x)
         feats = []
         for i, block in enumerate(self.blocks):
             x = block(x, rope)
             if i in self.feature_layers:
-                feats.append(self.norm(x))
+                f = self.norm(x) if self.final_norm else x
+                feats.append(f[:, 1:].reshape(G, n, D) if self.cls is not None else f)
         if len(feats) == 1:
             return feats[0]
         return torch.cat(feats, -1) if self.feature_combine == "concat" else torch.stack(feats).mean(0)
