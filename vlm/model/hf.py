@@ -305,12 +305,14 @@ def pretrained_vision_encoder(pretrained: str, feature_layer: int = -1, device: 
         return {pre + k.removeprefix("vision_model."): v for k, v in table.items()}
 
     glob = dict(_SIGLIP_GLOBAL)
-    if family == "clip":
+    if family == "clip":  # no patch bias; post_layernorm only normalises the pooled CLS: unused
         glob.pop("vision_model.embeddings.patch_embedding.bias")
+        glob.pop("vision_model.post_layernorm.weight")
+        glob.pop("vision_model.post_layernorm.bias")
         glob.update({"vision_model.pre_layrnorm.weight": "pre_norm.weight", "vision_model.pre_layrnorm.bias": "pre_norm.bias"})
     mapping = expand(re(_SIGLIP_LAYER), n_built, re(glob))
     unused = tuple(k for k in src.keys() if not k.startswith(pre) or k.startswith(pre + "head.")
-                   or k == pre + "embeddings.position_ids"
+                   or k == pre + "embeddings.position_ids" or (family == "clip" and k.startswith(pre + "post_layernorm."))
                    or any(k.startswith(f"{pre}encoder.layers.{i}.") for i in range(n_built, kw["n_layers"])))
     by_hand = re(_SIGLIP_RESHAPED)
     if family == "clip":
@@ -370,3 +372,135 @@ class _Without(nn.Module):
 
     def named_buffers(self, *a, **kw):
         return ((k, v) for k, v in self.inner.named_buffers() if k not in self.skip)
+
+
+# ---- Qwen2-VL vision tower and merger ---------------------------------------------------------------
+_QWEN2VL_BLOCK = {
+    "blocks.{}.norm1.weight": "blocks.{}.norm1.weight", "blocks.{}.norm1.bias": "blocks.{}.norm1.bias",
+    "blocks.{}.norm2.weight": "blocks.{}.norm2.weight", "blocks.{}.norm2.bias": "blocks.{}.norm2.bias",
+    "blocks.{}.attn.proj.weight": "blocks.{}.attn.o_proj.weight", "blocks.{}.attn.proj.bias": "blocks.{}.attn.o_proj.bias",
+    "blocks.{}.mlp.fc1.weight": "blocks.{}.mlp.fc1.weight", "blocks.{}.mlp.fc1.bias": "blocks.{}.mlp.fc1.bias",
+    "blocks.{}.mlp.fc2.weight": "blocks.{}.mlp.fc2.weight", "blocks.{}.mlp.fc2.bias": "blocks.{}.mlp.fc2.bias",
+}
+# the fused projection, split in this one place: qkv rows are [q; k; v]
+_QWEN2VL_FUSED = {"blocks.{}.attn.qkv.weight": ("blocks.{}.attn.{}_proj.weight", 0),
+                  "blocks.{}.attn.qkv.bias": ("blocks.{}.attn.{}_proj.bias", 0)}
+_QWEN2VL_MERGER = {"merger.ln_q.weight": "norm.weight", "merger.ln_q.bias": "norm.bias",
+                   "merger.mlp.0.weight": "proj.0.weight", "merger.mlp.0.bias": "proj.0.bias",
+                   "merger.mlp.2.weight": "proj.2.weight", "merger.mlp.2.bias": "proj.2.bias"}
+
+
+class _Split:
+    """A source view that exposes fused tensors as their parts: `NAME#q|k|v` = rows of NAME."""
+
+    def __init__(self, src, fused: set[str], parts=("q", "k", "v")):
+        self.src, self.fused, self.parts = src, fused, parts
+
+    def keys(self) -> set[str]:
+        ks = set(self.src.keys()) - self.fused
+        return ks | {f"{k}#{p}" for k in self.fused if k in self.src.keys() for p in self.parts}
+
+    def _part(self, key):
+        base, part = key.split("#")
+        return base, self.parts.index(part)
+
+    def shape(self, key):
+        if "#" not in key:
+            return self.src.shape(key)
+        base, i = self._part(key)
+        s = list(self.src.shape(base))
+        s[0] //= len(self.parts)
+        return tuple(s)
+
+    def get(self, key):
+        if "#" not in key:
+            return self.src.get(key)
+        base, i = self._part(key)
+        return self.src.get(base).chunk(len(self.parts), 0)[i]
+
+
+def _qwen2vl_vision_cfg(cfg: dict) -> dict:
+    if cfg.get("model_type") == "qwen2_vl":
+        return cfg.get("vision_config") or {}
+    if cfg.get("model_type") == "qwen2_vl_vision":
+        return cfg
+    raise PretrainedError(f"model_type {cfg.get('model_type')!r} is not a Qwen2-VL checkpoint")
+
+
+def _qwen2vl_prefix(src: SafetensorsFolder) -> str:
+    """`visual.` (transformers 4 / the hub checkpoints) or `model.visual.` (transformers 5)."""
+    for pre in ("model.visual.", "visual.", ""):
+        if any(k.startswith(pre + "blocks.") for k in src.keys()):
+            return pre
+    raise PretrainedError("no Qwen2-VL vision blocks in the checkpoint")
+
+
+def pretrained_qwen2vl_vision(pretrained: str, feature_layer: int = -1, device: str | torch.device | None = None,
+                              **overrides):
+    """Our `VisionEncoder` from a Qwen2-VL folder: Conv3d patches (T=2, no bias) as one linear map,
+    2D RoPE (the same rule as ours), QuickGELU, no final norm (the merger's `ln_q` is it).
+
+    Qwen2-VL's processor orders each image's patches by 2×2 merge window; ours are row-major. The
+    blocks only see a token's rotary position, so both orders give the same features, permuted,
+    and both mergers concatenate the same 2×2 windows in the same order."""
+    from vlm.model.vision import VisionEncoder
+
+    v = _qwen2vl_vision_cfg(read_config(pretrained))
+    if v.get("hidden_act", "quick_gelu") != "quick_gelu":
+        raise PretrainedError(f"hidden_act {v.get('hidden_act')!r} is not supported")
+    D, heads = int(v.get("embed_dim", 1280)), int(v.get("num_heads", 16))
+    kw = dict(patch_size=int(v.get("patch_size", 14)), dim=D, n_layers=int(v.get("depth", 32)), n_heads=heads,
+              mlp_hidden=int(D * float(v.get("mlp_ratio", 4))), channels=int(v.get("in_channels", 3)),
+              patch_embed="linear", pos="rope2d", temporal_patch=int(v.get("temporal_patch_size", 2)),
+              act="quick_gelu", norm_eps=1e-6, final_norm=False, patch_bias=False, feature_layer=feature_layer,
+              rope_theta=float((v.get("rope_parameters") or {}).get("rope_theta", 10000.0)))
+    kw.update({k: val for k, val in overrides.items() if val is not None})
+    with torch.device(device or "cpu"):
+        enc = VisionEncoder(**kw)
+    if str(device) == "meta":
+        return enc
+    raw = SafetensorsFolder(pretrained)
+    pre = _qwen2vl_prefix(raw)
+    n_built = len(enc.blocks)
+    fused = {pre + k.format(i) for k in _QWEN2VL_FUSED for i in range(n_built)}
+    src = _Split(raw, fused)
+    mapping = expand({pre + k: v for k, v in _QWEN2VL_BLOCK.items()}, n_built, {})
+    for i in range(n_built):
+        for k, (ours, _) in _QWEN2VL_FUSED.items():
+            for p in ("q", "k", "v"):
+                mapping[f"{pre}{k.format(i)}#{p}"] = ours.format(i, p)
+    patch = pre + "patch_embed.proj.weight"
+    unused = {k for k in src.keys() if not k.startswith(pre) or k.startswith(pre + "merger.")
+              or any(k.startswith(f"{pre}blocks.{i}.") for i in range(n_built, kw["n_layers"]))}
+    check_and_load(_Without(enc, {"patch_embed.proj.weight"}), _Remapped(src, drop=unused | {patch}), mapping,
+                   where=str(pretrained))
+    w = raw.get(patch)
+    if w.reshape(w.shape[0], -1).shape != enc.patch_embed.proj.weight.shape:
+        raise PretrainedError(f"{pretrained}: patch embedding {tuple(w.shape)} does not fit {tuple(enc.patch_embed.proj.weight.shape)}")
+    with torch.no_grad():
+        enc.patch_embed.proj.weight.copy_(w.reshape(w.shape[0], -1))  # [D, C, T, P, P] -> [D, C·T·P·P]
+    return enc
+
+
+def pretrained_qwen2vl_merger(pretrained: str, device: str | torch.device | None = None, **overrides):
+    """Our `Projector(kind="merge")` from a Qwen2-VL folder's `merger` (LayerNorm per patch ->
+    2×2 concat -> Linear -> GELU -> Linear)."""
+    from vlm.model.projector import Projector
+
+    cfg = read_config(pretrained)
+    v = _qwen2vl_vision_cfg(cfg)
+    m = int(v.get("spatial_merge_size", 2))
+    D = int(v.get("embed_dim", 1280))
+    kw = dict(in_dim=D, out_dim=int(v.get("hidden_size", 3584)), kind="merge", merge_size=m, hidden=D * m * m,
+              norm_eps=1e-6)
+    kw.update({k: val for k, val in overrides.items() if val is not None})
+    with torch.device(device or "cpu"):
+        proj = Projector(**kw)
+    if str(device) == "meta":
+        return proj
+    src = SafetensorsFolder(pretrained)
+    pre = _qwen2vl_prefix(src)
+    mapping = {pre + k: v for k, v in _QWEN2VL_MERGER.items()}
+    check_and_load(proj, _Remapped(src, drop={k for k in src.keys() if not k.startswith(pre + "merger.")}), mapping,
+                   where=str(pretrained))
+    return proj

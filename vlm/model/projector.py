@@ -152,6 +152,7 @@ class Projector(nn.Module):
         blocks: int = 2,
         n_heads: int = 4,
         dim: int | None = None,
+        norm_eps: float = 1e-5,
     ):
         super().__init__()
         if kind not in KINDS:
@@ -164,14 +165,14 @@ class Projector(nn.Module):
         d = in_dim * m2
         self.norm: nn.Module = nn.Identity()
         if kind in ("linear", "mlp"):
-            self.norm = nn.LayerNorm(d) if merge_size > 1 else nn.Identity()
+            self.norm = nn.LayerNorm(d, eps=norm_eps) if merge_size > 1 else nn.Identity()
             if kind == "linear":
                 self.proj = nn.Linear(d, out_dim)
             else:
                 hidden = hidden or out_dim
                 self.proj = nn.Sequential(nn.Linear(d, hidden), nn.GELU(), nn.Linear(hidden, out_dim))
         elif kind == "merge":
-            self.norm = nn.LayerNorm(in_dim)  # per patch, before the concat (Qwen2-VL's ln_q)
+            self.norm = nn.LayerNorm(in_dim, eps=norm_eps)  # per patch, before the concat (Qwen2-VL's ln_q)
             hidden = hidden or d
             self.proj = nn.Sequential(nn.Linear(d, hidden), nn.GELU(), nn.Linear(hidden, out_dim))
         elif kind == "pixel_shuffle":

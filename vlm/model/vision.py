@@ -220,7 +220,7 @@ class VisionEncoder(nn.Module):
         # Only the blocks up to the feature layer are ever used; don't build dead ones.
         self.blocks = nn.ModuleList(ViTBlock(dim, n_heads, mlp_ratio, act, norm_eps, mlp_hidden)
                                     for _ in range(self.feature_layer + 1))
-        self.norm = nn.LayerNorm(dim, eps=norm_eps)
+        self.norm = nn.LayerNorm(dim, eps=norm_eps) if final_norm else nn.Identity()
         k = len(self.feature_layers)
         self.out_dim = dim * k if feature_combine == "concat" else dim
 
@@ -306,7 +306,7 @@ class VisionEncoder(nn.Module):
         for i, block in enumerate(self.blocks):
             x = block(x, rope)
             if i in self.feature_layers:
-                f = self.norm(x) if self.final_norm else x
+                f = self.norm(x)
                 feats.append(f[:, 1:].reshape(G, n, D) if self.cls is not None else f)
         if len(feats) == 1:
             return feats[0]

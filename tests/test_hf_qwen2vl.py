@@ -1,0 +1,70 @@
+"""Qwen2-VL's vision tower and merger from a Hugging Face folder: our packed, row-major encoder +
+`merge` projector give the same visual tokens as `transformers`' window-ordered tower, for images
+of mixed sizes in one batch; key maps at full size (Qwen2-VL-7B) on the meta device."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from vlm.model.hf import pretrained_qwen2vl_merger, pretrained_qwen2vl_vision  # noqa: E402
+
+VISION = dict(depth=2, embed_dim=32, hidden_size=48, num_heads=4, mlp_ratio=2, patch_size=4, spatial_merge_size=2,
+              temporal_patch_size=2, in_channels=3)
+TEXT = dict(vocab_size=100, hidden_size=48, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, rope_scaling={"type": "mrope", "mrope_section": [2, 1, 3]})
+
+
+def _save(tmp_path):
+    torch.manual_seed(0)
+    model = transformers.Qwen2VLForConditionalGeneration(transformers.Qwen2VLConfig(vision_config=VISION, text_config=TEXT))
+    visual = model.model.visual if hasattr(model.model, "visual") else model.visual
+    with torch.no_grad():
+        for n, p in visual.named_parameters():
+            if "norm" in n or "ln_q" in n or n.endswith("bias"):
+                p.add_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(tmp_path / "qwen2vl")
+    return visual.eval(), tmp_path / "qwen2vl"
+
+
+def window_order(t: int, h: int, w: int, m: int = 2) -> torch.Tensor:
+    """Row-major patch index of each patch in Qwen2-VL's processor order (2x2 windows, row-major)."""
+    idx = torch.arange(t * h * w).view(t, h // m, m, w // m, m)
+    return idx.permute(0, 1, 3, 2, 4).reshape(-1)
+
+
+def test_qwen2vl_vision_and_merger_match_transformers(tmp_path):
+    visual, path = _save(tmp_path)
+    enc = pretrained_qwen2vl_vision(str(path)).eval()
+    proj = pretrained_qwen2vl_merger(str(path)).eval()
+    grids = [(1, 4, 6), (1, 8, 4), (1, 4, 6)]  # images of mixed sizes (t = 1 temporal patch each)
+    dim = 3 * 2 * 4 * 4
+    ours_in, hf_in = [], []
+    for t, h, w in grids:
+        x = torch.randn(t * h * w, dim)  # row-major patches, [C, T, P, P] each (Qwen2-VL's Conv3d layout)
+        ours_in.append(x)
+        hf_in.append(x[window_order(t, h, w)])
+    g = torch.tensor(grids)
+    with torch.no_grad():
+        want = visual(torch.cat(hf_in), grid_thw=g).pooler_output
+        got = proj(enc(torch.cat(ours_in), g), g)
+    assert got.shape == want.shape == (sum(h * w // 4 for _, h, w in grids), 48)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_qwen2vl_7b_vision_key_maps_on_meta(tmp_path):
+    cfg = transformers.Qwen2VLConfig(vision_config=dict(depth=32, embed_dim=1280, hidden_size=3584, num_heads=16,
+                                                        mlp_ratio=4, patch_size=14, spatial_merge_size=2,
+                                                        temporal_patch_size=2),
+                                     text_config=dict(hidden_size=3584, num_hidden_layers=1, vocab_size=100))
+    (tmp_path / "config.json").write_text(cfg.to_json_string())
+    enc = pretrained_qwen2vl_vision(str(tmp_path), device="meta")
+    proj = pretrained_qwen2vl_merger(str(tmp_path), device="meta")
+    with torch.device("meta"):
+        ref = transformers.Qwen2VLForConditionalGeneration(cfg)
+    visual = ref.model.visual if hasattr(ref.model, "visual") else ref.visual
+    n_ref = sum(v.numel() for v in visual.state_dict().values())
+    assert sum(p.numel() for p in enc.parameters()) + sum(p.numel() for p in proj.parameters()) == n_ref
+    assert enc.patch_dim == 3 * 2 * 14 * 14 and proj.token_count((1, 32, 32)) == 256
