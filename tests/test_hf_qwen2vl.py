@@ -68,3 +68,46 @@ def test_qwen2vl_7b_vision_key_maps_on_meta(tmp_path):
     n_ref = sum(v.numel() for v in visual.state_dict().values())
     assert sum(p.numel() for p in enc.parameters()) + sum(p.numel() for p in proj.parameters()) == n_ref
     assert enc.patch_dim == 3 * 2 * 14 * 14 and proj.token_count((1, 32, 32)) == 256
+
+
+def test_whole_qwen2vl_logits_match_transformers(tmp_path):
+    """model=qwen2vl: tower + merger + Qwen2 decoder with M-RoPE from one folder; logits equal
+    transformers' on a sequence with two images of different sizes and a video, positions from
+    our template's M-RoPE rule."""
+    from types import SimpleNamespace
+
+    from vlm.data.template import ChatTemplate
+    from vlm.model.hf import pretrained_decoder
+    from vlm.model.vlm import VLM
+
+    VS, IMG, VID, VE = 91, 92, 93, 94
+    torch.manual_seed(0)
+    cfg = transformers.Qwen2VLConfig(vision_config=VISION, text_config=TEXT, image_token_id=IMG, video_token_id=VID,
+                                     vision_start_token_id=VS, vision_end_token_id=VE)
+    ref = transformers.Qwen2VLForConditionalGeneration(cfg).eval()
+    path = tmp_path / "qwen2vl_full"
+    ref.save_pretrained(path)
+    enc, proj = pretrained_qwen2vl_vision(str(path)), pretrained_qwen2vl_merger(str(path))
+    dec = pretrained_decoder(str(path), rope="mrope")
+    assert dec.rope == "mrope" and dec.mrope_section == [2, 1, 3]
+    model = VLM(enc, proj, dec, media_token_ids=[IMG, VID]).eval()
+
+    media = [("image", (1, 4, 6)), ("video", (2, 4, 4)), ("image", (1, 8, 4))]
+    ids, patches_ours, img_hf, vid_hf = [], [], [], []
+    for kind, (t, h, w) in media:
+        ids += torch.randint(0, 90, (3,)).tolist() + [VS] + [IMG if kind == "image" else VID] * (t * h * w // 4) + [VE]
+        x = torch.randn(t * h * w, 3 * 2 * 4 * 4)
+        patches_ours.append(x)
+        (img_hf if kind == "image" else vid_hf).append(x[window_order(t, h, w)])
+    ids += torch.randint(0, 90, (5,)).tolist()
+    tok = SimpleNamespace(image_pad_id=IMG, video_pad_id=VID, im_start_id=0, im_end_id=1, encode=lambda s: [2])
+    template = ChatTemplate(tok, lambda g: g[0] * (g[1] // 2) * (g[2] // 2), rope="mrope", merge_size=2)
+    pos = template.position_ids(ids, [g for _, g in media])[:, None]  # [3, 1, L]
+    ids_t = torch.tensor([ids])
+    grids = torch.tensor([g for _, g in media])
+    with torch.no_grad():
+        mm_types = (ids_t == IMG).long() + 2 * (ids_t == VID).long()  # 0 text, 1 image, 2 video (HF's rope index)
+        want = ref(input_ids=ids_t, mm_token_type_ids=mm_types, pixel_values=torch.cat(img_hf), image_grid_thw=torch.tensor([media[0][1], media[2][1]]),
+                   pixel_values_videos=torch.cat(vid_hf), video_grid_thw=torch.tensor([media[1][1]])).logits
+        got = model.logits(model(ids_t, pos, None, torch.cat(patches_ours), grids, torch.tensor([3])))
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)

@@ -162,8 +162,25 @@ def _rope_theta(cfg: dict) -> float:
     return float(params.get("rope_theta", cfg.get("rope_theta", 10000.0)))
 
 
+def _text_config(cfg: dict) -> dict:
+    """The language-model part of a config: Qwen2-VL nests it under `text_config` (transformers 5)
+    or keeps it at the top level (transformers 4 / the hub checkpoints); its family is qwen2 with
+    M-RoPE (`mrope_section` from `rope_scaling` / `rope_parameters`)."""
+    if cfg.get("model_type") in ("qwen2_vl", "qwen2_vl_text"):
+        text = dict(cfg.get("text_config") or cfg)
+        params = {**(text.get("rope_scaling") or {}), **(text.get("rope_parameters") or {})}
+        text["model_type"] = "qwen2"
+        text["_mrope_section"] = params.get("mrope_section")
+        text["rope_parameters"] = {"rope_theta": params.get("rope_theta", text.get("rope_theta", 1000000.0))}
+        text.pop("rope_scaling", None)
+        text.setdefault("tie_word_embeddings", cfg.get("tie_word_embeddings", False))
+        return text
+    return cfg
+
+
 def decoder_kwargs(cfg: dict) -> dict:
-    """Our `Decoder` arguments from a HF Llama / Mistral / Qwen2 `config.json`."""
+    """Our `Decoder` arguments from a HF Llama / Mistral / Qwen2 / Qwen2-VL `config.json`."""
+    cfg = _text_config(cfg)
     family = cfg.get("model_type")
     if family not in DECODER_FAMILIES:
         raise PretrainedError(f"model_type {family!r} is not a supported decoder family ({sorted(DECODER_FAMILIES)})")
@@ -182,16 +199,23 @@ def decoder_kwargs(cfg: dict) -> dict:
         rope_theta=_rope_theta(cfg), max_seq_len=int(cfg.get("max_position_embeddings", 2048)),
         norm_eps=float(cfg.get("rms_norm_eps", 1e-6)), qkv_bias=DECODER_FAMILIES[family]["qkv_bias"],
         tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        **({"rope": "mrope", "mrope_section": list(cfg["_mrope_section"])} if cfg.get("_mrope_section") else {}),
     )
 
 
-def decoder_key_map(cfg: dict) -> dict[str, str]:
+def decoder_key_map(cfg: dict, keys: set[str] | None = None) -> dict[str, str]:
+    """HF -> ours for a decoder. `keys` (the checkpoint's) picks the prefix: `model.` for LLMs,
+    `model.language_model.` for Qwen2-VL saved by transformers 5."""
+    cfg = _text_config(cfg)
     fam = DECODER_FAMILIES[cfg["model_type"]]
     n = int(cfg["num_hidden_layers"])
     glob = dict(_DECODER_GLOBAL)
     if not cfg.get("tie_word_embeddings", False):
         glob["lm_head.weight"] = "lm_head.weight"
-    return expand(fam["layer"], n, glob)
+    table = expand(fam["layer"], n, glob)
+    if keys is not None and any(k.startswith("model.language_model.") for k in keys):
+        table = {("model.language_model." + k[len("model."):] if k.startswith("model.") else k): v for k, v in table.items()}
+    return table
 
 
 def pretrained_decoder(pretrained: str, device: str | torch.device | None = None, **overrides) -> Decoder:
@@ -201,8 +225,12 @@ def pretrained_decoder(pretrained: str, device: str | torch.device | None = None
     `mrope_section`); architecture fields given here must agree with the folder's config."""
     cfg = read_config(pretrained)
     kw = decoder_kwargs(cfg)
+    if kw.get("rope") == "mrope" and overrides.get("rope") == "rope":
+        raise PretrainedError(f"{pretrained} uses M-RoPE (Qwen2-VL): set decoder.rope=mrope (model/decoder=qwen2vl)")
     for k, v in overrides.items():
-        if k in kw and v is not None and v != kw[k] and k != "max_seq_len":
+        if k in ("rope", "mrope_section") and v is None:
+            continue
+        if k in kw and v is not None and v != kw[k] and k not in ("max_seq_len", "rope", "mrope_section"):
             raise PretrainedError(f"decoder.{k}={v!r} contradicts {pretrained}/config.json ({kw[k]!r})")
         if v is not None or k not in kw:
             kw[k] = v
@@ -210,7 +238,11 @@ def pretrained_decoder(pretrained: str, device: str | torch.device | None = None
         dec = Decoder(**kw)
     if str(device) == "meta":
         return dec
-    check_and_load(dec, SafetensorsFolder(pretrained), decoder_key_map(cfg), where=str(pretrained))
+    src = SafetensorsFolder(pretrained)
+    mapping = decoder_key_map(cfg, src.keys())
+    # a whole VLM's folder (Qwen2-VL): the vision tower and merger are read by their own loaders
+    vision = {k for k in src.keys() if k.startswith(("visual.", "model.visual."))}
+    check_and_load(dec, _Remapped(src, drop=vision), mapping, where=str(pretrained))
     return dec
 
 
@@ -453,6 +485,7 @@ def pretrained_qwen2vl_vision(pretrained: str, feature_layer: int = -1, device: 
               mlp_hidden=int(D * float(v.get("mlp_ratio", 4))), channels=int(v.get("in_channels", 3)),
               patch_embed="linear", pos="rope2d", temporal_patch=int(v.get("temporal_patch_size", 2)),
               act="quick_gelu", norm_eps=1e-6, final_norm=False, patch_bias=False, feature_layer=feature_layer,
+              attention="frame",
               rope_theta=float((v.get("rope_parameters") or {}).get("rope_theta", 10000.0)))
     kw.update({k: val for k, val in overrides.items() if val is not None})
     with torch.device(device or "cpu"):

@@ -154,7 +154,9 @@ class VisionEncoder(nn.Module):
     `mlp_hidden` match pretrained towers (`vlm.model.hf.pretrained_vision_encoder`); so do CLIP's
     `cls_token` (a learned token prepended to every item — and temporal patch — inside attention,
     with its own position, dropped from the output), `pre_norm` (LayerNorm after the embeddings),
-    `final_norm: false` (LLaVA reads a hidden layer as is) and `patch_bias: false`. `feature_layers` (a list, overrides `feature_layer`) takes
+    `final_norm: false` (LLaVA reads a hidden layer as is) and `patch_bias: false`; and Qwen2-VL's
+    `attention: frame` (each temporal patch of a video attends only within itself; `item`, the
+    default, lets a video's patches see each other across time). `feature_layers` (a list, overrides `feature_layer`) takes
     several blocks' outputs, each final-normed, and `feature_combine`s them: `concat` along the
     feature dimension (`out_dim = k·dim`, as multi-layer LLaVA variants / Cambrian) or `mean`.
     """
@@ -183,6 +185,7 @@ class VisionEncoder(nn.Module):
         pre_norm: bool = False,
         final_norm: bool = True,
         patch_bias: bool = True,
+        attention: str = "item",
     ):
         super().__init__()
         layers = [feature_layer] if feature_layers is None else list(feature_layers)
@@ -211,6 +214,9 @@ class VisionEncoder(nn.Module):
         self.cls_pos = nn.Parameter(torch.zeros(dim)) if cls_token else None
         self.pre_norm = nn.LayerNorm(dim, eps=norm_eps) if pre_norm else None
         self.final_norm = bool(final_norm)
+        if attention not in ("item", "frame"):
+            raise ValueError(f"encoder.attention must be 'item' or 'frame', got {attention!r}")
+        self.attention = attention
         if pos == "learned":
             self.pos_embed = nn.Parameter(torch.randn(pos_grid, pos_grid, dim) * 0.02)
         else:
@@ -250,6 +256,9 @@ class VisionEncoder(nn.Module):
         if sum(sizes) != patches.shape[0]:
             raise ValueError(f"grid_thw covers {sum(sizes)} patches but {patches.shape[0]} were given")
         x = self.patch_embed(patches, grid_thw)
+        if self.attention == "frame":  # every temporal patch attends only to itself (Qwen2-VL)
+            grids = [(1, h, w) for t, h, w in grids for _ in range(t)]
+            sizes = [h * w for _, h, w in grids]
         rope = None
         if self.pos == "learned":
             pos_cache: dict[tuple, Tensor] = {}
