@@ -163,6 +163,15 @@ def _rope_theta(cfg: dict) -> float:
 
 
 def _text_config(cfg: dict) -> dict:
+    if cfg.get("model_type") == "llava":
+        text = dict(cfg.get("text_config") or {})
+        text.setdefault("model_type", "llama")
+        text.setdefault("tie_word_embeddings", cfg.get("tie_word_embeddings", False))
+        return text
+    return _text_config_qwen(cfg)
+
+
+def _text_config_qwen(cfg: dict) -> dict:
     """The language-model part of a config: Qwen2-VL nests it under `text_config` (transformers 5)
     or keeps it at the top level (transformers 4 / the hub checkpoints); its family is qwen2 with
     M-RoPE (`mrope_section` from `rope_scaling` / `rope_parameters`)."""
@@ -213,8 +222,11 @@ def decoder_key_map(cfg: dict, keys: set[str] | None = None) -> dict[str, str]:
     if not cfg.get("tie_word_embeddings", False):
         glob["lm_head.weight"] = "lm_head.weight"
     table = expand(fam["layer"], n, glob)
-    if keys is not None and any(k.startswith("model.language_model.") for k in keys):
-        table = {("model.language_model." + k[len("model."):] if k.startswith("model.") else k): v for k, v in table.items()}
+    if keys is not None:  # "model." (LLMs), "model.language_model." (VLMs, transformers 5), "language_model.model." (4)
+        body = _prefix_of([k for k in keys if "vision" not in k], "embed_tokens.weight", "decoder")
+        heads = [k[: -len("lm_head.weight")] for k in keys if k.endswith("lm_head.weight")]
+        head = heads[0] if heads else ""
+        table = {(body + k[len("model."):] if k.startswith("model.") else head + k): v for k, v in table.items()}
     return table
 
 
@@ -240,8 +252,9 @@ def pretrained_decoder(pretrained: str, device: str | torch.device | None = None
         return dec
     src = SafetensorsFolder(pretrained)
     mapping = decoder_key_map(cfg, src.keys())
-    # a whole VLM's folder (Qwen2-VL): the vision tower and merger are read by their own loaders
-    vision = {k for k in src.keys() if k.startswith(("visual.", "model.visual."))}
+    # a whole VLM's folder (Qwen2-VL, LLaVA): the vision tower and projector have their own loaders
+    vision = {k for k in src.keys() if k.startswith(("visual.", "model.visual.", "vision_tower.", "model.vision_tower.",
+                                                      "multi_modal_projector.", "model.multi_modal_projector."))}
     check_and_load(dec, _Remapped(src, drop=vision), mapping, where=str(pretrained))
     return dec
 
@@ -280,9 +293,19 @@ _SIGLIP_RESHAPED = {
 VISION_FAMILIES = ("siglip", "clip")
 
 
+def _prefix_of(keys, suffix: str, where) -> str:
+    hits = sorted(k[: -len(suffix)] for k in keys if k.endswith(suffix))
+    if not hits:
+        raise PretrainedError(f"{where}: no '*{suffix}' in the checkpoint")
+    return hits[0]
+
+
 def _vision_config(cfg: dict) -> tuple[str, dict]:
     """(family, vision config) of a SigLIP / CLIP config (full checkpoints nest it under `vision_config`)."""
     mt = cfg.get("model_type")
+    if mt == "llava":
+        v = cfg.get("vision_config") or {}
+        return _vision_config(v)[0] if v.get("model_type") else "clip", v
     if mt in ("siglip", "clip"):
         return mt, cfg.get("vision_config") or {}
     if mt in ("siglip_vision_model", "clip_vision_model"):
@@ -330,8 +353,9 @@ def pretrained_vision_encoder(pretrained: str, feature_layer: int = -1, device: 
         return enc
     src = SafetensorsFolder(pretrained)
     n_built = len(enc.blocks)
-    # full checkpoints (and older transformers) prefix the tower with "vision_model."
-    pre = "vision_model." if any(k.startswith("vision_model.") for k in src.keys()) else ""
+    # where the tower lives: "" (vision-only, transformers 5), "vision_model." (full SigLIP / CLIP),
+    # "model.vision_tower.vision_model." / "vision_tower.vision_model." (LLaVA, transformers 5 / 4)
+    pre = _prefix_of(src.keys(), "embeddings.patch_embedding.weight", pretrained)
 
     def re(table: dict[str, str]) -> dict[str, str]:
         return {pre + k.removeprefix("vision_model."): v for k, v in table.items()}
@@ -535,5 +559,33 @@ def pretrained_qwen2vl_merger(pretrained: str, device: str | torch.device | None
     pre = _qwen2vl_prefix(src)
     mapping = {pre + k: v for k, v in _QWEN2VL_MERGER.items()}
     check_and_load(proj, _Remapped(src, drop={k for k in src.keys() if not k.startswith(pre + "merger.")}), mapping,
+                   where=str(pretrained))
+    return proj
+
+
+# ---- LLaVA-1.5 projector --------------------------------------------------------------------------
+def pretrained_llava_projector(pretrained: str, device: str | torch.device | None = None, **overrides):
+    """Our `Projector(kind="mlp")` from a LLaVA folder's `multi_modal_projector` (Linear -> GELU ->
+    Linear, no merge)."""
+    from vlm.model.projector import Projector
+
+    cfg = read_config(pretrained)
+    if cfg.get("model_type") != "llava":
+        raise PretrainedError(f"{pretrained}: model_type {cfg.get('model_type')!r} is not llava")
+    if cfg.get("projector_hidden_act", "gelu") != "gelu":
+        raise PretrainedError(f"projector_hidden_act {cfg.get('projector_hidden_act')!r} is not supported")
+    v, t = cfg.get("vision_config") or {}, cfg.get("text_config") or {}
+    kw = dict(in_dim=int(v.get("hidden_size", 1024)), out_dim=int(t.get("hidden_size", 4096)), kind="mlp", merge_size=1,
+              hidden=int(t.get("hidden_size", 4096)))
+    kw.update({k: val for k, val in overrides.items() if val is not None})
+    with torch.device(device or "cpu"):
+        proj = Projector(**kw)
+    if str(device) == "meta":
+        return proj
+    src = SafetensorsFolder(pretrained)
+    pre = _prefix_of(src.keys(), "multi_modal_projector.linear_1.weight", pretrained)
+    mapping = {f"{pre}multi_modal_projector.linear_{i}.{p}": f"proj.{j}.{p}" for i, j in ((1, 0), (2, 2))
+               for p in ("weight", "bias")}
+    check_and_load(proj, _Remapped(src, drop={k for k in src.keys() if "multi_modal_projector." not in k}), mapping,
                    where=str(pretrained))
     return proj
