@@ -153,6 +153,7 @@ def test_pretrained_decoder_trains_through_hydra_with_a_grown_vocabulary(tmp_pat
         "trainer.limit_val_batches=0", "callbacks.model_checkpoint.monitor=null", "optimizer.lr=1e-9"]
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
         run(compose("train", overrides=overrides))
+    shutil.rmtree(folder)  # the export is self-contained: the pretrained folder is no longer needed
     m = load_checkpoint(tmp_path / "run" / "export").model
     emb = m.decoder.embed_tokens.weight.detach()
     assert emb.shape == (tok.vocab_size, TINY["hidden_size"]) and m.decoder.lm_head.weight is m.decoder.embed_tokens.weight

@@ -74,6 +74,21 @@ def build_model(model_cfg: dict, tokenizer: TextTokenizer) -> VLM:
     )
 
 
+def self_contained_config(model_cfg: dict, model: VLM) -> dict:
+    """The model config with every part that was read from a pretrained folder replaced by its
+    native class and arguments (`native_config`, set by `vlm.model.hf`), so checkpoints and export
+    folders rebuild without the original folders; a grown vocabulary is recorded too."""
+    out = dict(model_cfg)
+    for part in ("encoder", "projector", "decoder"):
+        native = getattr(getattr(model, part), "native_config", None)
+        if native is not None:
+            native = dict(native)
+            if part == "decoder":
+                native["vocab_size"] = model.decoder.vocab_size
+            out[part] = native
+    return out
+
+
 def build_processor(processor_cfg: dict) -> MediaProcessor:
     """The image processor config, with the video processor's keys under `video` (optional; see
     :class:`~vlm.data.sample.MediaProcessor`). The result is an `ImageProcessor` whose `.video` is

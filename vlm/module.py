@@ -38,7 +38,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from vlm.build import build_model
+from vlm.build import build_model, self_contained_config
 from vlm.data.template import IGNORE
 from vlm.data.webdataset import (
     ShardDataset,
@@ -87,6 +87,8 @@ class VLMModule(L.LightningModule):
         )
         self.tokenizer = TextTokenizer.from_str(tokenizer_json)
         self.model = build_model(model, self.tokenizer)
+        # pretrained parts (vlm.model.hf) -> their native classes: the checkpoint needs no model folders
+        self.hparams["model"] = self_contained_config(model, self.model)
         self.freeze_spec = dict(model.get("freeze") or {})
         self._apply_freeze()
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler

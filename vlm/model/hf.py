@@ -248,6 +248,7 @@ def pretrained_decoder(pretrained: str, device: str | torch.device | None = None
             kw[k] = v
     with torch.device(device or "cpu"):
         dec = Decoder(**kw)
+    dec.native_config = {"_target_": "vlm.model.decoder.Decoder", **kw}
     if str(device) == "meta":
         return dec
     src = SafetensorsFolder(pretrained)
@@ -349,6 +350,7 @@ def pretrained_vision_encoder(pretrained: str, feature_layer: int = -1, device: 
     kw.update({k: v for k, v in overrides.items() if v is not None})
     with torch.device(device or "cpu"):
         enc = VisionEncoder(**kw)
+    enc.native_config = {"_target_": "vlm.model.vision.VisionEncoder", **kw}
     if str(device) == "meta":
         return enc
     src = SafetensorsFolder(pretrained)
@@ -514,6 +516,7 @@ def pretrained_qwen2vl_vision(pretrained: str, feature_layer: int = -1, device: 
     kw.update({k: val for k, val in overrides.items() if val is not None})
     with torch.device(device or "cpu"):
         enc = VisionEncoder(**kw)
+    enc.native_config = {"_target_": "vlm.model.vision.VisionEncoder", **kw}
     if str(device) == "meta":
         return enc
     raw = SafetensorsFolder(pretrained)
@@ -553,6 +556,7 @@ def pretrained_qwen2vl_merger(pretrained: str, device: str | torch.device | None
     kw.update({k: val for k, val in overrides.items() if val is not None})
     with torch.device(device or "cpu"):
         proj = Projector(**kw)
+    proj.native_config = {"_target_": "vlm.model.projector.Projector", **kw}
     if str(device) == "meta":
         return proj
     src = SafetensorsFolder(pretrained)
@@ -580,6 +584,7 @@ def pretrained_llava_projector(pretrained: str, device: str | torch.device | Non
     kw.update({k: val for k, val in overrides.items() if val is not None})
     with torch.device(device or "cpu"):
         proj = Projector(**kw)
+    proj.native_config = {"_target_": "vlm.model.projector.Projector", **kw}
     if str(device) == "meta":
         return proj
     src = SafetensorsFolder(pretrained)
