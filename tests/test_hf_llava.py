@@ -63,3 +63,33 @@ def test_llava_1_5_7b_key_maps_on_meta(tmp_path):
     n_ref = sum(v.numel() for k, v in sd.items() if last not in k and "post_layernorm" not in k and "position_ids" not in k)
     n_ours = sum(p.numel() for m in (enc, proj, dec) for p in m.parameters())
     assert n_ours == n_ref and len(enc.blocks) == 23 and dec.vocab_size == 32064
+
+
+def test_export_round_trips_through_transformers(tmp_path):
+    """HF LLaVA -> our modules -> `format=hf_llava` -> transformers: the same logits."""
+    from vlm.hf_export import ExportError, export_hf
+    from vlm.tokenizer import train_tokenizer
+
+    torch.manual_seed(0)
+    tok = train_tokenizer(["a red square", "user\n", "assistant\n"] * 10, vocab_size=100)
+    cfg = transformers.LlavaConfig(
+        vision_config=transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=52, num_hidden_layers=3,
+                                                    num_attention_heads=4, image_size=32, patch_size=8),
+        text_config=transformers.LlamaConfig(vocab_size=tok.vocab_size, hidden_size=48, intermediate_size=64,
+                                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                             rope_theta=5000.0),
+        image_token_id=tok.image_pad_id, vision_feature_layer=-2)
+    ref = transformers.LlavaForConditionalGeneration(cfg).eval()
+    ref.save_pretrained(tmp_path / "in")
+    model = VLM(pretrained_vision_encoder(str(tmp_path / "in"), feature_layer=-2),
+                pretrained_llava_projector(str(tmp_path / "in")), pretrained_decoder(str(tmp_path / "in")),
+                media_token_ids=[tok.image_pad_id, tok.video_pad_id]).eval()
+    export_hf(model, tok, tmp_path / "out", "hf_llava")
+    back = transformers.LlavaForConditionalGeneration.from_pretrained(tmp_path / "out").eval()
+    ids = torch.tensor([[13, 14, 15] + [tok.image_pad_id] * 16 + [16, 17]])
+    px = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(back(input_ids=ids, pixel_values=px).logits, ref(input_ids=ids, pixel_values=px).logits,
+                                   atol=1e-4, rtol=1e-4)
+    with pytest.raises(ExportError, match="format=hf_qwen2vl: needs a linear patch embedding"):
+        export_hf(model, tok, tmp_path / "bad", "hf_qwen2vl")

@@ -111,3 +111,32 @@ def test_whole_qwen2vl_logits_match_transformers(tmp_path):
                    pixel_values_videos=torch.cat(vid_hf), video_grid_thw=torch.tensor([media[1][1]])).logits
         got = model.logits(model(ids_t, pos, None, torch.cat(patches_ours), grids, torch.tensor([3])))
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_qwen2vl_export_round_trips_through_transformers(tmp_path):
+    """HF Qwen2-VL -> our modules -> `format=hf_qwen2vl` (hub key layout) -> transformers: same logits."""
+    from vlm.hf_export import export_hf
+    from vlm.model.hf import pretrained_decoder
+    from vlm.model.vlm import VLM
+    from vlm.tokenizer import train_tokenizer
+
+    tok = train_tokenizer(["a red square", "user\n", "assistant\n"] * 10, vocab_size=100)
+    torch.manual_seed(0)
+    cfg = transformers.Qwen2VLConfig(vision_config=VISION, text_config={**TEXT, "vocab_size": tok.vocab_size},
+                                     image_token_id=tok.image_pad_id, video_token_id=tok.video_pad_id,
+                                     vision_start_token_id=tok.vision_start_id, vision_end_token_id=tok.vision_end_id)
+    ref = transformers.Qwen2VLForConditionalGeneration(cfg).eval()
+    ref.save_pretrained(tmp_path / "in")
+    p = str(tmp_path / "in")
+    model = VLM(pretrained_qwen2vl_vision(p), pretrained_qwen2vl_merger(p), pretrained_decoder(p, rope="mrope"),
+                media_token_ids=[tok.image_pad_id, tok.video_pad_id]).eval()
+    export_hf(model, tok, tmp_path / "out", "hf_qwen2vl")
+    back = transformers.Qwen2VLForConditionalGeneration.from_pretrained(tmp_path / "out").eval()
+    ids = torch.tensor([[13, 14, tok.vision_start_id] + [tok.image_pad_id] * 6 + [tok.vision_end_id, 15, 16]])
+    mm = (ids == tok.image_pad_id).long()
+    px = torch.randn(24, 3 * 2 * 4 * 4)
+    g = torch.tensor([[1, 4, 6]])
+    with torch.no_grad():
+        a = back(input_ids=ids, mm_token_type_ids=mm, pixel_values=px, image_grid_thw=g).logits
+        b = ref(input_ids=ids, mm_token_type_ids=mm, pixel_values=px, image_grid_thw=g).logits
+    torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)

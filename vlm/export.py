@@ -1,4 +1,8 @@
-"""`python -m vlm.export ckpt=PATH out=DIR`: a training checkpoint -> the export folder.
+"""`python -m vlm.export ckpt=PATH out=DIR [format=vlm|hf_qwen2vl|hf_llava]`: a checkpoint -> a folder.
+
+`format=vlm` (default) writes our export folder; `hf_qwen2vl` / `hf_llava` write a Hugging Face
+layout (`vlm.hf_export`) that transformers and serving engines load, when the model's architecture
+is that family's (e.g. trained from `model=qwen2vl` or `model=llava`).
 
 `ckpt` is a sharded (DCP) checkpoint directory written by `trainer=fsdp` (`*.distcp` files plus
 `meta.pt`) or a Lightning `.ckpt` file. The shards are read on one process, whatever the number
@@ -70,7 +74,17 @@ def load_training_checkpoint(path: str | Path):
     return model, tokenizer, hp
 
 
-def export(ckpt: str | Path, out: str | Path) -> Path:
+def export(ckpt: str | Path, out: str | Path, fmt: str = "vlm") -> Path:
+    if fmt != "vlm":
+        from vlm.hf_export import export_hf
+
+        if Path(ckpt).is_dir() and not is_sharded_checkpoint(ckpt):  # our export folder
+            from vlm.checkpoint import load_checkpoint
+
+            loaded = load_checkpoint(ckpt)
+            return export_hf(loaded.model, loaded.tokenizer, out, fmt)
+        model, tokenizer, _ = load_training_checkpoint(ckpt)
+        return export_hf(model, tokenizer, out, fmt)
     model, tokenizer, hp = load_training_checkpoint(ckpt)
     return export_folder(model, tokenizer, dict(hp), out)
 
@@ -95,13 +109,13 @@ class ShardedExportCallback(ExportCallback):
 
 def main(argv: list[str]) -> int:
     args = dict(a.split("=", 1) for a in argv if "=" in a)
-    extra = [a for a in argv if "=" not in a] + sorted(set(args) - {"ckpt", "out"})
+    extra = [a for a in argv if "=" not in a] + sorted(set(args) - {"ckpt", "out", "format"})
     if extra or "ckpt" not in args or "out" not in args:
-        print("usage: python -m vlm.export ckpt=CHECKPOINT out=EXPORT_DIR", file=sys.stderr)
+        print("usage: python -m vlm.export ckpt=CHECKPOINT out=EXPORT_DIR [format=vlm|hf_qwen2vl|hf_llava]", file=sys.stderr)
         return 2
     try:
-        out = export(args["ckpt"], args["out"])
-    except (CheckpointError, FileNotFoundError) as e:
+        out = export(args["ckpt"], args["out"], args.get("format", "vlm"))
+    except (CheckpointError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"exported {args['ckpt']} to {out}")

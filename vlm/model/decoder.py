@@ -83,7 +83,7 @@ class Decoder(nn.Module):
         mlp_hidden = mlp_hidden or 64 * -(-int(8 * dim / 3) // 64)
         self.vocab_size, self.dim, self.n_layers = vocab_size, dim, n_layers
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, dim // n_heads
-        self.rope, self.max_seq_len = rope, max_seq_len
+        self.rope, self.max_seq_len, self.rope_theta = rope, max_seq_len, float(rope_theta)
         half = self.head_dim // 2
         if rope == "mrope" and mrope_section is None:
             mrope_section = [half - 2 * (half // 3), half // 3, half // 3]

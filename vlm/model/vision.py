@@ -122,7 +122,7 @@ class MLP(nn.Module):
         if act not in ACTIVATIONS:
             raise ValueError(f"encoder.act must be one of {sorted(ACTIVATIONS)}, got {act!r}")
         self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
-        self.act = ACTIVATIONS[act]
+        self.act, self.act_name = ACTIVATIONS[act], act
 
     def forward(self, x: Tensor) -> Tensor:
         return self.fc2(self.act(self.fc1(x)))
