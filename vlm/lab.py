@@ -228,6 +228,11 @@ def main(argv: list[str]) -> int:
     if not rows:
         raise ValueError(f"no row matches only={only!r}")
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d_%H-%M-%S")
+    # the code the grid runs: taken now, not at the end (commits made while it runs are not in it)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--", "vlm", "conf"], cwd=ROOT, capture_output=True,
+                           text=True).stdout.strip()
+    commit = (commit or "unknown") + (" + uncommitted changes" if dirty else "")
     run_root = ROOT / "outputs" / "lab" / stamp
     logging.basicConfig(level=logging.WARNING)
     t0 = time.perf_counter()
@@ -251,9 +256,8 @@ def main(argv: list[str]) -> int:
     for r in results:
         qtypes += [k[4:] for k in r if k.startswith("acc_") and k != "acc_mean" and k[4:] not in qtypes]
     qtypes = [q for q in qtypes if q not in ("other", "overall")]
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     cmd = "python -m vlm.lab " + " ".join(argv)
-    header = (f"Measured {stamp} UTC with `{cmd.strip()}` at commit `{commit or 'unknown'}` on {os.cpu_count()} CPU "
+    header = (f"Measured {stamp} UTC with `{cmd.strip()}` at commit `{commit}` on {os.cpu_count()} CPU "
               f"threads ({platform.processor() or platform.machine()}, torch {torch.__version__}); "
               f"{len(rows)} rows × {len(grid['seeds'])} seed(s), {grid['steps']} steps each, "
               f"{grid.get('eval_samples') or 'all'} held-out samples per row; whole grid {total / 60:.1f} min. "
