@@ -120,8 +120,29 @@ def build_template(template_cfg: dict, tokenizer: TextTokenizer) -> ChatTemplate
     cfg = dict(template_cfg)
     layout = dict(merge_size=int(cfg.pop("merge_size", 1) or 1), queries=cfg.pop("queries", None),
                   fusion=cfg.pop("fusion", None) or "interleave")
-    return ChatTemplate(tokenizer, partial(visual_token_count, **layout), merge_size=layout["merge_size"],
-                        token_grid=partial(token_grid, **layout), **cfg)
+    jinja = cfg.pop("jinja", None)
+    specials = cfg.pop("specials", None)
+    markers = cfg.pop("media_markers", None)
+    kw = dict(merge_size=layout["merge_size"], token_grid=partial(token_grid, **layout), **cfg)
+    if jinja:  # the model's own chat template (vlm.data.jinja_template)
+        from vlm.data.jinja_template import JinjaChatTemplate, load_chat_template
+
+        text, found = load_chat_template(str(jinja))
+        return JinjaChatTemplate(tokenizer, partial(visual_token_count, **layout), jinja=text,
+                                 specials={**found, **dict(specials or {})}, media_markers=markers, **kw)
+    return ChatTemplate(tokenizer, partial(visual_token_count, **layout), **kw)
+
+
+def resolve_template_config(template_cfg: dict) -> dict:
+    """The template config with a `jinja` path replaced by the template text and its special-token
+    strings, so checkpoints carry the template itself."""
+    cfg = dict(template_cfg)
+    if cfg.get("jinja"):
+        from vlm.data.jinja_template import load_chat_template
+
+        text, found = load_chat_template(str(cfg["jinja"]))
+        cfg["jinja"], cfg["specials"] = text, {**found, **dict(cfg.get("specials") or {})}
+    return cfg
 
 
 def check_template_fits(model: VLM, template: ChatTemplate) -> None:

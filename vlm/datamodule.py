@@ -99,6 +99,9 @@ class VLMDataModule(L.LightningDataModule):
         self.tokenizer = TextTokenizer.from_file(tok_path)
         self.image_processor = build_processor(self.processor_cfg)
         self.video_processor = self.image_processor.video
+        from vlm.build import resolve_template_config
+
+        self.template_cfg = resolve_template_config(self.template_cfg)  # a jinja path -> its text (checkpoints)
         self.template = build_template(self.template_cfg, self.tokenizer)
         # Fail now, with the path in the message, not minutes later inside the Trainer.
         if self.sources:
