@@ -146,15 +146,21 @@ def test_pretrained_decoder_trains_through_hydra_with_a_grown_vocabulary(tmp_pat
     folder = tmp_path / "qwen2_tiny"
     ref.save_pretrained(folder)
     shutil.copy(synth_dir / "synthvqa" / "tokenizer.json", folder / "tokenizer.json")
+    from tests.test_jinja_template import QWEN2VL
+
+    (folder / "tokenizer_config.json").write_text(json.dumps({"chat_template": QWEN2VL, "eos_token": "<|im_end|>"}))
     old = ref.model.embed_tokens.weight.detach().clone()
     overrides = [o for o in TINY_RUN if not o.startswith("model.decoder.")] + [
         f"paths.output_dir={tmp_path / 'run'}", f"paths.data_dir={synth_dir}", "logger=none", "model/decoder=qwen2",
-        f"model.decoder.pretrained={folder}", f"data.tokenizer={folder}", "trainer.max_steps=1",
+        f"model.decoder.pretrained={folder}", f"data.tokenizer={folder}", f"data.template.jinja={folder}",
+        "trainer.max_steps=1",
         "trainer.limit_val_batches=0", "callbacks.model_checkpoint.monitor=null", "optimizer.lr=1e-9"]
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
         run(compose("train", overrides=overrides))
     shutil.rmtree(folder)  # the export is self-contained: the pretrained folder is no longer needed
-    m = load_checkpoint(tmp_path / "run" / "export").model
+    loaded = load_checkpoint(tmp_path / "run" / "export")
+    assert type(loaded.template).__name__ == "JinjaChatTemplate" and "You are a helpful assistant." in loaded.template.jinja_text
+    m = loaded.model
     emb = m.decoder.embed_tokens.weight.detach()
     assert emb.shape == (tok.vocab_size, TINY["hidden_size"]) and m.decoder.lm_head.weight is m.decoder.embed_tokens.weight
     torch.testing.assert_close(emb[: old.shape[0]], old, atol=1e-6, rtol=0)  # lr 1e-9: one step moves nothing visible

@@ -36,8 +36,10 @@ _SENT = re.compile("\ue000(\\d+)\ue001")
 def load_chat_template(source: str) -> tuple[str, dict]:
     """(template string, special-token strings {bos_token, eos_token, …}) from a model folder, a
     `tokenizer_config.json`, a `chat_template.jinja` / `.json` file, or the template text itself."""
-    p = Path(source)
     specials: dict = {}
+    if "{%" in source or "{{" in source:  # the template text itself
+        return source, specials
+    p = Path(source)
     if p.is_dir():
         for name in ("chat_template.jinja", "chat_template.json", "tokenizer_config.json"):
             if (p / name).is_file():
@@ -56,8 +58,6 @@ def load_chat_template(source: str) -> tuple[str, dict]:
         if not isinstance(tmpl, str):
             raise ValueError(f"{p}: no chat_template string")
         return tmpl, _specials(cfg)
-    if "{%" in source or "{{" in source:
-        return source, specials
     raise FileNotFoundError(f"chat template not found: {source}")
 
 
