@@ -12,6 +12,8 @@ row-major order, which the projector can reshape for free.)
 Two resolution policies:
 
 * ``"fixed"``: resize to ``image_size x image_size`` (aspect ratio not kept) -- one grid for all.
+* ``"crop"``: CLIP's rule: the shortest edge to ``image_size`` (aspect kept), then the centred
+  ``image_size`` square (the same one grid; video frames are squashed to it instead).
 * ``"dynamic"``: Qwen2-VL's smart resize (:func:`smart_resize`): keep the aspect ratio, round each
   side to a multiple of ``factor = patch_size * merge_size``, and keep the pixel count within
   ``[min_pixels, max_pixels]``.
@@ -48,7 +50,7 @@ INTERPOLATIONS: dict[str, Image.Resampling] = {
     "lanczos": Image.Resampling.LANCZOS,
     "box": Image.Resampling.BOX,
 }
-RESOLUTIONS = ("fixed", "dynamic")
+RESOLUTIONS = ("fixed", "dynamic", "crop")  # crop: shortest edge to image_size, then a centred square (CLIP)
 
 
 @dataclass
@@ -164,8 +166,8 @@ class ImageProcessor:
     Args:
         patch_size: ViT patch size ``P`` in pixels.
         merge_size: projector merge ``m``; grid sides are multiples of ``m``.
-        resolution: ``"fixed"`` or ``"dynamic"``.
-        image_size: side of the square target for ``"fixed"`` (multiple of ``P * m``).
+        resolution: ``"fixed"``, ``"crop"`` or ``"dynamic"``.
+        image_size: side of the square target for ``"fixed"`` / ``"crop"`` (multiple of ``P * m``).
         min_pixels, max_pixels: pixel budget for ``"dynamic"``; default ``4 * factor^2`` and
             ``256 * factor^2`` with ``factor = P * m``.
         max_aspect_ratio: ``"dynamic"`` refuses images more elongated than this.
@@ -206,7 +208,7 @@ class ImageProcessor:
         self.interpolation = interpolation
         factor = self.factor
         self.image_size = _positive_int("image_size", image_size)
-        if resolution == "fixed" and self.image_size % factor:
+        if resolution in ("fixed", "crop") and self.image_size % factor:
             raise ValueError(
                 f"image_size={self.image_size} must be divisible by patch_size*merge_size="
                 f"{self.patch_size}*{self.merge_size}={factor}"
@@ -255,7 +257,7 @@ class ImageProcessor:
 
     def target_size(self, height: int, width: int) -> tuple[int, int]:
         """Resized ``(H, W)`` in pixels for an input of ``height x width`` (may raise MediaError)."""
-        if self.resolution == "fixed":
+        if self.resolution in ("fixed", "crop"):
             if height <= 0 or width <= 0:
                 raise MediaError("bad_size", f"cannot resize a {height}x{width} image")
             return self.image_size, self.image_size
@@ -263,13 +265,26 @@ class ImageProcessor:
             height, width, self.factor, self.min_pixels, self.max_pixels, self.max_aspect_ratio
         )
 
+    def resize_size(self, height: int, width: int) -> tuple[int, int]:
+        """`(H, W)` the image is resized to before any crop: `target_size`, except for `crop`,
+        where the shortest edge becomes `image_size` and the other keeps the aspect ratio (the
+        rule of CLIP's processor: `int(size * long / short)`)."""
+        if self.resolution != "crop":
+            return self.target_size(height, width)
+        if height <= 0 or width <= 0:
+            raise MediaError("bad_size", f"cannot resize a {height}x{width} image")
+        s = self.image_size
+        if width <= height:
+            return int(s * height / width), s
+        return s, int(s * width / height)
+
     def draft_size(self, width: int, height: int) -> tuple[int, int] | None:
         """What `decode_image(draft=…)` may shrink a JPEG to: the target `(W, H)`, or None when
         drafting is off or the image would be refused anyway (the processor reports that)."""
         if not self.jpeg_draft:
             return None
         try:
-            hh, ww = self.target_size(height, width)
+            hh, ww = self.resize_size(height, width)
         except MediaError:
             return None
         return ww, hh
@@ -287,10 +302,14 @@ class ImageProcessor:
         if image.mode != "RGB" or "transparency" in image.info:
             image = to_rgb(image)  # same rules as the decoder: alpha on white, 16-bit scaled
         hh, ww = self.target_size(image.height, image.width)
-        if (image.width, image.height) != (ww, hh):
+        rh, rw = self.resize_size(image.height, image.width)
+        if (image.width, image.height) != (rw, rh):
             image = image.resize(
-                (ww, hh), INTERPOLATIONS[self.interpolation], reducing_gap=self.reducing_gap
+                (rw, rh), INTERPOLATIONS[self.interpolation], reducing_gap=self.reducing_gap
             )
+        if (rh, rw) != (hh, ww):  # crop: the centred square (top / left rounded down, as CLIP's processor)
+            top, left = (rh - hh) // 2, (rw - ww) // 2
+            image = image.crop((left, top, left + ww, top + hh))
         p = self.patch_size
         h, w = hh // p, ww // p
         # [H, W, 3] uint8. bytearray: torch wants a writable buffer (it warns otherwise); the copy

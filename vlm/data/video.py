@@ -580,7 +580,7 @@ class VideoProcessor:
         self.default_fps = float(default_fps)
         if not (math.isfinite(self.default_fps) and self.default_fps > 0):
             raise ValueError(f"default_fps must be positive, got {default_fps}")
-        if self.resolution == "fixed" and self.max_video_tokens is not None:
+        if self.resolution in ("fixed", "crop") and self.max_video_tokens is not None:
             per = self._tokens_per_patch(self.image.image_size, self.image.image_size)
             if per > self.max_video_tokens:
                 raise ValueError(
@@ -627,7 +627,7 @@ class VideoProcessor:
     def _resize(self, height: int, width: int, cap_tokens: int | None) -> tuple[int, int]:
         """Per-frame size by the image rule, with the pixel cap lowered to ``cap_tokens`` tokens."""
         ip = self.image
-        if ip.resolution == "fixed":
+        if ip.resolution in ("fixed", "crop"):  # video frames are squashed to the square (no crop)
             return ip.target_size(height, width)
         max_px, min_px = ip.max_pixels, ip.min_pixels
         if cap_tokens is None:
