@@ -92,8 +92,22 @@ def self_contained_config(model_cfg: dict, model: VLM) -> dict:
 def build_processor(processor_cfg: dict) -> MediaProcessor:
     """The image processor config, with the video processor's keys under `video` (optional; see
     :class:`~vlm.data.sample.MediaProcessor`). The result is an `ImageProcessor` whose `.video` is
-    the `VideoProcessor` and whose `to_config()` round-trips both."""
-    return MediaProcessor.from_config(dict(processor_cfg))
+    the `VideoProcessor` and whose `to_config()` round-trips both. `pretrained: FOLDER` takes the
+    folder's `preprocessor_config.json` (`vlm.data.hf_processor`) over the other keys."""
+    cfg = dict(processor_cfg)
+    pretrained = cfg.pop("pretrained", None)
+    if pretrained:
+        from vlm.data.hf_processor import processor_config_from_hf
+
+        hf = processor_config_from_hf(pretrained)
+        video = {**dict(cfg.get("video") or {}), **hf.pop("video", {})}
+        cfg.update(hf)
+        if video:
+            cfg["video"] = video
+        for k in ("min_tokens", "max_tokens"):  # the folder gives pixel caps
+            if "min_pixels" in hf:
+                cfg[k] = None
+    return MediaProcessor.from_config(cfg)
 
 
 def check_processor_fits(model: VLM, processor) -> None:
