@@ -89,3 +89,12 @@ def test_templates_are_sandboxed_and_loaded_from_folders(tok, tmp_path):
     assert text == LLAMA3 and specials == {"bos_token": "<|begin_of_text|>"}
     with pytest.raises(FileNotFoundError):
         load_chat_template(str(tmp_path / "nowhere.jinja"))
+
+
+def test_generation_stops_at_the_template_end_token(tok):
+    from vlm.build import stop_ids
+
+    eot = tok.tok.token_to_id("<|eot_id|>")
+    assert stop_ids(tok, {"jinja": LLAMA3, "specials": {"eos_token": "<|eot_id|>"}}) == [tok.im_end_id, tok.eos_id, eot]
+    assert stop_ids(tok, {"specials": {"eos_token": "<|im_end|>"}}) == [tok.im_end_id, tok.eos_id]
+    assert stop_ids(tok, None) == [tok.im_end_id, tok.eos_id]

@@ -170,3 +170,15 @@ def check_template_fits(model: VLM, template: ChatTemplate) -> None:
                 f"the template lays out a {grid} media item as tokens {tuple(ours)} but the model as {tuple(theirs)}: "
                 "data.template.merge_size / queries / fusion must follow model.projector and model.fusion"
             )
+
+
+def stop_ids(tokenizer: TextTokenizer, template_cfg: dict | None = None) -> list[int]:
+    """Tokens that end a generated turn: ours (`<|im_end|>`, `<|endoftext|>`) plus the `eos_token`
+    of a model's own chat template (Llama 3's `<|eot_id|>`), when it is one token."""
+    ids = [tokenizer.im_end_id, tokenizer.eos_id]
+    eos = ((template_cfg or {}).get("specials") or {}).get("eos_token")
+    if eos:
+        t = tokenizer.tok.token_to_id(eos)
+        if t is not None and t not in ids:
+            ids.append(t)
+    return ids

@@ -35,8 +35,10 @@ from vlm.generate import generate
 from vlm.metrics import ExactMatchByType, normalize_answer
 
 
-def _special(tok) -> tuple[list[int], list[int]]:
-    eos = [tok.im_end_id, tok.eos_id]
+def _special(tok, template_cfg: dict | None = None) -> tuple[list[int], list[int]]:
+    from vlm.build import stop_ids
+
+    eos = stop_ids(tok, template_cfg)
     suppress = [tok.pad_id, tok.im_start_id, tok.vision_start_id, tok.vision_end_id, tok.image_pad_id, tok.video_pad_id]
     return eos, suppress
 
@@ -91,7 +93,7 @@ def answer(loaded: LoadedVLM, image_paths: list[str], prompt: str, max_new_token
     videos = [read_video(p) for p in (video_paths or [])]
     batch = prompt_batch(loaded, images, prompt, videos)
     tok = loaded.tokenizer
-    eos, suppress = _special(tok)
+    eos, suppress = _special(tok, loaded.config.get("template"))
     ids: list[int] = []
     printed = ""
 
@@ -124,7 +126,7 @@ def evaluate(loaded: LoadedVLM, shards, batch_size: int = 64, max_new_tokens: in
                         collate_fn=Collator(loaded.tokenizer.pad_id, "left"))
     qtypes = list(loaded.config.get("val_qtypes") or [])
     metric = ExactMatchByType(qtypes + ["other"])
-    eos, suppress = _special(loaded.tokenizer)
+    eos, suppress = _special(loaded.tokenizer, loaded.config.get("template"))
     n, t0, skipped = 0, time.perf_counter(), Counter()
     is_media = loaded.model.is_media
     keep = float((prune or {}).get("keep_ratio", 1.0))

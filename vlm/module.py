@@ -38,7 +38,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from vlm.build import build_model, self_contained_config
+from vlm.build import build_model, self_contained_config, stop_ids
 from vlm.data.template import IGNORE
 from vlm.data.webdataset import (
     ShardDataset,
@@ -96,7 +96,7 @@ class VLMModule(L.LightningModule):
         self.val_max_new_tokens, self.log_examples = val_max_new_tokens, log_examples
         self.val_em = ExactMatchByType(list(val_qtypes or []) + ["other"])
         tok = self.tokenizer
-        self.eos_ids = [tok.im_end_id, tok.eos_id]
+        self.eos_ids = stop_ids(tok, template)
         self.suppress_ids = [tok.pad_id, tok.im_start_id, tok.vision_start_id, tok.vision_end_id, tok.image_pad_id, tok.video_pad_id]
         self.skipped_total: Counter = Counter()
         self.source_total: Counter = Counter()
