@@ -139,7 +139,7 @@ def evaluate(loaded: LoadedVLM, shards, batch_size: int = 64, max_new_tokens: in
                 continue
             gen = generate(loaded.model, batch, max_new_tokens, eos, suppress_ids=suppress, prune=prune)
             # tokens per media span after pruning: ceil(keep · n), at least one (vlm.prune)
-            spans = [len(s) for s in _span_lengths(is_media(batch["input_ids"]))]
+            spans = _span_lengths(is_media(batch["input_ids"]))
             visual += sum(max(1, math.ceil(keep * s)) for s in spans) if keep < 1 else sum(spans)
             preds = [loaded.tokenizer.decode(g) for g in gen]
             metric.update(preds, batch["answers"], batch["qtypes"])
@@ -165,20 +165,11 @@ def evaluate(loaded: LoadedVLM, shards, batch_size: int = 64, max_new_tokens: in
             "visual_tokens": visual / max(n, 1)}
 
 
-def _span_lengths(is_media: torch.Tensor) -> list[list[int]]:
-    """`[B, L]` bool -> the contiguous media spans of every row, as index lists."""
-    out = []
-    for row in is_media.tolist():
-        cur: list[int] = []
-        for i, m in enumerate(row):
-            if m:
-                cur.append(i)
-            elif cur:
-                out.append(cur)
-                cur = []
-        if cur:
-            out.append(cur)
-    return out
+def _span_lengths(is_media: torch.Tensor) -> list[int]:
+    """`[B, L]` bool -> the length of every contiguous media span, row by row."""
+    from vlm.model.vlm import media_span_ids
+
+    return [n for row in media_span_ids(is_media) for n in torch.bincount(row)[1:].tolist()]
 
 
 def run(cfg: DictConfig) -> dict:

@@ -173,11 +173,10 @@ class VLMModule(L.LightningModule):
         n_img = self.model.is_media(batch["input_ids"]).sum().double()
         st = {"samples": torch.tensor(float(am.shape[0])), "text_tokens": lengths.sum() - n_img, "image_tokens": n_img,
               "seq_sq": (lengths * (lengths + 1)).sum(), "capacity": torch.tensor(float(am.numel()))}
-        seq_ids = batch.get("seq_ids")
-        if seq_ids is not None:  # packed rows: attention is per sample, samples are the packed ones
-            k = torch.arange(1, int(seq_ids.max()) + 1, device=seq_ids.device)
-            per = (seq_ids[None] == k[:, None, None]).sum(-1).double()  # [K, B] sample lengths
-            st.update(samples=batch["samples_per_row"].sum().double(), seq_sq=(per * (per + 1)).sum())
+        per = batch.get("sample_lengths")
+        if per is not None:  # packed rows: attention is per sample, samples are the packed ones
+            per = per.double()
+            st.update(samples=torch.tensor(float(per.numel())), seq_sq=(per * (per + 1)).sum())
         grid = batch.get("grid_thw")
         if grid is not None and grid.numel():
             n = grid.prod(-1).double()

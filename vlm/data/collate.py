@@ -5,7 +5,8 @@ Batch contract (DESIGN.md): `input_ids [B, L]`, `labels [B, L]` (-100 = no loss)
 `pixel_patches [Σn, C·P·P]`, `grid_thw [M, 3]` and `media_per_sample [B]`, media in sample order.
 Training pads on the right; generation pads on the left so every row ends at its prompt's end.
 Packed rows (`vlm.data.packing`) add `seq_ids [B, L]` (k = the row's k-th sample, 0 = padding)
-and `samples_per_row [B]`; `media_per_sample` then counts the media of each row.
+and `sample_lengths [S]` (every packed sample's length, row by row, for attention FLOPs without a
+device sync); `media_per_sample` then counts the media of each row.
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ def collate(samples: list[ProcessedSample], pad_id: int, padding_side: str = "ri
                 seq_ids[b, start : start + n] = j + 1
                 start += n
         batch["seq_ids"] = seq_ids
-        batch["samples_per_row"] = torch.tensor([len(s.seq_lens) for s in samples], dtype=torch.long)
+        batch["sample_lengths"] = torch.tensor([n for s in samples for n in s.seq_lens], dtype=torch.long)
     if samples[0].source is not None:  # data=mix: samples per source in this batch
         batch["sources"] = Counter(name for s in samples for name in (s.source or "").split("+") if name)
     if samples[0].prompt is not None:

@@ -110,6 +110,12 @@ class JinjaChatTemplate(ChatTemplate):
         self.specials = dict(specials or {})
         self.media_markers = dict(media_markers or {"image": "<|image_pad|>", "video": "<|video_pad|>"})
         self._marker_re = re.compile("|".join(re.escape(m) for m in self.media_markers.values()))
+        # the template's own text is tokenized with its special tokens live (a second tokenizer
+        # object, so the shared one keeps treating user text as text)
+        from tokenizers import Tokenizer
+
+        self._structure_tok = Tokenizer.from_str(tokenizer.to_str())
+        self._structure_tok.encode_special_tokens = False
 
     # -- rendering -------------------------------------------------------------------------------
     def _hf_messages(self, messages: list[dict], texts: list[str], media: list[tuple[str, int]]) -> list[dict]:
@@ -212,10 +218,6 @@ class JinjaChatTemplate(ChatTemplate):
     def _emit_structure(self, text: str, ids: list[int], labels: list[int], train: bool) -> None:
         if not text:
             return
-        self.tok.tok.encode_special_tokens = False  # the template's own special tokens are real
-        try:
-            t = self.tok.tok.encode(text, add_special_tokens=False).ids
-        finally:
-            self.tok.tok.encode_special_tokens = True
+        t = self._structure_tok.encode(text, add_special_tokens=False).ids
         ids += t
         labels += t if train else [IGNORE] * len(t)

@@ -152,6 +152,25 @@ def _few(xs: list[str], n: int = 6) -> str:
     return ", ".join(xs[:n]) + (f" … (+{len(xs) - n} more)" if len(xs) > n else "")
 
 
+def _build(cls, kw: dict, device, overrides: dict | None = None):
+    """`cls(**kw)` on `device` (meta: nothing allocated), with non-None `overrides` applied; the
+    module remembers its native class and arguments (`vlm.build.self_contained_config`)."""
+    kw = {**kw, **{k: v for k, v in (overrides or {}).items() if v is not None}}
+    with torch.device(device or "cpu"):
+        mod = cls(**kw)
+    mod.native_config = {"_target_": f"{cls.__module__}.{cls.__name__}", **kw}
+    return mod
+
+
+def _load_patch_embed(enc, w: torch.Tensor, where: str) -> None:
+    """A Conv2d / Conv3d patch weight `[D, C, (T,) P, P]` into our linear patch embedding `[D, C·(T·)P·P]`."""
+    flat = w.reshape(w.shape[0], -1)
+    if flat.shape != enc.patch_embed.proj.weight.shape:
+        raise PretrainedError(f"{where}: patch embedding {tuple(w.shape)} does not fit {tuple(enc.patch_embed.proj.weight.shape)}")
+    with torch.no_grad():
+        enc.patch_embed.proj.weight.copy_(flat)
+
+
 # ---- decoders -------------------------------------------------------------------------------------
 def _rope_theta(cfg: dict) -> float:
     params = cfg.get("rope_parameters") or {}
@@ -246,9 +265,7 @@ def pretrained_decoder(pretrained: str, device: str | torch.device | None = None
             raise PretrainedError(f"decoder.{k}={v!r} contradicts {pretrained}/config.json ({kw[k]!r})")
         if v is not None or k not in kw:
             kw[k] = v
-    with torch.device(device or "cpu"):
-        dec = Decoder(**kw)
-    dec.native_config = {"_target_": "vlm.model.decoder.Decoder", **kw}
+    dec = _build(Decoder, kw, device)
     if str(device) == "meta":
         return dec
     src = SafetensorsFolder(pretrained)
@@ -346,11 +363,8 @@ def pretrained_vision_encoder(pretrained: str, feature_layer: int = -1, device: 
 
     cfg = read_config(pretrained)
     family, _ = _vision_config(cfg)
-    kw = vision_kwargs(cfg, feature_layer)
-    kw.update({k: v for k, v in overrides.items() if v is not None})
-    with torch.device(device or "cpu"):
-        enc = VisionEncoder(**kw)
-    enc.native_config = {"_target_": "vlm.model.vision.VisionEncoder", **kw}
+    enc = _build(VisionEncoder, vision_kwargs(cfg, feature_layer), device, overrides)
+    kw = enc.native_config
     if str(device) == "meta":
         return enc
     src = SafetensorsFolder(pretrained)
@@ -382,11 +396,8 @@ def pretrained_vision_encoder(pretrained: str, feature_layer: int = -1, device: 
         loaded[ours] = src.get(k)
     skip = set(loaded) | ({"cls_pos"} if family == "clip" else set())
     check_and_load(_Without(enc, skip), _Remapped(src, drop=set(unused) | set(by_hand)), mapping, where=str(pretrained))
+    _load_patch_embed(enc, loaded["patch_embed.proj.weight"], str(pretrained))
     with torch.no_grad():
-        w = loaded["patch_embed.proj.weight"]
-        if w.reshape(w.shape[0], -1).shape != enc.patch_embed.proj.weight.shape:
-            raise PretrainedError(f"{pretrained}: patch embedding {tuple(w.shape)} does not fit {tuple(enc.patch_embed.proj.weight.shape)}")
-        enc.patch_embed.proj.weight.copy_(w.reshape(w.shape[0], -1))
         table = loaded["pos_embed"]
         n = kw["pos_grid"]
         extra = 1 if family == "clip" else 0  # CLIP's table starts with the CLS position
@@ -513,10 +524,8 @@ def pretrained_qwen2vl_vision(pretrained: str, feature_layer: int = -1, device: 
               act="quick_gelu", norm_eps=1e-6, final_norm=False, patch_bias=False, feature_layer=feature_layer,
               attention="frame",
               rope_theta=float((v.get("rope_parameters") or {}).get("rope_theta", 10000.0)))
-    kw.update({k: val for k, val in overrides.items() if val is not None})
-    with torch.device(device or "cpu"):
-        enc = VisionEncoder(**kw)
-    enc.native_config = {"_target_": "vlm.model.vision.VisionEncoder", **kw}
+    enc = _build(VisionEncoder, kw, device, overrides)
+    kw = enc.native_config
     if str(device) == "meta":
         return enc
     raw = SafetensorsFolder(pretrained)
@@ -534,11 +543,7 @@ def pretrained_qwen2vl_vision(pretrained: str, feature_layer: int = -1, device: 
               or any(k.startswith(f"{pre}blocks.{i}.") for i in range(n_built, kw["n_layers"]))}
     check_and_load(_Without(enc, {"patch_embed.proj.weight"}), _Remapped(src, drop=unused | {patch}), mapping,
                    where=str(pretrained))
-    w = raw.get(patch)
-    if w.reshape(w.shape[0], -1).shape != enc.patch_embed.proj.weight.shape:
-        raise PretrainedError(f"{pretrained}: patch embedding {tuple(w.shape)} does not fit {tuple(enc.patch_embed.proj.weight.shape)}")
-    with torch.no_grad():
-        enc.patch_embed.proj.weight.copy_(w.reshape(w.shape[0], -1))  # [D, C, T, P, P] -> [D, C·T·P·P]
+    _load_patch_embed(enc, raw.get(patch), str(pretrained))  # Conv3d [D, C, T, P, P]
     return enc
 
 
@@ -553,10 +558,7 @@ def pretrained_qwen2vl_merger(pretrained: str, device: str | torch.device | None
     D = int(v.get("embed_dim", 1280))
     kw = dict(in_dim=D, out_dim=int(v.get("hidden_size", 3584)), kind="merge", merge_size=m, hidden=D * m * m,
               norm_eps=1e-6)
-    kw.update({k: val for k, val in overrides.items() if val is not None})
-    with torch.device(device or "cpu"):
-        proj = Projector(**kw)
-    proj.native_config = {"_target_": "vlm.model.projector.Projector", **kw}
+    proj = _build(Projector, kw, device, overrides)
     if str(device) == "meta":
         return proj
     src = SafetensorsFolder(pretrained)
@@ -581,10 +583,7 @@ def pretrained_llava_projector(pretrained: str, device: str | torch.device | Non
     v, t = cfg.get("vision_config") or {}, cfg.get("text_config") or {}
     kw = dict(in_dim=int(v.get("hidden_size", 1024)), out_dim=int(t.get("hidden_size", 4096)), kind="mlp", merge_size=1,
               hidden=int(t.get("hidden_size", 4096)))
-    kw.update({k: val for k, val in overrides.items() if val is not None})
-    with torch.device(device or "cpu"):
-        proj = Projector(**kw)
-    proj.native_config = {"_target_": "vlm.model.projector.Projector", **kw}
+    proj = _build(Projector, kw, device, overrides)
     if str(device) == "meta":
         return proj
     src = SafetensorsFolder(pretrained)
