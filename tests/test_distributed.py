@@ -180,6 +180,13 @@ def main(spec_path: str) -> None:
     torch.set_num_threads(1)
     for spec in json.loads(Path(spec_path).read_text()):
         train_fixed(spec)
+    # Tear the process group down before the interpreter exits: a gloo thread still alive at exit
+    # can abort the process ("terminate called without an active exception"), seen once in CI.
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 # ---------------------------------------------------------------- tests
