@@ -79,7 +79,7 @@ class StepStream(torch.utils.data.IterableDataset):
             yield from micro_batches(samples, s, world, accum, rank, pad_id, *self.nan)
 
 
-def tiny_module(out: Path, data_dir: Path, overrides=()):
+def tiny_module(out: Path, data_dir: Path, overrides=(), meta_init: bool = False):
     from hydra.utils import instantiate
 
     from tests.conftest import compose_train
@@ -91,7 +91,7 @@ def tiny_module(out: Path, data_dir: Path, overrides=()):
     L.seed_everything(0, workers=True)
     dm = instantiate(cfg.data, _convert_="all")
     dm.setup("fit")
-    return cfg, dm, build_module(cfg, dm)
+    return cfg, dm, build_module(cfg, dm, meta_init=meta_init)
 
 
 def _full(t):
@@ -136,7 +136,11 @@ def train_fixed(spec: dict) -> dict:
     out, data_dir = Path(spec["out"]), Path(spec["data_dir"])
     out.mkdir(parents=True, exist_ok=True)
     overrides = [f"numerics.on_nonfinite={spec.get('on_nonfinite', 'skip')}"]
-    cfg, dm, module = tiny_module(out, data_dir, overrides)
+    rank = int(os.environ.get("RANK", 0))
+    # parallel.init=rank0 as train.py does it: ranks other than 0 build a meta skeleton
+    cfg, dm, module = tiny_module(out, data_dir, overrides, meta_init=bool(spec.get("meta_init")) and rank != 0)
+    if spec.get("meta_init") and rank != 0:
+        assert all(p.is_meta for p in module.parameters())
     world = spec.get("devices", 1) if spec.get("strategy", "single") != "single" else 1
     accum = spec.get("accum", 1)
     samples = fixed_samples(dm, SAMPLES_PER_STEP * spec["steps"])
@@ -157,7 +161,6 @@ def train_fixed(spec: dict) -> dict:
                         logger=False, enable_checkpointing=bool(spec.get("ckpt_every")), callbacks=callbacks,
                         use_distributed_sampler=False, enable_progress_bar=False, enable_model_summary=False,
                         limit_val_batches=0, num_sanity_val_steps=0, default_root_dir=str(out))
-    rank = int(os.environ.get("RANK", 0))
     stream = StepStream(samples, world, accum, rank, dm.tokenizer.pad_id, spec["steps"], lambda: trainer.global_step,
                         spec.get("nan_step", -1), spec.get("nan_rank", -1))
     loader = torch.utils.data.DataLoader(stream, batch_size=None)
@@ -248,7 +251,8 @@ def test_fsdp_matches_one_process_saves_resumes_and_exports(reference, synth_dir
     a, b, c = tmp_path / "fsdp", tmp_path / "resume2", tmp_path / "resume1"
     common = {"strategy": "fsdp", "steps": 4, "data_dir": str(synth_dir)}
     ck = str(a / "ckpt" / "step2.ckpt")
-    _torchrun([{**common, "devices": 2, "accum": 2, "out": str(a), "ckpt_every": 2, "save_full": True, "export": True},
+    _torchrun([{**common, "devices": 2, "accum": 2, "out": str(a), "ckpt_every": 2, "save_full": True, "export": True,
+                "meta_init": True},  # rank 1 starts from a meta skeleton and receives rank 0's weights
                {**common, "devices": 2, "accum": 2, "out": str(b), "resume": ck}], tmp_path, 2)
     _torchrun([{**common, "devices": 1, "accum": 1, "out": str(c), "resume": ck}], tmp_path, 1)
     res, t = _result(a)

@@ -182,3 +182,48 @@ def test_tokenizer_from_a_pretrained_folder_gains_the_missing_tokens(tmp_path):
     assert tok.encode("hello <|image_pad|>") != [0, tok.image_pad_id]  # text stays text
     with pytest.raises(ValueError, match="lacks the special tokens"):
         TextTokenizer.from_file(tmp_path, add_missing=False)
+
+
+def test_fsdp_reads_the_pretrained_folder_on_rank_0_only(tmp_path, synth_dir):
+    """`python train.py trainer=fsdp … devices=2` with a pretrained decoder, as a user runs it
+    (Lightning's own launcher): rank 1 builds a meta skeleton and never reads the safetensors,
+    rank 0 broadcasts the weights into both ranks' shards (parallel.init=rank0), and the trained
+    export still holds the pretrained weights (lr 1e-9) with the grown rows at the old mean."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+    from tests.conftest import TINY as TINY_RUN
+    from tests.test_jinja_template import QWEN2VL
+    from vlm.checkpoint import load_checkpoint
+    from vlm.tokenizer import TextTokenizer
+
+    tok = TextTokenizer.from_file(synth_dir / "synthvqa" / "tokenizer.json")
+    torch.manual_seed(0)
+    ref = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**{**TINY, "vocab_size": tok.vocab_size - 4},
+                                                                 tie_word_embeddings=True))
+    folder = tmp_path / "qwen2_tiny"
+    ref.save_pretrained(folder)
+    shutil.copy(synth_dir / "synthvqa" / "tokenizer.json", folder / "tokenizer.json")
+    (folder / "tokenizer_config.json").write_text(json.dumps({"chat_template": QWEN2VL, "eos_token": "<|im_end|>"}))
+    overrides = [o for o in TINY_RUN if not o.startswith("model.decoder.")] + [
+        f"paths.output_dir={tmp_path / 'run'}", f"paths.data_dir={synth_dir}", "logger=none", "model/decoder=qwen2",
+        f"model.decoder.pretrained={folder}", f"data.tokenizer={folder}", f"data.template.jinja={folder}",
+        "trainer=fsdp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true",
+        "trainer.max_steps=1", "trainer.limit_val_batches=0", "callbacks.model_checkpoint.monitor=null",
+        "optimizer.lr=1e-9", "threads=1"]
+    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "train.py", *overrides], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300, env=env)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-4000:]
+    assert out.count("model built on the meta device") == 1, out[-4000:]  # rank 1 only
+    m = load_checkpoint(tmp_path / "run" / "export").model
+    old = ref.model.embed_tokens.weight.detach()
+    emb = m.decoder.embed_tokens.weight.detach()
+    torch.testing.assert_close(emb[: old.shape[0]], old, atol=1e-6, rtol=0)
+    torch.testing.assert_close(emb[old.shape[0]:], old.mean(0).expand(4, -1), atol=1e-6, rtol=0)
+    torch.testing.assert_close(m.decoder.layers[1].mlp.down_proj.weight.detach(),
+                               ref.model.layers[1].mlp.down_proj.weight.detach(), atol=1e-6, rtol=0)

@@ -98,3 +98,28 @@ def test_generation_stops_at_the_template_end_token(tok):
     assert stop_ids(tok, {"jinja": LLAMA3, "specials": {"eos_token": "<|eot_id|>"}}) == [tok.im_end_id, tok.eos_id, eot]
     assert stop_ids(tok, {"specials": {"eos_token": "<|im_end|>"}}) == [tok.im_end_id, tok.eos_id]
     assert stop_ids(tok, None) == [tok.im_end_id, tok.eos_id]
+
+
+def test_generation_config_stop_ids_follow_the_template_folder(tok, tmp_path):
+    """Llama 3 Instruct: tokenizer_config's eos_token is <|end_of_text|> but a turn ends with
+    <|eot_id|>, which only generation_config.json names; it travels in the resolved template config."""
+    from vlm.build import resolve_template_config, stop_ids
+
+    eot = tok.tok.token_to_id("<|eot_id|>")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": LLAMA3}))
+    assert resolve_template_config({"jinja": str(tmp_path)})["stop_token_ids"] == []
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [tok.eos_id, eot]}))
+    cfg = resolve_template_config({"jinja": str(tmp_path)})
+    assert cfg["jinja"] == LLAMA3 and cfg["stop_token_ids"] == [tok.eos_id, eot]
+    assert stop_ids(tok, cfg) == [tok.im_end_id, tok.eos_id, eot]
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": eot}))  # a single id
+    assert resolve_template_config({"jinja": str(tmp_path / "tokenizer_config.json")})["stop_token_ids"] == [eot]
+    # bad inputs: an id the tokenizer lacks, a non-integer id, a broken file
+    with pytest.raises(ValueError, match="not in the tokenizer"):
+        stop_ids(tok, {"stop_token_ids": [10**7]})
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": ["</s>"]}))
+    with pytest.raises(ValueError, match="eos_token_id must be"):
+        resolve_template_config({"jinja": str(tmp_path)})
+    (tmp_path / "generation_config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="generation_config.json: not a JSON object"):
+        resolve_template_config({"jinja": str(tmp_path)})

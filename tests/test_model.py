@@ -200,3 +200,33 @@ def test_sampling_top_p_and_temperature():
     assert draws == {1}  # token 1 alone reaches half the mass
     draws = {int(sample_next(logits, 1.0, 0.99, g)) for _ in range(200)}
     assert draws == {1, 2}
+
+
+def test_from_scratch_vit_keeps_the_image_in_its_residual_stream():
+    """The default tiny ViT at initialisation: what the blocks add is small next to the embedded
+    patches, so two images give different features. With PyTorch's default init the blocks added
+    an O(0.3) near-uniform vector to an O(0.01) patch signal and a from-scratch ViT could not learn
+    to tell characters apart (docs/recipe.md)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    from tests.conftest import CONF
+
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose("train")
+    torch.manual_seed(0)
+    enc = instantiate(cfg.model.encoder)
+    grid = torch.tensor([[1, 8, 8]])
+    x = torch.rand(64, enc.patch_dim) * 2 - 1
+    stream = enc.pre_norm(enc.patch_embed(x) + enc.position_embedding(1, 8, 8))[None]
+    out = stream
+    for block in enc.blocks:
+        out = block(out)
+    added = (out - stream).std() / stream.std()
+    assert added < 0.5, f"the blocks add {added:.2f}x the patch signal at init"
+    # the features of a token follow its own patch: correlation with the embedded input stays high
+    corr = torch.corrcoef(torch.stack([out.flatten(), stream.flatten()]))[0, 1]
+    assert corr > 0.8, corr
+    y = torch.rand(64, enc.patch_dim) * 2 - 1
+    f1, f2 = enc(x, grid), enc(y, grid)
+    assert (f1 - f2).std() > 0.5 * f1.std()

@@ -137,6 +137,7 @@ def build_template(template_cfg: dict, tokenizer: TextTokenizer) -> ChatTemplate
     jinja = cfg.pop("jinja", None)
     specials = cfg.pop("specials", None)
     markers = cfg.pop("media_markers", None)
+    cfg.pop("stop_token_ids", None)  # read by `stop_ids`, not the template
     kw = dict(merge_size=layout["merge_size"], token_grid=partial(token_grid, **layout), **cfg)
     if jinja:  # the model's own chat template (vlm.data.jinja_template)
         from vlm.data.jinja_template import JinjaChatTemplate, load_chat_template
@@ -152,10 +153,13 @@ def resolve_template_config(template_cfg: dict) -> dict:
     strings, so checkpoints carry the template itself."""
     cfg = dict(template_cfg)
     if cfg.get("jinja"):
-        from vlm.data.jinja_template import load_chat_template
+        from vlm.data.jinja_template import generation_stop_ids, load_chat_template
 
-        text, found = load_chat_template(str(cfg["jinja"]))
+        source = str(cfg["jinja"])
+        text, found = load_chat_template(source)
         cfg["jinja"], cfg["specials"] = text, {**found, **dict(cfg.get("specials") or {})}
+        if not cfg.get("stop_token_ids"):
+            cfg["stop_token_ids"] = generation_stop_ids(source)
     return cfg
 
 
@@ -173,12 +177,22 @@ def check_template_fits(model: VLM, template: ChatTemplate) -> None:
 
 
 def stop_ids(tokenizer: TextTokenizer, template_cfg: dict | None = None) -> list[int]:
-    """Tokens that end a generated turn: ours (`<|im_end|>`, `<|endoftext|>`) plus the `eos_token`
-    of a model's own chat template (Llama 3's `<|eot_id|>`), when it is one token."""
+    """Tokens that end a generated turn: ours (`<|im_end|>`, `<|endoftext|>`), the `eos_token` of a
+    model's own chat template when it is one token, and the `eos_token_id`s of its
+    `generation_config.json` (`template.stop_token_ids`, filled by `resolve_template_config`; Llama
+    3's `<|eot_id|>`). Ids outside the tokenizer's vocabulary are an error: the folder's
+    generation_config does not belong to this tokenizer."""
+    cfg = template_cfg or {}
     ids = [tokenizer.im_end_id, tokenizer.eos_id]
-    eos = ((template_cfg or {}).get("specials") or {}).get("eos_token")
+    eos = (cfg.get("specials") or {}).get("eos_token")
     if eos:
         t = tokenizer.tok.token_to_id(eos)
         if t is not None and t not in ids:
             ids.append(t)
+    for t in cfg.get("stop_token_ids") or []:
+        if tokenizer.tok.id_to_token(int(t)) is None:
+            raise ValueError(f"generation_config.json stop token id {t} is not in the tokenizer "
+                             f"(vocabulary {tokenizer.vocab_size}): is data.template.jinja the tokenizer's own folder?")
+        if int(t) not in ids:
+            ids.append(int(t))
     return ids

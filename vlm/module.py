@@ -78,7 +78,12 @@ class VLMModule(L.LightningModule):
         log_examples: int = 8,
         parallel: dict | None = None,
         numerics: dict | None = None,
+        meta_init: bool = False,
     ):
+        """meta_init: build the model on the meta device (no weights read or allocated) and take
+        rank 0's in `configure_model` — set by `vlm.train` on ranks other than 0 under a sharded
+        strategy with `parallel.init=rank0`; rank 0 passes False and keeps its full weights until
+        they are broadcast."""
         super().__init__()
         # Only plain, rebuildable data goes into the checkpoint (loadable with weights_only=True).
         self.save_hyperparameters(
@@ -86,7 +91,14 @@ class VLMModule(L.LightningModule):
              "val_qtypes": val_qtypes}
         )
         self.tokenizer = TextTokenizer.from_str(tokenizer_json)
-        self.model = build_model(model, self.tokenizer)
+        if meta_init:
+            from vlm.model.hf import skeleton
+
+            with torch.device("meta"), skeleton():
+                self.model = build_model(model, self.tokenizer)
+            log.info("model built on the meta device (parallel.init=rank0): its shards come from rank 0")
+        else:
+            self.model = build_model(model, self.tokenizer)
         # pretrained parts (vlm.model.hf) -> their native classes: the checkpoint needs no model folders
         self.hparams["model"] = self_contained_config(model, self.model)
         self.freeze_spec = dict(model.get("freeze") or {})
@@ -273,7 +285,18 @@ class VLMModule(L.LightningModule):
         cfg = ParallelConfig.from_dict(self.parallel_cfg)
         precision = str(getattr(self.trainer, "precision", "")) if self._trainer is not None else None
         if self.device_mesh is not None:
+            # parallel.init=rank0: rank 0 holds the full weights (taken before sharding), the other
+            # ranks a meta skeleton; broadcast them into every rank's shards.
+            rank0_init = cfg.init == "rank0" and dist.get_world_size() > 1
+            full = self.model.state_dict() if rank0_init and dist.get_rank() == 0 else None
             parallelize(self.model, cfg, self.device_mesh["data_parallel"], precision)
+            if rank0_init:
+                from vlm.parallel import load_from_rank0
+
+                load_from_rank0(self.model, full, self.device)
+                del full
+            elif any(p.is_meta for p in self.model.parameters()):
+                raise RuntimeError("the model was built on the meta device but parallel.init is not rank0")
             self._parallelized = True
         elif cfg.ac != "none" or cfg.compile:  # single device / DDP: checkpointing and compile only
             parallelize(self.model, cfg, None, precision)

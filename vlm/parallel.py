@@ -32,6 +32,7 @@ from torch import nn
 log = logging.getLogger("vlm.parallel")
 
 AC_MODES = ("none", "full", "selective")
+INIT_MODES = ("rank0", "all_ranks")
 
 
 @dataclass
@@ -42,6 +43,7 @@ class ParallelConfig:
     compile_backend: str = "inductor"
     mixed_precision: str = "auto"    # auto (bf16 params / fp32 reduce when precision is bf16*) | none | bf16
     reshard_after_forward: bool = True  # ZeRO-3 style; false keeps gathered params until backward (ZeRO-2)
+    init: str = "rank0"              # sharded only: rank0 (others build on meta, get rank 0's weights) | all_ranks
 
     def __post_init__(self):
         if self.ac not in AC_MODES:
@@ -50,6 +52,8 @@ class ParallelConfig:
             raise ValueError(f"parallel.ac_every must be >= 1, got {self.ac_every}")
         if self.mixed_precision not in ("auto", "none", "bf16"):
             raise ValueError(f"parallel.mixed_precision must be auto, none or bf16, got {self.mixed_precision!r}")
+        if self.init not in INIT_MODES:
+            raise ValueError(f"parallel.init must be one of {INIT_MODES}, got {self.init!r}")
 
     @classmethod
     def from_dict(cls, d: dict | None) -> ParallelConfig:
@@ -128,6 +132,30 @@ def parallelize(model: nn.Module, cfg: ParallelConfig | dict | None, mesh=None, 
     log.info("parallelize: %d blocks checkpointed (%s), compile=%s, %d decoder units + vision + projector + root, mp=%s",
              n_ac, cfg.ac, cfg.compile, len(layers), kw["mp_policy"].param_dtype)
     return model
+
+
+def load_from_rank0(model: nn.Module, full: dict[str, torch.Tensor] | None, device: torch.device) -> None:
+    """After `parallelize`: fill every rank's shards from rank 0's full state dict (`parallel.init=rank0`).
+
+    Rank 0 built the model for real (pretrained parts read from their memory-mapped safetensors,
+    the rest initialised) and passes `full`, taken before sharding; the other ranks built it on the
+    meta device (`vlm.model.hf.skeleton`) and pass None, so a 7B decoder is read and held in full
+    once per job, not once per rank. Each tensor is broadcast and each rank keeps its own shard
+    (`set_model_state_dict(broadcast_from_rank0=True)`); buffers that are not saved (rotary
+    frequencies) are broadcast too, since a meta build computed none."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    rank = dist.get_rank()
+    if (full is None) != (rank != 0):
+        raise RuntimeError(f"load_from_rank0: rank {rank} {'has' if full is not None else 'lacks'} the full state dict")
+    if any(t.is_meta for t in list(model.parameters()) + list(model.buffers())):
+        model.to_empty(device=device)
+    set_model_state_dict(model, full or {}, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    with torch.no_grad():
+        for _, buf in model.named_buffers():
+            if buf.device.type != "meta":
+                dist.broadcast(buf, src=0)
 
 
 def is_sharded(module: nn.Module) -> bool:

@@ -12,6 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from vlm.build import check_template_fits
 from vlm.module import VLMModule
+from vlm.parallel import is_sharded_strategy
 
 log = logging.getLogger("vlm.train")
 
@@ -32,8 +33,9 @@ def build_logger(cfg: DictConfig):
     return instantiate(lg)
 
 
-def build_module(cfg: DictConfig, datamodule) -> VLMModule:
+def build_module(cfg: DictConfig, datamodule, meta_init: bool = False) -> VLMModule:
     return VLMModule(
+        meta_init=meta_init,
         model=OmegaConf.to_container(cfg.model, resolve=True),
         tokenizer_json=datamodule.tokenizer.to_str(),
         processor=datamodule.image_processor.to_config(),
@@ -76,12 +78,16 @@ def run(cfg: DictConfig) -> dict[str, float]:
         torch.set_num_threads(int(cfg.threads))
     datamodule = instantiate(cfg.data, _convert_="all")
     datamodule.setup("fit")
-    module = build_module(cfg, datamodule)
-    check_template_fits(module.model, datamodule.template)
-    if cfg.get("init_from"):
-        _init_weights(module, cfg.init_from)
     logger = build_logger(cfg)
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=build_callbacks(cfg, bool(logger)), logger=logger)
+    # FSDP with parallel.init=rank0: only rank 0 reads weights; the others build a meta skeleton
+    # and receive their shards in configure_model (vlm.parallel.load_from_rank0).
+    meta_init = (is_sharded_strategy(trainer.strategy) and trainer.world_size > 1 and trainer.global_rank != 0
+                 and (cfg.get("parallel") or {}).get("init", "rank0") == "rank0")
+    module = build_module(cfg, datamodule, meta_init=meta_init)
+    check_template_fits(module.model, datamodule.template)
+    if cfg.get("init_from") and not meta_init:  # rank 0's weights reach the others by broadcast
+        _init_weights(module, cfg.init_from)
     if logger:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     n_params = sum(p.numel() for p in module.parameters())

@@ -61,6 +61,26 @@ def load_chat_template(source: str) -> tuple[str, dict]:
     raise FileNotFoundError(f"chat template not found: {source}")
 
 
+def generation_stop_ids(source: str) -> list[int]:
+    """The `eos_token_id`s of the `generation_config.json` beside a chat template (a model folder
+    or a file in one): Llama 3 Instruct ends a turn with `<|eot_id|>` (128009), which its
+    tokenizer_config's `eos_token` (`<|end_of_text|>`) does not name. [] when there is none."""
+    if "{%" in source or "{{" in source:
+        return []
+    p = Path(source)
+    f = (p if p.is_dir() else p.parent) / "generation_config.json"
+    if not f.is_file():
+        return []
+    try:
+        ids = json.loads(f.read_text()).get("eos_token_id")
+    except (json.JSONDecodeError, AttributeError) as e:
+        raise ValueError(f"{f}: not a JSON object ({e})") from None
+    ids = [ids] if isinstance(ids, int) else list(ids or [])
+    if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+        raise ValueError(f"{f}: eos_token_id must be a token id or a list of them, got {ids!r}")
+    return ids
+
+
 def _specials(cfg: dict) -> dict:
     out = {}
     for k in ("bos_token", "eos_token", "pad_token", "unk_token"):

@@ -19,6 +19,8 @@ activations other than SiLU, sliding-window attention.
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 
 import torch
@@ -152,11 +154,31 @@ def _few(xs: list[str], n: int = 6) -> str:
     return ", ".join(xs[:n]) + (f" … (+{len(xs) - n} more)" if len(xs) > n else "")
 
 
+_SKELETON = ContextVar("vlm_hf_skeleton", default=False)
+
+
+@contextmanager
+def skeleton():
+    """Inside this block every pretrained loader builds its module on the meta device and reads no
+    weights (config.json only). Ranks other than 0 build this way under FSDP with
+    `parallel.init=rank0`; rank 0's weights are then broadcast into their shards
+    (`vlm.parallel.load_from_rank0`)."""
+    token = _SKELETON.set(True)
+    try:
+        yield
+    finally:
+        _SKELETON.reset(token)
+
+
+def _skeleton(device) -> bool:
+    return str(device) == "meta" or _SKELETON.get()
+
+
 def _build(cls, kw: dict, device, overrides: dict | None = None):
     """`cls(**kw)` on `device` (meta: nothing allocated), with non-None `overrides` applied; the
     module remembers its native class and arguments (`vlm.build.self_contained_config`)."""
     kw = {**kw, **{k: v for k, v in (overrides or {}).items() if v is not None}}
-    with torch.device(device or "cpu"):
+    with torch.device("meta" if _skeleton(device) else (device or "cpu")):
         mod = cls(**kw)
     mod.native_config = {"_target_": f"{cls.__module__}.{cls.__name__}", **kw}
     return mod
@@ -266,7 +288,7 @@ def pretrained_decoder(pretrained: str, device: str | torch.device | None = None
         if v is not None or k not in kw:
             kw[k] = v
     dec = _build(Decoder, kw, device)
-    if str(device) == "meta":
+    if _skeleton(device):
         return dec
     src = SafetensorsFolder(pretrained)
     mapping = decoder_key_map(cfg, src.keys())
@@ -365,7 +387,7 @@ def pretrained_vision_encoder(pretrained: str, feature_layer: int = -1, device: 
     family, _ = _vision_config(cfg)
     enc = _build(VisionEncoder, vision_kwargs(cfg, feature_layer), device, overrides)
     kw = enc.native_config
-    if str(device) == "meta":
+    if _skeleton(device):
         return enc
     src = SafetensorsFolder(pretrained)
     n_built = len(enc.blocks)
@@ -526,7 +548,7 @@ def pretrained_qwen2vl_vision(pretrained: str, feature_layer: int = -1, device: 
               rope_theta=float((v.get("rope_parameters") or {}).get("rope_theta", 10000.0)))
     enc = _build(VisionEncoder, kw, device, overrides)
     kw = enc.native_config
-    if str(device) == "meta":
+    if _skeleton(device):
         return enc
     raw = SafetensorsFolder(pretrained)
     pre = _qwen2vl_prefix(raw)
@@ -559,7 +581,7 @@ def pretrained_qwen2vl_merger(pretrained: str, device: str | torch.device | None
     kw = dict(in_dim=D, out_dim=int(v.get("hidden_size", 3584)), kind="merge", merge_size=m, hidden=D * m * m,
               norm_eps=1e-6)
     proj = _build(Projector, kw, device, overrides)
-    if str(device) == "meta":
+    if _skeleton(device):
         return proj
     src = SafetensorsFolder(pretrained)
     pre = _qwen2vl_prefix(src)
@@ -584,7 +606,7 @@ def pretrained_llava_projector(pretrained: str, device: str | torch.device | Non
     kw = dict(in_dim=int(v.get("hidden_size", 1024)), out_dim=int(t.get("hidden_size", 4096)), kind="mlp", merge_size=1,
               hidden=int(t.get("hidden_size", 4096)))
     proj = _build(Projector, kw, device, overrides)
-    if str(device) == "meta":
+    if _skeleton(device):
         return proj
     src = SafetensorsFolder(pretrained)
     pre = _prefix_of(src.keys(), "multi_modal_projector.linear_1.weight", pretrained)

@@ -229,6 +229,22 @@ class VisionEncoder(nn.Module):
         self.norm = nn.LayerNorm(dim, eps=norm_eps) if final_norm else nn.Identity()
         k = len(self.feature_layers)
         self.out_dim = dim * k if feature_combine == "concat" else dim
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Transformer blocks: N(0, 0.02) weights, zero biases, residual-branch outputs scaled down
+        by depth (GPT-2 rule). Why it matters: PyTorch's default init makes each block add a
+        near-uniform O(0.3) vector to a residual stream whose image signal is O(0.01) after the
+        patch embedding; the image is drowned and a from-scratch ViT learned nothing about
+        characters in thousands of steps (docs/recipe.md, "Why OCR stayed at 0%"). The patch
+        embedding keeps its default init; pretrained loaders overwrite all of it anyway."""
+        n = max(len(self.blocks), 1)
+        for name, p in self.blocks.named_parameters():
+            if p.dim() == 2:
+                out = name.endswith(("o_proj.weight", "fc2.weight"))
+                nn.init.normal_(p, std=0.02 / (2 * n) ** 0.5 if out else 0.02)
+            elif name.endswith("bias") and "norm" not in name:
+                nn.init.zeros_(p)
 
     @property
     def patch_dim(self) -> int:
