@@ -230,3 +230,32 @@ def test_from_scratch_vit_keeps_the_image_in_its_residual_stream():
     y = torch.rand(64, enc.patch_dim) * 2 - 1
     f1, f2 = enc(x, grid), enc(y, grid)
     assert (f1 - f2).std() > 0.5 * f1.std()
+
+
+@pytest.mark.parametrize("kind", ["causal", "mask", "gqa", "empty_row", "long"])
+def test_attend_equals_sdpa(kind):
+    """`attend` (the CPU matmul path for short sequences) gives SDPA's result, gradients included."""
+    import torch.nn.functional as F
+
+    from vlm.model.attention import attend
+
+    torch.manual_seed(0)
+    L = 200 if kind == "long" else 24  # long: above EAGER_CPU_MAX, SDPA itself
+    hk = 2 if kind == "gqa" else 4
+    q = torch.randn(3, 4, L, 16, requires_grad=True)
+    k, v = (torch.randn(3, hk, L, 16, requires_grad=True) for _ in range(2))
+    mask = None
+    if kind in ("mask", "empty_row"):
+        mask = torch.rand(3, 1, L, L) > 0.5
+        mask[..., torch.arange(L), torch.arange(L)] = True
+        if kind == "empty_row":
+            mask[1, 0, 5] = False
+    causal = kind in ("causal", "gqa", "long")
+    ours = attend(q, k, v, mask, causal)
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=hk != 4)
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+    g = torch.randn_like(ref)
+    ga = torch.autograd.grad(ours, (q, k, v), g)
+    gb = torch.autograd.grad(ref, (q, k, v), g)
+    for a, b in zip(ga, gb):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)

@@ -59,3 +59,20 @@ def test_nonfinite_halt_stops_with_a_clear_message(synth_dir, tmp_path):
     with pytest.raises(NonFiniteError, match=r"step 1: non-finite loss and gradient norm .*numerics.on_nonfinite=halt"):
         train_fixed({"strategy": "single", "steps": 3, "accum": 1, "nan_step": 1, "nan_rank": 0, "on_nonfinite": "halt",
                      "out": str(tmp_path / "halt"), "data_dir": str(synth_dir)})
+
+
+def test_our_clipping_equals_clip_grad_norm(synth_dir, tmp_path):
+    """VLMModule.configure_gradient_clipping (norm reused from the step's guard, works with the
+    fused AdamW of conf/optimizer/adamw.yaml) gives the update `clip_grad_norm_` would: the
+    gradient the optimizer sees equals the big batch's mean-token gradient clipped with torch."""
+    train_fixed({"strategy": "single", "steps": 1, "accum": 1, "data_dir": str(synth_dir), "out": str(tmp_path / "ours")})
+    _, ours = _result(tmp_path / "ours")
+    _, dm, module = tiny_module(tmp_path / "ref", synth_dir)
+    assert module.optimizer_factory.keywords.get("fused") is True
+    (batch,) = micro_batches(fixed_samples(dm, 8), 0, 1, 1, 0, dm.tokenizer.pad_id)
+    loss, _ = module.loss(batch)
+    loss.backward()
+    norm = torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
+    assert norm > 1.0  # the clip is active at this step
+    for n, p in module.named_parameters():
+        torch.testing.assert_close(ours["grads"][n], p.grad, rtol=1e-4, atol=1e-7, msg=lambda m, n=n: f"{n}: {m}")

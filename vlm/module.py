@@ -236,6 +236,7 @@ class VLMModule(L.LightningModule):
         if grads:
             torch._foreach_mul_(grads, scale)
         norm = _full(torch.nn.utils.get_total_norm(grads)) if grads else torch.zeros(())
+        self._grad_norm = norm  # reused by `configure_gradient_clipping`: one norm pass per step
         loss = st["loss_sum"] / max(n_tokens, 1.0)
         self.last_step_stats = st
         self.log("train/loss", loss, prog_bar=True, on_step=True)
@@ -263,6 +264,23 @@ class VLMModule(L.LightningModule):
         self.log("train/skipped_steps", float(self.skipped_steps), on_step=True)
         for p in self.parameters():  # the optimizer skips parameters without a gradient
             p.grad = None
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """`trainer.gradient_clip_val` by norm, with the norm `on_before_optimizer_step` already
+        computed (global over ranks, after loss normalisation) — the same update as
+        `clip_grad_norm_`. Done here rather than by Lightning's precision plugin, which refuses
+        fused optimizers (`optimizer.fused=true`: AdamW 3.5x faster per step on CPU)."""
+        if not gradient_clip_val:
+            return
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        if not grads:  # a skipped (non-finite) step dropped them
+            return
+        if gradient_clip_algorithm not in (None, "norm"):
+            torch.nn.utils.clip_grad_value_(self.parameters(), gradient_clip_val)
+            return
+        coef = float(gradient_clip_val) / (float(self._grad_norm) + 1e-6)
+        if coef < 1.0:
+            torch._foreach_mul_(grads, coef)
 
     def configure_optimizers(self):
         if self.optimizer_factory is None:
