@@ -76,3 +76,14 @@ def test_our_clipping_equals_clip_grad_norm(synth_dir, tmp_path):
     assert norm > 1.0  # the clip is active at this step
     for n, p in module.named_parameters():
         torch.testing.assert_close(ours["grads"][n], p.grad, rtol=1e-4, atol=1e-7, msg=lambda m, n=n: f"{n}: {m}")
+
+
+def test_parallel_options_are_checked():
+    """conf/parallel/default.yaml: a wrong value or an unknown key is one clear error."""
+    from vlm.parallel import ParallelConfig
+
+    assert ParallelConfig.from_dict({"init": "all_ranks"}).init == "all_ranks"
+    for bad, match in (({"init": "rank1"}, "parallel.init must be one of"), ({"ac": "some"}, "parallel.ac must be"),
+                       ({"mixed_precision": "fp8"}, "mixed_precision"), ({"inti": "rank0"}, "unknown parallel options")):
+        with pytest.raises(ValueError, match=match):
+            ParallelConfig.from_dict(bad)
