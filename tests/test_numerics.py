@@ -87,3 +87,19 @@ def test_parallel_options_are_checked():
                        ({"mixed_precision": "fp8"}, "mixed_precision"), ({"inti": "rank0"}, "unknown parallel options")):
         with pytest.raises(ValueError, match=match):
             ParallelConfig.from_dict(bad)
+
+
+@pytest.mark.parametrize("precision,fused", [("bf16-mixed", True), ("16-mixed", False), ("32-true", True)])
+def test_fused_adamw_only_without_fp16_loss_scaling(synth_dir, tmp_path, precision, fused):
+    """A fused optimizer unscales fp16 gradients inside its step, after our normalisation, guard and
+    clipping; with 16-mixed the module builds the unfused one instead."""
+    import lightning as L
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    _, _, module = tiny_module(tmp_path, synth_dir)
+    kw = ({"plugins": [MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))]} if precision == "16-mixed"
+          else {"precision": precision})  # Lightning turns 16-mixed into bf16 on a CPU: give it the fp16 scaler
+    module.trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, **kw)
+    opt = module.configure_optimizers()
+    opt = opt["optimizer"] if isinstance(opt, dict) else opt
+    assert bool(opt.defaults.get("fused")) is fused

@@ -287,7 +287,13 @@ class VLMModule(L.LightningModule):
             raise RuntimeError("VLMModule was built without an optimizer (inference-only)")
         groups = param_groups(self.model, self.optimizer_factory.keywords.get("lr", 1e-3),
                               self.optimizer_factory.keywords.get("weight_decay", 0.0), self.component_lr)
-        opt = self.optimizer_factory(groups)
+        factory = self.optimizer_factory
+        if factory.keywords.get("fused") and getattr(self.trainer.precision_plugin, "scaler", None) is not None:
+            # fp16 loss scaling: a fused optimizer unscales inside its step, after our gradient
+            # normalisation, guard and clipping would have seen scaled gradients.
+            log.info("optimizer.fused=true is not used with fp16 loss scaling (trainer.precision=16-mixed): unfused AdamW")
+            factory = partial(factory.func, *factory.args, **{**factory.keywords, "fused": False})
+        opt = factory(groups)
         if self.scheduler_factory is None:
             return opt
         return {"optimizer": opt, "lr_scheduler": {"scheduler": self.scheduler_factory(opt), "interval": "step"}}
