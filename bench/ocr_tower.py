@@ -8,7 +8,8 @@ probe on synthvqa's own OCR rendering, `--probe-steps`, batch 32), then the defa
 tower trains on the OCR family through the real Trainer (`--vlm-steps`). Arm `from scratch`: the
 same VLM and data, a fresh tower, and `--vlm-steps` plus as many steps as the probe took in time
 (at least as much compute). It prints held-out OCR exact match and the last training loss per arm.
-Data are generated under --root (20k training images) on first use.
+Data are generated under --root (20k training images) on first use. `python train.py
+tower_warmup.steps=N` (vlm/warmup.py) is this probe as a training stage (with gradient clipping).
 """
 
 from __future__ import annotations

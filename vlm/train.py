@@ -71,6 +71,18 @@ def _init_weights(module: VLMModule, path: str) -> None:
     log.info("initialised weights from %s", path)
 
 
+def _warm_up_tower(module: VLMModule, datamodule, warm: dict, trainer: L.Trainer) -> None:
+    """`tower_warmup.steps=N`: train the encoder alone on character naming first (vlm/warmup.py)."""
+    from vlm.warmup import WarmupConfig, warm_up_tower
+
+    wcfg = WarmupConfig(**warm)
+    if module.freeze_spec.get("encoder"):
+        raise ValueError("tower_warmup.steps > 0 trains the encoder, but it is frozen (model.freeze.encoder=true); "
+                         "set tower_warmup.steps=0")
+    res = warm_up_tower(module.model.encoder, datamodule.image_processor, wcfg, str(trainer.precision))
+    log.info("tower warm-up: %d steps in %.0f s, character accuracy %.2f", res["steps"], res["seconds"], res["accuracy"])
+
+
 def run(cfg: DictConfig) -> dict[str, float]:
     """Train. Returns the final logged metrics (floats)."""
     L.seed_everything(cfg.seed, workers=True)
@@ -88,6 +100,9 @@ def run(cfg: DictConfig) -> dict[str, float]:
     check_template_fits(module.model, datamodule.template)
     if cfg.get("init_from") and not meta_init:  # rank 0's weights reach the others by broadcast
         _init_weights(module, cfg.init_from)
+    warm = OmegaConf.to_container(cfg.tower_warmup, resolve=True) if cfg.get("tower_warmup") else {}
+    if warm.get("steps") and not meta_init:  # (FSDP: rank 0 warms up, the others get its tower by broadcast)
+        _warm_up_tower(module, datamodule, warm, trainer)
     if logger:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     n_params = sum(p.numel() for p in module.parameters())
