@@ -3,20 +3,19 @@
     python bench/ocr_tower.py                          # 1-character OCR: 1000 + 1000 vs 1600 steps
     python bench/ocr_tower.py --min-len 3 --max-len 6 --vlm-steps 1500
 
-Arm `pretrained tower`: the default ViT first learns to name one character (a max-pool + linear
-probe on synthvqa's own OCR rendering, `--probe-steps`, batch 32), then the default VLM with that
+Arm `pretrained tower`: the default ViT first learns to name one character (`vlm.warmup`, the
+`tower_warmup` stage of train.py: a max-pool + linear probe on synthvqa's own OCR rendering,
+`--probe-steps`, batch 32), then the default VLM with that
 tower trains on the OCR family through the real Trainer (`--vlm-steps`). Arm `from scratch`: the
 same VLM and data, a fresh tower, and `--vlm-steps` plus as many steps as the probe took in time
 (at least as much compute). It prints held-out OCR exact match and the last training loss per arm.
-Data are generated under --root (20k training images) on first use. `python train.py
-tower_warmup.steps=N` (vlm/warmup.py) is this probe as a training stage (with gradient clipping).
+Data are generated under --root (20k training images) on first use.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
-import random
 import statistics
 import sys
 import time
@@ -24,38 +23,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-
-
-def train_tower_to_read(enc, steps: int, min_len: int, seed: int = 123) -> tuple[float, float]:
-    """Character naming with a max-pooled linear head (single characters, the synthvqa OCR style).
-    Returns (accuracy over the last 100 steps, seconds)."""
-    import torch
-    import torch.nn.functional as F
-    from torch import nn
-
-    from vlm.data.processor import ImageProcessor
-    from vlm.data.synthetic import OCR_CHARSET, SynthConfig, render, sample_ocr_scene
-
-    syn = SynthConfig(canvas=64, ocr_min_len=1, ocr_max_len=1)
-    proc = ImageProcessor(patch_size=8, image_size=64, mean=[0.5] * 3, std=[0.5] * 3)
-    rng = random.Random(seed)
-    head = nn.Linear(enc.out_dim, len(OCR_CHARSET))
-    opt = torch.optim.AdamW(list(enc.parameters()) + list(head.parameters()), lr=1e-3)
-    grid = torch.tensor([[1, 8, 8]] * 32)
-    accs, t0 = [], time.time()
-    for _ in range(steps):
-        scenes = [sample_ocr_scene(rng, syn) for _ in range(32)]
-        x = torch.cat([proc(render(s)).patches for s in scenes])
-        y = torch.tensor([OCR_CHARSET.index(s.text) for s in scenes])
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            h = enc(x, grid).float().view(32, 64, -1)
-        logits = head(h.max(1).values)
-        loss = F.cross_entropy(logits, y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        accs.append(float((logits.argmax(1) == y).float().mean()))
-    return statistics.mean(accs[-100:]), time.time() - t0
 
 
 def run_arm(name: str, args, probe_steps: int, vlm_steps: int) -> dict:
@@ -80,8 +47,11 @@ def run_arm(name: str, args, probe_steps: int, vlm_steps: int) -> dict:
     dm.setup("fit")
     module = build_module(cfg, dm)
     probe_acc, probe_s = (None, 0.0)
-    if probe_steps:
-        probe_acc, probe_s = train_tower_to_read(module.model.encoder, probe_steps, args.min_len)
+    if probe_steps:  # the tower warm-up stage of train.py (vlm/warmup.py)
+        from vlm.warmup import warm_up_tower
+
+        res = warm_up_tower(module.model.encoder, dm.image_processor, {"steps": probe_steps})
+        probe_acc, probe_s = res["accuracy"], res["seconds"]
     t0 = time.time()
     trainer = instantiate(cfg.trainer, callbacks=build_callbacks(cfg, True), logger=instantiate(cfg.logger),
                           enable_checkpointing=False)

@@ -12,7 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from vlm.build import check_template_fits
 from vlm.module import VLMModule
-from vlm.parallel import is_sharded_strategy
+from vlm.parallel import ParallelConfig, is_sharded_strategy
 
 log = logging.getLogger("vlm.train")
 
@@ -94,8 +94,9 @@ def run(cfg: DictConfig) -> dict[str, float]:
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=build_callbacks(cfg, bool(logger)), logger=logger)
     # FSDP with parallel.init=rank0: only rank 0 reads weights; the others build a meta skeleton
     # and receive their shards in configure_model (vlm.parallel.load_from_rank0).
+    parallel = ParallelConfig.from_dict(OmegaConf.to_container(cfg.parallel, resolve=True) if cfg.get("parallel") else None)
     meta_init = (is_sharded_strategy(trainer.strategy) and trainer.world_size > 1 and trainer.global_rank != 0
-                 and (cfg.get("parallel") or {}).get("init", "rank0") == "rank0")
+                 and parallel.init == "rank0")
     module = build_module(cfg, datamodule, meta_init=meta_init)
     check_template_fits(module.model, datamodule.template)
     if cfg.get("init_from") and not meta_init:  # rank 0's weights reach the others by broadcast

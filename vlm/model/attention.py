@@ -9,6 +9,8 @@ boolean with True = may attend.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -106,6 +108,12 @@ class SelfAttention(nn.Module):
 EAGER_CPU_MAX = 128 * 128
 
 
+@functools.lru_cache(maxsize=32)
+def _causal_mask(L: int, S: int, device: torch.device) -> Tensor:
+    """`[L, S]` top-left causal mask, built once per shape (attend runs per layer per step)."""
+    return torch.ones(L, S, dtype=torch.bool, device=device).tril()
+
+
 def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
     """Scaled dot-product attention, `q [B, H, L, Dh]`, `k, v [B, H_kv, S, Dh]` -> `[B, H, L, Dh]`.
 
@@ -122,7 +130,8 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, is_causa
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
     scores = (q @ k.transpose(-1, -2)).float() * q.shape[-1] ** -0.5
     if is_causal:
-        mask = torch.ones(L, S, dtype=torch.bool, device=q.device).tril()
+        mask = (torch.ones(L, S, dtype=torch.bool, device=q.device).tril() if torch.compiler.is_compiling()
+                else _causal_mask(L, S, q.device))  # compiled: traced (and folded) instead of cached
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     probs = scores.softmax(-1)
