@@ -33,7 +33,7 @@ def run_arm(name: str, args, probe_steps: int, vlm_steps: int) -> dict:
 
     from vlm.train import build_callbacks, build_module
 
-    out = Path(args.out) / name.replace(" ", "_")
+    out = Path(args.out) / "".join(c if c.isalnum() else "_" for c in name)
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("train", overrides=[
             "logger=csv", f"data.synthetic.root={args.root}", f"+data.synthetic.ocr_min_len={args.min_len}",
@@ -50,7 +50,8 @@ def run_arm(name: str, args, probe_steps: int, vlm_steps: int) -> dict:
     if probe_steps:  # the tower warm-up stage of train.py (vlm/warmup.py)
         from vlm.warmup import warm_up_tower
 
-        res = warm_up_tower(module.model.encoder, dm.image_processor, {"steps": probe_steps})
+        res = warm_up_tower(module.model.encoder, dm.image_processor,
+                            {"steps": probe_steps, "task": args.task, "max_len": max(args.max_len, 1)})
         probe_acc, probe_s = res["accuracy"], res["seconds"]
     t0 = time.time()
     trainer = instantiate(cfg.trainer, callbacks=build_callbacks(cfg, True), logger=instantiate(cfg.logger),
@@ -69,6 +70,8 @@ def main() -> None:
     p.add_argument("--probe-steps", type=int, default=1000)
     p.add_argument("--vlm-steps", type=int, default=1000)
     p.add_argument("--scratch-extra-steps", type=int, default=600, help="extra VLM steps for the scratch arm (~the probe's time)")
+    p.add_argument("--task", default="glyphs", choices=["glyphs", "char"], help="the warm-up task (vlm/warmup.py)")
+    p.add_argument("--arms", default="pretrained,scratch", help="which arms to run")
     p.add_argument("--min-len", type=int, default=1)
     p.add_argument("--max-len", type=int, default=1)
     p.add_argument("--root", default=None, help="synthvqa OCR data folder (default /tmp/synthvqa_ocr_{min}_{max})")
@@ -76,8 +79,12 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
     args.root = args.root or f"/tmp/synthvqa_ocr_{args.min_len}_{args.max_len}"
-    rows = [run_arm("pretrained tower", args, args.probe_steps, args.vlm_steps),
-            run_arm("from scratch", args, 0, args.vlm_steps + args.scratch_extra_steps)]
+    arms = args.arms.split(",")
+    rows = []
+    if "pretrained" in arms:
+        rows.append(run_arm(f"tower warmed up ({args.task})", args, args.probe_steps, args.vlm_steps))
+    if "scratch" in arms:
+        rows.append(run_arm("from scratch", args, 0, args.vlm_steps + args.scratch_extra_steps))
     print(f"\nsynthvqa OCR, {args.min_len}-{args.max_len} characters, default model (bf16-mixed, batch 16)\n")
     print("| arm | tower probe steps (s) | probe accuracy | VLM steps (s) | last train loss | held-out OCR exact match |")
     print("| --- | ---: | ---: | ---: | ---: | ---: |")

@@ -11,14 +11,14 @@ from vlm.model.vision import VisionEncoder
 from vlm.warmup import WarmupConfig, warm_up_tower
 
 
-@pytest.mark.parametrize("temporal_patch,pos", [(1, "learned"), (2, "rope2d")])
-def test_warm_up_trains_the_encoder_only(temporal_patch, pos):
+@pytest.mark.parametrize("temporal_patch,pos,task", [(1, "learned", "glyphs"), (2, "rope2d", "glyphs"), (1, "learned", "char")])
+def test_warm_up_trains_the_encoder_only(temporal_patch, pos, task):
     torch.manual_seed(0)
     enc = VisionEncoder(patch_size=8, dim=32, n_layers=1, n_heads=2, patch_embed="conv", conv_channels=8,
                         temporal_patch=temporal_patch, pos=pos, pre_norm=True)
     before = {k: v.clone() for k, v in enc.state_dict().items()}
     proc = ImageProcessor(patch_size=8, image_size=32, mean=[0.5] * 3, std=[0.5] * 3)
-    res = warm_up_tower(enc, proc, {"steps": 6, "batch_size": 4, "canvas": 32}, precision="32-true")
+    res = warm_up_tower(enc, proc, {"steps": 6, "batch_size": 4, "canvas": 32, "task": task, "max_len": 3}, precision="32-true")
     assert res["steps"] == 6 and 0.0 <= res["accuracy"] <= 1.0
     after = enc.state_dict()
     assert after.keys() == before.keys()  # the probe head is not kept
@@ -27,10 +27,18 @@ def test_warm_up_trains_the_encoder_only(temporal_patch, pos):
     assert warm_up_tower(enc, proc, WarmupConfig(steps=0))["steps"] == 0
 
 
-@pytest.mark.parametrize("bad", [{"steps": -1}, {"batch_size": 0}, {"lr": 0.0}, {"steps": 1.5}])
+@pytest.mark.parametrize("bad", [{"steps": -1}, {"batch_size": 0}, {"lr": 0.0}, {"steps": 1.5}, {"task": "ctc"}, {"max_len": 0},
+                                 {"wide": 1.5}])
 def test_bad_warmup_options_are_named(bad):
     with pytest.raises(ValueError, match="tower_warmup"):
         WarmupConfig(**bad)
+
+
+def test_a_string_too_long_for_the_canvas_is_refused_by_name():
+    enc = VisionEncoder(patch_size=8, dim=16, n_layers=1, n_heads=2)
+    proc = ImageProcessor(patch_size=8, image_size=32, mean=[0.5] * 3, std=[0.5] * 3)
+    with pytest.raises(ValueError, match="tower_warmup.max_len=6 .* tower_warmup.canvas=32"):
+        warm_up_tower(enc, proc, {"steps": 1, "canvas": 32, "max_len": 6})
 
 
 def test_train_runs_the_warm_up_first_and_refuses_a_frozen_tower(tmp_path, synth_dir, caplog):
@@ -44,3 +52,61 @@ def test_train_runs_the_warm_up_first_and_refuses_a_frozen_tower(tmp_path, synth
     frozen = compose_train(["logger=none", "tower_warmup.steps=4", "model.freeze.encoder=true"], tmp_path / "f", synth_dir)
     with pytest.raises(ValueError, match="frozen"):
         run(frozen)
+
+
+@pytest.mark.parametrize("resolution,wide", [("fixed", 0.0), ("dynamic", 0.0), ("dynamic", 1.0)])
+def test_glyph_labels_put_each_character_in_the_half_patch_under_its_ink(resolution, wide):
+    """The `glyphs` task's labels: every character of the string sits, in reading order, in the
+    half-patch slot that holds the centre of its ink, whatever the processor does to the image size."""
+    import random
+
+    import numpy as np
+
+    from vlm.data.synthetic import OCR_CHARSET, SynthConfig, char_centers, get_font, render, sample_ocr_scene
+    from vlm.warmup import _glyph_batch
+
+    syn = SynthConfig(canvas=64, ocr_min_len=1, ocr_max_len=6)
+    # the centres are where the ink is: each one lies inside its own character's ink box
+    scene = sample_ocr_scene(random.Random(5), syn)
+    ink = np.asarray(render(scene).convert("L"), dtype=np.int16)
+    bg = int(np.median(ink))
+    font = get_font(scene.font_size)
+    for i, (ch, (cx, cy)) in enumerate(zip(scene.text, char_centers(scene.text, scene.xy, scene.font_size))):
+        left, top, right, bottom = font.getbbox(ch)
+        x0 = scene.xy[0] + font.getlength(scene.text[:i]) + left
+        assert x0 <= cx <= x0 + (right - left) and scene.xy[1] + top <= cy <= scene.xy[1] + bottom
+        box = ink[scene.xy[1] + top:scene.xy[1] + bottom, int(x0):int(x0 + right - left)]
+        assert (np.abs(box - bg) > 30).any(), f"no ink under {ch!r}"
+
+    proc = ImageProcessor(patch_size=8, image_size=64, resolution=resolution, min_pixels=16 * 16, max_pixels=48 * 48,
+                          mean=[0.5] * 3, std=[0.5] * 3)
+
+    class Cfg:
+        batch_size = 3
+
+    Cfg.wide = wide
+    syn = SynthConfig(canvas=64, ocr_min_len=1, ocr_max_len=6, families=["shapes", "ocr", "ocr_wide"])
+    patches, grids, labels, scenes = _glyph_batch(random.Random(11), syn, proc, 1, torch.device("cpu"), Cfg)
+    assert all(s.family == ("ocr_wide" if wide else "ocr") for s in scenes)
+    n_tok = [int(t * h * w) for t, h, w in grids.tolist()]
+    assert labels.shape == (sum(n_tok), 2, 3) and patches.shape[0] == sum(n_tok)
+    for s, lab, (t, h, w) in zip(scenes, labels.split(n_tok), grids.tolist()):
+        lab = lab.view(h, w, 2, 3)
+        found = [(r, c, k, OCR_CHARSET[v]) for r in range(h) for c in range(w) for k in range(2)
+                 if (v := int(lab[r, c, k, 0])) < len(OCR_CHARSET)]
+        # each slot's index is its character's place in the string; empty slots have none
+        assert sorted(int(i) for i in lab[..., 1].flatten() if i >= 0) == list(range(len(s.text)))
+        assert ((lab[..., 0] == len(OCR_CHARSET)) == (lab[..., 1] == -1)).all()
+        # left to right by column then half: the string itself (rows may differ by one at most)
+        read = "".join(ch for _, _, _, ch in sorted(found, key=lambda f: (f[1], f[2])))
+        assert "II" not in s.text  # 'I' advances 3 px: two in a row can share a half-patch (one label lost)
+        assert read == s.text, (read, s.text)
+        W, H = (s.width, s.height) if wide else (s.canvas, s.canvas)
+        for (r, c, k, ch), (cx, cy) in zip(sorted(found, key=lambda f: (f[1], f[2])),
+                                           char_centers(s.text, s.xy, s.font_size)):
+            assert int(cx / W * w * 2) == 2 * c + k and int(cy / H * h) == r
+            nxt = lab[r, c, k, 2]  # the next character, END after the last
+            i = int(lab[r, c, k, 1])
+            assert nxt == (OCR_CHARSET.index(s.text[i + 1]) if i + 1 < len(s.text) else len(OCR_CHARSET))
+    if wide:  # dynamic resolution keeps the strip wide: more columns than rows
+        assert all(w > 4 * h for _, h, w in grids.tolist())

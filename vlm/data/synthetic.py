@@ -411,6 +411,19 @@ class WideOcrScene:
         return (self.xy[0] + left, self.xy[1] + top, self.xy[0] + right, self.xy[1] + bottom)
 
 
+def char_centers(text: str, xy: tuple[int, int], font_size: int) -> list[tuple[float, float]]:
+    """Ink-box centre ``(x, y)`` in canvas pixels of each character of ``text`` drawn at ``xy``
+    (the BASIC layout engine has no kerning, so each character starts at the advance of the ones
+    before it). The labels of the tower warm-up's per-patch glyph task (vlm/warmup.py)."""
+    font = get_font(font_size)
+    out = []
+    for i, ch in enumerate(text):
+        left, top, right, bottom = font.getbbox(ch)
+        adv = font.getlength(text[:i])
+        out.append((xy[0] + adv + (left + right) / 2, xy[1] + (top + bottom) / 2))
+    return out
+
+
 @dataclass(frozen=True)
 class MultiImageScene:
     """``multi_image``: two shapes scenes; ``answer`` is ``first`` or ``second`` (more shapes)."""
