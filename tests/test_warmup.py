@@ -11,7 +11,8 @@ from vlm.model.vision import VisionEncoder
 from vlm.warmup import WarmupConfig, warm_up_tower
 
 
-@pytest.mark.parametrize("temporal_patch,pos,task", [(1, "learned", "glyphs"), (2, "rope2d", "glyphs"), (1, "learned", "char")])
+@pytest.mark.parametrize("temporal_patch,pos,task", [(1, "learned", "glyphs"), (2, "rope2d", "glyphs+shapes"),
+                                                      (1, "learned", "char"), (1, "learned", "shapes")])
 def test_warm_up_trains_the_encoder_only(temporal_patch, pos, task):
     torch.manual_seed(0)
     enc = VisionEncoder(patch_size=8, dim=32, n_layers=1, n_heads=2, patch_embed="conv", conv_channels=8,
@@ -27,7 +28,7 @@ def test_warm_up_trains_the_encoder_only(temporal_patch, pos, task):
     assert warm_up_tower(enc, proc, WarmupConfig(steps=0))["steps"] == 0
 
 
-@pytest.mark.parametrize("bad", [{"steps": -1}, {"batch_size": 0}, {"lr": 0.0}, {"steps": 1.5}, {"task": "ctc"}, {"max_len": 0},
+@pytest.mark.parametrize("bad", [{"steps": -1}, {"batch_size": 0}, {"lr": 0.0}, {"steps": 1.5}, {"task": "ctc"}, {"task": "glyphs+glyphs"}, {"task": "glyphs+"}, {"max_len": 0},
                                  {"wide": 1.5}])
 def test_bad_warmup_options_are_named(bad):
     with pytest.raises(ValueError, match="tower_warmup"):
@@ -62,7 +63,14 @@ def test_glyph_labels_put_each_character_in_the_half_patch_under_its_ink(resolut
 
     import numpy as np
 
-    from vlm.data.synthetic import OCR_CHARSET, SynthConfig, char_centers, get_font, render, sample_ocr_scene
+    from vlm.data.synthetic import (
+        OCR_CHARSET,
+        SynthConfig,
+        char_centers,
+        get_font,
+        render,
+        sample_ocr_scene,
+    )
     from vlm.warmup import _glyph_batch
 
     syn = SynthConfig(canvas=64, ocr_min_len=1, ocr_max_len=6)
@@ -110,3 +118,22 @@ def test_glyph_labels_put_each_character_in_the_half_patch_under_its_ink(resolut
             assert nxt == (OCR_CHARSET.index(s.text[i + 1]) if i + 1 < len(s.text) else len(OCR_CHARSET))
     if wide:  # dynamic resolution keeps the strip wide: more columns than rows
         assert all(w > 4 * h for _, h, w in grids.tolist())
+
+
+def test_shape_labels_mark_each_shape_centre_with_its_shape_and_colour():
+    import random
+
+    from vlm.data.synthetic import COLOR_NAMES, SHAPES, SynthConfig
+    from vlm.warmup import _shapes_batch
+
+    class Cfg:
+        batch_size = 4
+
+    proc = ImageProcessor(patch_size=8, image_size=64, mean=[0.5] * 3, std=[0.5] * 3)
+    _, _, labels, scenes = _shapes_batch(random.Random(3), SynthConfig(canvas=64), proc, 1, torch.device("cpu"), Cfg)
+    none = len(SHAPES) * len(COLOR_NAMES)
+    for s, lab in zip(scenes, labels.split(64)):
+        lab = lab.view(8, 8)
+        assert int((lab < none).sum()) == len(s.shapes)  # one token per shape, no two share a patch
+        for sh in s.shapes:
+            assert int(lab[int(sh.cy // 8), int(sh.cx // 8)]) == SHAPES.index(sh.shape) * len(COLOR_NAMES) + COLOR_NAMES.index(sh.color)
