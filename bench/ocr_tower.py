@@ -1,15 +1,16 @@
 """Is OCR limited by the tower or by the route to the answer? A causal check on synthvqa OCR.
 
-    python bench/ocr_tower.py                          # 1-character OCR: 1000 + 1000 vs 1600 steps
-    python bench/ocr_tower.py --min-len 3 --max-len 6 --vlm-steps 1500
+    python bench/ocr_tower.py --task char                                  # 1-character OCR: 1000 + 1000 vs 1600 steps
+    python bench/ocr_tower.py --min-len 3 --max-len 6 --vlm-steps 1500     # synthvqa's own 3-6 characters
 
-Arm `pretrained tower`: the default ViT first learns to name one character (`vlm.warmup`, the
-`tower_warmup` stage of train.py: a max-pool + linear probe on synthvqa's own OCR rendering,
-`--probe-steps`, batch 32), then the default VLM with that
-tower trains on the OCR family through the real Trainer (`--vlm-steps`). Arm `from scratch`: the
-same VLM and data, a fresh tower, and `--vlm-steps` plus as many steps as the probe took in time
-(at least as much compute). It prints held-out OCR exact match and the last training loss per arm.
-Data are generated under --root (20k training images) on first use.
+Arm `tower warmed up`: the default ViT first trains alone on `--task` (`vlm.warmup`, the
+`tower_warmup` stage of train.py: `glyphs` reads every character of 1..max-len strings in place,
+with its first / next character; `char` names one character), `--probe-steps` at batch 32; then
+the default VLM with that tower trains on the OCR family through the real Trainer
+(`--vlm-steps`). Arm `from scratch`: the same VLM and data, a fresh tower, and `--vlm-steps` plus
+as many steps as the warm-up took in time (at least as much compute). It prints held-out OCR exact
+match (whole strings) and the last training loss per arm. Data are generated under --root (20k
+training images) on first use. Measured numbers: vlm/warmup.py and docs/recipe.md.
 """
 
 from __future__ import annotations

@@ -259,3 +259,34 @@ def test_attend_equals_sdpa(kind):
     gb = torch.autograd.grad(ref, (q, k, v), g)
     for a, b in zip(ga, gb):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_attend_in_bf16_matches_fp32_within_bf16_rounding(masked):
+    """The matmul path keeps bf16 scores and probabilities (no fp32 round trip): its output and
+    gradients stay within bf16 rounding of the fp32 computation, as close as SDPA's own bf16 result."""
+    import torch.nn.functional as F
+
+    from vlm.model.attention import attend
+
+    torch.manual_seed(1)
+    q32, k32, v32 = (torch.randn(4, 4, 48, 32) for _ in range(3))
+    mask = None
+    if masked:
+        mask = torch.rand(4, 1, 48, 48) > 0.3
+        mask[1, 0, 7] = False  # a row with nothing to attend to: zeros
+    ref = F.scaled_dot_product_attention(q32, k32, v32, attn_mask=mask, is_causal=not masked)
+    q, k, v = (t.bfloat16().requires_grad_() for t in (q32, k32, v32))
+    ours = attend(q, k, v, mask, not masked)
+    sdpa = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=not masked)
+    assert ours.dtype == torch.bfloat16
+    err_ours, err_sdpa = (ours.float() - ref).abs().max(), (sdpa.float() - ref).abs().max()
+    assert err_ours < 0.05 and err_ours <= 2 * err_sdpa + 1e-3, (err_ours, err_sdpa)
+    if masked:
+        assert ours[1, :, 7].eq(0).all()
+    g = torch.randn_like(ref)
+    ga = torch.autograd.grad(ours, (q, k, v), g.bfloat16())
+    q32.requires_grad_(), k32.requires_grad_(), v32.requires_grad_()
+    gr = torch.autograd.grad(F.scaled_dot_product_attention(q32, k32, v32, attn_mask=mask, is_causal=not masked), (q32, k32, v32), g)
+    for a, b in zip(ga, gr):
+        assert (a.float() - b).abs().max() < 0.05 * b.abs().max() + 0.02

@@ -119,8 +119,7 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, is_causa
 
     Same result as `F.scaled_dot_product_attention` (GQA by head groups; `is_causal` aligned top
     left; a query row with nothing to attend to gives zeros, as SDPA's CPU kernel does). Short CPU
-    sequences take plain matmuls with the softmax in fp32 (see the module docstring); everything
-    else goes to SDPA."""
+    sequences take plain matmuls (see the module docstring); everything else goes to SDPA."""
     L, S = q.shape[-2], k.shape[-2]
     if q.device.type != "cpu" or L * S > EAGER_CPU_MAX:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
@@ -128,7 +127,10 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, is_causa
     if k.shape[1] != q.shape[1]:
         rep = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-    scores = (q @ k.transpose(-1, -2)).float() * q.shape[-1] ** -0.5
+    # in q's dtype: the bf16 scores of a bf16 matmul lose nothing by staying bf16, and the CPU
+    # softmax kernels accumulate bf16 in fp32 (the result equals softmax in fp32 rounded to bf16,
+    # bit for bit), so the fp32 round trip only cost four casts of [B, H, L, S] per layer
+    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)
     if is_causal:
         mask = (torch.ones(L, S, dtype=torch.bool, device=q.device).tril() if torch.compiler.is_compiling()
                 else _causal_mask(L, S, q.device))  # compiled: traced (and folded) instead of cached
@@ -137,7 +139,7 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, is_causa
     probs = scores.softmax(-1)
     if mask is not None and not is_causal:  # rows with nothing to attend to: zeros, not NaN
         probs = probs.masked_fill(~mask.any(-1, keepdim=True), 0.0)
-    return probs.to(v.dtype) @ v
+    return probs @ v
 
 
 _FLEX = None
