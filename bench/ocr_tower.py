@@ -41,7 +41,7 @@ def run_arm(name: str, args, probe_steps: int, vlm_steps: int) -> dict:
             f"+data.synthetic.ocr_max_len={args.max_len}", "data.synthetic.train_samples=20000",
             "data.synthetic.heldout_samples=200", "+data.synthetic.qtype_weights={ocr: 1.0}",
             f"trainer.max_steps={vlm_steps}", f"paths.output_dir={out}", "~callbacks.progress_bar",
-            "trainer.enable_progress_bar=false", "~callbacks.model_checkpoint", "~callbacks.export"])
+            "trainer.enable_progress_bar=false", "~callbacks.model_checkpoint", "~callbacks.export", *args.override])
     torch.set_num_threads(args.threads)
     L.seed_everything(0)
     dm = instantiate(cfg.data, _convert_="all")
@@ -77,6 +77,7 @@ def main() -> None:
     p.add_argument("--max-len", type=int, default=1)
     p.add_argument("--root", default=None, help="synthvqa OCR data folder (default /tmp/synthvqa_ocr_{min}_{max})")
     p.add_argument("--out", default="/tmp/ocr_tower")
+    p.add_argument("--override", action="append", default=[], help="a Hydra override for both arms, e.g. model/encoder=vit_tiny_rope2d")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
     args.root = args.root or f"/tmp/synthvqa_ocr_{args.min_len}_{args.max_len}"

@@ -29,7 +29,7 @@ def test_warm_up_trains_the_encoder_only(temporal_patch, pos, task):
 
 
 @pytest.mark.parametrize("bad", [{"steps": -1}, {"batch_size": 0}, {"lr": 0.0}, {"steps": 1.5}, {"task": "ctc"}, {"task": "glyphs+glyphs"}, {"task": "glyphs+"}, {"max_len": 0},
-                                 {"wide": 1.5}])
+                                 {"wide": 1.5}, {"wide": "half"}])
 def test_bad_warmup_options_are_named(bad):
     with pytest.raises(ValueError, match="tower_warmup"):
         WarmupConfig(**bad)

@@ -61,7 +61,7 @@ class WarmupConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or v < (0 if name == "steps" else 1):
                 raise ValueError(f"tower_warmup.{name} must be a {'non-negative' if name == 'steps' else 'positive'} integer, got {v!r}")
-        if not 0.0 <= self.wide <= 1.0:
+        if isinstance(self.wide, bool) or not isinstance(self.wide, (int, float)) or not 0.0 <= self.wide <= 1.0:
             raise ValueError(f"tower_warmup.wide must be in [0, 1], got {self.wide!r}")
         if not self.lr > 0:
             raise ValueError(f"tower_warmup.lr must be > 0, got {self.lr!r}")
