@@ -105,13 +105,13 @@ def test_glyph_labels_put_each_character_in_the_half_patch_under_its_ink(resolut
         # each slot's index is its character's place in the string; empty slots have none
         assert sorted(int(i) for i in lab[..., 1].flatten() if i >= 0) == list(range(len(s.text)))
         assert ((lab[..., 0] == len(OCR_CHARSET)) == (lab[..., 1] == -1)).all()
-        # left to right by column then half: the string itself (rows may differ by one at most)
-        read = "".join(ch for _, _, _, ch in sorted(found, key=lambda f: (f[1], f[2])))
+        # left to right by column, then half: the string itself
+        found.sort(key=lambda f: (f[1], f[2]))
+        read = "".join(ch for _, _, _, ch in found)
         assert "II" not in s.text  # 'I' advances 3 px: two in a row can share a half-patch (one label lost)
         assert read == s.text, (read, s.text)
         W, H = (s.width, s.height) if wide else (s.canvas, s.canvas)
-        for (r, c, k, ch), (cx, cy) in zip(sorted(found, key=lambda f: (f[1], f[2])),
-                                           char_centers(s.text, s.xy, s.font_size)):
+        for (r, c, k, _), (cx, cy) in zip(found, char_centers(s.text, s.xy, s.font_size)):
             assert int(cx / W * w * 2) == 2 * c + k and int(cy / H * h) == r
             nxt = lab[r, c, k, 2]  # the next character, END after the last
             i = int(lab[r, c, k, 1])

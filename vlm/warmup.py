@@ -54,7 +54,7 @@ class WarmupConfig:
 
     def __post_init__(self):
         parts = str(self.task).split("+")
-        if not parts or any(p not in TASKS for p in parts) or len(set(parts)) != len(parts):
+        if any(p not in TASKS for p in parts) or len(set(parts)) != len(parts):
             raise ValueError(f"tower_warmup.task must be one of {list(TASKS)} or several joined by '+' "
                              f"(e.g. glyphs+shapes), got {self.task!r}")
         for name in ("steps", "batch_size", "canvas", "max_len"):
@@ -74,6 +74,12 @@ def _char_batch(rng, syn, processor, T, device, cfg):
     scenes = [sample_ocr_scene(rng, syn) for _ in range(cfg.batch_size)]
     patches, grids = _encode_inputs([render(s) for s in scenes], processor, T, device)
     return patches, grids, torch.tensor([OCR_CHARSET.index(s.text) for s in scenes], device=device), scenes
+
+
+def _patch_at(x: float, y: float, width: int, height: int, h: int, w: int) -> tuple[int, float]:
+    """Row and (fractional) column, in patches of an `h x w` grid, of canvas pixel `(x, y)` of a
+    `width x height` image (the processor may have resized it: positions scale with the grid)."""
+    return min(max(int(y / height * h), 0), h - 1), min(max(x / width * w, 0.0), w - 1e-6)
 
 
 def _glyph_batch(rng, syn, processor, T, device, cfg):
@@ -100,8 +106,7 @@ def _glyph_batch(rng, syn, processor, T, device, cfg):
         lab = torch.full((h, w, 2, 3), -1, dtype=torch.long)
         lab[..., 0] = none
         for i, (ch, (cx, cy)) in enumerate(zip(s.text, char_centers(s.text, s.xy, s.font_size))):
-            fx = min(max(cx / width * w, 0.0), w - 1e-6)  # in patches of the processed image
-            row = min(max(int(cy / height * h), 0), h - 1)
+            row, fx = _patch_at(cx, cy, width, height, h, w)
             nxt = OCR_CHARSET.index(s.text[i + 1]) if i + 1 < len(s.text) else none
             lab[row, int(fx), int(fx % 1 >= 0.5)] = torch.tensor([OCR_CHARSET.index(ch), i, nxt])
         labels.append(lab.reshape(h * w, 2, 3).repeat(int(t), 1, 1))
@@ -120,8 +125,8 @@ def _shapes_batch(rng, syn, processor, T, device, cfg):
     for s, (t, h, w) in zip(scenes, grids.tolist()):
         lab = torch.full((h, w), len(SHAPES) * len(COLOR_NAMES), dtype=torch.long)
         for sh in s.shapes:
-            row, col = min(int(sh.cy / s.canvas * h), h - 1), min(int(sh.cx / s.canvas * w), w - 1)
-            lab[row, col] = SHAPES.index(sh.shape) * len(COLOR_NAMES) + COLOR_NAMES.index(sh.color)
+            row, fx = _patch_at(sh.cx, sh.cy, s.canvas, s.canvas, h, w)
+            lab[row, int(fx)] = SHAPES.index(sh.shape) * len(COLOR_NAMES) + COLOR_NAMES.index(sh.color)
         labels.append(lab.reshape(h * w).repeat(int(t)))
     return patches, grids, torch.cat(labels).to(device), scenes
 
@@ -190,16 +195,17 @@ def warm_up_tower(encoder: nn.Module, processor, cfg: WarmupConfig | dict, preci
         accs[name].append(float(acc))
         if (step + 1) % 200 == 0 or step + 1 == cfg.steps:
             log.info("tower warm-up (%s) %d/%d: loss %.3f, accuracy (last 100 of each task) %s", cfg.task, step + 1,
-                     cfg.steps, float(loss.detach()), _recent(accs))
+                     cfg.steps, float(loss.detach()), ", ".join(f"{k} {v:.2f}" for k, v in _recent(accs).items()))
     encoder.train(was_training)
     for p in encoder.parameters():
         p.grad = None
-    last = {name: sum(a[-100:]) / len(a[-100:]) for name, a in accs.items() if a}
+    last = _recent(accs)
     return {"steps": cfg.steps, "accuracy": last[tasks[0]], "accuracy_by_task": last, "seconds": time.time() - t0}
 
 
-def _recent(accs: dict[str, list[float]]) -> str:
-    return ", ".join(f"{k} {sum(v[-100:]) / len(v[-100:]):.2f}" for k, v in accs.items() if v)
+def _recent(accs: dict[str, list[float]]) -> dict[str, float]:
+    """Mean accuracy of each task over its last 100 batches."""
+    return {k: sum(v[-100:]) / len(v[-100:]) for k, v in accs.items() if v}
 
 
 def _task(name: str, cfg: WarmupConfig):
