@@ -36,6 +36,7 @@ def test_train_writes_checkpoints_export_and_metrics(trained):
     assert {"config.yaml", "model.safetensors", "tokenizer.json"} <= {p.name for p in (out / "export").iterdir()}
     assert "train/loss" in metrics and torch.isfinite(torch.tensor(metrics["train/loss"]))
     assert "val/accuracy" in metrics and 0.0 <= metrics["val/accuracy"] <= 1.0
+    assert any(k.startswith("val/cer_") for k in metrics) and all(metrics[k] >= 0 for k in metrics if k.startswith("val/cer_"))
     # the CSV logger saw the per-step metrics
     csv = next((out / "csv").rglob("metrics.csv")).read_text()
     for name in ("train/loss", "train/grad_norm", "train/image_tok_s", "train/text_tok_s", "lr-AdamW"):
@@ -92,9 +93,17 @@ def test_infer_evaluates_heldout(trained, synth_dir, tmp_path, capsys):
     res = run(cfg)
     assert res["n"] == 40
     table = capsys.readouterr().out
-    assert "| question type | n | exact match |" in table and "mean over types" in table
+    assert "| question type | n | exact match | character error rate |" in table and "mean over types" in table
     rows = [json.loads(line) for line in preds.read_text().splitlines()]
     assert len(rows) == 40 and {"key", "qtype", "question", "answer", "prediction", "correct"} <= set(rows[0])
+    # the CER per type is the written predictions' edits over their reference characters
+    from vlm.metrics import edit_distance, normalize_answer
+
+    for q in {r["qtype"] for r in rows}:
+        mine = [r for r in rows if r["qtype"] == q]
+        edits = sum(edit_distance(normalize_answer(r["prediction"]), normalize_answer(r["answer"])) for r in mine)
+        chars = sum(len(normalize_answer(r["answer"])) for r in mine)
+        assert res["cer"][q] == pytest.approx(edits / chars)
 
 
 def test_bad_checkpoints_are_refused(tmp_path):

@@ -32,7 +32,7 @@ from vlm.data.sample import SampleProcessor
 from vlm.data.video import probe_video
 from vlm.data.webdataset import ShardDataset
 from vlm.generate import generate
-from vlm.metrics import ExactMatchByType, normalize_answer
+from vlm.metrics import CharErrorRateByType, ExactMatchByType, normalize_answer
 
 
 def _special(tok, template_cfg: dict | None = None) -> tuple[list[int], list[int]]:
@@ -118,7 +118,8 @@ def answer(loaded: LoadedVLM, image_paths: list[str], prompt: str, max_new_token
 
 def evaluate(loaded: LoadedVLM, shards, batch_size: int = 64, max_new_tokens: int = 32, num_workers: int = 1,
              out_path: str | None = None, max_samples: int | None = None, prune: dict | None = None) -> dict:
-    """Greedy answers on held-out shards; returns {'table': str, 'metrics': {...}, 'n': int,
+    """Greedy answers on held-out shards; returns {'table': str, 'metrics': exact match per type (and
+    'mean', 'overall'), 'cer': character error rate per type, 'n': int,
     'seconds': float, 'skipped': {...}, 'visual_tokens': mean visual tokens per sample the decoder saw}."""
     proc = SampleProcessor(loaded.processor, loaded.template, mode="eval")
     ds = ShardDataset(shards, proc, train=False)
@@ -126,6 +127,7 @@ def evaluate(loaded: LoadedVLM, shards, batch_size: int = 64, max_new_tokens: in
                         collate_fn=Collator(loaded.tokenizer.pad_id, "left"))
     qtypes = list(loaded.config.get("val_qtypes") or [])
     metric = ExactMatchByType(qtypes + ["other"])
+    cer = CharErrorRateByType(qtypes + ["other"])
     eos, suppress = _special(loaded.tokenizer, loaded.config.get("template"))
     n, t0, skipped = 0, time.perf_counter(), Counter()
     is_media = loaded.model.is_media
@@ -143,6 +145,7 @@ def evaluate(loaded: LoadedVLM, shards, batch_size: int = 64, max_new_tokens: in
             visual += sum(max(1, math.ceil(keep * s)) for s in spans) if keep < 1 else sum(spans)
             preds = [loaded.tokenizer.decode(g) for g in gen]
             metric.update(preds, batch["answers"], batch["qtypes"])
+            cer.update(preds, batch["answers"], batch["qtypes"])
             if out:
                 for k, q, pr, a, p in zip(batch["keys"], batch["qtypes"], batch["prompts"], batch["answers"], preds):
                     out.write(json.dumps({"key": k, "qtype": q, "question": pr, "answer": a, "prediction": p,
@@ -154,14 +157,16 @@ def evaluate(loaded: LoadedVLM, shards, batch_size: int = 64, max_new_tokens: in
         if out:
             out.close()
     res = {k: float(v) for k, v in metric.compute().items()}
+    cers = {k: float(v) for k, v in cer.compute().items()}
     counts = {q: int(metric.total[i]) for i, q in enumerate(metric.qtypes)}
-    rows = ["| question type | n | exact match |", "| --- | ---: | ---: |"]
+    rows = ["| question type | n | exact match | character error rate |", "| --- | ---: | ---: | ---: |"]
     for q in metric.qtypes:
         if counts[q]:
-            rows.append(f"| {q} | {counts[q]} | {100 * res[q]:.1f}% |")
+            c = f"{100 * cers[q]:.1f}%" if q in cers else "-"
+            rows.append(f"| {q} | {counts[q]} | {100 * res[q]:.1f}% | {c} |")
     if res:
-        rows.append(f"| **mean over types** | {n} | {100 * res['mean']:.1f}% |")
-    return {"table": "\n".join(rows), "metrics": res, "n": n, "seconds": time.perf_counter() - t0, "skipped": dict(skipped),
+        rows.append(f"| **mean over types** | {n} | {100 * res['mean']:.1f}% | |")
+    return {"table": "\n".join(rows), "metrics": res, "cer": cers, "n": n, "seconds": time.perf_counter() - t0, "skipped": dict(skipped),
             "visual_tokens": visual / max(n, 1)}
 
 

@@ -113,7 +113,8 @@ def run_row(row: dict, grid: dict, seed: int, out_dir: Path) -> dict:
         "tokens_per_image": model.token_count((1, canvas // P, canvas // P)),
         "visual_tokens_per_sample": vis_per_sample, "trainable_params": trainable, "train_samples_s": sps,
         "train_wall_s": wall, "latency_ms": 1000 * res["seconds"] / max(res["n"], 1), "eval_n": res["n"],
-        **{f"acc_{k}": v for k, v in res["metrics"].items()}, "export": str(out_dir / "export"),
+        **{f"acc_{k}": v for k, v in res["metrics"].items()}, **{f"cer_{k}": v for k, v in res["cer"].items()},
+        "export": str(out_dir / "export"),
         "val_shards": cfg.data.val_shards, "val_max_new_tokens": cfg.val_max_new_tokens,
     }
 

@@ -47,7 +47,7 @@ from vlm.data.webdataset import (
     set_resume_state,
 )
 from vlm.generate import generate
-from vlm.metrics import ExactMatchByType, normalize_answer
+from vlm.metrics import CharErrorRateByType, ExactMatchByType, normalize_answer
 from vlm.optim import COMPONENTS, param_groups
 from vlm.tokenizer import TextTokenizer
 
@@ -107,6 +107,7 @@ class VLMModule(L.LightningModule):
         self.component_lr = dict(component_lr or {})
         self.val_max_new_tokens, self.log_examples = val_max_new_tokens, log_examples
         self.val_em = ExactMatchByType(list(val_qtypes or []) + ["other"])
+        self.val_cer = CharErrorRateByType(list(val_qtypes or []) + ["other"])
         tok = self.tokenizer
         self.eos_ids = stop_ids(tok, template)
         self.suppress_ids = [tok.pad_id, tok.im_start_id, tok.vision_start_id, tok.vision_end_id, tok.image_pad_id, tok.video_pad_id]
@@ -387,6 +388,7 @@ class VLMModule(L.LightningModule):
     # ---- validation: generate and score ------------------------------------------------------
     def on_validation_epoch_start(self) -> None:
         self.val_em.reset()
+        self.val_cer.reset()
         self._examples = []
         self._val_model = None
         if self._parallelized:
@@ -409,6 +411,7 @@ class VLMModule(L.LightningModule):
         out = generate(getattr(self, "_val_model", None) or self.model, batch, self.val_max_new_tokens, self.eos_ids, suppress_ids=self.suppress_ids)
         preds = [self.tokenizer.decode(o) for o in out]
         self.val_em.update(preds, batch["answers"], batch["qtypes"])
+        self.val_cer.update(preds, batch["answers"], batch["qtypes"])
         if len(self._examples) < self.log_examples:
             self._collect_examples(batch, preds)
 
@@ -437,6 +440,8 @@ class VLMModule(L.LightningModule):
         for k, v in res.items():
             name = "val/accuracy" if k == "mean" else f"val/acc_{k}"
             self.log(name, v, prog_bar=k == "mean", sync_dist=False)
+        for k, v in self.val_cer.compute().items():  # character error rate: partial reading shows here
+            self.log(f"val/cer_{k}", v, sync_dist=False)
         self._log_example_table()
 
     def _log_example_table(self) -> None:
