@@ -11,15 +11,17 @@ from vlm.model.vision import VisionEncoder
 from vlm.warmup import WarmupConfig, warm_up_tower
 
 
-@pytest.mark.parametrize("temporal_patch,pos,task", [(1, "learned", "glyphs"), (2, "rope2d", "glyphs+shapes"),
-                                                      (1, "learned", "char"), (1, "learned", "shapes")])
-def test_warm_up_trains_the_encoder_only(temporal_patch, pos, task):
+@pytest.mark.parametrize("temporal_patch,pos,task,context", [
+    (1, "learned", "glyphs", "next"), (2, "rope2d", "glyphs+shapes", "next"), (1, "learned", "glyphs", "prev_next"),
+    (1, "learned", "char", "next"), (1, "learned", "shapes", "next")])
+def test_warm_up_trains_the_encoder_only(temporal_patch, pos, task, context):
     torch.manual_seed(0)
     enc = VisionEncoder(patch_size=8, dim=32, n_layers=1, n_heads=2, patch_embed="conv", conv_channels=8,
                         temporal_patch=temporal_patch, pos=pos, pre_norm=True)
     before = {k: v.clone() for k, v in enc.state_dict().items()}
     proc = ImageProcessor(patch_size=8, image_size=32, mean=[0.5] * 3, std=[0.5] * 3)
-    res = warm_up_tower(enc, proc, {"steps": 6, "batch_size": 4, "canvas": 32, "task": task, "max_len": 3}, precision="32-true")
+    res = warm_up_tower(enc, proc, {"steps": 6, "batch_size": 4, "canvas": 32, "task": task, "max_len": 3,
+                                   "context": context}, precision="32-true")
     assert res["steps"] == 6 and 0.0 <= res["accuracy"] <= 1.0
     after = enc.state_dict()
     assert after.keys() == before.keys()  # the probe head is not kept
@@ -29,10 +31,39 @@ def test_warm_up_trains_the_encoder_only(temporal_patch, pos, task):
 
 
 @pytest.mark.parametrize("bad", [{"steps": -1}, {"batch_size": 0}, {"lr": 0.0}, {"steps": 1.5}, {"task": "ctc"}, {"task": "glyphs+glyphs"}, {"task": "glyphs+"}, {"max_len": 0},
-                                 {"wide": 1.5}, {"wide": "half"}])
+                                 {"wide": 1.5}, {"wide": "half"}, {"context": "prev"}])
 def test_bad_warmup_options_are_named(bad):
     with pytest.raises(ValueError, match="tower_warmup"):
         WarmupConfig(**bad)
+
+
+@pytest.mark.parametrize("context", ["next", "prev_next"])
+def test_glyph_loss_reads_the_context_targets(context):
+    """Confident right logits give ~0 loss; making the previous-character logits wrong costs only
+    under `prev_next` (under `next` that slot is the first-of-string flag)."""
+    from vlm.warmup import _glyph_head_width, _glyph_loss
+
+    n = 4  # characters; NONE = END = START = 4
+    # two tokens x two halves: "AB" in token 0 (left, right), token 1 empty
+    labels = torch.tensor([[[0, 0, 1, n], [1, 1, n, 0]], [[n, -1, -1, -1], [n, -1, -1, -1]]])
+    second = 2 if context == "next" else n + 1
+
+    def logits(prev_right: bool):
+        out = torch.full((2, 2, _glyph_head_width(n, context) // 2), -20.0)
+        for t in range(2):
+            for k in range(2):
+                char, index, nxt, prev = labels[t, k].tolist()
+                out[t, k, char] = 20.0
+                if char < n:
+                    ctx = int(index == 0) if context == "next" else (prev if prev_right else (prev + 1) % (n + 1))
+                    out[t, k, n + 1 + ctx] = 20.0
+                    out[t, k, n + 1 + second + nxt] = 20.0
+        return out.reshape(2, -1)
+
+    good, _ = _glyph_loss(logits(True), labels, n, context)
+    bad, acc = _glyph_loss(logits(False), labels, n, context)
+    assert float(good) < 1e-3 and float(acc) == 1.0
+    assert (float(bad) > 1.0) == (context == "prev_next")
 
 
 def test_a_string_too_long_for_the_canvas_is_refused_by_name():
@@ -97,14 +128,15 @@ def test_glyph_labels_put_each_character_in_the_half_patch_under_its_ink(resolut
     patches, grids, labels, scenes = _glyph_batch(random.Random(11), syn, proc, 1, torch.device("cpu"), Cfg)
     assert all(s.family == ("ocr_wide" if wide else "ocr") for s in scenes)
     n_tok = [int(t * h * w) for t, h, w in grids.tolist()]
-    assert labels.shape == (sum(n_tok), 2, 3) and patches.shape[0] == sum(n_tok)
+    assert labels.shape == (sum(n_tok), 2, 4) and patches.shape[0] == sum(n_tok)
     for s, lab, (t, h, w) in zip(scenes, labels.split(n_tok), grids.tolist()):
-        lab = lab.view(h, w, 2, 3)
+        lab = lab.view(h, w, 2, 4)
         found = [(r, c, k, OCR_CHARSET[v]) for r in range(h) for c in range(w) for k in range(2)
                  if (v := int(lab[r, c, k, 0])) < len(OCR_CHARSET)]
         # each slot's index is its character's place in the string; empty slots have none
         assert sorted(int(i) for i in lab[..., 1].flatten() if i >= 0) == list(range(len(s.text)))
         assert ((lab[..., 0] == len(OCR_CHARSET)) == (lab[..., 1] == -1)).all()
+        assert ((lab[..., 1] == -1) == (lab[..., 3] == -1)).all()
         # left to right by column, then half: the string itself
         found.sort(key=lambda f: (f[1], f[2]))
         read = "".join(ch for _, _, _, ch in found)
@@ -116,6 +148,8 @@ def test_glyph_labels_put_each_character_in_the_half_patch_under_its_ink(resolut
             nxt = lab[r, c, k, 2]  # the next character, END after the last
             i = int(lab[r, c, k, 1])
             assert nxt == (OCR_CHARSET.index(s.text[i + 1]) if i + 1 < len(s.text) else len(OCR_CHARSET))
+            prev = lab[r, c, k, 3]  # the previous character, START before the first
+            assert prev == (OCR_CHARSET.index(s.text[i - 1]) if i > 0 else len(OCR_CHARSET))
     if wide:  # dynamic resolution keeps the strip wide: more columns than rows
         assert all(w > 4 * h for _, h, w in grids.tolist())
 

@@ -51,6 +51,7 @@ class WarmupConfig:
     task: str = "glyphs"      # glyphs | shapes | char, or several taking turns: glyphs+shapes
     max_len: int = 6          # glyphs: strings of 1..max_len characters in synthvqa's OCR font for that length
     wide: float = 0.0         # glyphs: share of synthvqa v2 `ocr_wide` strips (12-20 characters, 8:1) in a batch
+    context: str = "next"     # glyphs: beside each character, next = (first?, next char); prev_next = (prev, next char)
 
     def __post_init__(self):
         parts = str(self.task).split("+")
@@ -63,6 +64,8 @@ class WarmupConfig:
                 raise ValueError(f"tower_warmup.{name} must be a {'non-negative' if name == 'steps' else 'positive'} integer, got {v!r}")
         if isinstance(self.wide, bool) or not isinstance(self.wide, (int, float)) or not 0.0 <= self.wide <= 1.0:
             raise ValueError(f"tower_warmup.wide must be in [0, 1], got {self.wide!r}")
+        if self.context not in ("next", "prev_next"):
+            raise ValueError(f"tower_warmup.context must be 'next' or 'prev_next', got {self.context!r}")
         if not self.lr > 0:
             raise ValueError(f"tower_warmup.lr must be > 0, got {self.lr!r}")
 
@@ -84,10 +87,11 @@ def _patch_at(x: float, y: float, width: int, height: int, h: int, w: int) -> tu
 
 def _glyph_batch(rng, syn, processor, T, device, cfg):
     """A batch of `glyphs` samples: synthvqa `ocr` strings of 1..cfg.max_len characters, and with
-    probability cfg.wide `ocr_wide` strips. Labels `[N_tokens, 2, 3]`: for every patch, in its left
-    and its right half, (character, its index in the string, the next character or END) of the
-    character whose ink centre lies there; (NONE, -1, -1) where none does. Half-patch slots because
-    glyphs are ~7 px apart at patch 8: two can share a patch, never a half (except "II")."""
+    probability cfg.wide `ocr_wide` strips. Labels `[N_tokens, 2, 4]`: for every patch, in its left
+    and its right half, (character, its index in the string, the next character or END, the previous
+    character or START) of the character whose ink centre lies there; (NONE, -1, -1, -1) where none
+    does (END = START = NONE = len(OCR_CHARSET)). Half-patch slots because glyphs are ~7 px apart
+    at patch 8: two can share a patch, never a half (except "II")."""
     from vlm.data.synthetic import (
         OCR_CHARSET,
         char_centers,
@@ -103,13 +107,14 @@ def _glyph_batch(rng, syn, processor, T, device, cfg):
     labels = []
     for s, (t, h, w) in zip(scenes, grids.tolist()):
         width, height = (s.width, s.height) if s.family == "ocr_wide" else (s.canvas, s.canvas)
-        lab = torch.full((h, w, 2, 3), -1, dtype=torch.long)
+        lab = torch.full((h, w, 2, 4), -1, dtype=torch.long)
         lab[..., 0] = none
         for i, (ch, (cx, cy)) in enumerate(zip(s.text, char_centers(s.text, s.xy, s.font_size))):
             row, fx = _patch_at(cx, cy, width, height, h, w)
             nxt = OCR_CHARSET.index(s.text[i + 1]) if i + 1 < len(s.text) else none
-            lab[row, int(fx), int(fx % 1 >= 0.5)] = torch.tensor([OCR_CHARSET.index(ch), i, nxt])
-        labels.append(lab.reshape(h * w, 2, 3).repeat(int(t), 1, 1))
+            prev = OCR_CHARSET.index(s.text[i - 1]) if i > 0 else none
+            lab[row, int(fx), int(fx % 1 >= 0.5)] = torch.tensor([OCR_CHARSET.index(ch), i, nxt, prev])
+        labels.append(lab.reshape(h * w, 2, 4).repeat(int(t), 1, 1))
     return patches, grids, torch.cat(labels).to(device), scenes
 
 
@@ -140,16 +145,24 @@ def _centre_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tens
     return loss, (logits[is_obj].argmax(1) == labels[is_obj]).float().mean()
 
 
-def _glyph_loss(out: torch.Tensor, labels: torch.Tensor, n_cls: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """out: `[N, 2 * (2 * n_cls + 4)]` head outputs per token; labels: `[N, 2, 3]` from
-    `_glyph_batch`. Returns (loss, character accuracy over the slots that hold one)."""
-    out = out.reshape(-1, 2 * n_cls + 4)
-    char_logits, first_logits, next_logits = out.split([n_cls + 1, 2, n_cls + 1], dim=1)
-    char, index, nxt = labels.reshape(-1, 3).unbind(1)
+def _glyph_head_width(n_cls: int, context: str) -> int:
+    """Head outputs per token: two half-patch slots of (character + NONE, context targets)."""
+    return 2 * ((n_cls + 1) + (2 if context == "next" else n_cls + 1) + (n_cls + 1))
+
+
+def _glyph_loss(out: torch.Tensor, labels: torch.Tensor, n_cls: int, context: str = "next") -> tuple[torch.Tensor, torch.Tensor]:
+    """out: `[N, _glyph_head_width(n_cls, context)]` head outputs per token; labels: `[N, 2, 4]`
+    from `_glyph_batch`. Beside the character: `next` = is it the first of its string, and the
+    next character; `prev_next` = the previous character (START for the first) and the next one.
+    Returns (loss, character accuracy over the slots that hold one)."""
+    out = out.reshape(2 * out.shape[0], -1)
+    second = 2 if context == "next" else n_cls + 1
+    char_logits, ctx_logits, next_logits = out.split([n_cls + 1, second, n_cls + 1], dim=1)
+    char, index, nxt, prev = labels.reshape(-1, 4).unbind(1)
     is_char = char < n_cls
+    ctx = (index[is_char] == 0).long() if context == "next" else prev[is_char]
     loss, acc = _centre_loss(char_logits, char)
-    loss = (loss + F.cross_entropy(first_logits[is_char], (index[is_char] == 0).long())
-            + F.cross_entropy(next_logits[is_char], nxt[is_char]))
+    loss = loss + F.cross_entropy(ctx_logits[is_char], ctx) + F.cross_entropy(next_logits[is_char], nxt[is_char])
     return loss, acc
 
 
@@ -187,7 +200,7 @@ def warm_up_tower(encoder: nn.Module, processor, cfg: WarmupConfig | dict, preci
         patches, grids, y, _ = make_batch(rng, syn, processor, T, device, cfg)
         with autocast:
             feats = encoder(patches, grids).float()
-        loss, acc = _task_loss(name, heads[name], feats, grids, y)
+        loss, acc = _task_loss(name, heads[name], feats, grids, y, cfg.context)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -224,10 +237,10 @@ def _task(name: str, cfg: WarmupConfig):
         _ = syn.font_px, syn.wide_font_px  # derived on access: raises when the strings do not fit
     except ValueError as e:
         raise ValueError(f"tower_warmup.max_len={cfg.max_len} characters do not fit tower_warmup.canvas={cfg.canvas}: {e}") from None
-    return syn, _glyph_batch, 2 * (2 * n_cls + 4)  # per half-patch: character + NONE, first?, next + END
+    return syn, _glyph_batch, _glyph_head_width(n_cls, cfg.context)
 
 
-def _task_loss(name: str, head: nn.Module, feats: torch.Tensor, grids: torch.Tensor, y: torch.Tensor):
+def _task_loss(name: str, head: nn.Module, feats: torch.Tensor, grids: torch.Tensor, y: torch.Tensor, context: str = "next"):
     from vlm.data.synthetic import OCR_CHARSET
 
     if name == "char":  # max over each image's tokens: the character may be anywhere
@@ -236,4 +249,4 @@ def _task_loss(name: str, head: nn.Module, feats: torch.Tensor, grids: torch.Ten
         return F.cross_entropy(logits, y), (logits.argmax(1) == y).float().mean()
     if name == "shapes":
         return _centre_loss(head(feats), y)
-    return _glyph_loss(head(feats), y, len(OCR_CHARSET))
+    return _glyph_loss(head(feats), y, len(OCR_CHARSET), context)
