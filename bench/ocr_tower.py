@@ -63,7 +63,8 @@ def run_arm(name: str, args, probe_steps: int, vlm_steps: int) -> dict:
     losses = [float(r["train/loss"]) for r in csv.DictReader(metrics.open()) if r.get("train/loss")]
     return {"arm": name, "probe_steps": probe_steps, "probe_acc": probe_acc, "probe_s": probe_s,
             "vlm_steps": vlm_steps, "vlm_s": vlm_s, "loss": statistics.mean(losses[-5:]),
-            "ocr": float(trainer.callback_metrics.get("val/acc_ocr", float("nan")))}
+            "ocr": float(trainer.callback_metrics.get("val/acc_ocr", float("nan"))),
+            "cer": float(trainer.callback_metrics.get("val/cer_ocr", float("nan")))}
 
 
 def main() -> None:
@@ -88,12 +89,12 @@ def main() -> None:
     if "scratch" in arms:
         rows.append(run_arm("from scratch", args, 0, args.vlm_steps + args.scratch_extra_steps))
     print(f"\nsynthvqa OCR, {args.min_len}-{args.max_len} characters, default model (bf16-mixed, batch 16)\n")
-    print("| arm | tower probe steps (s) | probe accuracy | VLM steps (s) | last train loss | held-out OCR exact match |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    print("| arm | tower probe steps (s) | probe accuracy | VLM steps (s) | last train loss | held-out OCR exact match | CER |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
         acc = "-" if r["probe_acc"] is None else f"{100 * r['probe_acc']:.0f}%"
         print(f"| {r['arm']} | {r['probe_steps']} ({r['probe_s']:.0f}) | {acc} | {r['vlm_steps']} ({r['vlm_s']:.0f}) | "
-              f"{r['loss']:.2f} | {100 * r['ocr']:.1f}% |")
+              f"{r['loss']:.2f} | {100 * r['ocr']:.1f}% | {100 * r['cer']:.1f}% |")
 
 
 if __name__ == "__main__":
