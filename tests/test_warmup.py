@@ -31,7 +31,8 @@ def test_warm_up_trains_the_encoder_only(temporal_patch, pos, task, context):
 
 
 @pytest.mark.parametrize("bad", [{"steps": -1}, {"batch_size": 0}, {"lr": 0.0}, {"steps": 1.5}, {"task": "ctc"}, {"task": "glyphs+glyphs"}, {"task": "glyphs+"}, {"max_len": 0},
-                                 {"wide": 1.5}, {"wide": "half"}, {"context": "prev"}])
+                                 {"wide": 1.5}, {"wide": "half"}, {"context": "prev"},
+                                 {"wide_options": {"canvas": 32}}])
 def test_bad_warmup_options_are_named(bad):
     with pytest.raises(ValueError, match="tower_warmup"):
         WarmupConfig(**bad)
@@ -171,3 +172,26 @@ def test_shape_labels_mark_each_shape_centre_with_its_shape_and_colour():
         assert int((lab < none).sum()) == len(s.shapes)  # one token per shape, no two share a patch
         for sh in s.shapes:
             assert int(lab[int(sh.cy // 8), int(sh.cx // 8)]) == SHAPES.index(sh.shape) * len(COLOR_NAMES) + COLOR_NAMES.index(sh.color)
+
+
+def test_warm_up_strips_follow_the_run_data():
+    """With `wide > 0`, train.py hands the warm-up the data's `ocr_wide_*` settings: short strips
+    in the data give short strips (in the data's font) in the warm-up."""
+    import random
+
+    from vlm.data.synthetic import sample_wide_ocr_scene
+    from vlm.warmup import _task, with_data_strips
+
+    data = {"root": "x", "canvas": 64, "ocr_wide_min_len": 3, "ocr_wide_max_len": 6, "ocr_wide_font_frac": 0.40625}
+    warm = with_data_strips({"steps": 1, "wide": 1.0}, data)
+    assert warm["wide_options"] == {"ocr_wide_min_len": 3, "ocr_wide_max_len": 6, "ocr_wide_font_frac": 0.40625}
+    syn, _, _ = _task("glyphs", WarmupConfig(**warm))
+    rng = random.Random(0)
+    assert all(3 <= len(sample_wide_ocr_scene(rng, syn).text) <= 6 for _ in range(50))
+    assert syn.wide_font_px == 26
+    # no strips asked for, or options given explicitly: left alone
+    assert "wide_options" not in with_data_strips({"steps": 1, "wide": 0.0}, data)
+    assert with_data_strips({"wide": 0.5, "wide_options": {}}, data)["wide_options"] == {}
+    # without data settings the strips keep synthvqa's defaults (12-20 characters)
+    syn, _, _ = _task("glyphs", WarmupConfig(**with_data_strips({"steps": 1, "wide": 1.0}, None)))
+    assert all(12 <= len(sample_wide_ocr_scene(rng, syn).text) <= 20 for _ in range(20))

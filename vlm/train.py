@@ -73,9 +73,9 @@ def _init_weights(module: VLMModule, path: str) -> None:
 
 def _warm_up_tower(module: VLMModule, datamodule, warm: dict, trainer: L.Trainer) -> None:
     """`tower_warmup.steps=N`: train the encoder alone on character naming first (vlm/warmup.py)."""
-    from vlm.warmup import WarmupConfig, warm_up_tower
+    from vlm.warmup import WarmupConfig, warm_up_tower, with_data_strips
 
-    wcfg = WarmupConfig(**warm)
+    wcfg = WarmupConfig(**with_data_strips(warm, getattr(datamodule, "synthetic", None)))
     if module.freeze_spec.get("encoder"):
         raise ValueError("tower_warmup.steps > 0 trains the encoder, but it is frozen (model.freeze.encoder=true); "
                          "set tower_warmup.steps=0")

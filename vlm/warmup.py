@@ -29,7 +29,7 @@ from __future__ import annotations
 import logging
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -52,6 +52,7 @@ class WarmupConfig:
     max_len: int = 6          # glyphs: strings of 1..max_len characters in synthvqa's OCR font for that length
     wide: float = 0.0         # glyphs: share of synthvqa v2 `ocr_wide` strips (12-20 characters, 8:1) in a batch
     context: str = "next"     # glyphs: beside each character, next = (first?, next char); prev_next = (prev, next char)
+    wide_options: dict = field(default_factory=dict)  # synthvqa `ocr_wide_*` settings of the strips (train.py: the run's data)
 
     def __post_init__(self):
         parts = str(self.task).split("+")
@@ -66,8 +67,19 @@ class WarmupConfig:
             raise ValueError(f"tower_warmup.wide must be in [0, 1], got {self.wide!r}")
         if self.context not in ("next", "prev_next"):
             raise ValueError(f"tower_warmup.context must be 'next' or 'prev_next', got {self.context!r}")
+        bad = [k for k in self.wide_options if not str(k).startswith("ocr_wide_")]
+        if bad:
+            raise ValueError(f"tower_warmup.wide_options takes synthvqa ocr_wide_* settings only, got {bad}")
         if not self.lr > 0:
             raise ValueError(f"tower_warmup.lr must be > 0, got {self.lr!r}")
+
+
+def with_data_strips(warm: dict, synthetic: dict | None) -> dict:
+    """`warm` with `wide_options` filled from the run's synthvqa settings (`ocr_wide_*`), so that
+    the warm-up's strips have the data's lengths and font; an explicit `wide_options` wins."""
+    if not warm.get("wide") or "wide_options" in warm or not synthetic:
+        return warm
+    return {**warm, "wide_options": {k: v for k, v in dict(synthetic).items() if str(k).startswith("ocr_wide_")}}
 
 
 def _char_batch(rng, syn, processor, T, device, cfg):
@@ -232,7 +244,8 @@ def _task(name: str, cfg: WarmupConfig):
         return SynthConfig(canvas=cfg.canvas), _shapes_batch, len(SHAPES) * len(COLOR_NAMES) + 1
     # glyphs: the synthvqa OCR font (sized for max_len characters), strings of 1..max_len
     syn = SynthConfig(canvas=cfg.canvas, ocr_min_len=1, ocr_max_len=cfg.max_len,
-                      families=["shapes", "ocr", "ocr_wide"] if cfg.wide else ["shapes", "ocr"])
+                      families=["shapes", "ocr", "ocr_wide"] if cfg.wide else ["shapes", "ocr"],
+                      **(cfg.wide_options if cfg.wide else {}))
     try:
         _ = syn.font_px, syn.wide_font_px  # derived on access: raises when the strings do not fit
     except ValueError as e:
