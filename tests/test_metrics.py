@@ -48,3 +48,14 @@ def test_exact_match_and_cer_agree_on_all_right_and_all_wrong():
         m.update(["", ""], ["ABC", "XY"], ["ocr", "ocr"])
     assert em.compute()["ocr"] == 0.0 and cer.compute()["ocr"] == 1.0
     assert isinstance(cer.compute()["ocr"], torch.Tensor)
+
+
+def test_exact_match_counts_unknown_types_as_other_only_when_listed():
+    m = ExactMatchByType(["ocr", "other"])
+    m.update(["AB.", "left", "x"], ["AB", "left", "y"], ["ocr", "mystery", None])
+    out = m.compute()
+    assert out["ocr"] == 1.0 and out["other"] == 0.5 and out["overall"] == pytest.approx(2 / 3)
+    assert out["mean"] == pytest.approx(0.75)
+    m = ExactMatchByType(["ocr"])
+    m.update(["left"], ["left"], ["mystery"])
+    assert m.compute() == {}

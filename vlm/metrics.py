@@ -16,35 +16,6 @@ def normalize_answer(text: str) -> str:
     return text.strip().rstrip(".").strip()
 
 
-class ExactMatchByType(Metric):
-    full_state_update = False
-
-    def __init__(self, qtypes: list[str], **kwargs):
-        super().__init__(**kwargs)
-        self.qtypes = list(qtypes)
-        self.index = {q: i for i, q in enumerate(self.qtypes)}
-        self.add_state("correct", default=torch.zeros(len(qtypes)), dist_reduce_fx="sum")
-        self.add_state("total", default=torch.zeros(len(qtypes)), dist_reduce_fx="sum")
-
-    def update(self, predictions: list[str], references: list[str], qtypes: list[str | None]) -> None:
-        for p, r, q in zip(predictions, references, qtypes):
-            q = q if q in self.index else None
-            if q is None:
-                if "other" not in self.index:
-                    continue
-                q = "other"
-            i = self.index[q]
-            self.total[i] += 1
-            self.correct[i] += float(normalize_answer(p) == normalize_answer(r))
-
-    def compute(self) -> dict[str, torch.Tensor]:
-        out = {q: self.correct[i] / self.total[i] for i, q in enumerate(self.qtypes) if self.total[i] > 0}
-        if out:
-            out["mean"] = torch.stack(list(out.values())).mean()
-            out["overall"] = self.correct.sum() / self.total.sum()
-        return out
-
-
 def edit_distance(a: str, b: str) -> int:
     """Levenshtein distance (insertions, deletions, substitutions each cost 1); O(len(a)·len(b))."""
     if len(a) < len(b):
@@ -58,28 +29,63 @@ def edit_distance(a: str, b: str) -> int:
     return prev[-1]
 
 
-class CharErrorRateByType(Metric):
-    """Corpus CER per question type: sum of edit distances / sum of reference lengths (after
-    `normalize_answer`). 0 is perfect; an empty prediction scores 1; a long wrong one can exceed 1.
-    Types never seen are left out of `compute()`; unknown types count as "other" when listed."""
+class _SumsByType(Metric):
+    """Two sums per question type, `num` and `den` (named by the subclass); `_score(prediction,
+    reference)` gives one sample's share of each, on normalised answers. Types not listed count
+    as "other" when "other" is listed, else not at all."""
 
     full_state_update = False
+    num: str
+    den: str
 
     def __init__(self, qtypes: list[str], **kwargs):
         super().__init__(**kwargs)
         self.qtypes = list(qtypes)
         self.index = {q: i for i, q in enumerate(self.qtypes)}
-        self.add_state("edits", default=torch.zeros(len(qtypes)), dist_reduce_fx="sum")
-        self.add_state("chars", default=torch.zeros(len(qtypes)), dist_reduce_fx="sum")
+        for name in (self.num, self.den):
+            self.add_state(name, default=torch.zeros(len(qtypes)), dist_reduce_fx="sum")
+
+    def _score(self, prediction: str, reference: str) -> tuple[float, float]:
+        raise NotImplementedError
 
     def update(self, predictions: list[str], references: list[str], qtypes: list[str | None]) -> None:
+        num, den = getattr(self, self.num), getattr(self, self.den)
         for p, r, q in zip(predictions, references, qtypes):
-            q = q if q in self.index else ("other" if "other" in self.index else None)
-            if q is None:
-                continue
-            p, r = normalize_answer(p), normalize_answer(r)
-            self.edits[self.index[q]] += edit_distance(p, r)
-            self.chars[self.index[q]] += len(r)
+            i = self.index.get(q, self.index.get("other"))
+            if i is not None:
+                a, b = self._score(normalize_answer(p), normalize_answer(r))
+                num[i] += a
+                den[i] += b
+
+    def _per_type(self) -> dict[str, torch.Tensor]:
+        num, den = getattr(self, self.num), getattr(self, self.den)
+        return {q: num[i] / den[i] for i, q in enumerate(self.qtypes) if den[i] > 0}
+
+
+class ExactMatchByType(_SumsByType):
+    """Share of answers exactly right per type, plus `mean` over types and `overall` over samples."""
+
+    num, den = "correct", "total"
+
+    def _score(self, prediction: str, reference: str) -> tuple[float, float]:
+        return float(prediction == reference), 1.0
 
     def compute(self) -> dict[str, torch.Tensor]:
-        return {q: self.edits[i] / self.chars[i] for i, q in enumerate(self.qtypes) if self.chars[i] > 0}
+        out = self._per_type()
+        if out:
+            out["mean"] = torch.stack(list(out.values())).mean()
+            out["overall"] = self.correct.sum() / self.total.sum()
+        return out
+
+
+class CharErrorRateByType(_SumsByType):
+    """Corpus CER per type: sum of edit distances / sum of reference lengths. 0 is perfect; an
+    empty prediction scores 1; a long wrong one can exceed 1. Types never seen are left out."""
+
+    num, den = "edits", "chars"
+
+    def _score(self, prediction: str, reference: str) -> tuple[float, float]:
+        return float(edit_distance(prediction, reference)), float(len(reference))
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        return self._per_type()

@@ -157,9 +157,14 @@ def _centre_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tens
     return loss, (logits[is_obj].argmax(1) == labels[is_obj]).float().mean()
 
 
+def _context_width(n_cls: int, context: str) -> int:
+    """Logits of the context target: first-of-string yes/no (`next`) or previous character + START."""
+    return 2 if context == "next" else n_cls + 1
+
+
 def _glyph_head_width(n_cls: int, context: str) -> int:
-    """Head outputs per token: two half-patch slots of (character + NONE, context targets)."""
-    return 2 * ((n_cls + 1) + (2 if context == "next" else n_cls + 1) + (n_cls + 1))
+    """Head outputs per token: two half-patch slots of (character + NONE, context, next + END)."""
+    return 2 * ((n_cls + 1) + _context_width(n_cls, context) + (n_cls + 1))
 
 
 def _glyph_loss(out: torch.Tensor, labels: torch.Tensor, n_cls: int, context: str = "next") -> tuple[torch.Tensor, torch.Tensor]:
@@ -168,8 +173,7 @@ def _glyph_loss(out: torch.Tensor, labels: torch.Tensor, n_cls: int, context: st
     next character; `prev_next` = the previous character (START for the first) and the next one.
     Returns (loss, character accuracy over the slots that hold one)."""
     out = out.reshape(2 * out.shape[0], -1)
-    second = 2 if context == "next" else n_cls + 1
-    char_logits, ctx_logits, next_logits = out.split([n_cls + 1, second, n_cls + 1], dim=1)
+    char_logits, ctx_logits, next_logits = out.split([n_cls + 1, _context_width(n_cls, context), n_cls + 1], dim=1)
     char, index, nxt, prev = labels.reshape(-1, 4).unbind(1)
     is_char = char < n_cls
     ctx = (index[is_char] == 0).long() if context == "next" else prev[is_char]
