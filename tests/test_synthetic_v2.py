@@ -242,3 +242,33 @@ def test_v2_shard_round_trip(tmp_path, fmt):
         for t in sample_texts(s["messages"]):
             if s["meta"]["family"] != "ocr_wide":
                 assert set(t.split()) <= texts, t
+
+
+def test_strips_data_config_is_one_curriculum_stage(tmp_path):
+    """`data=synthvqa_strips` with a length range: its own data folder, only ocr_wide questions in
+    training with answers of those lengths, and the tower warm-up's strips follow the same lengths."""
+    from hydra.utils import instantiate
+
+    from tests.conftest import compose_train
+    from vlm.warmup import with_data_strips
+
+    cfg = compose_train(["experiment=synthvqa_v2_dynamic", "data=synthvqa_strips", "data.synthetic.ocr_wide_min_len=3",
+                         "data.synthetic.ocr_wide_max_len=6", "data.synthetic.train_samples=16",
+                         "data.synthetic.heldout_samples=8", "tower_warmup.wide=1.0"], tmp_path, tmp_path / "data")
+    assert cfg.data.synthetic.root == str(tmp_path / "data" / "synthvqa_strips_3-6")
+    assert cfg.data.processor.resolution == "dynamic" and list(cfg.data.qtypes) == ["ocr_wide"]
+    warm = with_data_strips(dict(cfg.tower_warmup), dict(cfg.data.synthetic))
+    assert warm["wide_options"] == {"ocr_wide_min_len": 3, "ocr_wide_max_len": 6, "ocr_wide_font_frac": 0.40625}
+
+    dm = instantiate(cfg.data, _convert_="all")
+    dm.prepare_data()
+    shards = sorted((Path(cfg.data.synthetic.root) / "train").glob("*.tar"))
+    docs = []
+    for shard in shards:
+        with tarfile.open(shard) as tf:
+            docs += [json.loads(tf.extractfile(m).read()) for m in tf if m.name.endswith(".json")]
+    assert len(docs) == 16
+    for doc in docs:
+        assert doc["meta"]["qtypes"] == ["ocr_wide"]
+        answer = doc["messages"][1]["content"][0]["text"]
+        assert 3 <= len(answer) <= 6, answer
