@@ -86,6 +86,41 @@ def test_init_from_a_different_layout_names_the_keys(tmp_path, synth_dir):
     assert "projector." in str(e.value)
 
 
+def test_init_from_another_tokenizer_copies_rows_by_token(tmp_path, synth_dir):
+    """A stage whose data folder trained another tokenizer: every token both vocabularies hold keeps
+    its stage-1 embedding row under its new id, new tokens keep their fresh rows, the rest is stage 1's."""
+    from hydra.utils import instantiate
+
+    from vlm.train import _init_weights, build_module
+
+    s1 = tmp_path / "s1"
+    _train([], s1, synth_dir)
+    cfg2 = compose_train(["logger=none", "data=synthvqa_strips", "data.processor.resolution=fixed",
+                          "data.synthetic.train_samples=16", "data.synthetic.heldout_samples=8",
+                          f"init_from={s1 / 'export'}"], tmp_path / "s2", tmp_path / "d2")
+    dm = instantiate(cfg2.data, _convert_="all")
+    dm.prepare_data()
+    dm.setup("fit")
+    module = build_module(cfg2, dm)
+    fresh = module.model.decoder.embed_tokens.weight.detach().clone()
+    _init_weights(module, cfg2.init_from)
+    stage1 = load_checkpoint(s1 / "export")
+    old = stage1.tokenizer.tok.get_vocab(with_added_tokens=True)
+    new = module.tokenizer.tok.get_vocab(with_added_tokens=True)
+    moved = [t for t in new if t in old and old[t] != new[t]]
+    added = [t for t in new if t not in old]
+    assert moved and added  # the two vocabularies differ both ways
+    emb, emb1 = module.model.decoder.embed_tokens.weight, stage1.model.decoder.embed_tokens.weight
+    for t in moved + list(module.tokenizer.special):
+        assert torch.equal(emb[new[t]], emb1[old[t]]), t
+    for t in added:
+        assert torch.equal(emb[new[t]], fresh[new[t]]), t
+    state = module.model.state_dict()
+    for k, v in stage1.model.state_dict().items():
+        if "embed_tokens" not in k and "lm_head" not in k:
+            assert torch.equal(state[k], v), k
+
+
 def test_infer_prunes_visual_tokens(tmp_path, synth_dir, capsys):
     from vlm.infer import run as infer_run
 

@@ -50,23 +50,50 @@ def build_module(cfg: DictConfig, datamodule, meta_init: bool = False) -> VLMMod
     )
 
 
+VOCAB_ROWS = ("embed_tokens.weight", "lm_head.weight", "lm_head.bias")  # weights indexed by token id
+
+
+def _token_rows(src_tok, dst_tok) -> tuple[list[int], list[int]]:
+    """(dst ids, src ids) of every token string that both vocabularies hold."""
+    src = src_tok.tok.get_vocab(with_added_tokens=True)
+    pairs = sorted((i, src[t]) for t, i in dst_tok.tok.get_vocab(with_added_tokens=True).items() if t in src)
+    return [d for d, _ in pairs], [s for _, s in pairs]
+
+
 def _init_weights(module: VLMModule, path: str) -> None:
     """`init_from=PATH`: this model's weights from a .ckpt or export folder (a previous stage),
-    with a fresh optimizer and schedule. Every key must fit; a mismatch names the keys."""
+    with a fresh optimizer and schedule. Every key must fit; a mismatch names the keys.
+
+    The one mismatch it bridges is the vocabulary: when the previous stage's tokenizer differs (each
+    synthvqa data folder trains its own), the embedding and LM-head rows are copied by token
+    string, so a token keeps its row whatever its id, and tokens new to this run keep their
+    fresh initialisation. Without this, ids would silently point at other tokens' rows."""
     from vlm.checkpoint import load_checkpoint
 
-    src = load_checkpoint(path).model.state_dict()
+    loaded = load_checkpoint(path)
+    src = loaded.model.state_dict()
     dst = module.model.state_dict()
+    remap = loaded.tokenizer.tok.get_vocab(with_added_tokens=True) != module.tokenizer.tok.get_vocab(with_added_tokens=True)
+    vocab_keys = {k for k in set(src) & set(dst) if k.endswith(VOCAB_ROWS)} if remap else set()
     missing = sorted(set(dst) - set(src))
     unexpected = sorted(set(src) - set(dst))
     shapes = sorted(f"{k} {tuple(src[k].shape)} vs {tuple(dst[k].shape)}" for k in set(src) & set(dst)
-                    if src[k].shape != dst[k].shape)
+                    if src[k].shape != dst[k].shape and not (k in vocab_keys and src[k].shape[1:] == dst[k].shape[1:]))
     if missing or unexpected or shapes:
         def few(xs):
             return ", ".join(xs[:6]) + (f" … (+{len(xs) - 6})" if len(xs) > 6 else "")
         parts = [f"missing {few(missing)}" if missing else "", f"unexpected {few(unexpected)}" if unexpected else "",
                  f"shape mismatch {few(shapes)}" if shapes else ""]
         raise ValueError(f"init_from={path}: the weights do not fit this model: " + "; ".join(p for p in parts if p))
+    if vocab_keys:
+        d_ids, s_ids = _token_rows(loaded.tokenizer, module.tokenizer)
+        for k in vocab_keys:
+            rows = dst[k].clone()  # this run's fresh initialisation for tokens the previous stage lacked
+            rows[d_ids] = src[k][s_ids].to(rows.dtype)
+            src[k] = rows
+        log.info("init_from: the tokenizer differs from %s's; embedding and LM-head rows copied by token string "
+                 "for %d of this run's %d tokens (%d new tokens keep their initialisation)",
+                 path, len(d_ids), module.tokenizer.vocab_size, module.tokenizer.vocab_size - len(d_ids))
     module.model.load_state_dict(src)
     log.info("initialised weights from %s", path)
 
