@@ -53,10 +53,9 @@ def build_module(cfg: DictConfig, datamodule, meta_init: bool = False) -> VLMMod
 VOCAB_ROWS = ("embed_tokens.weight", "lm_head.weight", "lm_head.bias")  # weights indexed by token id
 
 
-def _token_rows(src_tok, dst_tok) -> tuple[list[int], list[int]]:
-    """(dst ids, src ids) of every token string that both vocabularies hold."""
-    src = src_tok.tok.get_vocab(with_added_tokens=True)
-    pairs = sorted((i, src[t]) for t, i in dst_tok.tok.get_vocab(with_added_tokens=True).items() if t in src)
+def _token_rows(src: dict[str, int], dst: dict[str, int]) -> tuple[list[int], list[int]]:
+    """(dst ids, src ids) of every token string that both vocabularies (token -> id) hold."""
+    pairs = sorted((i, src[t]) for t, i in dst.items() if t in src)
     return [d for d, _ in pairs], [s for _, s in pairs]
 
 
@@ -73,7 +72,8 @@ def _init_weights(module: VLMModule, path: str) -> None:
     loaded = load_checkpoint(path)
     src = loaded.model.state_dict()
     dst = module.model.state_dict()
-    remap = loaded.tokenizer.tok.get_vocab(with_added_tokens=True) != module.tokenizer.tok.get_vocab(with_added_tokens=True)
+    src_vocab, dst_vocab = (t.tok.get_vocab(with_added_tokens=True) for t in (loaded.tokenizer, module.tokenizer))
+    remap = src_vocab != dst_vocab
     vocab_keys = {k for k in set(src) & set(dst) if k.endswith(VOCAB_ROWS)} if remap else set()
     missing = sorted(set(dst) - set(src))
     unexpected = sorted(set(src) - set(dst))
@@ -86,7 +86,7 @@ def _init_weights(module: VLMModule, path: str) -> None:
                  f"shape mismatch {few(shapes)}" if shapes else ""]
         raise ValueError(f"init_from={path}: the weights do not fit this model: " + "; ".join(p for p in parts if p))
     if vocab_keys:
-        d_ids, s_ids = _token_rows(loaded.tokenizer, module.tokenizer)
+        d_ids, s_ids = _token_rows(src_vocab, dst_vocab)
         for k in vocab_keys:
             rows = dst[k].clone()  # this run's fresh initialisation for tokens the previous stage lacked
             rows[d_ids] = src[k][s_ids].to(rows.dtype)
