@@ -35,10 +35,10 @@ MODES = ("mixed", "forward", "bf16_true", "fp32")
 
 def _module(size: str, tmp: str):
     import torch
+    import train_throughput as tt
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
-    import train_throughput as tt
     from vlm.module import VLMModule
 
     cfg = tt._config(size, {"tmp": tmp, "ac": "none", "compile": False})
