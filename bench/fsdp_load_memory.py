@@ -99,7 +99,7 @@ def main() -> None:
         spec = tmp / f"{mode}.json"
         spec.write_text(json.dumps({"overrides": overrides, "out": str(out)}))
         # glibc: return every large free to the OS at once, so ru_maxrss is the real high-water mark
-        env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT),
+        env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
                "MALLOC_MMAP_THRESHOLD_": "1048576"}
         r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                             __file__, "--worker", str(spec)], capture_output=True, text=True, env=env)

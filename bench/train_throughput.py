@@ -225,7 +225,7 @@ def main() -> None:
                 if n > 1:
                     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", *cmd[1:]]
                 t0 = time.perf_counter()
-                env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": str(ROOT)}
+                env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
                 if not cuda:
                     env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // n))
                 r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
