@@ -106,10 +106,13 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="the modes take turns this many times; the best round counts")
     a = ap.parse_args()
     import torch
+    import train_throughput as tt
 
     from vlm.callbacks import measure_gemm_tflops
 
     modes = a.modes.split(",")
+    if bad := [s for s in a.sizes.split(",") if s not in tt.SIZES]:
+        raise SystemExit(f"--sizes: unknown {bad}; choose from {list(tt.SIZES)}")
     if bad := [m for m in modes if m not in MODES]:
         raise SystemExit(f"--modes: unknown {bad}; choose from {list(MODES)}")
     peak = measure_gemm_tflops(torch.bfloat16, seconds=2.0)

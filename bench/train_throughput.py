@@ -207,6 +207,12 @@ def main() -> None:
 
     cuda = a.device == "cuda"
     sizes = (a.sizes or ("tiny,25m,0.5b" if cuda else "tiny,25m")).split(",")
+    if bad := [s for s in sizes if s not in SIZES]:
+        raise SystemExit(f"--sizes: unknown {bad}; choose from {list(SIZES)}")
+    if bad := [s for s in a.strategies.split(",") if s not in ("single", "ddp", "fsdp")]:
+        raise SystemExit(f"--strategies: unknown {bad}; choose from ['single', 'ddp', 'fsdp']")
+    if cuda and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: torch sees no CUDA device on this machine (use --device cpu)")
     devices = a.devices or (torch.cuda.device_count() if cuda else 2)
     steps = a.steps or (10 if cuda else 4)
     warmup = a.warmup if a.warmup is not None else ((10 if a.compile else 5) if cuda else 2)
