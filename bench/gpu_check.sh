@@ -31,7 +31,7 @@ print("python", sys.version.split()[0], "| torch", torch.__version__, "| lightni
       "| hydra", hydra.__version__, "| cuda", torch.version.cuda, "| device", torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu")
 PY
 } 2>&1 | tee "$OUT/env.txt"
-[ "${PIPESTATUS[0]}" = 0 ] || { echo "environment check failed: see $OUT/env.txt"; exit 1; }
+[ "${PIPESTATUS[0]}" = 0 ] || { echo "environment check failed (see $OUT/env.txt): a missing package? run bash bench/gpu_wheels.sh first and carry .whl"; exit 1; }
 set -x
 timeout 420 python3 bench/train_throughput.py --device "$DEVICE" --sizes "$SIZES" --strategies fsdp --compile \
     --json "$OUT/throughput.json" 2>&1 | tee "$OUT/throughput.txt"
