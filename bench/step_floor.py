@@ -2,6 +2,7 @@
 
     python bench/step_floor.py                      # tiny: bare bf16-mixed step, forward only, bf16-true, fp32
     python bench/step_floor.py --sizes tiny,25m --steps 10
+    python bench/step_floor.py --threads 1 --modes mixed,forward   # one core: how much the second thread buys
 
 The same model and fixed synthetic batch as `bench/train_throughput.py` (whose table is the
 Lightning step: loss normalisation, numerics guard, clipping, throughput callback), run as a bare
@@ -103,6 +104,7 @@ def main() -> None:
     ap.add_argument("--modes", default=",".join(MODES))
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=4)
+    ap.add_argument("--threads", type=int, default=None, help="intra-op threads (default: torch's, one per core)")
     ap.add_argument("--rounds", type=int, default=3, help="the modes take turns this many times; the best round counts")
     a = ap.parse_args()
     import torch
@@ -115,6 +117,8 @@ def main() -> None:
         raise SystemExit(f"--sizes: unknown {bad}; choose from {list(tt.SIZES)}")
     if bad := [m for m in modes if m not in MODES]:
         raise SystemExit(f"--modes: unknown {bad}; choose from {list(MODES)}")
+    if a.threads:
+        torch.set_num_threads(a.threads)
     peak = measure_gemm_tflops(torch.bfloat16, seconds=2.0)
     print(f"cpu ({torch.get_num_threads()} threads), bf16 GEMM rate {peak:.3f} TFLOP/s\n")
     print("| size | GFLOP / step | ms for 50% | " + " | ".join(f"{m} ms" for m in modes) + " |")
