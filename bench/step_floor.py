@@ -14,8 +14,9 @@ loop: forward + backward + fused AdamW, no guard, no clipping, no logging. Each 
     fp32      no autocast
 
 The modes take turns for `--rounds` rounds of `--steps` steps (the machine may be shared: a
-burst of other work then hits every mode alike); it prints each mode's best per-round median, and the step time that would give 50% of the measured
-bf16 GEMM rate (`vlm.callbacks.measure_gemm_tflops`, 1024³, 2 s, as the bench) for that size's model FLOPs per step.
+burst of other work then hits every mode alike). It prints each mode's best per-round median, and
+the step time that would give 50% of the measured bf16 GEMM rate (`vlm.callbacks.measure_gemm_tflops`,
+1024³, 2 s, as the bench) for that size's model FLOPs per step.
 """
 
 from __future__ import annotations
@@ -37,23 +38,9 @@ MODES = ("mixed", "forward", "bf16_true", "fp32")
 def _module(size: str, tmp: str):
     import torch
     import train_throughput as tt
-    from hydra.utils import instantiate
-    from omegaconf import OmegaConf
 
-    from vlm.module import VLMModule
-
-    cfg = tt._config(size, {"tmp": tmp, "ac": "none", "compile": False})
-    tok = tt._tokenizer()
     torch.manual_seed(0)
-    module = VLMModule(
-        model=OmegaConf.to_container(cfg.model, resolve=True), tokenizer_json=tok.to_str(),
-        processor={"patch_size": cfg.model.encoder.patch_size, "merge_size": cfg.model.projector.merge_size,
-                   "resolution": "fixed", "image_size": tt.SIZES[size]["image"]},
-        template={"max_length": 4096, "rope": "rope", "merge_size": cfg.model.projector.merge_size},
-        optimizer=instantiate(cfg.optimizer), scheduler=None,
-        parallel=OmegaConf.to_container(cfg.parallel, resolve=True), numerics=OmegaConf.to_container(cfg.numerics, resolve=True),
-    )
-    return module, tt._batch(tok, size, cfg.model, tt.SIZES[size]["batch_cpu"])
+    return tt.build(size, {"tmp": tmp, "ac": "none", "compile": False}, tt.SIZES[size]["batch_cpu"])
 
 
 def _step_flops(module, batch) -> float:
@@ -124,9 +111,8 @@ def main() -> None:
     print("| size | GFLOP / step | ms for 50% | " + " | ".join(f"{m} ms" for m in modes) + " |")
     print("|---|---:|---:|" + "---:|" * len(modes))
     for size in a.sizes.split(","):
-        with tempfile.TemporaryDirectory() as tmp:
-            flops = _step_flops(*_module(size, tmp))
         runs = [Mode(size, m) for m in modes]
+        flops = _step_flops(runs[0].module, runs[0].batch)
         for r in runs:
             r.run(a.warmup)
         best = [float("inf")] * len(modes)

@@ -94,25 +94,15 @@ def _batch(tok, size: str, model_cfg, batch: int):
     }
 
 
-def run_cell(cell: dict) -> None:
-    import lightning as L
-    import torch
+def build(size: str, cell: dict, batch: int):
+    """The `VLMModule` of one size (Hydra config + `cell` options) and its fixed synthetic batch."""
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
-    from vlm.callbacks import Throughput
     from vlm.module import VLMModule
 
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    if cell["device"] == "cpu":
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-    else:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    size = cell["size"]
     cfg = _config(size, cell)
     tok = _tokenizer()
-    L.seed_everything(0)
     module = VLMModule(
         model=OmegaConf.to_container(cfg.model, resolve=True), tokenizer_json=tok.to_str(),
         processor={"patch_size": cfg.model.encoder.patch_size, "merge_size": cfg.model.projector.merge_size,
@@ -121,8 +111,25 @@ def run_cell(cell: dict) -> None:
         optimizer=instantiate(cfg.optimizer), scheduler=None,
         parallel=OmegaConf.to_container(cfg.parallel, resolve=True), numerics=OmegaConf.to_container(cfg.numerics, resolve=True),
     )
+    return module, _batch(tok, size, cfg.model, batch)
+
+
+def run_cell(cell: dict) -> None:
+    import lightning as L
+    import torch
+
+    from vlm.callbacks import Throughput
+
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if cell["device"] == "cpu":
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    else:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    size = cell["size"]
+    L.seed_everything(0)
+    module, batch = build(size, cell, cell["batch"])
     n_params = sum(p.numel() for p in module.model.parameters())
-    batch = _batch(tok, size, cfg.model, cell["batch"])
 
     class Repeat(torch.utils.data.IterableDataset):
         def __iter__(self):
