@@ -27,8 +27,8 @@ from torch.utils.data import DataLoader
 
 from vlm.checkpoint import LoadedVLM, load_checkpoint
 from vlm.data.collate import Collator, collate
-from vlm.data.media import MediaError, load_image
-from vlm.data.sample import SampleProcessor
+from vlm.data.media import MediaError, decode_image, read_file
+from vlm.data.sample import SampleProcessor, format_skips
 from vlm.data.video import probe_video
 from vlm.data.webdataset import ShardDataset
 from vlm.generate import generate
@@ -72,11 +72,17 @@ def read_video(path: str) -> bytes | list[bytes]:
         frames = sorted(f for f in p.iterdir() if f.suffix.lower() in _FRAME_SUFFIXES)
         if not frames:
             raise FileNotFoundError(f"video folder {p} holds no frame images ({', '.join(_FRAME_SUFFIXES)})")
-        for f in frames:
-            load_image(f)  # one clear line for a bad frame
-        return [f.read_bytes() for f in frames]
-    probe_video(p)  # fail early with one clear line (missing, not a video, too large…)
-    return p.read_bytes()
+        return [_checked_image(f) for f in frames]
+    data = read_file(p)  # a regular file within its cap: never a pipe or a device
+    probe_video(data, key=str(p))  # fail early with one clear line (not a video, too large…)
+    return data
+
+
+def _checked_image(path) -> bytes:
+    """An image file's bytes, read once within its cap and checked to decode (one clear line if not)."""
+    data = read_file(path)
+    decode_image(data, key=str(path))
+    return data
 
 
 def answer(loaded: LoadedVLM, image_paths: list[str], prompt: str, max_new_tokens: int = 64, temperature: float = 0.0,
@@ -86,10 +92,7 @@ def answer(loaded: LoadedVLM, image_paths: list[str], prompt: str, max_new_token
     silent) and return it. Images are media 0…n-1, videos follow."""
     if isinstance(stream, str) and stream == "stdout":
         stream = sys.stdout
-    images = []
-    for p in image_paths:
-        load_image(p)  # fail early with one clear line (missing, unreadable, bomb…)
-        images.append(Path(p).read_bytes())
+    images = [_checked_image(p) for p in image_paths]  # fail early with one clear line (missing, bomb…)
     videos = [read_video(p) for p in (video_paths or [])]
     batch = prompt_batch(loaded, images, prompt, videos)
     tok = loaded.tokenizer
@@ -190,7 +193,7 @@ def run(cfg: DictConfig) -> dict:
         res = evaluate(loaded, data.val_shards, data.get("batch_size", 64), cfg.max_new_tokens,
                        data.get("num_workers", 1), cfg.get("out"), data.get("max_samples"), prune)
         print(res["table"])
-        print(f"{res['n']} samples in {res['seconds']:.1f} s" + (f"; skipped {res['skipped']}" if res["skipped"] else ""))
+        print(f"{res['n']} samples in {res['seconds']:.1f} s; " + format_skips(res["skipped"], "evaluation"))
         if cfg.get("out"):
             print(f"predictions written to {cfg.out}")
         return res

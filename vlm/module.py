@@ -39,6 +39,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from vlm.build import build_model, self_contained_config, stop_ids
+from vlm.data.sample import format_skips
 from vlm.data.template import IGNORE
 from vlm.data.webdataset import (
     ShardDataset,
@@ -112,6 +113,7 @@ class VLMModule(L.LightningModule):
         self.eos_ids = stop_ids(tok, template)
         self.suppress_ids = [tok.pad_id, tok.im_start_id, tok.vision_start_id, tok.vision_end_id, tok.image_pad_id, tok.video_pad_id]
         self.skipped_total: Counter = Counter()
+        self.val_skipped: Counter = Counter()
         self.source_total: Counter = Counter()
         self._examples: list = []
         self.parallel_cfg = dict(parallel or {})
@@ -389,6 +391,7 @@ class VLMModule(L.LightningModule):
     def on_validation_epoch_start(self) -> None:
         self.val_em.reset()
         self.val_cer.reset()
+        self.val_skipped = Counter()
         self._examples = []
         self._val_model = None
         if self._parallelized:
@@ -406,6 +409,7 @@ class VLMModule(L.LightningModule):
             self._val_model = model.eval()
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self.val_skipped.update(batch.get("skipped") or {})
         if batch.get("empty"):  # only skip counts (bad samples at the end of a shard split)
             return
         out = generate(getattr(self, "_val_model", None) or self.model, batch, self.val_max_new_tokens, self.eos_ids, suppress_ids=self.suppress_ids)
@@ -443,6 +447,16 @@ class VLMModule(L.LightningModule):
         for k, v in self.val_cer.compute().items():  # character error rate: partial reading shows here
             self.log(f"val/cer_{k}", v, sync_dist=False)
         self._log_example_table()
+        for reason, c in self.val_skipped.items():
+            self.log(f"val/skipped_{reason}", float(c), sync_dist=False)
+        if self.val_skipped and not self.trainer.sanity_checking:
+            print(format_skips(self.val_skipped, "validation"))
+
+    def on_train_end(self) -> None:
+        # Whatever the logger (none at all included), the console gets the per-reason skip counts.
+        if self.trainer.is_global_zero:
+            what = "training" if self.trainer.world_size == 1 else "training (rank 0's share)"
+            print(format_skips(self.skipped_total, what))
 
     def _log_example_table(self) -> None:
         from lightning.pytorch.loggers import WandbLogger

@@ -16,6 +16,8 @@ reason                    meaning
 ``unsupported``           a pixel mode that cannot be turned into RGB (e.g. ``LAB`` TIFF)
 ``missing``               :func:`load_image`: no such file
 ``unreadable``            :func:`load_image`: the path exists but cannot be read (directory, permissions)
+``not_a_file``            :func:`read_file`: a device, named pipe or socket (never read: it may not end)
+``too_large``             :func:`read_file`: the file is over its byte cap (checked before reading)
 ``aspect_ratio``          raised by :mod:`vlm.data.processor` for dynamic resolution, not here
 ========================  ===========================================================================
 
@@ -46,6 +48,7 @@ from __future__ import annotations
 
 import io
 import os
+import stat
 import struct
 import threading
 import warnings
@@ -69,6 +72,7 @@ __all__ = [
     "MediaError",
     "decode_image",
     "load_image",
+    "read_file",
     "to_rgb",
 ]
 
@@ -345,18 +349,54 @@ def _minmax_u8(x: np.ndarray, lo: float, hi: float) -> np.ndarray:
     return _rint_u8((x - lo) * (255.0 / (hi - lo)))
 
 
+MAX_FILE_BYTES = 512 * 2**20  # the most a media file named on the command line may hold
+
+
+def read_file(path: str | os.PathLike, max_bytes: int = MAX_FILE_BYTES, *, key: str | None = None) -> bytes:
+    """The bytes of a regular file of at most ``max_bytes``, checked before reading.
+
+    Special files are refused at once (``not_a_file``): a named pipe would block the reader until
+    someone writes to it, and ``/dev/zero`` or ``/dev/urandom`` never end. The file is opened
+    non-blocking and checked with ``fstat`` on the open descriptor, so what is checked is what is
+    read. A file over the cap is refused from its size (``too_large``); so is one that grows
+    while it is read. ``missing`` / ``unreadable`` as in :func:`load_image`.
+    """
+    name = os.fspath(path)
+    key = key or name
+    try:
+        fd = os.open(name, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except FileNotFoundError as e:
+        raise MediaError("missing", f"no such file: {name}", key=key) from e
+    except OSError as e:
+        raise MediaError("unreadable", f"cannot read {name}: {e.strerror or e}", key=key) from e
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise MediaError("unreadable", f"cannot read {name}: it is a directory", key=key)
+        if not stat.S_ISREG(st.st_mode):
+            raise MediaError("not_a_file", f"{name} is not a regular file (a device, pipe or socket)", key=key)
+        if st.st_size > max_bytes:
+            raise MediaError("too_large", f"{name} has {st.st_size} bytes > {max_bytes}", key=key)
+    except BaseException:
+        os.close(fd)
+        raise
+    with os.fdopen(fd, "rb") as f:
+        try:
+            data = f.read(max_bytes + 1)
+        except OSError as e:
+            raise MediaError("unreadable", f"cannot read {name}: {e.strerror or e}", key=key) from e
+    if len(data) > max_bytes:
+        raise MediaError("too_large", f"{name} grew past {max_bytes} bytes while being read", key=key)
+    return data
+
+
 def load_image(path: str | os.PathLike, **kw) -> Image.Image:
-    """Read ``path`` and :func:`decode_image` it; keyword arguments pass through.
+    """Read ``path`` (:func:`read_file`: a regular file within its size cap) and
+    :func:`decode_image` it; keyword arguments pass through.
 
     A missing file raises ``MediaError(reason="missing")``; a directory or a permission problem
-    ``unreadable``. The path is the default ``key`` in messages.
+    ``unreadable``; a device, pipe or socket ``not_a_file``. The path is the default ``key`` in
+    messages.
     """
     kw.setdefault("key", os.fspath(path))
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except FileNotFoundError as e:
-        raise MediaError("missing", f"no such file: {os.fspath(path)}", key=kw["key"]) from e
-    except OSError as e:
-        raise MediaError("unreadable", f"cannot read {os.fspath(path)}: {e.strerror or e}", key=kw["key"]) from e
-    return decode_image(data, **kw)
+    return decode_image(read_file(path, key=kw["key"]), **kw)

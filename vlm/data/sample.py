@@ -18,7 +18,11 @@ groups frames, so images and videos share one patch layout `[n, C*T*P*P]`); vide
 with a short reason for counting: `media_<reason>` for media the decoders or resizers refuse
 (`media_corrupt`, `media_too_many_pixels`, `media_aspect_ratio`, `media_too_many_frames`, ...),
 `bad_media_kind` for an index referenced both as an image and as a video or a frame list
-referenced as an image, `bad_media_index`, `template`, `too_long`, `bad_json`, `no_json`.
+referenced as an image, `bad_media_index`, `template`, `too_long`, `bad_json` (not JSON, not a
+chat or document object, nested too deep), `bad_text` (a string that is not valid Unicode),
+`no_json`, `empty` (no messages), `no_label` (training: nothing to learn, e.g. no assistant turn),
+`no_reference` (evaluation: no assistant answer to score against). The loader counts anything
+else a sample provokes as `error_<ExceptionType>` (`vlm.data.webdataset`).
 """
 
 from __future__ import annotations
@@ -147,27 +151,66 @@ def skip_report(skipped: dict) -> ProcessedSample:
                            report_only=True)
 
 
+def format_skips(counts: dict, what: str) -> str:
+    """One line for the console: `skipped 3 training samples: bad_json 2, no_label 1`."""
+    counts = {k: int(v) for k, v in counts.items() if v}
+    if not counts:
+        return f"skipped no {what} samples"
+    by_count = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    return f"skipped {sum(counts.values())} {what} samples: " + ", ".join(f"{k} {v}" for k, v in by_count)
+
+
+def _texts(content) -> list[str]:
+    """The text parts of a message's content (a string, or a list of content items)."""
+    if isinstance(content, str):
+        return [content]
+    if isinstance(content, list):
+        return [c["text"] for c in content if isinstance(c, dict) and c.get("type") == "text" and isinstance(c.get("text"), str)]
+    return []
+
+
 def first_turn(messages: list[dict]) -> tuple[list[dict], str | None]:
     """The messages up to the first assistant turn, and that turn's text (the reference).
-    Without an assistant turn (a bare prompt): all messages and None."""
+    Without an assistant turn (a bare prompt), or one without text: all messages up to it and None."""
     for i, m in enumerate(messages):
         if isinstance(m, dict) and m.get("role") == "assistant":
-            content = m.get("content")
-            if isinstance(content, list):
-                content = "".join(c.get("text", "") for c in content if isinstance(c, dict) and c.get("type") == "text")
-            return messages[:i], str(content)
+            return messages[:i], "".join(_texts(m.get("content"))) or None
     return messages, None
 
 
 def question_text(messages: list[dict]) -> str:
-    parts = []
-    for m in messages:
-        content = m.get("content")
-        if isinstance(content, str):
-            parts.append(content)
-        elif isinstance(content, list):
-            parts += [c["text"] for c in content if isinstance(c, dict) and c.get("type") == "text"]
-    return " ".join(parts)
+    return " ".join(t for m in messages if isinstance(m, dict) for t in _texts(m.get("content")))
+
+
+MAX_JSON_DEPTH = 32  # a chat sample is a few levels deep; deeper JSON is refused, not walked
+
+
+def check_json(obj: Any, key: str) -> None:
+    """Refuse a sample JSON nested deeper than `MAX_JSON_DEPTH` or holding a string that is not
+    valid Unicode (a lone surrogate such as "\\ud800" decodes from JSON but no tokenizer takes it)."""
+    stack = [(obj, 0)]
+    while stack:
+        x, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise SampleError("bad_json", key, f"nested deeper than {MAX_JSON_DEPTH} levels")
+        if isinstance(x, str):
+            try:
+                x.encode("utf-8")
+            except UnicodeEncodeError:
+                raise SampleError("bad_text", key, "a string is not valid Unicode (lone surrogate)") from None
+        elif isinstance(x, dict):
+            stack += [(v, depth + 1) for v in x.values()] + [(k, depth + 1) for k in x]
+        elif isinstance(x, list):
+            stack += [(v, depth + 1) for v in x]
+
+
+def question_type(meta: Any) -> str | None:
+    """`meta.qtypes[0]` (or `meta.qtype`) when it is a string; None otherwise."""
+    if not isinstance(meta, dict):
+        return None
+    q = meta.get("qtypes", meta.get("qtype"))
+    q = q[0] if isinstance(q, list) and q else q
+    return q if isinstance(q, str) else None
 
 
 def _tokens_to_pixels(cfg: dict, min_tokens, max_tokens, factor_sq: int, where: str) -> None:
@@ -278,10 +321,16 @@ class SampleProcessor:
             raise SampleError("no_json", key, "sample has no .json member")
         try:
             obj = json.loads(raw["json"])
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise SampleError("bad_json", key, str(e)) from None
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+            raise SampleError("bad_json", key, " ".join(str(e).split())[:200] or type(e).__name__) from None
         if not isinstance(obj, dict) or not ("messages" in obj or "document" in obj):
             raise SampleError("bad_json", key, "json is not an object with 'messages' or 'document'")
+        check_json(obj, key)
+        body = obj["messages"] if "messages" in obj else obj["document"]
+        if not isinstance(body, list):
+            raise SampleError("bad_json", key, f"'messages' / 'document' must be a list, got {type(body).__name__}")
+        if not body:
+            raise SampleError("empty", key, "'messages' / 'document' is empty")
         media: dict[int, Any] = {}
         frames: dict[int, dict[int, Any]] = {}
         for name, value in raw.items():
@@ -308,14 +357,12 @@ class SampleProcessor:
         if self.mode == "eval":
             if "messages" not in obj:
                 raise SampleError("bad_json", key, "evaluation needs a 'messages' sample")
-            try:
-                msgs, answer = first_turn(obj["messages"])
-            except TemplateError as e:
-                raise SampleError("template", key, str(e)) from None
+            msgs, answer = first_turn(obj["messages"])
+            if answer is None or not answer.strip():
+                raise SampleError("no_reference", key, "no assistant turn with text to score the answer against")
             sample = {"messages": msgs}
             prompt = question_text(msgs)
-            qtypes = (obj.get("meta") or {}).get("qtypes") or [None]
-            qtype = qtypes[0]
+            qtype = question_type(obj.get("meta"))
             # Only the media the prompt references are needed.
             used = {c.get("media") for c in media_items(sample)}
             media = {i: b for i, b in media.items() if i in used}
@@ -357,6 +404,8 @@ class SampleProcessor:
             raise SampleError("too_long", key, str(e)) from None
         except TemplateError as e:
             raise SampleError("template", key, str(e)) from None
+        if self.mode == "train" and not any(label >= 0 for label in r.labels):
+            raise SampleError("no_label", key, "nothing to learn: no assistant turn or document text")
         ordered = [processed[i] for i in r.media_order]
         grids_in_order = [g for _, g in ordered]
         return ProcessedSample(

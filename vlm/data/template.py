@@ -127,7 +127,9 @@ class ChatTemplate:
         labels: list[int] = []
         order: list[int] = []
         kinds: list[str] = []
-        if self.system_prompt and not (messages and messages[0].get("role") == "system"):
+        if not isinstance(messages, list):
+            raise TemplateError(f"'messages' must be a list, got {type(messages).__name__}")
+        if self.system_prompt and not (messages and isinstance(messages[0], dict) and messages[0].get("role") == "system"):
             messages = [{"role": "system", "content": self.system_prompt}, *messages]
         for msg in messages:
             role = msg.get("role") if isinstance(msg, dict) else None

@@ -73,7 +73,7 @@ from typing import Any
 import torch
 from PIL import Image, ImageSequence
 
-from vlm.data.media import MediaError, _strict_pillow, decode_image, to_rgb
+from vlm.data.media import MediaError, _strict_pillow, decode_image, read_file, to_rgb
 from vlm.data.processor import INTERPOLATIONS, ImageProcessor, smart_resize
 from vlm.model.projector import visual_token_count
 
@@ -226,13 +226,7 @@ def probe_video(
     """Header facts of a video (bytes or a path) without decoding a frame."""
     if isinstance(data, (str, os.PathLike)):
         key = key or os.fspath(data)
-        try:
-            with open(data, "rb") as f:
-                data = f.read()
-        except FileNotFoundError as e:
-            raise MediaError("missing", f"no such file: {os.fspath(data)}", key=key) from e
-        except OSError as e:
-            raise MediaError("unreadable", f"cannot read {os.fspath(data)}: {e}", key=key) from e
+        data = read_file(data, key=key)
     _check_bytes(data, key)
     kind, fmt = _identify(data, key)
     if kind == "pillow":

@@ -19,9 +19,15 @@
 - Evaluation reads each shard once, split explicitly by node (rank) then by worker.
 - Shard URLs are untrusted: only local files are opened (webdataset's `pipe:` URLs would run a
   shell command, so they are refused).
-- A bad sample is skipped with a warning naming its key and counted by reason; the counts ride on
-  the next good sample to the main process (DataLoader workers are separate processes). More than
-  `max_consecutive_failures` bad samples in a row stops the run with a clear error.
+- Shards are read by `vlm.data.tar_reader`, which checks every tar header before reading a byte
+  of the member (size caps, regular files only) and skips repeated keys.
+- A bad sample, whatever is wrong with it, is skipped with a warning naming its key and counted
+  by reason; the counts ride on the next good sample to the main process (DataLoader workers are
+  separate processes). More than `max_consecutive_failures` bad samples in a row, or too large a
+  share of a window, stops the run with a clear `DataError`. So does a training stream in which
+  no shard yields a sample (every shard empty, not a tar, or without `KEY.EXT` members): a shard
+  that yielded nothing once is not read again, and when that is true of every shard the error
+  names them.
 """
 
 from __future__ import annotations
@@ -38,9 +44,8 @@ from itertools import chain, islice
 import torch
 import torch.distributed as dist
 from torch.utils.data import IterableDataset, get_worker_info
-from webdataset.tariterators import group_by_keys, tar_file_expander
-
 from vlm.data.sample import SampleError, SampleProcessor, skip_report
+from vlm.data.tar_reader import ShardErrors, read_samples
 
 log = logging.getLogger("vlm.data")
 
@@ -77,16 +82,12 @@ def rank_world() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
-class _TarErrors:
-    """webdataset handler: count a broken tar member/stream instead of crashing."""
+class DataError(RuntimeError):
+    """The training data cannot go on: every shard is unreadable, or too many samples fail."""
 
-    def __init__(self):
-        self.counts = Counter()
 
-    def __call__(self, exn) -> bool:
-        self.counts["tar_error"] += 1
-        log.warning("skipping unreadable shard data: %s", exn)
-        return True
+MAX_MEMBER_BYTES = 128 * 2**20   # one tar member (an image, a video, the json)
+MAX_SAMPLE_BYTES = 512 * 2**20   # all members of one sample
 
 
 # ---- exact resume: handing a checkpoint's stream positions to the next training dataset ---------
@@ -128,8 +129,14 @@ class ShardDataset(IterableDataset):
         task=None,
         max_bad_fraction: float = 0.5,
         bad_window: int = 1000,
+        max_member_bytes: int = MAX_MEMBER_BYTES,
+        max_sample_bytes: int = MAX_SAMPLE_BYTES,
     ):
         self.urls = expand_urls(urls)
+        if int(max_member_bytes) < 1 or int(max_sample_bytes) < 1:
+            raise ValueError(f"data.max_member_bytes and data.max_sample_bytes must be >= 1, got "
+                             f"{max_member_bytes}, {max_sample_bytes}")
+        self.max_member_bytes, self.max_sample_bytes = int(max_member_bytes), int(max_sample_bytes)
         self.processor, self.train = processor, train
         self.shuffle_buffer, self.seed = shuffle_buffer, seed
         self.max_consecutive_failures, self.warn_limit = max_consecutive_failures, warn_limit
@@ -186,21 +193,38 @@ class ShardDataset(IterableDataset):
     def _shards(self, rank: int, world: int, worker: int, n_workers: int) -> Iterator[str]:
         yield from self.urls[rank::world][worker::n_workers]
 
-    def _cursor(self, stream: int, tag: str, shard: int, offset: int, errors: _TarErrors) -> Iterator[tuple[int, int, dict]]:
-        """(shard number, offset in shard, raw sample) of a training stream from (shard, offset) on."""
+    def _read(self, url: str, errors: ShardErrors) -> Iterator[dict]:
+        return read_samples(url, errors, self.max_member_bytes, self.max_sample_bytes)
+
+    def _cursor(self, stream: int, tag: str, shard: int, offset: int, errors: ShardErrors) -> Iterator[tuple[int, int, dict]]:
+        """(shard number, offset in shard, raw sample) of a training stream from (shard, offset) on.
+
+        A shard that yields no sample is remembered and not read again (its pick still counts, so
+        the pick order, and with it exact resume, is unchanged); when every shard is such a one,
+        the stream stops with a `DataError` instead of spinning forever."""
         rng = random.Random(f"{self.seed}-{self.rank}-{stream}{tag}")
         for _ in range(shard):  # the pick order is replayed without reading anything
             rng.choice(self.urls)
+        empty: dict[str, str] = {}  # url -> why it yielded nothing
+        distinct = set(self.urls)
         while True:
             url = rng.choice(self.urls)
-            with open(url, "rb") as f:
-                samples = group_by_keys(tar_file_expander([{"url": url, "stream": f}], handler=errors), handler=errors)
-                for o, item in enumerate(samples):
+            if url not in empty:
+                before = Counter(errors.counts)
+                n = 0
+                for o, item in enumerate(self._read(url, errors)):
+                    n += 1
                     if o >= offset:
                         yield shard, o, item
+                if n == 0:
+                    empty[url] = ", ".join(sorted(errors.counts - before)) or "no samples"
+                    if len(empty) == len(distinct):
+                        names = ", ".join(f"{u} ({why})" for u, why in list(empty.items())[:5])
+                        raise DataError(f"no training shard yields a sample: all {len(distinct)} are empty or "
+                                        f"unreadable: {names}{' …' if len(empty) > 5 else ''}; counts {dict(errors.counts)}")
             shard, offset = shard + 1, 0
 
-    def _train_stream(self, start: tuple, errors: _TarErrors) -> Iterator[tuple[list[int], dict]]:
+    def _train_stream(self, start: tuple, errors: ShardErrors) -> Iterator[tuple[list[int], dict]]:
         """([block, index, shard, offset of the block start], raw sample) forever, from `start`
         (`_start`'s answer). Samples before the resume point are read, not decoded."""
         stream, (block, skip, shard, offset, _), tag = start
@@ -216,13 +240,9 @@ class ShardDataset(IterableDataset):
                     yield [block, j, *start], item
             block, skip = block + 1, 0
 
-    def _raw(self, shards: Iterator[str], errors: _TarErrors) -> Iterator[dict]:
-        def streams():
-            for url in shards:
-                with open(url, "rb") as f:
-                    yield {"url": url, "stream": f}
-
-        yield from group_by_keys(tar_file_expander(streams(), handler=errors), handler=errors)
+    def _raw(self, shards: Iterator[str], errors: ShardErrors) -> Iterator[dict]:
+        for url in shards:
+            yield from self._read(url, errors)
 
     def _shuffled(self, it: Iterator[dict], rng: random.Random) -> Iterator[dict]:
         buf: list[dict] = []
@@ -239,7 +259,7 @@ class ShardDataset(IterableDataset):
     def __iter__(self):
         info = get_worker_info()
         worker, n_workers = (info.id, info.num_workers) if info else (0, 1)
-        errors = _TarErrors()
+        errors = ShardErrors(self.warn_limit)
         skip_rows = 0
         if self.train:
             if worker >= MAX_WORKERS:
@@ -262,7 +282,7 @@ class ShardDataset(IterableDataset):
                 k += 1
             yield sample
 
-    def _processed(self, stream, errors: _TarErrors) -> Iterator[tuple[list[int] | None, object]]:
+    def _processed(self, stream, errors: ShardErrors) -> Iterator[tuple[list[int] | None, object]]:
         """(position + [0], processed sample) of the good samples; bad ones skipped and counted."""
         skipped: Counter = Counter()
         consecutive = 0
@@ -273,7 +293,9 @@ class ShardDataset(IterableDataset):
         for pos, item in stream:
             try:
                 sample = self.processor(self.task(item) if self.task is not None else item)
-            except SampleError as e:
+            except Exception as exc:  # noqa: BLE001 - whatever one sample provokes, it is that sample's fault
+                e = exc if isinstance(exc, SampleError) else SampleError(
+                    f"error_{type(exc).__name__}", str(item.get("__key__", "?")), " ".join(str(exc).split())[:300])
                 skipped[e.reason] += 1
                 consecutive += 1
                 n_bad += 1 - (window[0] if len(window) == self.bad_window else 0)
@@ -281,7 +303,7 @@ class ShardDataset(IterableDataset):
                 window_reasons.append(e.reason)
                 if len(window) == self.bad_window and n_bad > self.max_bad_fraction * self.bad_window:
                     reasons = Counter(r for r in window_reasons if r)
-                    raise RuntimeError(
+                    raise DataError(
                         f"{n_bad} of the last {self.bad_window} samples failed (more than data.max_bad_fraction="
                         f"{self.max_bad_fraction}); reasons {dict(reasons.most_common())}, last: {e}. "
                         "The shards look broken; fix them or raise data.max_bad_fraction."
@@ -290,7 +312,7 @@ class ShardDataset(IterableDataset):
                     log.warning("skipping %s", e)
                     warned += 1
                 if consecutive > self.max_consecutive_failures:
-                    raise RuntimeError(
+                    raise DataError(
                         f"{consecutive} bad samples in a row (last: {e}); counts so far {dict(skipped)}. "
                         "The shards look broken; fix them or raise data.max_consecutive_failures."
                     ) from None
