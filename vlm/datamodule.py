@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader
 from vlm.build import build_processor, build_template
 from vlm.data.collate import Collator
 from vlm.data.sample import SampleProcessor
-from vlm.data.webdataset import ShardDataset, expand_urls, seed_worker
+from vlm.data.webdataset import MAX_MEMBER_BYTES, MAX_SAMPLE_BYTES, ShardDataset, expand_urls, seed_worker
 from vlm.tokenizer import TextTokenizer
 
 
@@ -26,6 +26,8 @@ class VLMDataModule(L.LightningDataModule):
     synthetic: when set, synthvqa is generated under `synthetic.root` on first use.
     sources: a mixture (`data=mix`, `vlm.data.mixture`): `[{name, shards, weight, task, prompts?}]`;
         replaces `train_shards` for training.
+    max_member_bytes / max_sample_bytes: the largest tar member and the largest sample (all its
+        members) a shard may hold; larger ones are skipped from their tar headers, unread.
     packing: pack training samples into rows of `pack_length` tokens (null = the template's
         `max_length`) with `pack_method` (best_fit | greedy) over windows of `pack_window` samples
         (`vlm.data.packing`); `batch_size` then counts rows.
@@ -56,6 +58,8 @@ class VLMDataModule(L.LightningDataModule):
         sources: list[dict] | None = None,
         max_bad_fraction: float = 0.5,
         bad_window: int = 1000,
+        max_member_bytes: int = MAX_MEMBER_BYTES,
+        max_sample_bytes: int = MAX_SAMPLE_BYTES,
     ):
         super().__init__()
         self.cfg = dict(
@@ -63,7 +67,7 @@ class VLMDataModule(L.LightningDataModule):
             val_batch_size=val_batch_size, num_workers=num_workers, val_num_workers=val_num_workers,
             shuffle_buffer=shuffle_buffer, seed=seed, max_consecutive_failures=max_consecutive_failures,
             max_image_pixels=max_image_pixels, pin_memory=pin_memory, max_bad_fraction=max_bad_fraction,
-            bad_window=bad_window,
+            bad_window=bad_window, max_member_bytes=max_member_bytes, max_sample_bytes=max_sample_bytes,
         )
         self.processor_cfg, self.template_cfg = dict(processor), dict(template)
         self.sources = [dict(x) for x in sources] if sources else None
@@ -116,17 +120,18 @@ class VLMDataModule(L.LightningDataModule):
 
     def _loader(self, shards, train: bool) -> DataLoader:
         c = self.cfg
+        limits = {k: c[k] for k in ("max_member_bytes", "max_sample_bytes")}
         proc = SampleProcessor(self.image_processor, self.template, mode="train" if train else "eval", max_pixels=c["max_image_pixels"])
         if train and self.sources:
             from vlm.data.mixture import MixtureDataset
 
             ds = MixtureDataset(self.sources, proc, seed=c["seed"], shuffle_buffer=c["shuffle_buffer"],
                                 max_consecutive_failures=c["max_consecutive_failures"], packing=self.packing,
-                                max_bad_fraction=c["max_bad_fraction"], bad_window=c["bad_window"])
+                                max_bad_fraction=c["max_bad_fraction"], bad_window=c["bad_window"], **limits)
         else:
             ds = ShardDataset(shards, proc, train=train, shuffle_buffer=c["shuffle_buffer"], seed=c["seed"],
                               max_consecutive_failures=c["max_consecutive_failures"], packing=self.packing if train else None,
-                              max_bad_fraction=c["max_bad_fraction"], bad_window=c["bad_window"])
+                              max_bad_fraction=c["max_bad_fraction"], bad_window=c["bad_window"], **limits)
         workers = c["num_workers"] if train else min(c["val_num_workers"], len(ds.urls))
         return DataLoader(
             ds,

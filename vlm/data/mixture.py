@@ -96,7 +96,7 @@ class MixtureDataset(IterableDataset):
 
     def __init__(self, sources: list[dict], processor: SampleProcessor, seed: int = 0, shuffle_buffer: int = 1000,
                  max_consecutive_failures: int = 50, packing: dict | None = None, max_bad_fraction: float = 0.5,
-                 bad_window: int = 1000):
+                 bad_window: int = 1000, **limits):
         if not sources:
             raise ValueError("data.sources is empty")
         names = [str(s.get("name", "")) for s in sources]
@@ -117,7 +117,7 @@ class MixtureDataset(IterableDataset):
         for i, s in enumerate(sources):
             ds = ShardDataset(s["shards"], processor, train=True, shuffle_buffer=shuffle_buffer, seed=seed + 7919 * i,
                               max_consecutive_failures=max_consecutive_failures, max_bad_fraction=max_bad_fraction,
-                              bad_window=bad_window, task=make_task(s.get("task", "chat"), s.get("prompts"), seed))
+                              bad_window=bad_window, **limits, task=make_task(s.get("task", "chat"), s.get("prompts"), seed))
             if resume is not None:  # reseed every stream from the resume step (documented above)
                 ds.resume = {"state": None, "step": resume["step"]}
             self.datasets.append(ds)

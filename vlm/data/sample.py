@@ -364,7 +364,7 @@ class SampleProcessor:
             prompt = question_text(msgs)
             qtype = question_type(obj.get("meta"))
             # Only the media the prompt references are needed.
-            used = {c.get("media") for c in media_items(sample)}
+            used = {c.get("media") for c in media_items(sample) if isinstance(c.get("media"), int)}
             media = {i: b for i, b in media.items() if i in used}
             if sorted(media) != list(range(len(media))):
                 raise SampleError("bad_media_index", key, "the first turn references media out of order")

@@ -92,6 +92,7 @@ class ChatTemplate:
             raise TemplateError(f"message content must be a string or a list, got {type(content).__name__}")
         for item in content:
             kind = item.get("type") if isinstance(item, dict) else None
+            kind = kind if isinstance(kind, str) else None
             if kind == "text":
                 text = item.get("text")
                 if not isinstance(text, str):
@@ -133,7 +134,7 @@ class ChatTemplate:
             messages = [{"role": "system", "content": self.system_prompt}, *messages]
         for msg in messages:
             role = msg.get("role") if isinstance(msg, dict) else None
-            if role not in self._role_prefix:
+            if not isinstance(role, str) or role not in self._role_prefix:
                 raise TemplateError(f"unknown role {role!r}")
             prefix = self._role_prefix[role]
             ids += prefix
