@@ -56,7 +56,8 @@ def sample_processor(tok, cfg, T=2, mode="train"):
     proc = build_processor(dict(patch_size=4, merge_size=cfg["projector"].get("merge_size", 1), resolution="dynamic",
                                 image_size=32, min_pixels=64, max_pixels=48 * 48,
                                 video={"temporal_patch": T, "max_frames": 8, "max_video_tokens": 64}))
-    return SampleProcessor(proc, build_template(template_cfg(cfg), tok), mode=mode)
+    # eval mode here builds prompts to generate from (some without an answer), not scored samples
+    return SampleProcessor(proc, build_template(template_cfg(cfg), tok), mode=mode, require_reference=False)
 
 
 def mixed_sample(tok, sp, key="mix", prompt_only=False):

@@ -15,10 +15,8 @@ training config, so preprocessing at inference is the preprocessing the model wa
 from __future__ import annotations
 
 import json
-import math
 import sys
 import time
-from collections import Counter
 from pathlib import Path
 
 import torch
@@ -32,15 +30,13 @@ from vlm.data.sample import SampleProcessor, format_skips
 from vlm.data.video import probe_video
 from vlm.data.webdataset import ShardDataset
 from vlm.generate import generate
-from vlm.metrics import CharErrorRateByType, ExactMatchByType, normalize_answer
+from vlm.evaluate import Evaluator
 
 
-def _special(tok, template_cfg: dict | None = None) -> tuple[list[int], list[int]]:
+def _stop_ids(loaded: LoadedVLM) -> list[int]:
     from vlm.build import stop_ids
 
-    eos = stop_ids(tok, template_cfg)
-    suppress = [tok.pad_id, tok.im_start_id, tok.vision_start_id, tok.vision_end_id, tok.image_pad_id, tok.video_pad_id]
-    return eos, suppress
+    return stop_ids(loaded.tokenizer, loaded.config.get("template"))
 
 
 def prompt_batch(loaded: LoadedVLM, images: list[bytes], prompt: str, videos: list | None = None) -> dict:
@@ -58,7 +54,7 @@ def prompt_batch(loaded: LoadedVLM, images: list[bytes], prompt: str, videos: li
                 raw[f"{i}.{f}.png"] = b
         else:
             raw[f"{i}.mp4"] = v
-    sample = SampleProcessor(loaded.processor, loaded.template, mode="eval")(raw)
+    sample = SampleProcessor(loaded.processor, loaded.template, mode="eval", require_reference=False)(raw)
     return collate([sample], loaded.tokenizer.pad_id, padding_side="left")
 
 
@@ -96,7 +92,7 @@ def answer(loaded: LoadedVLM, image_paths: list[str], prompt: str, max_new_token
     videos = [read_video(p) for p in (video_paths or [])]
     batch = prompt_batch(loaded, images, prompt, videos)
     tok = loaded.tokenizer
-    eos, suppress = _special(tok, loaded.config.get("template"))
+    eos = _stop_ids(loaded)
     ids: list[int] = []
     printed = ""
 
@@ -112,7 +108,7 @@ def answer(loaded: LoadedVLM, image_paths: list[str], prompt: str, max_new_token
             printed = text
 
     gen = torch.Generator().manual_seed(seed)
-    generate(loaded.model, batch, max_new_tokens, eos, temperature, top_p, suppress, generator=gen, on_token=on_token,
+    generate(loaded.model, batch, max_new_tokens, eos, temperature, top_p, tok.structural_ids, generator=gen, on_token=on_token,
              prune=prune)
     if stream is not None:
         stream.write("\n")
@@ -121,63 +117,29 @@ def answer(loaded: LoadedVLM, image_paths: list[str], prompt: str, max_new_token
 
 def evaluate(loaded: LoadedVLM, shards, batch_size: int = 64, max_new_tokens: int = 32, num_workers: int = 1,
              out_path: str | None = None, max_samples: int | None = None, prune: dict | None = None) -> dict:
-    """Greedy answers on held-out shards; returns {'table': str, 'metrics': exact match per type (and
-    'mean', 'overall'), 'cer': character error rate per type, 'n': int,
-    'seconds': float, 'skipped': {...}, 'visual_tokens': mean visual tokens per sample the decoder saw}."""
+    """Greedy answers on held-out shards (`vlm.evaluate.Evaluator`, the loop validation uses);
+    returns {'table': str, 'metrics': exact match per type (and 'mean', 'overall'), 'cer': character
+    error rate per type, 'n': int, 'seconds': float, 'skipped': {...}, 'visual_tokens': mean visual
+    tokens per sample the decoder saw}."""
     proc = SampleProcessor(loaded.processor, loaded.template, mode="eval")
     ds = ShardDataset(shards, proc, train=False)
     loader = DataLoader(ds, batch_size=batch_size, num_workers=min(num_workers, len(ds.urls)),
                         collate_fn=Collator(loaded.tokenizer.pad_id, "left"))
-    qtypes = list(loaded.config.get("val_qtypes") or [])
-    metric = ExactMatchByType(qtypes + ["other"])
-    cer = CharErrorRateByType(qtypes + ["other"])
-    eos, suppress = _special(loaded.tokenizer, loaded.config.get("template"))
-    n, t0, skipped = 0, time.perf_counter(), Counter()
-    is_media = loaded.model.is_media
-    keep = float((prune or {}).get("keep_ratio", 1.0))
-    visual = 0
+    evaluator = Evaluator(loaded.tokenizer, loaded.config.get("val_qtypes"), _stop_ids(loaded), max_new_tokens, prune)
+    t0 = time.perf_counter()
     out = open(out_path, "w") if out_path else None
     try:
         for batch in loader:
-            skipped.update(batch["skipped"])
-            if batch.get("empty"):
-                continue
-            gen = generate(loaded.model, batch, max_new_tokens, eos, suppress_ids=suppress, prune=prune)
-            # tokens per media span after pruning: ceil(keep · n), at least one (vlm.prune)
-            spans = _span_lengths(is_media(batch["input_ids"]))
-            visual += sum(max(1, math.ceil(keep * s)) for s in spans) if keep < 1 else sum(spans)
-            preds = [loaded.tokenizer.decode(g) for g in gen]
-            metric.update(preds, batch["answers"], batch["qtypes"])
-            cer.update(preds, batch["answers"], batch["qtypes"])
-            if out:
-                for k, q, pr, a, p in zip(batch["keys"], batch["qtypes"], batch["prompts"], batch["answers"], preds):
-                    out.write(json.dumps({"key": k, "qtype": q, "question": pr, "answer": a, "prediction": p,
-                                          "correct": normalize_answer(p) == normalize_answer(a)}) + "\n")
-            n += len(preds)
-            if max_samples and n >= max_samples:
+            scored = evaluator.step(loaded.model, batch)
+            if scored is not None and out:
+                out.writelines(json.dumps(row) + "\n" for row in scored.rows())
+            if max_samples and evaluator.n >= max_samples:
                 break
     finally:
         if out:
             out.close()
-    res = {k: float(v) for k, v in metric.compute().items()}
-    cers = {k: float(v) for k, v in cer.compute().items()}
-    counts = {q: int(metric.total[i]) for i, q in enumerate(metric.qtypes)}
-    rows = ["| question type | n | exact match | character error rate |", "| --- | ---: | ---: | ---: |"]
-    for q in metric.qtypes:
-        if counts[q]:
-            c = f"{100 * cers[q]:.1f}%" if q in cers else "-"
-            rows.append(f"| {q} | {counts[q]} | {100 * res[q]:.1f}% | {c} |")
-    if res:
-        rows.append(f"| **mean over types** | {n} | {100 * res['mean']:.1f}% | |")
-    return {"table": "\n".join(rows), "metrics": res, "cer": cers, "n": n, "seconds": time.perf_counter() - t0, "skipped": dict(skipped),
-            "visual_tokens": visual / max(n, 1)}
-
-
-def _span_lengths(is_media: torch.Tensor) -> list[int]:
-    """`[B, L]` bool -> the length of every contiguous media span, row by row."""
-    from vlm.model.vlm import media_span_ids
-
-    return [n for row in media_span_ids(is_media) for n in torch.bincount(row)[1:].tolist()]
+    res = evaluator.compute()
+    return {"table": evaluator.table(res), **res, "seconds": time.perf_counter() - t0}
 
 
 def run(cfg: DictConfig) -> dict:

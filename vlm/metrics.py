@@ -1,7 +1,7 @@
 """Per-question-type answer metrics as torchmetrics Metrics (sums, so they reduce across ranks).
 
 - `ExactMatchByType`: whole answer right or wrong (the headline number).
-- `CharErrorRateByType`: character edits over reference characters. Exact match on a 12-20
+- `CharErrorRateByType`: character edits (torchmetrics' edit distance) over reference characters. Exact match on a 12-20
   character string stays at 0 until the whole string is right; the CER shows how far reading got.
 """
 
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 from torchmetrics import Metric
+from torchmetrics.functional.text import edit_distance as text_edit_distance
 
 
 def normalize_answer(text: str) -> str:
@@ -17,16 +18,14 @@ def normalize_answer(text: str) -> str:
 
 
 def edit_distance(a: str, b: str) -> int:
-    """Levenshtein distance (insertions, deletions, substitutions each cost 1); O(len(a)·len(b))."""
-    if len(a) < len(b):
-        a, b = b, a
-    prev = list(range(len(b) + 1))
-    for i, ca in enumerate(a, 1):
-        cur = [i]
-        for j, cb in enumerate(b, 1):
-            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
-        prev = cur
-    return prev[-1]
+    """Levenshtein distance in characters (insertions, deletions, substitutions each cost 1)."""
+    return int(_edit_distances([a], [b])[0])
+
+
+def _edit_distances(predictions: list[str], references: list[str]) -> list[int]:
+    if not predictions:
+        return []
+    return [int(x) for x in text_edit_distance(predictions, references, reduction="none")]
 
 
 class _SumsByType(Metric):
@@ -45,17 +44,18 @@ class _SumsByType(Metric):
         for name in (self.num, self.den):
             self.add_state(name, default=torch.zeros(len(qtypes)), dist_reduce_fx="sum")
 
-    def _score(self, prediction: str, reference: str) -> tuple[float, float]:
+    def _scores(self, predictions: list[str], references: list[str]) -> list[tuple[float, float]]:
+        """Each sample's share of `num` and `den`, from normalised answers."""
         raise NotImplementedError
 
     def update(self, predictions: list[str], references: list[str], qtypes: list[str | None]) -> None:
         num, den = getattr(self, self.num), getattr(self, self.den)
-        for p, r, q in zip(predictions, references, qtypes):
-            i = self.index.get(q, self.index.get("other"))
-            if i is not None:
-                a, b = self._score(normalize_answer(p), normalize_answer(r))
-                num[i] += a
-                den[i] += b
+        rows = [(self.index.get(q, self.index.get("other")), normalize_answer(p), normalize_answer(r))
+                for p, r, q in zip(predictions, references, qtypes)]
+        rows = [r for r in rows if r[0] is not None]
+        for (i, _, _), (a, b) in zip(rows, self._scores([p for _, p, _ in rows], [r for _, _, r in rows])):
+            num[i] += a
+            den[i] += b
 
     def _per_type(self) -> dict[str, torch.Tensor]:
         num, den = getattr(self, self.num), getattr(self, self.den)
@@ -67,8 +67,8 @@ class ExactMatchByType(_SumsByType):
 
     num, den = "correct", "total"
 
-    def _score(self, prediction: str, reference: str) -> tuple[float, float]:
-        return float(prediction == reference), 1.0
+    def _scores(self, predictions: list[str], references: list[str]) -> list[tuple[float, float]]:
+        return [(float(p == r), 1.0) for p, r in zip(predictions, references)]
 
     def compute(self) -> dict[str, torch.Tensor]:
         out = self._per_type()
@@ -84,8 +84,8 @@ class CharErrorRateByType(_SumsByType):
 
     num, den = "edits", "chars"
 
-    def _score(self, prediction: str, reference: str) -> tuple[float, float]:
-        return float(edit_distance(prediction, reference)), float(len(reference))
+    def _scores(self, predictions: list[str], references: list[str]) -> list[tuple[float, float]]:
+        return [(float(e), float(len(r))) for e, r in zip(_edit_distances(predictions, references), references)]
 
     def compute(self) -> dict[str, torch.Tensor]:
         return self._per_type()

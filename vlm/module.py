@@ -47,8 +47,8 @@ from vlm.data.webdataset import (
     clear_resume_state,
     set_resume_state,
 )
-from vlm.generate import generate
-from vlm.metrics import CharErrorRateByType, ExactMatchByType, normalize_answer
+from vlm.evaluate import Evaluator
+from vlm.metrics import normalize_answer
 from vlm.optim import COMPONENTS, param_groups
 from vlm.tokenizer import TextTokenizer
 
@@ -107,13 +107,10 @@ class VLMModule(L.LightningModule):
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.component_lr = dict(component_lr or {})
         self.val_max_new_tokens, self.log_examples = val_max_new_tokens, log_examples
-        self.val_em = ExactMatchByType(list(val_qtypes or []) + ["other"])
-        self.val_cer = CharErrorRateByType(list(val_qtypes or []) + ["other"])
         tok = self.tokenizer
         self.eos_ids = stop_ids(tok, template)
-        self.suppress_ids = [tok.pad_id, tok.im_start_id, tok.vision_start_id, tok.vision_end_id, tok.image_pad_id, tok.video_pad_id]
+        self.evaluator = Evaluator(tok, val_qtypes, self.eos_ids, val_max_new_tokens)
         self.skipped_total: Counter = Counter()
-        self.val_skipped: Counter = Counter()
         self.source_total: Counter = Counter()
         self._examples: list = []
         self.parallel_cfg = dict(parallel or {})
@@ -389,9 +386,8 @@ class VLMModule(L.LightningModule):
 
     # ---- validation: generate and score ------------------------------------------------------
     def on_validation_epoch_start(self) -> None:
-        self.val_em.reset()
-        self.val_cer.reset()
-        self.val_skipped = Counter()
+        self.evaluator.reset()
+        self.evaluator.to(self.device)
         self._examples = []
         self._val_model = None
         if self._parallelized:
@@ -409,15 +405,9 @@ class VLMModule(L.LightningModule):
             self._val_model = model.eval()
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self.val_skipped.update(batch.get("skipped") or {})
-        if batch.get("empty"):  # only skip counts (bad samples at the end of a shard split)
-            return
-        out = generate(getattr(self, "_val_model", None) or self.model, batch, self.val_max_new_tokens, self.eos_ids, suppress_ids=self.suppress_ids)
-        preds = [self.tokenizer.decode(o) for o in out]
-        self.val_em.update(preds, batch["answers"], batch["qtypes"])
-        self.val_cer.update(preds, batch["answers"], batch["qtypes"])
-        if len(self._examples) < self.log_examples:
-            self._collect_examples(batch, preds)
+        scored = self.evaluator.step(getattr(self, "_val_model", None) or self.model, batch)
+        if scored is not None and len(self._examples) < self.log_examples:
+            self._collect_examples(batch, scored.predictions)
 
     def _collect_examples(self, batch: dict, preds: list[str]) -> None:
         start = 0
@@ -440,17 +430,17 @@ class VLMModule(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         self._val_model = None
-        res = self.val_em.compute()
-        for k, v in res.items():
+        res = self.evaluator.compute()
+        for k, v in res["metrics"].items():
             name = "val/accuracy" if k == "mean" else f"val/acc_{k}"
             self.log(name, v, prog_bar=k == "mean", sync_dist=False)
-        for k, v in self.val_cer.compute().items():  # character error rate: partial reading shows here
+        for k, v in res["cer"].items():  # character error rate: partial reading shows here
             self.log(f"val/cer_{k}", v, sync_dist=False)
         self._log_example_table()
-        for reason, c in self.val_skipped.items():
+        for reason, c in res["skipped"].items():
             self.log(f"val/skipped_{reason}", float(c), sync_dist=False)
-        if self.val_skipped and not self.trainer.sanity_checking:
-            print(format_skips(self.val_skipped, "validation"))
+        if res["skipped"] and not self.trainer.sanity_checking:
+            print(format_skips(res["skipped"], "validation"))
 
     def on_train_end(self) -> None:
         # Whatever the logger (none at all included), the console gets the per-reason skip counts.

@@ -244,7 +244,8 @@ class SampleProcessor:
 
     mode="train": the whole conversation (or document) with labels. mode="eval": the conversation
     up to the first assistant turn plus the generation prompt; the reference answer and qtype are
-    kept.
+    kept, and a sample without a reference is refused (`no_reference`) unless
+    `require_reference=False` (a bare prompt to answer, as `infer.py` builds).
 
     image_processor: an `ImageProcessor`; a `MediaProcessor` (what `vlm.build.build_processor`
     returns) also brings its video processor and `temporal_patch`. video_processor: overrides it.
@@ -253,10 +254,12 @@ class SampleProcessor:
     """
 
     def __init__(self, image_processor: ImageProcessor, template: ChatTemplate, mode: str = "train",
-                 max_pixels: int = 50_000_000, video_processor: VideoProcessor | None = None):
+                 max_pixels: int = 50_000_000, video_processor: VideoProcessor | None = None,
+                 require_reference: bool = True):
         if mode not in ("train", "eval"):
             raise ValueError(f"mode must be 'train' or 'eval', got {mode!r}")
         self.image_processor, self.template, self.mode, self.max_pixels = image_processor, template, mode, max_pixels
+        self.require_reference = require_reference  # eval: a sample without an answer cannot be scored
         self._video = video_processor if video_processor is not None else getattr(image_processor, "video", None)
         if self._video is not None:
             for k in ("patch_size", "merge_size"):
@@ -358,7 +361,7 @@ class SampleProcessor:
             if "messages" not in obj:
                 raise SampleError("bad_json", key, "evaluation needs a 'messages' sample")
             msgs, answer = first_turn(obj["messages"])
-            if answer is None or not answer.strip():
+            if self.require_reference and (answer is None or not answer.strip()):
                 raise SampleError("no_reference", key, "no assistant turn with text to score the answer against")
             sample = {"messages": msgs}
             prompt = question_text(msgs)

@@ -7,8 +7,8 @@ A shard is untrusted input. Before any member's bytes are read, its tar header i
 - a member whose declared size is over ``max_member_bytes`` is skipped without reading it
   (``tar_member_too_large``). The size is the *declared* one, so a 14 KB GNU sparse member that
   expands to 2 GiB is refused from its header;
-- a sample whose members add up to more than ``max_sample_bytes`` is dropped
-  (``tar_sample_too_large``).
+- a sample whose members add up to more than ``max_sample_bytes``, or that has more than
+  ``MAX_MEMBERS`` members, is dropped (``tar_sample_too_large``).
 
 Members are grouped into samples as WebDataset does: ``dir/KEY.EXT`` belongs to sample
 ``dir/KEY`` (the name up to the first dot of the base name), the extension is lower-cased, and
@@ -33,6 +33,7 @@ log = logging.getLogger("vlm.data")
 
 # ``dir/KEY.EXT``: the key is everything up to the first dot of the base name.
 _KEY_EXT = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")
+MAX_MEMBERS = 4096  # members of one sample (a video as frames has one per frame)
 _META = re.compile(r"__[^/]*__($|/)")  # webdataset's metadata members (``__key__`` …): not media
 
 
@@ -94,9 +95,9 @@ def read_samples(url: str, errors: ShardErrors, max_member_bytes: int, max_sampl
                     current["__bad__"] = True
                     continue
                 size += member.size
-                if size > max_sample_bytes:
+                if size > max_sample_bytes or len(current) > MAX_MEMBERS:
                     errors.add("tar_sample_too_large", url,
-                               f"sample {key!r} is over data.max_sample_bytes={max_sample_bytes}")
+                               f"sample {key!r} is over data.max_sample_bytes={max_sample_bytes} or {MAX_MEMBERS} members")
                     current["__bad__"] = True
                     continue
                 if ext in current:
