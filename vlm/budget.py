@@ -115,9 +115,9 @@ def _load_config(path: str) -> dict:
         raise ValueError(f"config {path!r}: no such file (an export folder, config.yaml, or a JSON/YAML file)")
     if p.suffix == ".json":
         return json.loads(p.read_text())
-    from omegaconf import OmegaConf
+    from vlm.checkpoint import read_config_file  # a checkpoint's config: capped, no aliases, no interpolation
 
-    return OmegaConf.to_container(OmegaConf.load(p), resolve=True)  # type: ignore[return-value]
+    return read_config_file(p)
 
 
 def build_processors(opts: dict[str, Any]) -> tuple[ImageProcessor, VideoProcessor, int, bool]:

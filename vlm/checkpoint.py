@@ -6,27 +6,67 @@ Export folder (what `infer.py` and other engines read):
     model.safetensors   the VLM's weights (no pickle)
     tokenizer.json      the tokenizer
 
-A `.ckpt` is read with `torch.load(weights_only=True)`: tensors and plain containers only.
+A checkpoint is untrusted input. Loading one runs no code it names and reads nothing it points at:
+
+* config.yaml and tokenizer.json are read only when they are regular files (a FIFO, a device or a
+  directory is refused without blocking) of at most 64 MiB; the YAML must be UTF-8, may not use
+  aliases and is not interpolated (`${…}` stays text); it must be a mapping with `model`,
+  `processor` and `template` mappings.
+* The model is built through `vlm.build`'s registry of native classes with every argument checked
+  (`trusted=False`): no other `_target_`, no Hydra special keys, no pretrained folders, the chat
+  template only as text (rendered in Jinja's sandbox).
+* The weights are checked before any of them is read: the safetensors header (its length, JSON,
+  dtypes, shapes and offsets against the file's size), then every tensor name and shape against
+  the model the config describes, built first on the meta device (`weight_mismatch`, the one
+  key + shape check). Only then is the model built for real and the weights loaded.
+* A `.ckpt` is read with `torch.load(weights_only=True)` (tensors and plain containers only: a
+  pickled object is refused, never run) after checking it is a regular file and an uncompressed
+  torch zip whose members fit in the file; its `hyper_parameters` go through the same checks.
+
+Every refusal is a `CheckpointError` whose one-line message names the file (and the config key).
 """
 
 from __future__ import annotations
 
+import io
+import json
 import logging
+import os
+import pickle
+import re
+import stat
+import struct
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
+import yaml
 from omegaconf import OmegaConf
 from safetensors.torch import load_model, save_model
 
-from vlm.build import build_model, build_processor, build_template, check_processor_fits, check_template_fits
+from vlm.build import (
+    build_model,
+    build_processor,
+    build_template,
+    check_config_keys,
+    check_model_config,
+    check_processor_fits,
+    check_template_fits,
+    stop_ids,
+)
 from vlm.data.sample import MediaProcessor
 from vlm.data.template import ChatTemplate
 from vlm.model.vlm import VLM
 from vlm.tokenizer import TextTokenizer
 
 FORMAT_VERSION = 1
+MAX_CONFIG_BYTES = 64 << 20  # config.yaml
+MAX_TOKENIZER_BYTES = 64 << 20  # tokenizer.json (a 150k-token BPE is ~10 MiB)
+MAX_SAFETENSORS_HEADER = 100 << 20  # the safetensors library's own limit
+MAX_EXTRA_BUFFER_ELEMENTS = 1 << 26  # non-persistent buffers (rotary tables): not in the file
 log = logging.getLogger("vlm.checkpoint")
 
 
@@ -56,62 +96,489 @@ def export_folder(model: VLM, tokenizer: TextTokenizer, config: dict, out_dir: s
     return out
 
 
-def _build(config: dict, tokenizer: TextTokenizer) -> LoadedVLM:
-    model = build_model(config["model"], tokenizer)
-    processor = build_processor(config["processor"])
-    template = build_template(config["template"], tokenizer)
+# ---- reading files that may be hostile -------------------------------------------------------------
+def one_line(e: BaseException | str, limit: int = 300) -> str:
+    """An exception's message on one line (YAML and tokenizer errors span several), shortened."""
+    text = " ".join(str(e).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _kind(mode: int) -> str:
+    for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a named pipe"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def check_regular_file(path: str | Path, what: str) -> os.stat_result:
+    """`os.stat` of `path` (links followed), refusing anything but a regular file."""
     try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: {what} is missing") from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read {what} ({e.strerror})") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise CheckpointError(f"{path} is {_kind(st.st_mode)}, not a regular file")
+    return st
+
+
+def read_capped(path: str | Path, limit: int, what: str) -> bytes:
+    """The bytes of a regular file of at most `limit` bytes. Opened non-blocking and checked with
+    fstat before any read, so a named pipe, a device (/dev/zero) or a directory is refused at once."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: {what} is missing") from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read {what} ({e.strerror})") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise CheckpointError(f"{path} is {_kind(st.st_mode)}, not a regular file")
+        if st.st_size > limit:
+            raise CheckpointError(f"{path} is {st.st_size} bytes, more than the {limit >> 20} MiB allowed for {what}")
+        chunks, n = [], 0
+        while n <= limit:
+            b = os.read(fd, min(1 << 20, limit + 1 - n))
+            if not b:
+                break
+            chunks.append(b)
+            n += len(b)
+        if n > limit:
+            raise CheckpointError(f"{path} is more than the {limit >> 20} MiB allowed for {what}")
+        return b"".join(chunks)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read {what} ({e.strerror})") from None
+    finally:
+        os.close(fd)
+
+
+def _yaml_loader():
+    try:  # OmegaConf's scalar rules (e.g. `1e-6` is a float), as `OmegaConf.load` read it before
+        from omegaconf._utils import get_yaml_loader
+
+        base = get_yaml_loader()
+    except ImportError:  # pragma: no cover
+        base = yaml.SafeLoader
+
+    class NoAliasLoader(base):  # type: ignore[valid-type, misc]
+        """Safe YAML without aliases: `*ref` would let a few bytes expand exponentially."""
+
+        def compose_node(self, parent, index):
+            if self.check_event(yaml.events.AliasEvent):
+                raise yaml.composer.ComposerError(None, None, "YAML aliases (*name) are not accepted",
+                                                  self.peek_event().start_mark)
+            return super().compose_node(parent, index)
+
+    return NoAliasLoader
+
+
+_NO_ALIAS_LOADER = _yaml_loader()
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    mark = getattr(e, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return one_line(getattr(e, "problem", None) or e, 160) + where
+
+
+def read_config_file(path: str | Path) -> dict:
+    """A checkpoint's config.yaml as a plain dict (no interpolation), or one-line CheckpointError."""
+    data = read_capped(path, MAX_CONFIG_BYTES, "config.yaml")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{path} is not UTF-8 text (byte {e.start})") from None
+    try:
+        config = yaml.load(text, Loader=_NO_ALIAS_LOADER)  # noqa: S506 (a safe loader)
+    except yaml.YAMLError as e:
+        raise CheckpointError(f"{path} is not valid YAML ({_yaml_problem(e)})") from None
+    except RecursionError:
+        raise CheckpointError(f"{path} is nested too deeply") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path} is not a YAML mapping (got {type(config).__name__})")
+    return config
+
+
+def tokenizer_from_text(text: Any, where: str) -> TextTokenizer:
+    if not isinstance(text, str):
+        raise CheckpointError(f"{where}: the tokenizer is not JSON text (got {type(text).__name__})")
+    if len(text) > MAX_TOKENIZER_BYTES:
+        raise CheckpointError(f"{where}: the tokenizer is more than the {MAX_TOKENIZER_BYTES >> 20} MiB allowed")
+    try:
+        return TextTokenizer.from_str(text)
+    except Exception as e:  # tokenizers raises a bare Exception for any parse error
+        raise CheckpointError(f"{where}: not a tokenizer ({one_line(e, 200)})") from None
+
+
+def read_tokenizer_file(path: str | Path) -> TextTokenizer:
+    data = read_capped(path, MAX_TOKENIZER_BYTES, "tokenizer.json")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{path} is not UTF-8 text (byte {e.start})") from None
+    return tokenizer_from_text(text, str(path))
+
+
+# safetensors dtype -> bytes per element (the format's table)
+_ST_DTYPES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+              "F8_E4M3": 1, "F8_E4M3FNUZ": 1, "F8_E5M2": 1, "F8_E5M2FNUZ": 1, "C64": 8, "U64": 8, "U32": 4, "U16": 2}
+_ST_FLOAT = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E4M3FNUZ", "F8_E5M2", "F8_E5M2FNUZ"}
+
+
+def read_safetensors_header(path: str | Path) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """{tensor name: (dtype, shape)} from a safetensors file's header, read and checked without
+    reading or allocating any tensor: the 8-byte header length against the file size, the JSON,
+    each dtype, shape and byte range (inside the file, the size the shape and dtype need, no two
+    overlapping). One-line CheckpointError naming the file otherwise."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: model.safetensors is missing") from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read the weights ({e.strerror})") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise CheckpointError(f"{path} is {_kind(st.st_mode)}, not a regular file")
+        size = st.st_size
+        if size < 8:
+            raise CheckpointError(f"{path}: not a safetensors file ({size} bytes, shorter than its 8-byte header length)")
+        (n,) = struct.unpack("<Q", os.pread(fd, 8, 0))
+        if n > MAX_SAFETENSORS_HEADER or n > size - 8:
+            raise CheckpointError(f"{path}: not a safetensors file (its header claims {n} bytes; the file has {size})")
+        raw = os.pread(fd, n, 8)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read the weights ({e.strerror})") from None
+    finally:
+        os.close(fd)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise CheckpointError(f"{path}: not a safetensors file (its header is not JSON)") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: not a safetensors file (its header is not a JSON object)")
+    data_len = size - 8 - n
+    out, ranges = {}, []
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        ok = (isinstance(info, dict) and info.get("dtype") in _ST_DTYPES and isinstance(info.get("shape"), list)
+              and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in info["shape"])
+              and isinstance(info.get("data_offsets"), list) and len(info["data_offsets"]) == 2
+              and all(isinstance(o, int) and not isinstance(o, bool) for o in info["data_offsets"]))
+        if not ok:
+            raise CheckpointError(f"{path}: tensor {name!r} has a malformed header entry")
+        begin, end = info["data_offsets"]
+        numel = 1
+        for d in info["shape"]:
+            numel *= d
+        if not 0 <= begin <= end <= data_len:
+            raise CheckpointError(f"{path}: tensor {name!r} lies outside the file (bytes {begin}..{end} of {data_len}): "
+                                  "truncated or damaged")
+        if end - begin != numel * _ST_DTYPES[info["dtype"]]:
+            raise CheckpointError(f"{path}: tensor {name!r} {info['dtype']}{info['shape']} needs "
+                                  f"{numel * _ST_DTYPES[info['dtype']]} bytes but its range holds {end - begin}")
+        ranges.append((begin, end, name))
+        out[name] = (info["dtype"], tuple(info["shape"]))
+    ranges.sort()
+    for (_, e0, a), (b1, _, b) in zip(ranges, ranges[1:]):
+        if b1 < e0:
+            raise CheckpointError(f"{path}: tensors {a!r} and {b!r} overlap")
+    return out
+
+
+def read_torch_file(path: str | Path, map_location: str = "cpu", mmap: bool = False) -> Any:
+    """`torch.load(weights_only=True)` of a regular file that is an uncompressed torch zip whose
+    members fit in the file (no zip bomb); tensors and plain containers only, a pickled object is
+    refused. One-line CheckpointError naming the file otherwise."""
+    p = Path(path)
+    st = check_regular_file(p, "the checkpoint")
+    why = None
+    try:
+        with zipfile.ZipFile(p) as zf:
+            infos = zf.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, struct.error):
+        why = "not a torch zip file" if st.st_size else "an empty file"
+        infos = []
+    total = 0
+    for info in infos:
+        total += info.file_size
+        if info.compress_type != zipfile.ZIP_STORED:
+            why = f"member {info.filename!r} is compressed (torch writes them stored)"
+        elif total > st.st_size:
+            why = "its members claim more bytes than the file holds"
+        if why:
+            break
+    if why is None and not any(i.filename.endswith("data.pkl") for i in infos):
+        why = "no data.pkl: not a torch file"
+    if why:
+        raise CheckpointError(f"{p} is not a loadable checkpoint ({why})")
+    try:
+        return torch.load(p, map_location=map_location, weights_only=True, mmap=mmap)
+    except Exception as e:  # not a torch file, or it holds pickled objects we refuse to run
+        msg = str(e)
+        refused = re.search(r"Unsupported (global: GLOBAL \S+|operand \S+)", msg)
+        if refused:
+            raise CheckpointError(f"{p} is not a loadable checkpoint (it holds pickled objects, refused: "
+                                  f"{one_line(refused.group(0), 200)})") from None
+        raise CheckpointError(f"{p} is not a loadable checkpoint ({type(e).__name__}: "
+                              f"{one_line(msg.splitlines()[0] if msg else '', 200)})") from None
+
+
+# ---- the one key + shape check ---------------------------------------------------------------------
+def _few(xs: list[str], n: int = 6) -> str:
+    return ", ".join(xs[:n]) + (f" … (+{len(xs) - n})" if len(xs) > n else "")
+
+
+def expected_weights(model: torch.nn.Module) -> tuple[dict[str, tuple[int, ...]], list[set[str]]]:
+    """(state_dict name -> shape, groups of names that are one tensor: the tied embedding and LM
+    head). Works on a model built on the meta device: nothing is allocated."""
+    sd = model.state_dict(keep_vars=True)
+    groups: dict[int, set[str]] = {}
+    for k, v in sd.items():
+        groups.setdefault(id(v), set()).add(k)
+    return {k: tuple(v.shape) for k, v in sd.items()}, [g for g in groups.values() if len(g) > 1]
+
+
+def weight_mismatch(expected: dict[str, tuple[int, ...]], found: dict[str, tuple[int, ...]],
+                    tied: list[set[str]] = (), rows: set[str] = frozenset()) -> str | None:
+    """Why the tensors `found` (name -> shape) do not fit the model's `expected` ones, or None.
+    A name of a `tied` group may be absent when another of the group is there (a safetensors file
+    holds a shared tensor once); the names in `rows` (tensors indexed by token id) may differ in
+    their first dimension only."""
+    present = set(found)
+    optional = {k for g in tied if g & present for k in g}
+    missing = sorted(k for k in expected if k not in present and k not in optional)
+    unexpected = sorted(k for k in found if k not in expected)
+    shapes = sorted(f"{k} {tuple(found[k])} vs {tuple(expected[k])}" for k in present & set(expected)
+                    if tuple(found[k]) != tuple(expected[k])
+                    and not (k in rows and tuple(found[k])[1:] == tuple(expected[k])[1:]))
+    parts = [f"missing {_few(missing)}" if missing else "", f"unexpected {_few(unexpected)}" if unexpected else "",
+             f"shape mismatch {_few(shapes)}" if shapes else ""]
+    return "; ".join(p for p in parts if p) or None
+
+
+def check_weights(model: torch.nn.Module, found: dict[str, tuple[int, ...]], where: str) -> None:
+    """CheckpointError naming `where` unless `found` (name -> shape) fits `model` exactly."""
+    expected, tied = expected_weights(model)
+    problem = weight_mismatch(expected, found, tied)
+    if problem:
+        raise CheckpointError(f"{where}: weights do not fit the config ({problem})")
+
+
+# ---- building from an untrusted config -------------------------------------------------------------
+def _build_error(where: str, e: Exception) -> CheckpointError:
+    """Whatever building from an untrusted config raised, as one line naming the config."""
+    if isinstance(e, CheckpointError):
+        return e
+    kind = "" if isinstance(e, ValueError) else f"{type(e).__name__}: "
+    return CheckpointError(f"{where}: {kind}{one_line(e)}")
+
+
+def check_checkpoint_config(config: Any, where: str) -> None:
+    """The shape every checkpoint config has: a mapping with `model`, `processor` and `template`
+    mappings (and `val_qtypes`, a list of strings, or nothing), no Hydra special keys anywhere,
+    `_target_` only on the model's components and there only a registered native class
+    (`vlm.build.check_model_config`). Nothing is built or called."""
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{where}: not a mapping (got {type(config).__name__})")
+    for key in ("model", "processor", "template"):
+        if key not in config:
+            raise CheckpointError(f"{where}: `{key}` is missing")
+        if not isinstance(config[key], dict):
+            raise CheckpointError(f"{where}: {key} is not a mapping (got {type(config[key]).__name__})")
+    q = config.get("val_qtypes")
+    if q is not None and not (isinstance(q, list) and all(isinstance(x, str) for x in q)):
+        raise CheckpointError(f"{where}: val_qtypes is not a list of strings")
+    try:
+        check_model_config(config["model"], trusted=False)  # the registry, before anything else is read
+        for key in ("processor", "template"):
+            check_config_keys(config[key], key)
+    except ValueError as e:
+        raise CheckpointError(f"{where}: {one_line(e)}") from None
+
+
+def build_checked(config: dict, tokenizer: TextTokenizer, where: str, weights: dict[str, tuple[int, ...]],
+                  weights_where: str) -> LoadedVLM:
+    """Model (fresh weights), processor and template from an untrusted checkpoint config, after
+    checking the config (`where` names it in errors) and that the stored tensors `weights` (name
+    -> shape, from `weights_where`) fit the model it describes, on a meta-device copy first."""
+    check_checkpoint_config(config, where)
+    try:
+        processor = build_processor(config["processor"], trusted=False)
+        template = build_template(config["template"], tokenizer, trusted=False)
+        stop_ids(tokenizer, config["template"])  # the stop tokens are the tokenizer's
+        with torch.device("meta"):
+            skeleton = build_model(config["model"], tokenizer, trusted=False)
+    except Exception as e:  # noqa: BLE001 (a hostile config may make any constructor fail)
+        raise _build_error(where, e) from None
+    check_weights(skeleton, weights, weights_where)
+    stored = set(skeleton.state_dict())
+    extra = sum(b.numel() for n, b in skeleton.named_buffers() if n not in stored)
+    if extra > MAX_EXTRA_BUFFER_ELEMENTS:
+        raise CheckpointError(f"{where}: the model's tables would take {extra} elements beyond its weights")
+    try:
+        model = build_model(config["model"], tokenizer, trusted=False)
         check_processor_fits(model, processor)
         check_template_fits(model, template)
-    except ValueError as e:
-        raise CheckpointError(f"checkpoint config: {e}") from None
+    except Exception as e:  # noqa: BLE001
+        raise _build_error(where, e) from None
     return LoadedVLM(model, tokenizer, processor, template, config)
+
+
+def read_lightning_checkpoint(path: str | Path, map_location: str = "cpu") -> tuple[dict, dict, TextTokenizer, dict]:
+    """(model state dict with the `model.` prefix removed, config {model, processor, template,
+    val_qtypes}, tokenizer, hyper_parameters) of a `.ckpt`, every part checked (one-line CheckpointError)."""
+    p = Path(path)
+    ckpt = read_torch_file(p, map_location)
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "hyper_parameters" not in ckpt:
+        raise CheckpointError(f"{p} is not a vlm Lightning checkpoint (no state_dict / hyper_parameters)")
+    hp, sd = ckpt["hyper_parameters"], ckpt["state_dict"]
+    config, tokenizer = checkpoint_hparams(hp, p)
+    if not isinstance(sd, dict):
+        raise CheckpointError(f"{p}: state_dict is not a mapping (got {type(sd).__name__})")
+    state = {}
+    for k, v in sd.items():
+        if not isinstance(k, str):
+            raise CheckpointError(f"{p}: state_dict key {one_line(repr(k), 80)} is not a string")
+        if not k.startswith("model."):
+            continue
+        if not isinstance(v, torch.Tensor) or v.layout != torch.strided or v.is_meta:
+            raise CheckpointError(f"{p}: state_dict[{k!r}] is not a dense tensor")
+        state[k.removeprefix("model.")] = v
+    return state, config, tokenizer, hp
+
+
+def checkpoint_hparams(hp: Any, p: Path) -> tuple[dict, TextTokenizer]:
+    """(config, tokenizer) from a training checkpoint's `hyper_parameters`, checked."""
+    if not isinstance(hp, dict):
+        raise CheckpointError(f"{p}: hyper_parameters is not a mapping (got {type(hp).__name__})")
+    for key in ("model", "processor", "template", "tokenizer_json"):
+        if key not in hp:
+            raise CheckpointError(f"{p} is not a vlm training checkpoint (hyper_parameters.{key} is missing)")
+    config = {k: hp[k] for k in ("model", "processor", "template")}
+    config["val_qtypes"] = hp.get("val_qtypes")
+    check_checkpoint_config(config, f"checkpoint config {p} (hyper_parameters)")
+    tokenizer = tokenizer_from_text(hp["tokenizer_json"], f"{p} (hyper_parameters.tokenizer_json)")
+    return config, tokenizer
 
 
 def load_checkpoint(path: str | Path, map_location: str = "cpu") -> LoadedVLM:
     """Rebuild model, tokenizer, media processor (image + video) and template from a checkpoint alone.
 
-    `path` is an export folder (with config.yaml) or a Lightning `.ckpt` file.
-    """
+    `path` is an export folder (with config.yaml) or a Lightning `.ckpt` file; either is checked
+    before anything is built or any weight read (module docstring)."""
     p = Path(path)
     if not p.exists():
         raise CheckpointError(f"checkpoint not found: {p}")
     if p.is_dir():
         cfg_file, weights, tok_file = p / "config.yaml", p / "model.safetensors", p / "tokenizer.json"
         for f in (cfg_file, weights, tok_file):
-            if not f.is_file():
+            if not f.exists() and not f.is_symlink():
                 raise CheckpointError(f"{p} is not an export folder: {f.name} is missing")
-        config = OmegaConf.to_container(OmegaConf.load(cfg_file), resolve=True)
+        config = read_config_file(cfg_file)
         if config.get("format_version") != FORMAT_VERSION:
-            raise CheckpointError(f"{cfg_file}: format_version {config.get('format_version')} (expected {FORMAT_VERSION})")
-        tokenizer = TextTokenizer.from_file(tok_file)
-        loaded = _build(config, tokenizer)
-        missing, unexpected = load_model(loaded.model, str(weights), strict=False, device=map_location)
-        _check_keys(missing, unexpected, p)
-    else:
+            raise CheckpointError(f"{cfg_file}: format_version {one_line(repr(config.get('format_version')), 60)} "
+                                  f"(expected {FORMAT_VERSION})")
+        where = f"checkpoint config {cfg_file}"
+        check_checkpoint_config(config, where)  # refuses a hostile config before the other files are read
+        tokenizer = read_tokenizer_file(tok_file)
+        header = read_safetensors_header(weights)
+        loaded = build_checked(config, tokenizer, where,
+                               {k: shape for k, (_, shape) in header.items()}, str(weights))
         try:
-            ckpt = torch.load(p, map_location=map_location, weights_only=True)
-        except Exception as e:  # not a torch file, or it holds pickled objects we refuse to run
-            raise CheckpointError(f"{p} is not a loadable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
-        if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "hyper_parameters" not in ckpt:
-            raise CheckpointError(f"{p} is not a vlm Lightning checkpoint (no state_dict / hyper_parameters)")
-        hp = ckpt["hyper_parameters"]
-        tokenizer = TextTokenizer.from_str(hp["tokenizer_json"])
-        config = {k: hp[k] for k in ("model", "processor", "template")}
-        config["val_qtypes"] = hp.get("val_qtypes")
-        loaded = _build(config, tokenizer)
-        state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
-        missing, unexpected = loaded.model.load_state_dict(state, strict=False)
-        _check_keys(missing, unexpected, p)
+            load_model(loaded.model, str(weights), strict=False, device=map_location)
+        except Exception as e:  # the file changed under us, or the library refuses what we checked
+            raise CheckpointError(f"{weights}: cannot load the weights ({one_line(e, 200)})") from None
+    else:
+        state, config, tokenizer, _ = read_lightning_checkpoint(p, map_location)
+        loaded = build_checked(config, tokenizer, f"checkpoint config {p} (hyper_parameters)",
+                               {k: tuple(v.shape) for k, v in state.items()}, str(p))
+        loaded.model.load_state_dict(state, strict=False)  # every key checked above
     loaded.model.eval()
     return loaded
 
 
-def _check_keys(missing, unexpected, path) -> None:
-    # The tied LM head is saved once; it is not missing when it shares the embedding.
-    missing = [k for k in missing if k != "decoder.lm_head.weight"]
-    if missing or unexpected:
-        raise CheckpointError(f"{path}: weights do not fit the config (missing {missing[:5]}, unexpected {list(unexpected)[:5]})")
+# ---- sharded (DCP) checkpoints: their metadata is a pickle ---------------------------------------
+_DCP_GLOBALS = {
+    ("torch.distributed.checkpoint.metadata", n) for n in (
+        "Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata", "TensorProperties",
+        "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING")
+} | {("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
+     ("torch.serialization", "_get_layout"),  # a lookup in torch's layouts; returns nothing callable
+     ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PureWindowsPath"),
+     ("collections", "OrderedDict")}
+
+
+class _DCPMetadataUnpickler(pickle.Unpickler):
+    """The classes a torch.distributed.checkpoint `.metadata` file holds, and nothing else: no
+    global that could run code is ever looked up (plain `pickle.load` runs any)."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in _DCP_GLOBALS:
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.memory_format, torch.layout)):
+            return getattr(torch, name)
+        raise pickle.UnpicklingError(f"refused global {module}.{name}")
+
+    def persistent_load(self, pid):
+        raise pickle.UnpicklingError("refused persistent id")
+
+
+def read_dcp_metadata(path: str | Path):
+    """The `.metadata` of a sharded (DCP) checkpoint directory, unpickled with only DCP's own
+    classes allowed and checked (entries, file names inside the directory, no transforms)."""
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, MetadataIndex, TensorStorageMetadata
+
+    p = Path(path)
+    f = p / ".metadata"
+    data = read_capped(f, MAX_CONFIG_BYTES, "the sharded checkpoint's .metadata")
+    try:
+        md = _DCPMetadataUnpickler(io.BytesIO(data)).load()
+    except Exception as e:
+        raise CheckpointError(f"{f}: not a sharded checkpoint's metadata ({one_line(e, 200)})") from None
+    ok = isinstance(md, Metadata) and isinstance(md.state_dict_metadata, dict) and all(
+        isinstance(k, str) and isinstance(v, (TensorStorageMetadata, BytesStorageMetadata))
+        for k, v in md.state_dict_metadata.items())
+    storage = getattr(md, "storage_data", None)
+    if ok and storage is not None:
+        ok = isinstance(storage, dict) and all(
+            isinstance(k, MetadataIndex) and isinstance(getattr(v, "relative_path", None), str)
+            and Path(v.relative_path).name == v.relative_path and v.relative_path not in ("", ".", "..")
+            and isinstance(v.offset, int) and isinstance(v.length, int) and v.offset >= 0 and v.length >= 0
+            and not getattr(v, "transform_descriptors", None)
+            for k, v in storage.items())
+    if not ok:
+        raise CheckpointError(f"{f}: not a sharded checkpoint's metadata (unexpected entries)")
+    return md
+
+
+def _dcp_reader_class():
+    import torch.distributed.checkpoint as dcp
+
+    class SafeFileSystemReader(dcp.FileSystemReader):
+        """`FileSystemReader` whose metadata is read by `read_dcp_metadata` (restricted unpickling)."""
+
+        def read_metadata(self, *args, **kwargs):
+            if kwargs.get("rank") is not None:
+                raise CheckpointError(f"{self.path}: per-rank metadata is not supported")
+            md = read_dcp_metadata(self.path)
+            from torch.distributed.checkpoint.metadata import StorageMeta
+
+            if getattr(md, "storage_meta", None) is None:
+                md.storage_meta = StorageMeta()
+            md.storage_meta.load_id = self.load_id
+            return md
+
+    return SafeFileSystemReader
+
+
+def safe_dcp_reader(path: str | Path):
+    """A DCP storage reader for `path` that never unpickles anything but DCP's metadata classes."""
+    return _dcp_reader_class()(str(path))
 
 
 class ExportCallback(L.Callback):

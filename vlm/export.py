@@ -9,7 +9,10 @@ is that family's (e.g. trained from `model=qwen2vl` or `model=llava`).
 of ranks that wrote them, and consolidated into `config.yaml` + `model.safetensors` +
 `tokenizer.json` (`vlm.checkpoint.export_folder`), which `infer.py` loads.
 
-Only tensors and plain containers are read (`weights_only=True`).
+Only tensors and plain containers are read (`weights_only=True`); the checkpoint's config builds
+only registered native classes and its tensors are checked against them before they are read
+(see `vlm.checkpoint`). A sharded checkpoint's `.metadata` pickle is read by a restricted
+unpickler that admits only torch.distributed.checkpoint's own metadata classes.
 """
 
 from __future__ import annotations
@@ -18,9 +21,17 @@ import logging
 import sys
 from pathlib import Path
 
-import torch
-
-from vlm.checkpoint import CheckpointError, ExportCallback, export_folder
+from vlm.checkpoint import (
+    CheckpointError,
+    ExportCallback,
+    build_checked,
+    checkpoint_hparams,
+    export_folder,
+    one_line,
+    read_lightning_checkpoint,
+    read_torch_file,
+    safe_dcp_reader,
+)
 
 log = logging.getLogger("vlm.export")
 META = "meta.pt"  # Lightning's metadata file inside a sharded checkpoint
@@ -32,44 +43,50 @@ def is_sharded_checkpoint(path: str | Path) -> bool:
 
 
 def load_training_checkpoint(path: str | Path):
-    """(VLM with the checkpoint's weights, tokenizer, hparams) from a sharded dir or a `.ckpt`."""
-    from vlm.build import build_model
-    from vlm.tokenizer import TextTokenizer
+    """(VLM with the checkpoint's weights, tokenizer, hparams) from a sharded dir or a `.ckpt`.
 
+    Both are untrusted: the config goes through `vlm.checkpoint.build_checked` (registered native
+    classes only, every argument checked, the stored tensors' names and shapes against the model
+    before anything is read), a `.ckpt` and `meta.pt` through `torch.load(weights_only=True)`, and a
+    sharded checkpoint's pickled `.metadata` through a restricted unpickler (`safe_dcp_reader`)."""
     p = Path(path)
     if not p.exists():
         raise CheckpointError(f"checkpoint not found: {p}")
     sharded = is_sharded_checkpoint(p)
     if not sharded and p.is_dir():
         raise CheckpointError(f"{p} is a directory but not a sharded checkpoint (no {META})")
-    try:
-        meta = torch.load(p / META if sharded else p, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise CheckpointError(f"{p} is not a loadable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
-    hp = meta.get("hyper_parameters") if isinstance(meta, dict) else None
-    if not hp or "tokenizer_json" not in hp:
-        raise CheckpointError(f"{p} is not a vlm training checkpoint (no hyper_parameters)")
-    tokenizer = TextTokenizer.from_str(hp["tokenizer_json"])
-    model = build_model(hp["model"], tokenizer)
-    target = model.state_dict()
     if sharded:
         import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-        reader = dcp.FileSystemReader(str(p))
+        meta = read_torch_file(p / META)
+        hp = meta.get("hyper_parameters") if isinstance(meta, dict) else None
+        if hp is None:
+            raise CheckpointError(f"{p} is not a vlm training checkpoint (no hyper_parameters in {META})")
+        config, tokenizer = checkpoint_hparams(hp, p / META)
+        reader = safe_dcp_reader(p)
         stored = reader.read_metadata().state_dict_metadata
-        want = {k: v for k, v in target.items() if f"state_dict.model.{k}" in stored}
-        missing = sorted(set(target) - set(want) - {"decoder.lm_head.weight"})
-        if missing:
-            raise CheckpointError(f"{p}: weights do not fit the config (missing {missing[:5]})")
+        prefix = "state_dict.model."
+        found = {k.removeprefix(prefix): tuple(v.size) for k, v in stored.items()
+                 if k.startswith(prefix) and isinstance(v, TensorStorageMetadata)}
+        loaded = build_checked(config, tokenizer, f"checkpoint config {p / META} (hyper_parameters)", found, str(p))
+        model = loaded.model
+        target = model.state_dict()
+        want = {k: v for k, v in target.items() if k in found}
         state = {"state_dict": {f"model.{k}": v for k, v in want.items()}}
-        dcp.load(state, storage_reader=reader, no_dist=True)
+        try:
+            dcp.load(state, storage_reader=reader, no_dist=True)
+        except CheckpointError:
+            raise
+        except Exception as e:  # a damaged shard
+            raise CheckpointError(f"{p}: cannot read the shards ({one_line(e, 200)})") from None
         model.load_state_dict({k.removeprefix("model."): v for k, v in state["state_dict"].items()}, strict=False)
     else:
-        sd = {k.removeprefix("model."): v for k, v in meta["state_dict"].items() if k.startswith("model.")}
-        missing, unexpected = model.load_state_dict(sd, strict=False)
-        missing = [k for k in missing if k != "decoder.lm_head.weight"]
-        if missing or unexpected:
-            raise CheckpointError(f"{p}: weights do not fit the config (missing {missing[:5]}, unexpected {unexpected[:5]})")
+        sd, config, tokenizer, hp = read_lightning_checkpoint(p)
+        loaded = build_checked(config, tokenizer, f"checkpoint config {p} (hyper_parameters)",
+                               {k: tuple(v.shape) for k, v in sd.items()}, str(p))
+        model = loaded.model
+        model.load_state_dict(sd, strict=False)  # every key checked above
     model.eval()
     return model, tokenizer, hp
 

@@ -67,7 +67,7 @@ def _init_weights(module: VLMModule, path: str) -> None:
     synthvqa data folder trains its own), the embedding and LM-head rows are copied by token
     string, so a token keeps its row whatever its id, and tokens new to this run keep their
     fresh initialisation. Without this, ids would silently point at other tokens' rows."""
-    from vlm.checkpoint import load_checkpoint
+    from vlm.checkpoint import load_checkpoint, weight_mismatch
 
     loaded = load_checkpoint(path)
     src = loaded.model.state_dict()
@@ -75,16 +75,10 @@ def _init_weights(module: VLMModule, path: str) -> None:
     src_vocab, dst_vocab = (t.tok.get_vocab(with_added_tokens=True) for t in (loaded.tokenizer, module.tokenizer))
     remap = src_vocab != dst_vocab
     vocab_keys = {k for k in set(src) & set(dst) if k.endswith(VOCAB_ROWS)} if remap else set()
-    missing = sorted(set(dst) - set(src))
-    unexpected = sorted(set(src) - set(dst))
-    shapes = sorted(f"{k} {tuple(src[k].shape)} vs {tuple(dst[k].shape)}" for k in set(src) & set(dst)
-                    if src[k].shape != dst[k].shape and not (k in vocab_keys and src[k].shape[1:] == dst[k].shape[1:]))
-    if missing or unexpected or shapes:
-        def few(xs):
-            return ", ".join(xs[:6]) + (f" … (+{len(xs) - 6})" if len(xs) > 6 else "")
-        parts = [f"missing {few(missing)}" if missing else "", f"unexpected {few(unexpected)}" if unexpected else "",
-                 f"shape mismatch {few(shapes)}" if shapes else ""]
-        raise ValueError(f"init_from={path}: the weights do not fit this model: " + "; ".join(p for p in parts if p))
+    problem = weight_mismatch({k: tuple(v.shape) for k, v in dst.items()}, {k: tuple(v.shape) for k, v in src.items()},
+                              rows=vocab_keys)
+    if problem:
+        raise ValueError(f"init_from={path}: the weights do not fit this model: {problem}")
     if vocab_keys:
         d_ids, s_ids = _token_rows(src_vocab, dst_vocab)
         for k in vocab_keys:
@@ -96,6 +90,37 @@ def _init_weights(module: VLMModule, path: str) -> None:
                  path, len(d_ids), module.tokenizer.vocab_size, module.tokenizer.vocab_size - len(d_ids))
     module.model.load_state_dict(src)
     log.info("initialised weights from %s", path)
+
+
+RESUME_KEYWORDS = ("last", "best", "hpc", "registry")  # ckpt_path values Lightning resolves itself
+
+
+def check_resume_checkpoint(path) -> None:
+    """`ckpt_path=PATH` (exact resume): refuse, with one line naming the file, anything that is not a
+    loadable checkpoint before Lightning reads it. A `.ckpt` must pass `torch.load(weights_only=True)`
+    (memory-mapped here: the tensors are not read), so a pickled object is refused, never run; a
+    sharded (DCP) directory's `meta.pt` likewise, and its `.metadata` pickle must hold only DCP's
+    own classes (`vlm.checkpoint.read_dcp_metadata`: Lightning then unpickles it with plain pickle)."""
+    from pathlib import Path
+
+    from vlm.checkpoint import CheckpointError, read_dcp_metadata, read_torch_file
+
+    if str(path) in RESUME_KEYWORDS or "://" in str(path) or str(path).startswith("registry:"):
+        return  # resolved by Lightning, then read with weights_only=True (`run`)
+    p = Path(str(path))
+    if not p.exists():
+        raise CheckpointError(f"ckpt_path={p}: checkpoint not found")
+    if p.is_dir():
+        if not (p / "meta.pt").is_file():
+            raise CheckpointError(f"ckpt_path={p}: a directory but not a sharded checkpoint (no meta.pt)")
+        read_dcp_metadata(p)
+        meta = read_torch_file(p / "meta.pt", mmap=True)
+        if not isinstance(meta, dict):
+            raise CheckpointError(f"ckpt_path={p / 'meta.pt'}: not a Lightning checkpoint's metadata")
+    else:
+        ckpt = read_torch_file(p, mmap=True)
+        if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+            raise CheckpointError(f"ckpt_path={p}: not a Lightning checkpoint (no state_dict)")
 
 
 def _warm_up_tower(module: VLMModule, datamodule, warm: dict, trainer: L.Trainer) -> None:
@@ -112,6 +137,9 @@ def _warm_up_tower(module: VLMModule, datamodule, warm: dict, trainer: L.Trainer
 
 def run(cfg: DictConfig) -> dict[str, float]:
     """Train. Returns the final logged metrics (floats)."""
+    ckpt_path = cfg.get("ckpt_path")
+    if ckpt_path:  # one clear line for a file that is not a checkpoint, before any work
+        check_resume_checkpoint(ckpt_path)
     L.seed_everything(cfg.seed, workers=True)
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
@@ -136,7 +164,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
     n_params = sum(p.numel() for p in module.parameters())
     n_train = sum(p.numel() for p in module.parameters() if p.requires_grad)
     log.info("model: %.2fM parameters (%.2fM trainable)", n_params / 1e6, n_train / 1e6)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    # weights_only=True: explicit, so TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD cannot turn it off
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     _print_wandb_hint(logger)
     return metrics
