@@ -7,7 +7,7 @@
 
 Loader mode. Makes ``--samples`` "photo-like" 640x480 JPEGs (smooth colour gradients + noise +
 random ellipses/rectangles, quality 90) and caption records in a temp folder, turns them into shards
-with ``vlm.data.convert.convert_captions`` (so the shards are exactly what users get), then reports:
+with ``vlm.convert.convert_captions`` (so the shards are exactly what users get), then reports:
 
 * samples/s and images/s through the project's loader (``ShardDataset(train=False)`` + ``DataLoader``
   with the project's ``Collator``, batch ``--batch-size``, prefetch 4) for each ``--workers`` count:
@@ -45,7 +45,7 @@ from PIL import Image, ImageDraw
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from vlm.data.convert import DEFAULT_CAPTION_PROMPTS, convert_captions  # noqa: E402
+from vlm.convert import DEFAULT_CAPTION_PROMPTS, convert_captions  # noqa: E402
 from vlm.data.media import decode_image  # noqa: E402
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from vlm.data.convert import (  # noqa: E402
+from vlm.convert import (  # noqa: E402
     DEFAULT_CAPTION_PROMPTS,
     add_common_arguments,
     common_kwargs,

@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from vlm.data.convert import (  # noqa: E402
+from vlm.convert import (  # noqa: E402
     add_common_arguments,
     common_kwargs,
     convert_interleaved,

@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from vlm.data.convert import add_common_arguments, common_kwargs, convert_llava, run_cli  # noqa: E402
+from vlm.convert import add_common_arguments, common_kwargs, convert_llava, run_cli  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from vlm.data.synthetic import (
+from vlm.synthvqa import (
     FAMILIES,
     FAMILY_ALIASES,
     QTYPES_ALL,

@@ -38,7 +38,7 @@ def compose_infer(overrides: list[str], tmp: Path, data_dir: Path):
 @pytest.fixture(scope="session")
 def synth_dir(tmp_path_factory) -> Path:
     """A tiny synthvqa (train + heldout + tokenizer), made once per test session."""
-    from vlm.data.synthetic import SynthConfig, ensure_synthvqa
+    from vlm.synthvqa import SynthConfig, ensure_synthvqa
 
     root = tmp_path_factory.mktemp("data") / "synthvqa"
     ensure_synthvqa(root, train_samples=64, heldout_samples=40, cfg=SynthConfig(canvas=64, turns=3), workers=1)

@@ -1,4 +1,4 @@
-"""Converters (vlm.data.convert): broken rows counted by exact reason, shards loaded back with the real
+"""Converters (vlm.convert): broken rows counted by exact reason, shards loaded back with the real
 loader (tokens + labels), resume rewrites only what is missing, and the JSON reader streams."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from vlm.data import convert as C
+from vlm import convert as C
 from vlm.data.processor import ImageProcessor
 from vlm.data.sample import SampleProcessor
 from vlm.data.template import IGNORE, ChatTemplate

@@ -15,9 +15,9 @@ from tests.conftest import compose_infer, compose_train
 from vlm.checkpoint import load_checkpoint
 from vlm.data.collate import collate
 from vlm.data.sample import SampleProcessor
-from vlm.data.synthetic import QTYPES_V2
 from vlm.data.video import encode_video
 from vlm.data.webdataset import ShardDataset
+from vlm.synthvqa import QTYPES_V2
 
 av = pytest.importorskip("av")
 

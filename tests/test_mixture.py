@@ -34,7 +34,7 @@ def img2dataset_shard(path, n=20, bad=()):
 
 
 def our_caption_shard(tmp_path, n=12):
-    from vlm.data.convert import convert_captions
+    from vlm.convert import convert_captions
 
     folder = tmp_path / "caps"
     folder.mkdir()

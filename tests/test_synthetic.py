@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from vlm.data.synthetic import (
+from vlm.synthvqa import (
     COLORS,
     QTYPES,
     SHAPES,

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from vlm.data.synthetic import (
+from vlm.synthvqa import (
     COLORS,
     DIRECTIONS,
     FAMILIES,
@@ -210,7 +210,7 @@ def test_v2_shard_round_trip(tmp_path, fmt):
     paths = write_split(tmp_path / "a", "train", 24, 0, cfg, shard_size=24)
     again = write_split(tmp_path / "b", "train", 24, 0, cfg, shard_size=24)
     assert Path(paths[0]).read_bytes() == Path(again[0]).read_bytes()  # deterministic bytes
-    from vlm.data.synthetic import shard_rng
+    from vlm.synthvqa import shard_rng
 
     rng = shard_rng(0, "train", 0)
     rng_samples = [make_sample(rng, cfg) for _ in range(24)]

@@ -95,7 +95,7 @@ def test_glyph_labels_put_each_character_in_the_half_patch_under_its_ink(resolut
 
     import numpy as np
 
-    from vlm.data.synthetic import (
+    from vlm.synthvqa import (
         OCR_CHARSET,
         SynthConfig,
         char_centers,
@@ -158,7 +158,7 @@ def test_glyph_labels_put_each_character_in_the_half_patch_under_its_ink(resolut
 def test_shape_labels_mark_each_shape_centre_with_its_shape_and_colour():
     import random
 
-    from vlm.data.synthetic import COLOR_NAMES, SHAPES, SynthConfig
+    from vlm.synthvqa import COLOR_NAMES, SHAPES, SynthConfig
     from vlm.warmup import _shapes_batch
 
     class Cfg:
@@ -179,7 +179,7 @@ def test_warm_up_strips_follow_the_run_data():
     in the data give short strips (in the data's font) in the warm-up."""
     import random
 
-    from vlm.data.synthetic import sample_wide_ocr_scene
+    from vlm.synthvqa import sample_wide_ocr_scene
     from vlm.warmup import _task, with_data_strips
 
     data = {"root": "x", "canvas": 64, "ocr_wide_min_len": 3, "ocr_wide_max_len": 6, "ocr_wide_font_frac": 0.40625}

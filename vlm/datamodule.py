@@ -84,7 +84,7 @@ class VLMDataModule(L.LightningDataModule):
 
     def prepare_data(self) -> None:
         if self.synthetic:
-            from vlm.data.synthetic import SynthConfig, ensure_synthvqa
+            from vlm.synthvqa import SynthConfig, ensure_synthvqa
 
             opts = dict(self.synthetic)
             root = opts.pop("root")

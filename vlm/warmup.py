@@ -84,7 +84,7 @@ def with_data_strips(warm: dict, synthetic: dict | None) -> dict:
 
 def _char_batch(rng, syn, processor, T, device, cfg):
     """A batch of `char` samples: one character anywhere; label = its index in OCR_CHARSET [B]."""
-    from vlm.data.synthetic import OCR_CHARSET, render, sample_ocr_scene
+    from vlm.synthvqa import OCR_CHARSET, render, sample_ocr_scene
 
     scenes = [sample_ocr_scene(rng, syn) for _ in range(cfg.batch_size)]
     patches, grids = _encode_inputs([render(s) for s in scenes], processor, T, device)
@@ -104,7 +104,7 @@ def _glyph_batch(rng, syn, processor, T, device, cfg):
     character or START) of the character whose ink centre lies there; (NONE, -1, -1, -1) where none
     does (END = START = NONE = len(OCR_CHARSET)). Half-patch slots because glyphs are ~7 px apart
     at patch 8: two can share a patch, never a half (except "II")."""
-    from vlm.data.synthetic import (
+    from vlm.synthvqa import (
         OCR_CHARSET,
         char_centers,
         render,
@@ -134,7 +134,7 @@ def _shapes_batch(rng, syn, processor, T, device, cfg):
     """A batch of synthvqa `shapes` scenes (1–4 shapes). Labels `[N_tokens]`: for every patch, the
     (shape, colour) class of the shape whose centre lies in it, else NONE (shapes are ≥ 14 px apart
     at canvas 64, so no two centres share a patch)."""
-    from vlm.data.synthetic import COLOR_NAMES, SHAPES, render, sample_shapes_scene
+    from vlm.synthvqa import COLOR_NAMES, SHAPES, render, sample_shapes_scene
 
     scenes = [sample_shapes_scene(rng, syn) for _ in range(cfg.batch_size)]
     patches, grids = _encode_inputs([render(s) for s in scenes], processor, T, device)
@@ -239,7 +239,7 @@ def _recent(accs: dict[str, list[float]]) -> dict[str, float]:
 
 def _task(name: str, cfg: WarmupConfig):
     """(SynthConfig, batch function, head width) of one warm-up task."""
-    from vlm.data.synthetic import COLOR_NAMES, OCR_CHARSET, SHAPES, SynthConfig
+    from vlm.synthvqa import COLOR_NAMES, OCR_CHARSET, SHAPES, SynthConfig
 
     n_cls = len(OCR_CHARSET)
     if name == "char":
@@ -258,7 +258,7 @@ def _task(name: str, cfg: WarmupConfig):
 
 
 def _task_loss(name: str, head: nn.Module, feats: torch.Tensor, grids: torch.Tensor, y: torch.Tensor, context: str = "next"):
-    from vlm.data.synthetic import OCR_CHARSET
+    from vlm.synthvqa import OCR_CHARSET
 
     if name == "char":  # max over each image's tokens: the character may be anywhere
         sizes = [int(t * h * w) for t, h, w in grids.tolist()]
