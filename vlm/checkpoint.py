@@ -59,6 +59,7 @@ from vlm.build import (
 )
 from vlm.data.sample import MediaProcessor
 from vlm.data.template import ChatTemplate
+from vlm.files import FileRefused, checked_stat, kind_of, read_regular_file
 from vlm.model.vlm import VLM
 from vlm.tokenizer import TextTokenizer
 
@@ -103,56 +104,29 @@ def one_line(e: BaseException | str, limit: int = 300) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _kind(mode: int) -> str:
-    for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a named pipe"), (stat.S_ISCHR, "a character device"),
-                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
-        if test(mode):
-            return name
-    return "not a regular file"
+def _refused(e: FileRefused, path, what: str, limit: int | None = None) -> CheckpointError:
+    if e.reason == "missing":
+        return CheckpointError(f"{path}: {what} is missing")
+    if e.reason == "too_large" and limit is not None:
+        return CheckpointError(f"{path} is more than the {limit >> 20} MiB allowed for {what}")
+    return CheckpointError(e.message)
 
 
 def check_regular_file(path: str | Path, what: str) -> os.stat_result:
-    """`os.stat` of `path` (links followed), refusing anything but a regular file."""
+    """`os.stat` of `path` (links followed), refusing anything but a regular file (`vlm.files`)."""
     try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: {what} is missing") from None
-    except OSError as e:
-        raise CheckpointError(f"{path}: cannot read {what} ({e.strerror})") from None
-    if not stat.S_ISREG(st.st_mode):
-        raise CheckpointError(f"{path} is {_kind(st.st_mode)}, not a regular file")
-    return st
+        return checked_stat(path)
+    except FileRefused as e:
+        raise _refused(e, path, what) from None
 
 
 def read_capped(path: str | Path, limit: int, what: str) -> bytes:
-    """The bytes of a regular file of at most `limit` bytes. Opened non-blocking and checked with
-    fstat before any read, so a named pipe, a device (/dev/zero) or a directory is refused at once."""
+    """The bytes of a regular file of at most `limit` bytes (`vlm.files.read_regular_file`: a named
+    pipe, a device such as /dev/zero or a directory is refused at once)."""
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: {what} is missing") from None
-    except OSError as e:
-        raise CheckpointError(f"{path}: cannot read {what} ({e.strerror})") from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise CheckpointError(f"{path} is {_kind(st.st_mode)}, not a regular file")
-        if st.st_size > limit:
-            raise CheckpointError(f"{path} is {st.st_size} bytes, more than the {limit >> 20} MiB allowed for {what}")
-        chunks, n = [], 0
-        while n <= limit:
-            b = os.read(fd, min(1 << 20, limit + 1 - n))
-            if not b:
-                break
-            chunks.append(b)
-            n += len(b)
-        if n > limit:
-            raise CheckpointError(f"{path} is more than the {limit >> 20} MiB allowed for {what}")
-        return b"".join(chunks)
-    except OSError as e:
-        raise CheckpointError(f"{path}: cannot read {what} ({e.strerror})") from None
-    finally:
-        os.close(fd)
+        return read_regular_file(path, limit)
+    except FileRefused as e:
+        raise _refused(e, path, what, limit) from None
 
 
 def _yaml_loader():
@@ -242,7 +216,7 @@ def read_safetensors_header(path: str | Path) -> dict[str, tuple[str, tuple[int,
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
-            raise CheckpointError(f"{path} is {_kind(st.st_mode)}, not a regular file")
+            raise CheckpointError(f"{path} is {kind_of(st.st_mode)}, not a regular file")
         size = st.st_size
         if size < 8:
             raise CheckpointError(f"{path}: not a safetensors file ({size} bytes, shorter than its 8-byte header length)")

@@ -67,7 +67,7 @@ def _init_weights(module: VLMModule, path: str) -> None:
     synthvqa data folder trains its own), the embedding and LM-head rows are copied by token
     string, so a token keeps its row whatever its id, and tokens new to this run keep their
     fresh initialisation. Without this, ids would silently point at other tokens' rows."""
-    from vlm.checkpoint import load_checkpoint, weight_mismatch
+    from vlm.checkpoint import CheckpointError, load_checkpoint, weight_mismatch
 
     loaded = load_checkpoint(path)
     src = loaded.model.state_dict()
@@ -78,7 +78,7 @@ def _init_weights(module: VLMModule, path: str) -> None:
     problem = weight_mismatch({k: tuple(v.shape) for k, v in dst.items()}, {k: tuple(v.shape) for k, v in src.items()},
                               rows=vocab_keys)
     if problem:
-        raise ValueError(f"init_from={path}: the weights do not fit this model: {problem}")
+        raise CheckpointError(f"init_from={path}: the weights do not fit this model: {problem}")
     if vocab_keys:
         d_ids, s_ids = _token_rows(src_vocab, dst_vocab)
         for k in vocab_keys:

@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import io
 import os
-import stat
 import struct
 import threading
 import warnings
@@ -57,6 +56,8 @@ from typing import Iterator
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+from vlm.files import FileRefused, read_regular_file
 
 # Register the plugins we accept up front: with an explicit `formats=` list Pillow does not import
 # plugins lazily (WebP and TIFF would otherwise be missing until something else loaded them).
@@ -353,41 +354,16 @@ MAX_FILE_BYTES = 512 * 2**20  # the most a media file named on the command line 
 
 
 def read_file(path: str | os.PathLike, max_bytes: int = MAX_FILE_BYTES, *, key: str | None = None) -> bytes:
-    """The bytes of a regular file of at most ``max_bytes``, checked before reading.
+    """The bytes of a regular file of at most ``max_bytes`` (:func:`vlm.files.read_regular_file`).
 
-    Special files are refused at once (``not_a_file``): a named pipe would block the reader until
-    someone writes to it, and ``/dev/zero`` or ``/dev/urandom`` never end. The file is opened
-    non-blocking and checked with ``fstat`` on the open descriptor, so what is checked is what is
-    read. A file over the cap is refused from its size (``too_large``); so is one that grows
-    while it is read. ``missing`` / ``unreadable`` as in :func:`load_image`.
+    A device, named pipe or socket is refused at once (``not_a_file``: a pipe would block the
+    reader, ``/dev/zero`` never ends); a file over the cap is refused from its size
+    (``too_large``); ``missing`` / ``unreadable`` as in :func:`load_image`.
     """
-    name = os.fspath(path)
-    key = key or name
     try:
-        fd = os.open(name, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-    except FileNotFoundError as e:
-        raise MediaError("missing", f"no such file: {name}", key=key) from e
-    except OSError as e:
-        raise MediaError("unreadable", f"cannot read {name}: {e.strerror or e}", key=key) from e
-    try:
-        st = os.fstat(fd)
-        if stat.S_ISDIR(st.st_mode):
-            raise MediaError("unreadable", f"cannot read {name}: it is a directory", key=key)
-        if not stat.S_ISREG(st.st_mode):
-            raise MediaError("not_a_file", f"{name} is not a regular file (a device, pipe or socket)", key=key)
-        if st.st_size > max_bytes:
-            raise MediaError("too_large", f"{name} has {st.st_size} bytes > {max_bytes}", key=key)
-    except BaseException:
-        os.close(fd)
-        raise
-    with os.fdopen(fd, "rb") as f:
-        try:
-            data = f.read(max_bytes + 1)
-        except OSError as e:
-            raise MediaError("unreadable", f"cannot read {name}: {e.strerror or e}", key=key) from e
-    if len(data) > max_bytes:
-        raise MediaError("too_large", f"{name} grew past {max_bytes} bytes while being read", key=key)
-    return data
+        return read_regular_file(path, max_bytes)
+    except FileRefused as e:
+        raise MediaError(e.reason, e.message, key=key or os.fspath(path)) from None
 
 
 def load_image(path: str | os.PathLike, **kw) -> Image.Image:
