@@ -45,8 +45,9 @@ def _module(size: str, tmp: str):
 
 def _step_flops(module, batch) -> float:
     from vlm.callbacks import FlopModel
+    from vlm.gradient_step import batch_stats
 
-    st = {k: float(v) for k, v in module._batch_stats(batch).items()}
+    st = {k: float(v) for k, v in batch_stats(module.model, batch).items()}
     st["label_tokens"] = float((batch["labels"][:, 1:] != -100).sum())
     return FlopModel(module.model)(st)["total"]
 

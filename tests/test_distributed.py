@@ -121,9 +121,9 @@ class Recorder(L.Callback):
         if trainer.global_step == self._last:
             return
         self._last = trainer.global_step
-        st = pl_module.last_step_stats
+        st = pl_module.gradient_step.last.stats
         self.losses[trainer.global_step] = st["loss_sum"] / max(st["label_tokens"], 1)
-        self.skipped[trainer.global_step] = pl_module.skipped_steps
+        self.skipped[trainer.global_step] = pl_module.gradient_step.skipped_steps
         self.params[trainer.global_step] = torch.cat([_full(p).detach().flatten().clone() for p in pl_module.parameters()])
 
 

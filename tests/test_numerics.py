@@ -54,7 +54,7 @@ def test_nonfinite_step_is_skipped(synth_dir, tmp_path):
 
 
 def test_nonfinite_halt_stops_with_a_clear_message(synth_dir, tmp_path):
-    from vlm.module import NonFiniteError
+    from vlm.gradient_step import NonFiniteError
 
     with pytest.raises(NonFiniteError, match=r"step 1: non-finite loss and gradient norm .*numerics.on_nonfinite=halt"):
         train_fixed({"strategy": "single", "steps": 3, "accum": 1, "nan_step": 1, "nan_rank": 0, "on_nonfinite": "halt",
@@ -62,9 +62,10 @@ def test_nonfinite_halt_stops_with_a_clear_message(synth_dir, tmp_path):
 
 
 def test_our_clipping_equals_clip_grad_norm(synth_dir, tmp_path):
-    """VLMModule.configure_gradient_clipping (norm reused from the step's guard, works with the
-    fused AdamW of conf/optimizer/adamw.yaml) gives the update `clip_grad_norm_` would: the
-    gradient the optimizer sees equals the big batch's mean-token gradient clipped with torch."""
+    """VLMModule.configure_gradient_clipping (`GradientStep.clip`: the norm taken by the step's
+    guard, works with the fused AdamW of conf/optimizer/adamw.yaml) gives the update
+    `clip_grad_norm_` would: the gradient the optimizer sees equals the big batch's mean-token
+    gradient clipped with torch."""
     train_fixed({"strategy": "single", "steps": 1, "accum": 1, "data_dir": str(synth_dir), "out": str(tmp_path / "ours")})
     _, ours = _result(tmp_path / "ours")
     _, dm, module = tiny_module(tmp_path / "ref", synth_dir)

@@ -92,15 +92,15 @@ def test_packed_stream_resumes_exactly(tmp_path, synth_dir):
     """Packed rows from a DataLoader with 2 workers: stopping after k batches and resuming from the
     tracker's state continues with exactly the rows an uninterrupted stream gives."""
     from vlm.data.sample import SampleProcessor
-    from vlm.data.webdataset import ShardDataset, StreamTracker, set_resume_state
+    from vlm.data.webdataset import ShardDataset, StreamTracker
 
     _, dm, _ = _setup(tmp_path, synth_dir)
     proc = SampleProcessor(dm.image_processor, dm.template, mode="train")
     packing = {"length": 256, "method": "best_fit", "window": 10}
 
-    def loader():
+    def loader(resume=None):
         ds = ShardDataset(str(synth_dir / "synthvqa" / "train"), proc, train=True, shuffle_buffer=4, block_samples=13,
-                          packing=packing)
+                          packing=packing, resume=resume)
         return DataLoader(ds, batch_size=2, num_workers=2, collate_fn=Collator(dm.tokenizer.pad_id), prefetch_factor=2)
 
     straight = [b["keys"] for _, b in zip(range(12), loader())]
@@ -114,8 +114,7 @@ def test_packed_stream_resumes_exactly(tmp_path, synth_dir):
         assert b["seq_ids"].shape == b["input_ids"].shape and int(b["attention_mask"].sum(-1).max()) <= 256
     state = tracker.state(dl)
     del it
-    set_resume_state(state, step=7)
-    resumed = [b["keys"] for _, b in zip(range(5), loader())]
+    resumed = [b["keys"] for _, b in zip(range(5), loader({"state": state, "step": 7}))]
     assert resumed == straight[7:]
 
 

@@ -1,4 +1,4 @@
-"""Training callbacks: throughput and model-FLOP utilisation (MFU).
+"""Training callbacks: throughput and model-FLOP utilisation (MFU), and the W&B example table.
 
 `Throughput` logs per optimizer step, over all ranks:
 
@@ -8,7 +8,7 @@
     train/mfu           train/tflops / the device's peak
 
 Model FLOPs are counted analytically from the step's token counts (the LightningModule sums them
-over micro-batches and ranks, `VLMModule.last_step_stats`), for each component by its own tokens:
+over micro-batches and ranks, `VLMModule.gradient_step.last`), for each component by its own tokens:
 
     vision tower   per patch: 2·N_linear + the conv stem; attention 4·d·n² per layer per item of n patches
     projector      per visual token: 2·N
@@ -195,7 +195,8 @@ class Throughput(L.Callback):
         self._last_step = trainer.global_step
         now = time.perf_counter()
         dt, self._t0 = now - self._t0, now
-        st = dict(getattr(pl_module, "last_step_stats", {}) or {})
+        last = getattr(getattr(pl_module, "gradient_step", None), "last", None)
+        st = dict(last.stats) if last is not None else {}
         if not st or self.flops is None:
             return
         self._recent = (self._recent + [(dt, st)])[-self.window:]
@@ -213,3 +214,59 @@ class Throughput(L.Callback):
             row["train/padding"] = 1.0 - (tot["image_tokens"] + tot["text_tokens"]) / cap
         self.history.append({"step": trainer.global_step, **row, "model_flops": self.flops(st)["total"]})
         pl_module.log_dict(row, on_step=True, on_epoch=False)
+
+
+class ExampleTable(L.Callback):
+    """`val/examples`: a W&B table of the first `n` validation samples of each validation epoch
+    (image, question type, question, prediction, answer, correct), from what `validation_step`
+    returns (`vlm.evaluate.Scored`, or None for a batch with nothing scored). Only with a
+    `WandbLogger`, and not for the sanity check."""
+
+    def __init__(self, n: int = 8):
+        self.n = int(n)
+        self.rows: list[tuple] = []  # this validation epoch's examples: (image or None, qtype, prompt, prediction, answer)
+
+    @staticmethod
+    def _wandb_loggers(trainer) -> list:
+        from lightning.pytorch.loggers import WandbLogger
+
+        return [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
+
+    def on_validation_epoch_start(self, trainer, pl_module) -> None:
+        self.rows = []
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if outputs is None or len(self.rows) >= self.n or trainer.sanity_checking or not self._wandb_loggers(trainer):
+            return
+        grids = batch["grid_thw"].tolist() if batch.get("grid_thw") is not None else []  # [M, 3]
+        offsets, o = [], 0  # first patch row of each media item in pixel_patches [N, C·P·P]
+        for t, h, w in grids:
+            offsets.append(o)
+            o += t * h * w
+        item = 0
+        for b, m in enumerate(batch["media_per_sample"].tolist()):
+            if len(self.rows) >= self.n:
+                break
+            image = None
+            if m:  # the sample's first media item
+                t, h, w = grids[item]
+                image = (batch["pixel_patches"][offsets[item] : offsets[item] + t * h * w].detach().cpu(), (t, h, w))
+            item += m
+            self.rows.append((image, outputs.qtypes[b], outputs.prompts[b], outputs.predictions[b], outputs.answers[b]))
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        loggers = self._wandb_loggers(trainer)
+        if not loggers or not self.rows or trainer.sanity_checking:
+            return
+        import wandb
+
+        from vlm.build import build_processor
+        from vlm.metrics import normalize_answer
+
+        proc = build_processor(pl_module.hparams["processor"])
+        rows = [[wandb.Image(proc.to_pil(*image)) if image is not None else None, qtype, prompt, pred, ans,
+                 normalize_answer(pred) == normalize_answer(ans)] for image, qtype, prompt, pred, ans in self.rows]
+        columns = ["image", "qtype", "question", "prediction", "answer", "correct"]
+        for lg in loggers:  # straight to the run: Lightning's log_table stringifies media cells
+            lg.experiment.log({"val/examples": wandb.Table(columns=columns, data=rows), "trainer/global_step": trainer.global_step})
+        self.rows = []

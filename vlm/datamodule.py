@@ -1,4 +1,13 @@
-"""LightningDataModule over WebDataset shards (synthvqa by default, any chat/document shards)."""
+"""LightningDataModule over WebDataset shards (synthvqa by default, any chat/document shards).
+
+Exact resume of the data position lives here. While training, `on_before_batch_transfer` counts
+the batches the model consumes (`StreamTracker`); `state_dict` (every checkpoint) turns them into
+each rank's stream positions. On restore (`trainer.fit(ckpt_path=…)`) Lightning calls
+`load_state_dict` while it sets up, right after the module's `on_load_checkpoint` and before the
+optimizer and loop state are restored; `train_dataloader()` comes later, when the fit loop
+starts. So the positions are kept until then and handed to the training dataset it creates, as
+its `resume` argument.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +19,15 @@ from torch.utils.data import DataLoader
 from vlm.build import build_processor, build_template
 from vlm.data.collate import Collator
 from vlm.data.sample import SampleProcessor
-from vlm.data.webdataset import MAX_MEMBER_BYTES, MAX_SAMPLE_BYTES, ShardDataset, expand_urls, seed_worker
+from vlm.data.webdataset import (
+    MAX_MEMBER_BYTES,
+    MAX_SAMPLE_BYTES,
+    ShardDataset,
+    StreamTracker,
+    expand_urls,
+    seed_worker,
+)
+from vlm.resume import gather_ranks, my_rank
 from vlm.tokenizer import TextTokenizer
 
 
@@ -81,6 +98,9 @@ class VLMDataModule(L.LightningDataModule):
         self.synthetic = dict(synthetic) if synthetic else None
         self.qtypes = list(qtypes) if qtypes else None  # question types scored separately in validation
         self.tokenizer: TextTokenizer | None = None
+        self.tracker = StreamTracker()  # the training batches consumed, per DataLoader worker
+        # a checkpoint's data position, from `load_state_dict` until `train_dataloader` takes it
+        self.pending_resume: dict | None = None
 
     def prepare_data(self) -> None:
         if self.synthetic:
@@ -118,7 +138,7 @@ class VLMDataModule(L.LightningDataModule):
             expand_urls(self.cfg["train_shards"])
         expand_urls(self.cfg["val_shards"])
 
-    def _loader(self, shards, train: bool) -> DataLoader:
+    def _loader(self, shards, train: bool, resume: dict | None = None) -> DataLoader:
         c = self.cfg
         limits = {k: c[k] for k in ("max_member_bytes", "max_sample_bytes")}
         proc = SampleProcessor(self.image_processor, self.template, mode="train" if train else "eval", max_pixels=c["max_image_pixels"])
@@ -127,11 +147,11 @@ class VLMDataModule(L.LightningDataModule):
 
             ds = MixtureDataset(self.sources, proc, seed=c["seed"], shuffle_buffer=c["shuffle_buffer"],
                                 max_consecutive_failures=c["max_consecutive_failures"], packing=self.packing,
-                                max_bad_fraction=c["max_bad_fraction"], bad_window=c["bad_window"], **limits)
+                                max_bad_fraction=c["max_bad_fraction"], bad_window=c["bad_window"], resume=resume, **limits)
         else:
             ds = ShardDataset(shards, proc, train=train, shuffle_buffer=c["shuffle_buffer"], seed=c["seed"],
                               max_consecutive_failures=c["max_consecutive_failures"], packing=self.packing if train else None,
-                              max_bad_fraction=c["max_bad_fraction"], bad_window=c["bad_window"], **limits)
+                              max_bad_fraction=c["max_bad_fraction"], bad_window=c["bad_window"], resume=resume, **limits)
         workers = c["num_workers"] if train else min(c["val_num_workers"], len(ds.urls))
         return DataLoader(
             ds,
@@ -145,10 +165,38 @@ class VLMDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.cfg["train_shards"], train=True)
+        resume, self.pending_resume = self.pending_resume, None  # a resume point is used once
+        return self._loader(self.cfg["train_shards"], train=True, resume=resume)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.cfg["val_shards"], train=False)
 
     def val_urls(self) -> list[str]:
         return expand_urls(self.cfg["val_shards"])
+
+    # ---- exact resume ---------------------------------------------------------------------------
+    def on_before_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        """Count each training batch as the training loop takes it for a step (batches the
+        DataLoader prefetched are not consumed yet)."""
+        if self.trainer is not None and self.trainer.training:
+            self.tracker.on_batch(self.trainer.train_dataloader, batch["input_ids"].shape[0])
+        return batch
+
+    def state_dict(self) -> dict:
+        """`{"step", "world_size", "ranks": [each rank's stream positions or None]}`; None for a
+        mixture, which resumes by reseeding from the step. A collective: every rank saves."""
+        trainer = self.trainer
+        loader = trainer.train_dataloader if trainer is not None else None
+        ds = getattr(loader, "dataset", None)
+        mine = self.tracker.state(loader) if isinstance(ds, ShardDataset) and ds.train else None
+        return {"step": trainer.global_step if trainer is not None else 0, **gather_ranks(mine)}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Keep this rank's positions for the next `train_dataloader()`. Saved with another world
+        size, they cannot be continued: the streams are then reseeded from the step."""
+        if self.trainer is not None and self.trainer.state.fn != "fit":
+            return
+        self.pending_resume = {"state": my_rank(state), "step": int(state.get("step", 0))}
+
+    def teardown(self, stage: str) -> None:
+        self.pending_resume = None  # a position no training dataset took must not reach a later fit

@@ -10,7 +10,7 @@ from vlm.checkpoint import CheckpointError
 from vlm.data.media import MediaError
 from vlm.data.sample import SampleError
 from vlm.data.webdataset import DataError
-from vlm.module import NonFiniteError
+from vlm.gradient_step import NonFiniteError
 
 # NonFiniteError: the numerics guard halted training (numerics.on_nonfinite=halt); its message
 # says which value went non-finite at which step. DataError: the shards cannot feed training.

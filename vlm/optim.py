@@ -1,14 +1,51 @@
-"""Optimizer parameter groups and learning-rate schedules."""
+"""Freezing, the optimizer and its parameter groups, and learning-rate schedules."""
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
+from functools import partial
 
 import torch
 from torch import nn
 
+log = logging.getLogger("vlm.optim")
+
 COMPONENTS = ("encoder", "projector", "decoder", "cross_attn")  # cross_attn: only with fusion=cross_attn
+
+
+def apply_freeze(model: nn.Module, freeze: dict) -> None:
+    """`model.freeze`: {component: bool}; a frozen component's parameters get no gradient."""
+    unknown = set(freeze) - set(COMPONENTS)
+    if unknown:
+        raise ValueError(f"model.freeze has unknown components {sorted(unknown)}; use {COMPONENTS}")
+    for comp in COMPONENTS:
+        frozen = bool(freeze.get(comp, False))
+        part = getattr(model, comp, None)
+        for p in part.parameters() if part is not None else ():
+            p.requires_grad_(not frozen)
+
+
+def frozen_parts(model: nn.Module, freeze: dict) -> list[nn.Module]:
+    """The frozen components the model has (kept in eval mode while training: no dropout or
+    norm-statistics drift)."""
+    return [getattr(model, c) for c in COMPONENTS if freeze.get(c) and getattr(model, c, None) is not None]
+
+
+def build_optimizer(model: nn.Module, factory: partial, component_lr: dict | None = None,
+                    loss_scaling: bool = False) -> torch.optim.Optimizer:
+    """`factory(param_groups(...))`, the groups' lr and weight decay from the factory's keywords.
+
+    loss_scaling (fp16 `16-mixed`): a fused optimizer would unscale the gradients inside its step,
+    after the gradient step's normalisation, guard and clipping had seen scaled ones, so the
+    unfused one is built instead."""
+    kw = factory.keywords
+    groups = param_groups(model, kw.get("lr", 1e-3), kw.get("weight_decay", 0.0), component_lr)
+    if kw.get("fused") and loss_scaling:
+        log.info("optimizer.fused=true is not used with fp16 loss scaling (trainer.precision=16-mixed): unfused AdamW")
+        factory = partial(factory.func, *factory.args, **{**kw, "fused": False})
+    return factory(groups)
 
 
 def param_groups(model: nn.Module, base_lr: float, weight_decay: float, component_lr: dict | None = None) -> list[dict]:

@@ -1,6 +1,7 @@
 """Scale-out: FSDP2 sharding, activation checkpointing and compile for the VLM (torchtitan style).
 
-`parallelize(model, cfg, mesh, precision)` is called once from `VLMModule.configure_model`. Under a
+`setup_model` (from `VLMModule.configure_model`) calls `parallelize(model, cfg, mesh, precision)`
+once, and with `parallel.init=rank0` fills the shards from rank 0's weights. Under a
 model-parallel strategy (`trainer=fsdp`) it applies, in this order:
 
 1. activation checkpointing per transformer block (`ac: none | full | selective`; selective
@@ -132,6 +133,49 @@ def parallelize(model: nn.Module, cfg: ParallelConfig | dict | None, mesh=None, 
     log.info("parallelize: %d blocks checkpointed (%s), compile=%s, %d decoder units + vision + projector + root, mp=%s",
              n_ac, cfg.ac, cfg.compile, len(layers), kw["mp_policy"].param_dtype)
     return model
+
+
+def setup_model(model: nn.Module, cfg: ParallelConfig | dict | None, mesh=None, precision: str | None = None,
+                device: torch.device | None = None) -> bool:
+    """Under a model-parallel strategy (`mesh`: its data-parallel mesh) activation checkpointing,
+    compile and FSDP2; under other strategies only checkpointing and compile, when `cfg.ac` /
+    `cfg.compile` ask. Returns whether the model was changed (then it must not be set up again).
+
+    `parallel.init=rank0` with more than one rank: rank 0 holds the full weights (taken before
+    sharding), the other ranks a meta skeleton; they are broadcast into every rank's shards."""
+    import torch.distributed as dist
+
+    cfg = cfg if isinstance(cfg, ParallelConfig) else ParallelConfig.from_dict(cfg)
+    if mesh is None:
+        if cfg.ac == "none" and not cfg.compile:
+            return False
+        parallelize(model, cfg, None, precision)
+        return True
+    rank0_init = cfg.init == "rank0" and dist.get_world_size() > 1
+    full = model.state_dict() if rank0_init and dist.get_rank() == 0 else None
+    parallelize(model, cfg, mesh, precision)
+    if rank0_init:
+        load_from_rank0(model, full, device)
+        del full
+    elif any(p.is_meta for p in model.parameters()):
+        raise RuntimeError("the model was built on the meta device but parallel.init is not rank0")
+    return True
+
+
+def unsharded_copy(model: nn.Module, build, device: torch.device) -> nn.Module:
+    """A plain copy of a sharded model in eval mode, built by `build()` and filled with the
+    gathered weights (a collective). Generation in validation uses it: ranks hold different
+    numbers of batches and stop generating at different steps, so a sharded forward (an
+    all-gather per unit) would deadlock."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+    )
+
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+    copy = build().to(device)
+    copy.load_state_dict(state, strict=False)
+    return copy.eval()
 
 
 def load_from_rank0(model: nn.Module, full: dict[str, torch.Tensor] | None, device: torch.device) -> None:

@@ -33,7 +33,7 @@ from collections.abc import Iterator
 from torch.utils.data import IterableDataset, get_worker_info
 
 from vlm.data.sample import SampleError, SampleProcessor
-from vlm.data.webdataset import ShardDataset, _take_resume_state, rank_world
+from vlm.data.webdataset import ShardDataset, rank_world
 
 TASKS = ("chat", "document", "caption")
 DEFAULT_PROMPTS = ("Describe the image.", "What is in this picture?", "Write a short caption for this image.")
@@ -92,11 +92,14 @@ def make_task(task: str, prompts: list[str] | None = None, seed: int = 0):
 
 
 class MixtureDataset(IterableDataset):
-    """Training samples drawn from several `ShardDataset` streams by weight."""
+    """Training samples drawn from several `ShardDataset` streams by weight.
+
+    resume: a checkpoint's `{"state": …, "step": …}` (as `ShardDataset` takes it): every stream
+    and the source choice are reseeded from the step; None: a fresh start."""
 
     def __init__(self, sources: list[dict], processor: SampleProcessor, seed: int = 0, shuffle_buffer: int = 1000,
                  max_consecutive_failures: int = 50, packing: dict | None = None, max_bad_fraction: float = 0.5,
-                 bad_window: int = 1000, **limits):
+                 bad_window: int = 1000, resume: dict | None = None, **limits):
         if not sources:
             raise ValueError("data.sources is empty")
         names = [str(s.get("name", "")) for s in sources]
@@ -111,16 +114,15 @@ class MixtureDataset(IterableDataset):
             self.weights.append(float(w))
         if sum(self.weights) <= 0:
             raise ValueError("data.sources: at least one weight must be > 0")
-        resume = _take_resume_state()
         self.seed, self.tag = seed, ("" if resume is None else f"r{resume['step']}")
-        self.datasets = []
-        for i, s in enumerate(sources):
-            ds = ShardDataset(s["shards"], processor, train=True, shuffle_buffer=shuffle_buffer, seed=seed + 7919 * i,
-                              max_consecutive_failures=max_consecutive_failures, max_bad_fraction=max_bad_fraction,
-                              bad_window=bad_window, **limits, task=make_task(s.get("task", "chat"), s.get("prompts"), seed))
-            if resume is not None:  # reseed every stream from the resume step (documented above)
-                ds.resume = {"state": None, "step": resume["step"]}
-            self.datasets.append(ds)
+        # reseed every stream from the resume step (documented above)
+        reseed = None if resume is None else {"state": None, "step": resume["step"]}
+        self.datasets = [
+            ShardDataset(s["shards"], processor, train=True, shuffle_buffer=shuffle_buffer, seed=seed + 7919 * i,
+                         max_consecutive_failures=max_consecutive_failures, max_bad_fraction=max_bad_fraction,
+                         bad_window=bad_window, **limits, task=make_task(s.get("task", "chat"), s.get("prompts"), seed),
+                         resume=reseed)
+            for i, s in enumerate(sources)]
         self.packing = packing
         self.urls = [u for d in self.datasets for u in d.urls]
 

@@ -9,10 +9,11 @@
   shard), so a resumed worker re-draws the shard order (no I/O), opens the block's first shard,
   and re-reads at most one block of raw bytes (no decoding) to be exactly where it was. Workers
   report positions through a small shared-memory ring (`positions`); the main process
-  (`StreamTracker`, driven by the LightningModule) turns the batches the *model* has consumed
-  into one resume point per stream for the checkpoint. Resuming with a different world size,
-  number of workers, shards or seed cannot continue the old streams: they are then reseeded
-  from the resume step (no data repeats, but not bit-identical to an uninterrupted run).
+  (`StreamTracker`, owned by `VLMDataModule`) turns the batches the *model* has consumed into
+  one resume point per stream for the checkpoint, and a resumed dataset gets those points as
+  its `resume` argument. Resuming with a different world size, number of workers, shards or
+  seed cannot continue the old streams: they are then reseeded from the resume step (no data
+  repeats, but not bit-identical to an uninterrupted run).
 - Sequence packing (`packing`, training only): each worker packs every `window` good samples into
   rows (`vlm.data.packing`); a row's resume point is its window's first sample plus the number of
   the window's rows already emitted, so a resumed worker re-reads one window and drops those rows.
@@ -90,28 +91,8 @@ MAX_MEMBER_BYTES = 128 * 2**20   # one tar member (an image, a video, the json)
 MAX_SAMPLE_BYTES = 512 * 2**20   # all members of one sample
 
 
-# ---- exact resume: handing a checkpoint's stream positions to the next training dataset ---------
-_PENDING_RESUME: dict | None = None
 RING = 4096        # positions remembered per worker: more than a worker runs ahead (batch x (prefetch + 2))
 MAX_WORKERS = 16   # training DataLoader workers per rank (the ring is 16 x 4096 x 6 int64 = 3.1 MB of shared memory)
-
-
-def set_resume_state(state: dict | None, step: int) -> None:
-    """Called when a checkpoint is loaded for training: the next training `ShardDataset` created
-    in this process continues the streams in `state` (from `StreamTracker.state`), or, with
-    `state=None` or when the layout differs, reseeds its streams from `step`."""
-    global _PENDING_RESUME
-    _PENDING_RESUME = {"state": state, "step": int(step)}
-
-
-def clear_resume_state() -> None:
-    _take_resume_state()
-
-
-def _take_resume_state() -> dict | None:
-    global _PENDING_RESUME
-    state, _PENDING_RESUME = _PENDING_RESUME, None
-    return state
 
 
 class ShardDataset(IterableDataset):
@@ -131,7 +112,12 @@ class ShardDataset(IterableDataset):
         bad_window: int = 1000,
         max_member_bytes: int = MAX_MEMBER_BYTES,
         max_sample_bytes: int = MAX_SAMPLE_BYTES,
+        resume: dict | None = None,
     ):
+        """resume (training only): where the streams continue, `{"state": StreamTracker.state(…)
+        or None, "step": the checkpoint's global step}` (`VLMDataModule.load_state_dict`); a
+        state that is None or does not fit this dataset reseeds the streams from the step. None:
+        a fresh start."""
         self.urls = expand_urls(urls)
         if int(max_member_bytes) < 1 or int(max_sample_bytes) < 1:
             raise ValueError(f"data.max_member_bytes and data.max_sample_bytes must be >= 1, got "
@@ -163,7 +149,7 @@ class ShardDataset(IterableDataset):
             # per worker, per yielded sample (or packed row) k: (k, block, index in block, block's
             # shard, offset, packed rows of the window already emitted); shared with workers
             self.positions = torch.full((MAX_WORKERS, RING, 6), -1, dtype=torch.long).share_memory_()
-            self.resume = _take_resume_state()
+            self.resume = resume
 
     def fingerprint(self) -> str:
         """What a resume point is valid for: same shards, seed and block size."""

@@ -314,15 +314,17 @@ class VisionEncoder(nn.Module):
         for (t, h, w), items in groups.items():
             n = t * h * w
             idx = torch.cat([torch.arange(offsets[i], offsets[i] + n) for i in items]).to(x.device)
-            self._frame_tokens = h * w
-            out[idx] = self._encode(x[idx].view(len(items), n, -1)).reshape(-1, self.out_dim).to(out.dtype)
+            out[idx] = self._encode(x[idx].view(len(items), n, -1), frame_tokens=h * w).reshape(-1, self.out_dim).to(out.dtype)
         return out
 
-    def _encode(self, x: Tensor, rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
-        """`[G, n, D]` -> `[G, n, out_dim]`: the selected blocks' outputs, final-normed, combined."""
+    def _encode(self, x: Tensor, rope: tuple[Tensor, Tensor] | None = None, frame_tokens: int | None = None) -> Tensor:
+        """`[G, n, D]` -> `[G, n, out_dim]`: the selected blocks' outputs, final-normed, combined.
+
+        frame_tokens: with a CLS token, the patches per frame (h·w): each of the t = n / h·w
+        frames of an item gets its own CLS."""
         if self.cls is not None:  # [G, n, D] -> [G·t, 1 + n/t, D]: one CLS per frame, as CLIP sees images
             G, n, D = x.shape
-            x = x.reshape(-1, self._frame_tokens, D)
+            x = x.reshape(-1, frame_tokens, D)
             cls = (self.cls + self.cls_pos).to(x.dtype).expand(x.shape[0], 1, D)
             x = torch.cat([cls, x], 1)
         if self.pre_norm is not None:
