@@ -6,8 +6,8 @@ from omegaconf import DictConfig
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    from vlm.train import run
     from vlm.errors import user_errors
+    from vlm.train import run
 
     with user_errors():
         metrics = run(cfg)

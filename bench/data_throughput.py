@@ -71,7 +71,27 @@ def jpeg(img: Image.Image, quality: int = 90) -> bytes:
     return buf.getvalue()
 
 
-WORDS = ["a", "the", "red", "blue", "green", "small", "large", "photo", "of", "with", "and", "on", "near", "bright", "dark", "shape", "circle", "square", "scene"]
+WORDS = [
+    "a",
+    "the",
+    "red",
+    "blue",
+    "green",
+    "small",
+    "large",
+    "photo",
+    "of",
+    "with",
+    "and",
+    "on",
+    "near",
+    "bright",
+    "dark",
+    "shape",
+    "circle",
+    "square",
+    "scene",
+]
 
 
 def caption(rng: np.random.Generator) -> str:
@@ -93,8 +113,10 @@ def make_loader_data(tmp: Path, n: int, maxcount: int, seed: int = 0) -> tuple[P
             caps.append(caption(rng))
             f.write(json.dumps({"image": f"img/{i:06d}.jpg", "caption": caps[-1]}) + "\n")
     rep = convert_captions(tmp / "pairs.jsonl", tmp / "shards", maxcount=maxcount, workers=2, verbose=False)
-    print(f"made {n} JPEGs (640x480 q90, mean {sum(map(len, files)) / n / 1e3:.0f} kB) -> {len(rep['shards'])} shards "
-          f"in {rep['run']['seconds']:.1f}s conversion ({rep['samples'] / rep['run']['seconds']:.0f} samples/s, 2 workers)")
+    print(
+        f"made {n} JPEGs (640x480 q90, mean {sum(map(len, files)) / n / 1e3:.0f} kB) -> {len(rep['shards'])} shards "
+        f"in {rep['run']['seconds']:.1f}s conversion ({rep['samples'] / rep['run']['seconds']:.0f} samples/s, 2 workers)"
+    )
     return tmp / "shards", files, caps
 
 
@@ -115,8 +137,14 @@ def loader_rate(shards: Path, caps: list[str], workers: int, batch_size: int) ->
     # the default config's processor: fixed 64 px, patch 8, jpeg_draft on
     proc = SampleProcessor(ImageProcessor(jpeg_draft=True), template, mode="train")
     ds = ShardDataset(str(shards), proc, train=False)
-    dl = DataLoader(ds, batch_size=batch_size, num_workers=workers, collate_fn=Collator(tok.pad_id),
-                    prefetch_factor=4 if workers else None, worker_init_fn=seed_worker if workers else None)
+    dl = DataLoader(
+        ds,
+        batch_size=batch_size,
+        num_workers=workers,
+        collate_fn=Collator(tok.pad_id),
+        prefetch_factor=4 if workers else None,
+        worker_init_fn=seed_worker if workers else None,
+    )
     t0 = time.perf_counter()
     t_first = None
     samples = images = first_n = 0
@@ -128,9 +156,16 @@ def loader_rate(shards: Path, caps: list[str], workers: int, batch_size: int) ->
             t_first, first_n = time.perf_counter(), n
     total = time.perf_counter() - t0
     steady = time.perf_counter() - t_first
-    return {"workers": workers, "samples": samples, "images": images, "seconds": total,
-            "sps": samples / total, "ips": images / total,
-            "steady_sps": (samples - first_n) / steady if steady > 0 else float("nan"), "threads": torch.get_num_threads()}
+    return {
+        "workers": workers,
+        "samples": samples,
+        "images": images,
+        "seconds": total,
+        "sps": samples / total,
+        "ips": images / total,
+        "steady_sps": (samples - first_n) / steady if steady > 0 else float("nan"),
+        "threads": torch.get_num_threads(),
+    }
 
 
 def per_image_ms(files: list[bytes], fn) -> float:
@@ -163,8 +198,10 @@ def run_loader(args) -> None:
         gap_ms = per_image_ms(files, lambda b: proc_gap(decode_image(b)))
         draft_ms = per_image_ms(files, lambda b: proc_draft(decode_image(b, draft=proc_draft.draft_size)))
 
-    print(f"\n{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch threads {args.threads}, "
-          f"batch {args.batch_size}, {args.samples} samples (1 image each)\n")
+    print(
+        f"\n{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch threads {args.threads}, "
+        f"batch {args.batch_size}, {args.samples} samples (1 image each)\n"
+    )
     print("| loader workers | samples/s | images/s | after 1st batch samples/s | pass (s) |")
     print("| ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
@@ -172,10 +209,13 @@ def run_loader(args) -> None:
     print(f"| raw PIL decode (1 process) | {1e3 / raw_ms:.0f} | {1e3 / raw_ms:.0f} | | |")
     print("\n| per image (640x480 JPEG q90) | ms | x raw decode |")
     print("| --- | ---: | ---: |")
-    for label, ms in [("raw PIL: Image.open(BytesIO(b)).convert('RGB')", raw_ms), ("decode_image (hardened)", dec_ms),
-                      ("decode_image + ImageProcessor (fixed 64 px, patch 8)", pre_ms),
-                      ("decode_image + ImageProcessor(reducing_gap=2.0)", gap_ms),
-                      ("decode_image(draft) + ImageProcessor(jpeg_draft=True) (the default config)", draft_ms)]:
+    for label, ms in [
+        ("raw PIL: Image.open(BytesIO(b)).convert('RGB')", raw_ms),
+        ("decode_image (hardened)", dec_ms),
+        ("decode_image + ImageProcessor (fixed 64 px, patch 8)", pre_ms),
+        ("decode_image + ImageProcessor(reducing_gap=2.0)", gap_ms),
+        ("decode_image(draft) + ImageProcessor(jpeg_draft=True) (the default config)", draft_ms),
+    ]:
         print(f"| {label} | {ms:.2f} | {ms / raw_ms:.2f} |")
 
 
@@ -200,7 +240,9 @@ def make_convert_input(work: Path, n: int, distinct: int, seed: int = 0) -> Path
             cap = caption(rng) if i % 997 != 996 else ""
             f.write(json.dumps({"image": img, "caption": cap}) + "\n")
     marker.write_text(json.dumps(want))
-    print(f"wrote {n} records ({src.stat().st_size / 1e6:.1f} MB JSONL, {k} distinct 64x48 JPEGs) in {time.perf_counter() - t0:.1f}s")
+    print(
+        f"wrote {n} records ({src.stat().st_size / 1e6:.1f} MB JSONL, {k} distinct 64x48 JPEGs) in {time.perf_counter() - t0:.1f}s"
+    )
     return src
 
 
@@ -215,8 +257,18 @@ def run_convert(args) -> None:
     try:
         src = make_convert_input(work, args.convert_samples, args.distinct_images)
         out = work / "shards"
-        cmd = [sys.executable, str(ROOT / "data" / "convert_captions.py"), str(src), "--out", str(out),
-               "--maxcount", str(args.maxcount), "--workers", str(args.convert_workers), "--quiet"]
+        cmd = [
+            sys.executable,
+            str(ROOT / "data" / "convert_captions.py"),
+            str(src),
+            "--out",
+            str(out),
+            "--maxcount",
+            str(args.maxcount),
+            "--workers",
+            str(args.convert_workers),
+            "--quiet",
+        ]
         print("$ " + " ".join(cmd))
         runs = []
         if args.interrupt_after:
@@ -248,13 +300,17 @@ def run_convert(args) -> None:
         ok = info["samples"] == n - sum(expect_skipped.values()) and info["skipped"] == expect_skipped
         run = info["run"]
         chunks = -(-info["records"] // args.maxcount)
-        print("\n| conversion | records | samples | skipped | shards | MB | s | samples/s | peak RSS main (MB) | peak RSS writers (MB) |")
+        print(
+            "\n| conversion | records | samples | skipped | shards | MB | s | samples/s | peak RSS main (MB) | peak RSS writers (MB) |"
+        )
         print("| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
         label = "resumed run" if runs else "full run"
-        print(f"| {label} ({run['shards_written']} written, {run['shards_reused']} reused, {args.convert_workers} workers) "
-              f"| {info['records']} | {info['samples']} | {info['skipped']} | {len(info['shards'])} | {info['bytes'] / 1e6:.0f} "
-              f"| {seconds:.1f} | {info['records'] * run['shards_written'] / chunks / max(seconds, 1e-9):.0f} "
-              f"| {run['peak_rss_mb']['main']} | {run['peak_rss_mb']['workers']} |")
+        print(
+            f"| {label} ({run['shards_written']} written, {run['shards_reused']} reused, {args.convert_workers} workers) "
+            f"| {info['records']} | {info['samples']} | {info['skipped']} | {len(info['shards'])} | {info['bytes'] / 1e6:.0f} "
+            f"| {seconds:.1f} | {info['records'] * run['shards_written'] / chunks / max(seconds, 1e-9):.0f} "
+            f"| {run['peak_rss_mb']['main']} | {run['peak_rss_mb']['workers']} |"
+        )
         print(f"\ncounts as generated: {'yes' if ok else 'NO'} (expected skipped {expect_skipped})")
     finally:
         if tmp is not None:
@@ -264,15 +320,24 @@ def run_convert(args) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--samples", type=int, default=400, help="loader mode: JPEGs to make")
-    ap.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2], help="loader mode: DataLoader num_workers to try")
+    ap.add_argument(
+        "--workers", type=int, nargs="+", default=[0, 1, 2], help="loader mode: DataLoader num_workers to try"
+    )
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--maxcount", type=int, default=100, help="samples per shard (loader mode), 1000 in convert mode")
     ap.add_argument("--threads", type=int, default=1, help="torch threads in the main process")
     ap.add_argument("--convert-samples", type=int, default=0, help="convert mode: records to convert")
     ap.add_argument("--convert-workers", type=int, default=2)
-    ap.add_argument("--distinct-images", type=int, default=1000, help="convert mode: image files the records cycle over")
+    ap.add_argument(
+        "--distinct-images", type=int, default=1000, help="convert mode: image files the records cycle over"
+    )
     ap.add_argument("--work-dir", default=None, help="convert mode: keep input and shards here (resumable by hand)")
-    ap.add_argument("--interrupt-after", type=float, default=0, help="convert mode: SIGINT the converter after this many seconds, then resume")
+    ap.add_argument(
+        "--interrupt-after",
+        type=float,
+        default=0,
+        help="convert mode: SIGINT the converter after this many seconds, then resume",
+    )
     args = ap.parse_args()
     if args.convert_samples:
         if args.maxcount == 100:

@@ -71,12 +71,17 @@ def main() -> None:
     args = p.parse_args()
     import transformers
 
-
     tmp = Path(tempfile.mkdtemp(prefix="fsdp_load_"))
     folder = tmp / "llama"
-    cfg = transformers.LlamaConfig(vocab_size=args.vocab, hidden_size=args.dim, intermediate_size=int(2.75 * args.dim),
-                                   num_hidden_layers=args.layers, num_attention_heads=args.dim // 64,
-                                   num_key_value_heads=max(1, args.dim // 256), tie_word_embeddings=False)
+    cfg = transformers.LlamaConfig(
+        vocab_size=args.vocab,
+        hidden_size=args.dim,
+        intermediate_size=int(2.75 * args.dim),
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.dim // 64,
+        num_key_value_heads=max(1, args.dim // 256),
+        tie_word_embeddings=False,
+    )
     model = transformers.LlamaForCausalLM(cfg)
     n_params = sum(p.numel() for p in model.parameters())
     model.save_pretrained(folder)
@@ -87,29 +92,68 @@ def main() -> None:
         out = tmp / mode
         out.mkdir()
         overrides = [
-            f"paths.output_dir={out}", f"paths.data_dir={data}", "logger=none", "model/decoder=llama",
-            f"model.decoder.pretrained={folder}", "model.encoder.dim=64", "model.encoder.n_layers=1",
-            "data.synthetic.train_samples=64", "data.synthetic.heldout_samples=16", "data.batch_size=2",
-            "data.num_workers=0", "data.val_num_workers=0", "trainer=fsdp", "trainer.accelerator=cpu",
-            "trainer.devices=2", "trainer.max_steps=1", "+callbacks.peak._target_=bench.fsdp_load_memory.PeakAtStart",
-            f"+callbacks.peak.out={out}", "trainer.limit_val_batches=0", "trainer.precision=32-true",
-            "callbacks.model_checkpoint.monitor=null", "~callbacks.export", "~callbacks.model_checkpoint",
-            f"parallel.init={mode}", "model.freeze.decoder=true",
+            f"paths.output_dir={out}",
+            f"paths.data_dir={data}",
+            "logger=none",
+            "model/decoder=llama",
+            f"model.decoder.pretrained={folder}",
+            "model.encoder.dim=64",
+            "model.encoder.n_layers=1",
+            "data.synthetic.train_samples=64",
+            "data.synthetic.heldout_samples=16",
+            "data.batch_size=2",
+            "data.num_workers=0",
+            "data.val_num_workers=0",
+            "trainer=fsdp",
+            "trainer.accelerator=cpu",
+            "trainer.devices=2",
+            "trainer.max_steps=1",
+            "+callbacks.peak._target_=bench.fsdp_load_memory.PeakAtStart",
+            f"+callbacks.peak.out={out}",
+            "trainer.limit_val_batches=0",
+            "trainer.precision=32-true",
+            "callbacks.model_checkpoint.monitor=null",
+            "~callbacks.export",
+            "~callbacks.model_checkpoint",
+            f"parallel.init={mode}",
+            "model.freeze.decoder=true",
         ]
         spec = tmp / f"{mode}.json"
         spec.write_text(json.dumps({"overrides": overrides, "out": str(out)}))
         # glibc: return every large free to the OS at once, so ru_maxrss is the real high-water mark
-        env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-               "MALLOC_MMAP_THRESHOLD_": "1048576"}
-        r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                            __file__, "--worker", str(spec)], capture_output=True, text=True, env=env)
+        env = {
+            **os.environ,
+            "WANDB_MODE": "disabled",
+            "OMP_NUM_THREADS": "1",
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+            "MALLOC_MMAP_THRESHOLD_": "1048576",
+        }
+        r = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                "--nproc_per_node=2",
+                __file__,
+                "--worker",
+                str(spec),
+            ],
+            capture_output=True,
+            text=True,
+            env=env,
+        )
         if r.returncode:
             sys.exit(r.stdout[-3000:] + r.stderr[-3000:])
-        peaks = [json.loads((out / f"{what}{i}.json").read_text())["peak_mb"] for what in ("start", "rank") for i in range(2)]
+        peaks = [
+            json.loads((out / f"{what}{i}.json").read_text())["peak_mb"] for what in ("start", "rank") for i in range(2)
+        ]
         rows.append((mode, *peaks))
     size_mb = n_params * 4 / 2**20
     print(f"\ndecoder: {n_params / 1e6:.0f}M parameters, {size_mb:.0f} MB in fp32 (safetensors folder {folder})\n")
-    print("peak resident memory per rank (MB): after building, loading and sharding (training starts), and after one step")
+    print(
+        "peak resident memory per rank (MB): after building, loading and sharding (training starts), and after one step"
+    )
     print("| parallel.init | rank 0 at start | rank 1 at start | rank 0 after a step | rank 1 after a step |")
     print("| --- | ---: | ---: | ---: | ---: |")
     for mode, *peaks in rows:

@@ -19,9 +19,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from vlm.generate import generate  # noqa: E402
-from vlm.model.decoder import Decoder  # noqa: E402
-from vlm.model.projector import Projector, visual_token_count  # noqa: E402
-from vlm.model.vision import VisionEncoder  # noqa: E402
+from vlm.model.projector import visual_token_count  # noqa: E402
 from vlm.model.vlm import VLM  # noqa: E402
 
 IMG, VID, EOS_NEVER = 400, 401, -1
@@ -85,16 +83,20 @@ def main() -> None:
     else:
         model = default_model()
     torch.manual_seed(0)
-    print(f"| batch | prompt tokens | new tokens | KV cache ms | re-forward ms | speed-up | same tokens |")
-    print(f"| ---: | ---: | ---: | ---: | ---: | ---: | --- |")
+    print("| batch | prompt tokens | new tokens | KV cache ms | re-forward ms | speed-up | same tokens |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | --- |")
     for b in args.batch:
         batch = make_batch(model, b, args.prompt_text)
         for n in args.new_tokens:
             # EOS that never occurs: both paths generate exactly n tokens
             t_kv, out_kv = timed(lambda: generate(model, batch, n, [EOS_NEVER], suppress_ids=[IMG, VID]), args.repeat)
-            t_full, out_full = timed(lambda: generate(model, batch, n, [EOS_NEVER], suppress_ids=[IMG, VID], use_cache=False), args.repeat)
+            t_full, out_full = timed(
+                lambda: generate(model, batch, n, [EOS_NEVER], suppress_ids=[IMG, VID], use_cache=False), args.repeat
+            )
             L = batch["input_ids"].shape[1]
-            print(f"| {b} | {L} | {n} | {t_kv * 1e3:.0f} | {t_full * 1e3:.0f} | {t_full / t_kv:.1f}x | {out_kv == out_full} |")
+            print(
+                f"| {b} | {L} | {n} | {t_kv * 1e3:.0f} | {t_full * 1e3:.0f} | {t_full / t_kv:.1f}x | {out_kv == out_full} |"
+            )
 
 
 if __name__ == "__main__":

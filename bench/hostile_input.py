@@ -82,15 +82,26 @@ def tiny_export(out: Path) -> Path:
     tok = train_tokenizer(["What colour is the circle?", "red", "blue"] * 20)
     tok.save(out / "tokenizer.json")
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=[
-            f"paths.data_dir={out}", "model.encoder.dim=32", "model.encoder.n_layers=1", "model.encoder.n_heads=2",
-            "model.decoder.dim=32", "model.decoder.n_layers=1", "model.decoder.n_heads=2", "model.decoder.n_kv_heads=1"])
+        cfg = compose(
+            "train",
+            overrides=[
+                f"paths.data_dir={out}",
+                "model.encoder.dim=32",
+                "model.encoder.n_layers=1",
+                "model.encoder.n_heads=2",
+                "model.decoder.dim=32",
+                "model.decoder.n_layers=1",
+                "model.decoder.n_heads=2",
+                "model.decoder.n_kv_heads=1",
+            ],
+        )
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
     processor = build_processor(OmegaConf.to_container(cfg.data.processor, resolve=True))
     template = OmegaConf.to_container(cfg.data.template, resolve=True)
     model = build_model(model_cfg, tok)
-    return export_folder(model, tok, {"model": model_cfg, "processor": processor.to_config(), "template": template},
-                         out / "export")
+    return export_folder(
+        model, tok, {"model": model_cfg, "processor": processor.to_config(), "template": template}, out / "export"
+    )
 
 
 def sparse_tar(d: Path) -> Path:
@@ -112,8 +123,12 @@ def good_tar(d: Path) -> Path:
 
     b = io.BytesIO()
     Image.new("RGB", (32, 32), "red").save(b, "PNG")
-    chat = {"messages": [{"role": "user", "content": [{"type": "image", "media": 0}, {"type": "text", "text": "What colour?"}]},
-                         {"role": "assistant", "content": "red"}]}
+    chat = {
+        "messages": [
+            {"role": "user", "content": [{"type": "image", "media": 0}, {"type": "text", "text": "What colour?"}]},
+            {"role": "assistant", "content": "red"},
+        ]
+    }
     path = d / "good.tar"
     with tarfile.open(path, "w") as t:
         for name, data in (("g.json", json.dumps(chat).encode()), ("g.0.png", b.getvalue())):
@@ -124,17 +139,35 @@ def good_tar(d: Path) -> Path:
 
 
 def child(code: str, args: list[str], timeout: int = 300) -> dict:
-    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    env = {
+        **os.environ,
+        "WANDB_MODE": "disabled",
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
     t0 = time.perf_counter()
     try:
-        r = subprocess.run([sys.executable, "-c", code, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                           env=env, stdin=subprocess.DEVNULL)
+        r = subprocess.run(
+            [sys.executable, "-c", code, *args],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=env,
+            stdin=subprocess.DEVNULL,
+        )
     except subprocess.TimeoutExpired:
-        return {"outcome": f"HUNG (killed after {timeout} s)", "seconds": time.perf_counter() - t0, "peak_mb": float("nan")}
+        return {
+            "outcome": f"HUNG (killed after {timeout} s)",
+            "seconds": time.perf_counter() - t0,
+            "peak_mb": float("nan"),
+        }
     last = [ln for ln in r.stdout.splitlines() if ln.startswith("{")]
     if not last:
-        return {"outcome": f"crashed: {r.stderr.strip().splitlines()[-1][:90] if r.stderr.strip() else r.returncode}",
-                "seconds": time.perf_counter() - t0, "peak_mb": float("nan")}
+        return {
+            "outcome": f"crashed: {r.stderr.strip().splitlines()[-1][:90] if r.stderr.strip() else r.returncode}",
+            "seconds": time.perf_counter() - t0,
+            "peak_mb": float("nan"),
+        }
     return json.loads(last[-1])
 
 
@@ -148,8 +181,11 @@ def refusal_time(path) -> dict:
         outcome = "read (not refused!)"
     except MediaError as e:
         outcome = f"refused [{e.reason}]"
-    return {"outcome": outcome, "seconds": time.perf_counter() - t0,
-            "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    return {
+        "outcome": outcome,
+        "seconds": time.perf_counter() - t0,
+        "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
 
 
 def main() -> None:
@@ -162,21 +198,38 @@ def main() -> None:
         big = d / "big.png"
         with open(big, "wb") as f:
             f.truncate(2**30)
-        base = child("import torch, vlm.infer, vlm.data.webdataset; import json, resource; "
-                     "print(json.dumps({'outcome': 'imports only', 'seconds': 0, "
-                     "'peak_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))", [])
+        base = child(
+            "import torch, vlm.infer, vlm.data.webdataset; import json, resource; "
+            "print(json.dumps({'outcome': 'imports only', 'seconds': 0, "
+            "'peak_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))",
+            [],
+        )
         rows = [
             ("python + torch + vlm imported (baseline)", base),
-            (f"loader, evaluation: tar of {bomb.stat().st_size // 1024} KB, member declares 2 GiB",
-             child(CHILD_LOADER, [str(bomb), str(good), str(export / "tokenizer.json"), "eval"])),
-            ("loader, training: the same tar beside a good shard (50 samples)",
-             child(CHILD_LOADER, [str(bomb), str(good), str(export / "tokenizer.json"), "train"])),
-            ("infer.py image=/dev/zero", child(CHILD_INFER, [f"ckpt={export}", "image=/dev/zero", "prompt=hi",
-                                                              f"hydra.run.dir={d / 'h'}"])),
-            ("infer.py image=<named pipe>", child(CHILD_INFER, [f"ckpt={export}", f"image={fifo}", "prompt=hi",
-                                                                 f"hydra.run.dir={d / 'h'}"], timeout=120)),
-            ("infer.py image=<1 GiB file>", child(CHILD_INFER, [f"ckpt={export}", f"image={big}", "prompt=hi",
-                                                                 f"hydra.run.dir={d / 'h'}"])),
+            (
+                f"loader, evaluation: tar of {bomb.stat().st_size // 1024} KB, member declares 2 GiB",
+                child(CHILD_LOADER, [str(bomb), str(good), str(export / "tokenizer.json"), "eval"]),
+            ),
+            (
+                "loader, training: the same tar beside a good shard (50 samples)",
+                child(CHILD_LOADER, [str(bomb), str(good), str(export / "tokenizer.json"), "train"]),
+            ),
+            (
+                "infer.py image=/dev/zero",
+                child(CHILD_INFER, [f"ckpt={export}", "image=/dev/zero", "prompt=hi", f"hydra.run.dir={d / 'h'}"]),
+            ),
+            (
+                "infer.py image=<named pipe>",
+                child(
+                    CHILD_INFER,
+                    [f"ckpt={export}", f"image={fifo}", "prompt=hi", f"hydra.run.dir={d / 'h'}"],
+                    timeout=120,
+                ),
+            ),
+            (
+                "infer.py image=<1 GiB file>",
+                child(CHILD_INFER, [f"ckpt={export}", f"image={big}", "prompt=hi", f"hydra.run.dir={d / 'h'}"]),
+            ),
             ("read_file(<named pipe>) alone", refusal_time(fifo)),
             ("read_file(/dev/zero) alone", refusal_time("/dev/zero")),
         ]

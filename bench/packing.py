@@ -45,15 +45,22 @@ def real_lengths(root: Path, n: int) -> list[int]:
 
 def report(name: str, lengths: list[int], length: int, batch: int, window: int) -> list[str]:
     rows_per_batch = max(1, round(batch * (sum(lengths) / len(lengths)) / length))
-    out = [f"| {name} | unpacked | {len(lengths)} | {batch} samples | {100 * padding_fraction([[n] for n in lengths], batch):.1f}% |"]
+    out = [
+        f"| {name} | unpacked | {len(lengths)} | {batch} samples | {100 * padding_fraction([[n] for n in lengths], batch):.1f}% |"
+    ]
     for packer in (greedy, best_fit_decreasing):
         t0 = time.perf_counter()
-        rows = [[lengths[w + i] for i in b] for w in range(0, len(lengths), window)
-                for b in packer(lengths[w : w + window], length)]
+        rows = [
+            [lengths[w + i] for i in b]
+            for w in range(0, len(lengths), window)
+            for b in packer(lengths[w : w + window], length)
+        ]
         dt = time.perf_counter() - t0
         pad = padding_fraction(rows, rows_per_batch)
-        out.append(f"| {name} | {packer.__name__} (rows of {length}) | {len(rows)} rows | {rows_per_batch} rows "
-                   f"| {100 * pad:.1f}% ({1e6 * dt / len(lengths):.1f} µs/sample to pack) |")
+        out.append(
+            f"| {name} | {packer.__name__} (rows of {length}) | {len(rows)} rows | {rows_per_batch} rows "
+            f"| {100 * pad:.1f}% ({1e6 * dt / len(lengths):.1f} µs/sample to pack) |"
+        )
     return out
 
 

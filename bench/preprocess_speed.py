@@ -32,9 +32,7 @@ from vlm.data.processor import ImageProcessor  # noqa: E402
 def photo_like(w: int, h: int, seed: int = 0) -> Image.Image:
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-    base = np.stack(
-        [128 + 100 * np.sin(xx / w * 3 + c) * np.cos(yy / h * 2 - c) for c in (0.0, 1.0, 2.0)], axis=-1
-    )
+    base = np.stack([128 + 100 * np.sin(xx / w * 3 + c) * np.cos(yy / h * 2 - c) for c in (0.0, 1.0, 2.0)], axis=-1)
     base += rng.normal(0, 12, size=base.shape)
     img = Image.fromarray(np.clip(base, 0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(img)
@@ -89,8 +87,10 @@ def main() -> None:
         "+proc 224/p14 draft": ImageProcessor(patch_size=14, image_size=224, jpeg_draft=True),
     }
 
-    print(f"# python {platform.python_version()}, torch {torch.__version__}, "
-          f"pillow {Image.__version__}, torch threads {torch.get_num_threads()}, median of {args.repeat}")
+    print(
+        f"# python {platform.python_version()}, torch {torch.__version__}, "
+        f"pillow {Image.__version__}, torch threads {torch.get_num_threads()}, median of {args.repeat}"
+    )
     cols = ["raw PIL", "decode_image"] + list(processors)
     header = f"{'input':<20} {'bytes':>8} " + " ".join(f"{c:>20}" for c in cols)
     print(header)

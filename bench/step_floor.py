@@ -121,7 +121,11 @@ def main() -> None:
             for i, r in enumerate(runs):
                 best[i] = min(best[i], statistics.median(r.run(a.steps)))
         ms = [b * 1e3 for b in best]
-        print(f"| {size} | {flops / 1e9:.1f} | {flops / (0.5 * peak * 1e12) * 1e3:.0f} | " + " | ".join(f"{x:.0f}" for x in ms) + " |")
+        print(
+            f"| {size} | {flops / 1e9:.1f} | {flops / (0.5 * peak * 1e12) * 1e3:.0f} | "
+            + " | ".join(f"{x:.0f}" for x in ms)
+            + " |"
+        )
 
 
 if __name__ == "__main__":

@@ -44,8 +44,10 @@ def scenario_sizes(name: str, batch: int, gen: torch.Generator) -> tuple[list[tu
     """(W, H) pixel sizes and the processor settings of a scenario."""
     if name == "photos":  # photos and documents of any shape, Qwen2-VL-like caps at patch 14
         proc = dict(patch_size=14, merge_size=2, min_pixels=4 * 28 * 28, max_pixels=512 * 28 * 28)
-        sizes = [(int(torch.randint(112, 1200, (1,), generator=gen)), int(torch.randint(112, 1200, (1,), generator=gen)))
-                 for _ in range(batch)]
+        sizes = [
+            (int(torch.randint(112, 1200, (1,), generator=gen)), int(torch.randint(112, 1200, (1,), generator=gen)))
+            for _ in range(batch)
+        ]
         return sizes, proc
     if name == "synth":  # a synthvqa v1+v2 batch at patch 8: 64x64 scenes, some 512x64 text strips
         proc = dict(patch_size=8, merge_size=1, min_pixels=64, max_pixels=64 * 64 * 4)
@@ -155,12 +157,18 @@ def main() -> None:
     n = [t * h * w for t, h, w in grids]
     patches = torch.randn(sum(n), 3 * P * P, generator=gen).to(args.device, dtype)
     grid_thw = torch.tensor(grids)
-    enc = VisionEncoder(patch_size=P, dim=args.dim, n_layers=args.layers, n_heads=args.heads).to(args.device, dtype).eval()
+    enc = (
+        VisionEncoder(patch_size=P, dim=args.dim, n_layers=args.layers, n_heads=args.heads)
+        .to(args.device, dtype)
+        .eval()
+    )
     grid_patches, grid_grid = pad_to_grid(patches, grids)
 
-    print(f"# vision_packing: scenario {args.scenario}, batch {args.batch}, encoder dim {args.dim} x {args.layers} layers "
-          f"({args.heads} heads), patch {P}, {args.device} {dtype}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} CPU threads, {platform.processor() or platform.machine()}")
+    print(
+        f"# vision_packing: scenario {args.scenario}, batch {args.batch}, encoder dim {args.dim} x {args.layers} layers "
+        f"({args.heads} heads), patch {P}, {args.device} {dtype}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} CPU threads, {platform.processor() or platform.machine()}"
+    )
     print(f"# grids (h, w): {', '.join(f'{h}x{w}' for _, h, w in grids)}")
     print(f"# distinct patch counts (packed groups): {len(set(n))}")
 
@@ -176,11 +184,15 @@ def main() -> None:
             bdiff = (forward_blockmask(enc, patches, grids) - ref).abs().max().item()
             rows.append(("blockmask", sum(n), lambda: forward_blockmask(enc, patches, grids), f"{bdiff:.1e}"))
         real = sum(n)
-        print(f"{'mode':<10} {'tokens':>8} {'real':>7} {'padding':>8} {'ms/batch':>9} {'vs packed':>9}  max|diff| vs packed")
+        print(
+            f"{'mode':<10} {'tokens':>8} {'real':>7} {'padding':>8} {'ms/batch':>9} {'vs packed':>9}  max|diff| vs packed"
+        )
         times = timed([r[2] for r in rows], args.repeat, args.device)
         base = times[0]
         for (name, tokens, _, d), ms in zip(rows, times):
-            print(f"{name:<10} {tokens:>8} {real:>7} {100 * (tokens - real) / tokens:>7.1f}% {ms:>9.1f} {ms / base:>8.2f}x  {d}")
+            print(
+                f"{name:<10} {tokens:>8} {real:>7} {100 * (tokens - real) / tokens:>7.1f}% {ms:>9.1f} {ms / base:>8.2f}x  {d}"
+            )
 
 
 if __name__ == "__main__":

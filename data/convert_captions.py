@@ -31,13 +31,19 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("input", help="a folder of images with .txt captions, a CSV (path,caption) or JSONL")
     p.add_argument("--image-root", default=None, help="folder the paths are relative to (default: the input's folder)")
-    p.add_argument("--prompts", type=json.loads, default=list(DEFAULT_CAPTION_PROMPTS),
-                   help='JSON list of user prompts (default: %(default)s)')
+    p.add_argument(
+        "--prompts",
+        type=json.loads,
+        default=list(DEFAULT_CAPTION_PROMPTS),
+        help="JSON list of user prompts (default: %(default)s)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the prompt draw")
     add_common_arguments(p)
     args = p.parse_args(argv)
-    return run_cli(convert_captions, dict(input=args.input, image_root=args.image_root, prompts=args.prompts,
-                                          seed=args.seed, **common_kwargs(args)))
+    return run_cli(
+        convert_captions,
+        dict(input=args.input, image_root=args.image_root, prompts=args.prompts, seed=args.seed, **common_kwargs(args)),
+    )
 
 
 if __name__ == "__main__":

@@ -32,8 +32,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-images", type=int, default=None, help="keep at most this many images per document")
     add_common_arguments(p)
     args = p.parse_args(argv)
-    return run_cli(convert_interleaved, dict(input=args.input, image_root=args.image_root, text_joiner=args.text_joiner,
-                                             max_images=args.max_images, **common_kwargs(args)))
+    return run_cli(
+        convert_interleaved,
+        dict(
+            input=args.input,
+            image_root=args.image_root,
+            text_joiner=args.text_joiner,
+            max_images=args.max_images,
+            **common_kwargs(args),
+        ),
+    )
 
 
 if __name__ == "__main__":

@@ -40,12 +40,23 @@ def main(argv: list[str] | None = None) -> Path:
     p.add_argument("--canvas", type=int, default=64, help="image side in pixels")
     p.add_argument("--turns", type=int, default=1, help="questions per shapes image in train (heldout: always 1)")
     p.add_argument("--font-size", type=int, default=None, help="OCR font size (default: derived from the canvas)")
-    p.add_argument("--qtype-weights", type=json.loads, default=None,
-                   help=f'JSON dict qtype -> weight for train, e.g. \'{{"ocr": 2, "describe": 1}}\'; qtypes: {", ".join(QTYPES_ALL)}')
-    p.add_argument("--families", default="v1",
-                   help=f"comma-separated families ({', '.join(FAMILIES)}) or aliases ({', '.join(FAMILY_ALIASES)}); default v1")
-    p.add_argument("--video-format", choices=sorted(VIDEO_FORMATS), default="mp4",
-                   help="video family member format: mp4 (H.264 via PyAV, lossless) or apng")
+    p.add_argument(
+        "--qtype-weights",
+        type=json.loads,
+        default=None,
+        help=f'JSON dict qtype -> weight for train, e.g. \'{{"ocr": 2, "describe": 1}}\'; qtypes: {", ".join(QTYPES_ALL)}',
+    )
+    p.add_argument(
+        "--families",
+        default="v1",
+        help=f"comma-separated families ({', '.join(FAMILIES)}) or aliases ({', '.join(FAMILY_ALIASES)}); default v1",
+    )
+    p.add_argument(
+        "--video-format",
+        choices=sorted(VIDEO_FORMATS),
+        default="mp4",
+        help="video family member format: mp4 (H.264 via PyAV, lossless) or apng",
+    )
     p.add_argument("--video-fps", type=float, default=2.0, help="frame rate written into video members")
     p.add_argument("--video-frames", default="4,8", help="min,max frames per video (default 4,8)")
     p.add_argument("--seed", type=int, default=0, help="train seed")
@@ -59,9 +70,17 @@ def main(argv: list[str] | None = None) -> Path:
     except ValueError:
         p.error(f"--video-frames must be MIN,MAX, got {a.video_frames!r}")
     try:
-        cfg = SynthConfig(canvas=a.canvas, turns=a.turns, font_size=a.font_size, qtype_weights=a.qtype_weights,
-                          families=a.families, video_format=a.video_format, video_fps=a.video_fps,
-                          video_min_frames=fmin, video_max_frames=fmax)
+        cfg = SynthConfig(
+            canvas=a.canvas,
+            turns=a.turns,
+            font_size=a.font_size,
+            qtype_weights=a.qtype_weights,
+            families=a.families,
+            video_format=a.video_format,
+            video_fps=a.video_fps,
+            video_min_frames=fmin,
+            video_max_frames=fmax,
+        )
     except ValueError as e:
         p.error(str(e))
     return ensure_synthvqa(

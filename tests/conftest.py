@@ -16,12 +16,29 @@ CONF = str(ROOT / "conf")
 
 # A model small enough to train a few steps in seconds; same code path as the default.
 TINY = [
-    "model.encoder.dim=32", "model.encoder.n_layers=1", "model.encoder.n_heads=2", "model.encoder.conv_channels=8",
-    "model.decoder.dim=32", "model.decoder.n_layers=1", "model.decoder.n_heads=2", "model.decoder.n_kv_heads=1",
-    "data.synthetic.train_samples=64", "data.synthetic.heldout_samples=40", "data.synthetic.workers=1",
-    "data.batch_size=4", "data.val_batch_size=16", "data.num_workers=0", "data.val_num_workers=0",
-    "data.shuffle_buffer=16", "trainer.max_steps=4", "trainer.log_every_n_steps=1", "~callbacks.progress_bar", "trainer.enable_progress_bar=false",
-    "scheduler.warmup_steps=2", "val_max_new_tokens=6", "trainer.precision=32-true",
+    "model.encoder.dim=32",
+    "model.encoder.n_layers=1",
+    "model.encoder.n_heads=2",
+    "model.encoder.conv_channels=8",
+    "model.decoder.dim=32",
+    "model.decoder.n_layers=1",
+    "model.decoder.n_heads=2",
+    "model.decoder.n_kv_heads=1",
+    "data.synthetic.train_samples=64",
+    "data.synthetic.heldout_samples=40",
+    "data.synthetic.workers=1",
+    "data.batch_size=4",
+    "data.val_batch_size=16",
+    "data.num_workers=0",
+    "data.val_num_workers=0",
+    "data.shuffle_buffer=16",
+    "trainer.max_steps=4",
+    "trainer.log_every_n_steps=1",
+    "~callbacks.progress_bar",
+    "trainer.enable_progress_bar=false",
+    "scheduler.warmup_steps=2",
+    "val_max_new_tokens=6",
+    "trainer.precision=32-true",
 ]
 
 

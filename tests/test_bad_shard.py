@@ -53,8 +53,14 @@ def bomb_png(width=20000, height=20000) -> bytes:
 def chat(n_media=1, refs=None, question="What is shown?") -> bytes:
     refs = list(range(n_media)) if refs is None else refs
     content = [{"type": "image", "media": i} for i in refs] + [{"type": "text", "text": question}]
-    return json.dumps({"messages": [{"role": "user", "content": content},
-                                    {"role": "assistant", "content": [{"type": "text", "text": "a red square"}]}]}).encode()
+    return json.dumps(
+        {
+            "messages": [
+                {"role": "user", "content": content},
+                {"role": "assistant", "content": [{"type": "text", "text": "a red square"}]},
+            ]
+        }
+    ).encode()
 
 
 def good_samples() -> list[dict]:
@@ -73,7 +79,7 @@ def good_samples() -> list[dict]:
         "g_png": enc(rgb(), "PNG"),
         "g_jpeg": enc(rgb(), "JPEG", quality=90),
         "g_webp": enc(rgb(), "WEBP"),
-        "g_png16": enc(Image.fromarray(a16), "PNG"),                                    # I;16: scaled, not clipped
+        "g_png16": enc(Image.fromarray(a16), "PNG"),  # I;16: scaled, not clipped
         "g_float": enc(Image.fromarray(np.linspace(0, 1, 40 * 32, dtype=np.float32).reshape(32, 40)), "TIFF"),
         "g_cmyk": enc(rgb().convert("CMYK"), "JPEG"),
         "g_palette_alpha": enc(pal, "PNG"),
@@ -95,27 +101,28 @@ def bad_samples() -> list[tuple[dict, str]]:
     jpeg, png, webp = enc(rgb(), "JPEG", quality=90), enc(rgb(), "PNG"), enc(rgb(), "WEBP")
     gif = enc(rgb(), "GIF")
     cases = [
-        ({"json": chat(), "0.jpg": jpeg[: len(jpeg) // 2]}, "media_corrupt"),        # truncated JPEG
-        ({"json": chat(), "0.png": png[: len(png) // 2]}, "media_corrupt"),          # truncated PNG
-        ({"json": chat(), "0.webp": webp[: len(webp) // 2]}, "media_corrupt"),       # truncated WebP
-        ({"json": chat(), "0.gif": gif[:30]}, "media_corrupt"),                      # truncated GIF
-        ({"json": chat(), "0.png": b""}, "media_empty"),                             # zero-byte file
+        ({"json": chat(), "0.jpg": jpeg[: len(jpeg) // 2]}, "media_corrupt"),  # truncated JPEG
+        ({"json": chat(), "0.png": png[: len(png) // 2]}, "media_corrupt"),  # truncated PNG
+        ({"json": chat(), "0.webp": webp[: len(webp) // 2]}, "media_corrupt"),  # truncated WebP
+        ({"json": chat(), "0.gif": gif[:30]}, "media_corrupt"),  # truncated GIF
+        ({"json": chat(), "0.png": b""}, "media_empty"),  # zero-byte file
         ({"json": chat(), "0.png": b"this is not an image at all"}, "media_unidentified"),  # extension lies
-        ({"json": chat(), "0.png": bomb_png()}, "media_too_many_pixels"),            # decompression bomb
-        ({"json": b"[1, 2, 3]", "0.png": png}, "bad_json"),                           # JSON not an object
-        ({"json": b'{"text": "no messages"}', "0.png": png}, "bad_json"),             # lacks messages/document
-        ({"json": b"{broken", "0.png": png}, "bad_json"),                              # not JSON
-        ({"0.png": png}, "no_json"),                                                  # no JSON member
-        ({"json": chat(1, [1])}, "template"),                                         # references media not in the sample
-        ({"json": chat(1), "0.png": png, "1.png": png}, "template"),                  # media the text never references
+        ({"json": chat(), "0.png": bomb_png()}, "media_too_many_pixels"),  # decompression bomb
+        ({"json": b"[1, 2, 3]", "0.png": png}, "bad_json"),  # JSON not an object
+        ({"json": b'{"text": "no messages"}', "0.png": png}, "bad_json"),  # lacks messages/document
+        ({"json": b"{broken", "0.png": png}, "bad_json"),  # not JSON
+        ({"0.png": png}, "no_json"),  # no JSON member
+        ({"json": chat(1, [1])}, "template"),  # references media not in the sample
+        ({"json": chat(1), "0.png": png, "1.png": png}, "template"),  # media the text never references
     ]
     return [({"__key__": f"bad{i:02d}", **s}, reason) for i, (s, reason) in enumerate(cases)]
 
 
 def processor(tok):
     template = ChatTemplate(tok, lambda g: visual_token_count(g, 2), max_length=256, merge_size=2)
-    return SampleProcessor(ImageProcessor(patch_size=8, merge_size=2, image_size=32), template, mode="train",
-                           max_pixels=50_000_000)
+    return SampleProcessor(
+        ImageProcessor(patch_size=8, merge_size=2, image_size=32), template, mode="train", max_pixels=50_000_000
+    )
 
 
 def test_every_bad_kind_is_skipped_and_counted_exactly(tmp_path, tok):
@@ -141,8 +148,12 @@ def test_every_bad_kind_is_skipped_and_counted_exactly(tmp_path, tok):
 
     from vlm.data.collate import Collator
 
-    dl = DataLoader(ShardDataset(str(tmp_path / "bad-000000.tar"), processor(tok), train=False), batch_size=5,
-                    num_workers=1, collate_fn=Collator(tok.pad_id, "left"))
+    dl = DataLoader(
+        ShardDataset(str(tmp_path / "bad-000000.tar"), processor(tok), train=False),
+        batch_size=5,
+        num_workers=1,
+        collate_fn=Collator(tok.pad_id, "left"),
+    )
     batches = list(dl)
     assert sum(len(b["keys"]) for b in batches) == len(good)
     assert sum((b["skipped"] for b in batches), Counter()) == counts
@@ -167,9 +178,12 @@ def test_mostly_bad_windows_stop_with_a_clear_error(tmp_path, tok):
     with wds.TarWriter(str(tmp_path / "mostly-000000.tar")) as w:
         for s in samples:
             w.write(s)
-    ds = ShardDataset(str(tmp_path / "mostly-000000.tar"), processor(tok), train=False, max_bad_fraction=0.5,
-                      bad_window=30)
+    ds = ShardDataset(
+        str(tmp_path / "mostly-000000.tar"), processor(tok), train=False, max_bad_fraction=0.5, bad_window=30
+    )
     with pytest.raises(RuntimeError, match=r"of the last 30 samples failed .*bad_json"):
         list(ds)
-    ok = ShardDataset(str(tmp_path / "mostly-000000.tar"), processor(tok), train=False, max_bad_fraction=0.8, bad_window=30)
+    ok = ShardDataset(
+        str(tmp_path / "mostly-000000.tar"), processor(tok), train=False, max_bad_fraction=0.8, bad_window=30
+    )
     assert len([s for s in ok if not s.report_only]) == 60

@@ -55,8 +55,15 @@ def test_files_agree_with_the_processors(tmp_path):
     Image.new("RGB", (1000, 600), "blue").save(tmp_path / "a.png")
     frames = [Image.fromarray(np.full((48, 80, 3), 8 * i, np.uint8)) for i in range(30)]
     (tmp_path / "c.mp4").write_bytes(encode_video(frames, fps=10.0))
-    argv = [f"image={tmp_path / 'rot.jpg'}", f"image={tmp_path / 'a.png'}", f"video={tmp_path / 'c.mp4'}",
-            "patch_size=14", "merge_size=2", "max_pixels=200704", "max_video_tokens=16"]
+    argv = [
+        f"image={tmp_path / 'rot.jpg'}",
+        f"image={tmp_path / 'a.png'}",
+        f"video={tmp_path / 'c.mp4'}",
+        "patch_size=14",
+        "merge_size=2",
+        "max_pixels=200704",
+        "max_video_tokens=16",
+    ]
     rows, _, caps_off = _rows(*argv)
     assert not caps_off and [r.error for r in rows] == [None] * 3
     ip = ImageProcessor(patch_size=14, merge_size=2, resolution="dynamic", min_pixels=784, max_pixels=200704)
@@ -72,9 +79,16 @@ def test_files_agree_with_the_processors(tmp_path):
 def test_caps_and_config(tmp_path):
     rows, _, _ = _rows("size=896x896", "size=4000x3000", "max_tokens=256", "min_tokens=4")
     assert all(r.tokens <= 256 for r in rows) and rows[0].grid == (1, 32, 32)
-    cfg = {"processor": {"patch_size": 8, "merge_size": 1, "resolution": "fixed", "image_size": 64,
-                         "video": {"temporal_patch": 2, "max_video_tokens": 256}},
-           "template": {"max_length": 512}}
+    cfg = {
+        "processor": {
+            "patch_size": 8,
+            "merge_size": 1,
+            "resolution": "fixed",
+            "image_size": 64,
+            "video": {"temporal_patch": 2, "max_video_tokens": 256},
+        },
+        "template": {"max_length": 512},
+    }
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     rows, context, caps_off = _rows(f"config={tmp_path / 'config.json'}", "size=512x64", "video_size=64x64x8@2")
     assert context == 512 and not caps_off

@@ -45,12 +45,27 @@ from vlm.tokenizer import train_tokenizer
 
 WORDS = ["What is shown?", "a red square", "a blue circle", "hi", "user\n", "assistant\n", "system\n"]
 MODEL = {
-    "encoder": {"_target_": "vlm.model.vision.VisionEncoder", "patch_size": 4, "dim": 16, "n_layers": 1, "n_heads": 2,
-                "pos_grid": 4},
+    "encoder": {
+        "_target_": "vlm.model.vision.VisionEncoder",
+        "patch_size": 4,
+        "dim": 16,
+        "n_layers": 1,
+        "n_heads": 2,
+        "pos_grid": 4,
+    },
     "projector": {"_target_": "vlm.model.projector.Projector", "in_dim": None, "out_dim": None, "merge_size": 1},
-    "decoder": {"_target_": "vlm.model.decoder.Decoder", "vocab_size": None, "dim": 16, "n_layers": 1, "n_heads": 2,
-                "n_kv_heads": 1, "max_seq_len": 256},
-    "image_attention": "causal", "fusion": "interleave", "packed_attention": "sdpa",
+    "decoder": {
+        "_target_": "vlm.model.decoder.Decoder",
+        "vocab_size": None,
+        "dim": 16,
+        "n_layers": 1,
+        "n_heads": 2,
+        "n_kv_heads": 1,
+        "max_seq_len": 256,
+    },
+    "image_attention": "causal",
+    "fusion": "interleave",
+    "packed_attention": "sdpa",
     "cross_attn": {"every": 2, "media": "all"},
     "freeze": {"encoder": False, "projector": False, "decoder": False, "cross_attn": False},
 }
@@ -68,8 +83,13 @@ def tok():
 def hparams(tok):
     torch.manual_seed(0)
     model = build_model(MODEL, tok)
-    return model, {"model": self_contained_config(MODEL, model), "tokenizer_json": tok.to_str(),
-                   "processor": build_processor(PROCESSOR).to_config(), "template": TEMPLATE, "val_qtypes": ["color"]}
+    return model, {
+        "model": self_contained_config(MODEL, model),
+        "tokenizer_json": tok.to_str(),
+        "processor": build_processor(PROCESSOR).to_config(),
+        "template": TEMPLATE,
+        "val_qtypes": ["color"],
+    }
 
 
 @pytest.fixture(scope="module")
@@ -83,8 +103,14 @@ def ckpt(tmp_path_factory, hparams):
     """A pickle-free Lightning-style `.ckpt`: tensors and plain containers only."""
     model, hp = hparams
     path = tmp_path_factory.mktemp("good") / "last.ckpt"
-    torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}, "hyper_parameters": hp,
-                "global_step": 4}, path)
+    torch.save(
+        {
+            "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
+            "hyper_parameters": hp,
+            "global_step": 4,
+        },
+        path,
+    )
     return path
 
 
@@ -113,8 +139,14 @@ def refused(path, *needles: str, loader=load_checkpoint) -> str:
 
 
 def _cli(args: list[str]) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"})
+    return subprocess.Popen(
+        [sys.executable, *args],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"},
+    )
 
 
 # ------------------------------------------------------------------------- the good checkpoints
@@ -168,10 +200,25 @@ def _vlm_callables() -> list[str]:
     return sorted(out)
 
 
-DANGEROUS = ["vlm.data.media.io.open", "vlm.data.media.os.makedirs", "vlm.build.instantiate", "vlm.build.hf.json.loads",
-             "vlm.checkpoint.torch.load", "vlm.checkpoint.os.system", "vlm.train.os.system", "vlm.export.sys.exit",
-             "vlm.checkpoint.shutil.rmtree", "vlm.model.hf.pretrained_decoder", "vlm.build.partial", "os.system",
-             "builtins.eval", "vlm.checkpoint.pickle.loads", "vlm.infer.run", "vlm.train.run", "vlm.lab.main"]
+DANGEROUS = [
+    "vlm.data.media.io.open",
+    "vlm.data.media.os.makedirs",
+    "vlm.build.instantiate",
+    "vlm.build.hf.json.loads",
+    "vlm.checkpoint.torch.load",
+    "vlm.checkpoint.os.system",
+    "vlm.train.os.system",
+    "vlm.export.sys.exit",
+    "vlm.checkpoint.shutil.rmtree",
+    "vlm.model.hf.pretrained_decoder",
+    "vlm.build.partial",
+    "os.system",
+    "builtins.eval",
+    "vlm.checkpoint.pickle.loads",
+    "vlm.infer.run",
+    "vlm.train.run",
+    "vlm.lab.main",
+]
 
 
 class _Audit:
@@ -179,7 +226,18 @@ class _Audit:
 
     armed = False
     events: list = []
-    WATCH = ("open", "os.", "subprocess.", "shutil.", "socket.", "import", "exec", "ctypes.", "pickle.", "builtins.input")
+    WATCH = (
+        "open",
+        "os.",
+        "subprocess.",
+        "shutil.",
+        "socket.",
+        "import",
+        "exec",
+        "ctypes.",
+        "pickle.",
+        "builtins.input",
+    )
 
     @classmethod
     def hook(cls, event, args):
@@ -219,7 +277,9 @@ def test_every_vlm_callable_is_refused_as_every_component(export, targets, tmp_p
                     check_checkpoint_config(cfg, where)
                 msg = str(e.value)
                 assert f"model.{part}._target_" in msg, msg
-                assert ("a pretrained loader" if t in PRETRAINED_LOADERS[part] else "not a registered class") in msg, msg
+                assert ("a pretrained loader" if t in PRETRAINED_LOADERS[part] else "not a registered class") in msg, (
+                    msg
+                )
                 # a training config: the same, but a registered loader passes the registry and is
                 # then refused for its `_args_`
                 key = "_args_" if t in PRETRAINED_LOADERS[part] else "_target_"
@@ -282,7 +342,9 @@ def test_hostile_targets_through_export_folders(export, targets, tmp_path, monke
     for t in [*_sample(targets), "vlm.build.sentinel"]:
         for part in ("encoder", "projector", "decoder"):
             for nested in (False, True):
-                write_cfg(evil, {**base, "model": {**base["model"], part: _evil_component(base, part, t, pwned, nested)}})
+                write_cfg(
+                    evil, {**base, "model": {**base["model"], part: _evil_component(base, part, t, pwned, nested)}}
+                )
                 key = f"model.{part}.extra.inner[0]._target_" if nested else f"model.{part}._target_"
                 refused(evil, str(evil / "config.yaml"), key)
                 n += 1
@@ -306,8 +368,13 @@ def test_hostile_targets_through_ckpt_export_cli_and_init_from(ckpt, targets, tm
         part = ("encoder", "projector", "decoder")[i % 3]
         nested = i % 2 == 1
         path = tmp_path / f"evil{i}.ckpt"
-        torch.save({**good, "hyper_parameters": {**hp, "model": {**hp["model"], part: _evil_component(hp, part, t, pwned,
-                                                                                                         nested)}}}, path)
+        torch.save(
+            {
+                **good,
+                "hyper_parameters": {**hp, "model": {**hp["model"], part: _evil_component(hp, part, t, pwned, nested)}},
+            },
+            path,
+        )
         key = f"model.{part}.extra.inner[0]._target_" if nested else f"model.{part}._target_"
         refused(path, str(path), key)
         assert export_main([f"ckpt={path}", f"out={tmp_path / 'out'}"]) == 2
@@ -354,8 +421,11 @@ def _sharded(tmp: Path, model, hp: dict, metadata: bytes | None = None) -> Path:
     import torch.distributed.checkpoint as dcp
 
     out = tmp / "step4.ckpt"
-    dcp.save({"state_dict": {f"model.{k}": v.clone() for k, v in model.state_dict().items()}}, checkpoint_id=str(out),
-             no_dist=True)
+    dcp.save(
+        {"state_dict": {f"model.{k}": v.clone() for k, v in model.state_dict().items()}},
+        checkpoint_id=str(out),
+        no_dist=True,
+    )
     torch.save({"hyper_parameters": hp, "global_step": 4}, out / "meta.pt")
     if metadata is not None:
         (out / ".metadata").write_bytes(metadata)
@@ -392,7 +462,10 @@ def test_sharded_checkpoint_metadata_pickle_is_restricted(tmp_path, hparams, cap
     refused(evil, ".metadata", loader=check_resume_checkpoint)
     assert not pwned.exists()
     # a hostile target in meta.pt's hyper_parameters
-    bad_hp = {**hp, "model": {**hp["model"], "decoder": {**hp["model"]["decoder"], "_target_": "vlm.checkpoint.os.system"}}}
+    bad_hp = {
+        **hp,
+        "model": {**hp["model"], "decoder": {**hp["model"]["decoder"], "_target_": "vlm.checkpoint.os.system"}},
+    }
     evil2 = _sharded(tmp_path / "evil2", model, bad_hp)
     assert export_main([f"ckpt={evil2}", f"out={tmp_path / 'out'}"]) == 2
     assert "model.decoder._target_='vlm.checkpoint.os.system'" in capsys.readouterr().err
@@ -406,7 +479,9 @@ def test_resume_refuses_what_is_not_a_checkpoint(tmp_path, ckpt):
     pwned = tmp_path / "pwned"
     evil = tmp_path / "evil.ckpt"
     torch.save({"state_dict": {}, "x": _Pwn(pwned)}, evil)
-    refused(evil, str(evil), "pickled objects, refused: Unsupported global: GLOBAL io.open", loader=check_resume_checkpoint)
+    refused(
+        evil, str(evil), "pickled objects, refused: Unsupported global: GLOBAL io.open", loader=check_resume_checkpoint
+    )
     junk = tmp_path / "junk.ckpt"
     junk.write_bytes(os.urandom(1000))
     refused(junk, str(junk), "not a torch zip file", loader=check_resume_checkpoint)
@@ -441,34 +516,52 @@ def _damage_cases(export: Path, tmp: Path, hparams) -> dict:
 
     good = (export / "model.safetensors").read_bytes()
     (n,) = struct.unpack("<Q", good[:8])
-    header = json.loads(good[8: 8 + n])
+    header = json.loads(good[8 : 8 + n])
     case("weights_random", "model.safetensors", "not a safetensors file", weights=os.urandom(4096))
     case("weights_truncated", "model.safetensors", "outside the file", weights=good[: len(good) // 2])
     case("weights_empty", "model.safetensors", "shorter than its 8-byte header length", weights=b"")
-    case("weights_header_2_62", "model.safetensors", "header claims 4611686018427387904 bytes",
-         weights=struct.pack("<Q", 2**62) + good[8:])
+    case(
+        "weights_header_2_62",
+        "model.safetensors",
+        "header claims 4611686018427387904 bytes",
+        weights=struct.pack("<Q", 2**62) + good[8:],
+    )
     past = dict(header)
     k0 = next(k for k in past if k != "__metadata__")
     past[k0] = {**past[k0], "data_offsets": [0, 2**40]}
-    case("weights_offsets_past_end", "model.safetensors", "outside the file", weights=_header(past) + good[8 + n:])
-    case("weights_header_not_json", "model.safetensors", "header is not JSON", weights=struct.pack("<Q", 4) + b"\xff\xfe{[")
+    case("weights_offsets_past_end", "model.safetensors", "outside the file", weights=_header(past) + good[8 + n :])
+    case(
+        "weights_header_not_json",
+        "model.safetensors",
+        "header is not JSON",
+        weights=struct.pack("<Q", 4) + b"\xff\xfe{[",
+    )
     case("weights_header_list", "model.safetensors", "not a JSON object", weights=_header([1, 2]))  # type: ignore[arg-type]
     odd = dict(header)
     odd[k0] = {**odd[k0], "dtype": "EVIL"}
-    case("weights_bad_dtype", "model.safetensors", "malformed header entry", weights=_header(odd) + good[8 + n:])
+    case("weights_bad_dtype", "model.safetensors", "malformed header entry", weights=_header(odd) + good[8 + n :])
     overlap = dict(header)
     ka, kb = "encoder.blocks.0.norm1.weight", "encoder.blocks.0.norm2.weight"  # same dtype and shape
     overlap[kb] = {**overlap[kb], "data_offsets": overlap[ka]["data_offsets"]}
-    case("weights_overlap", "model.safetensors", "overlap", weights=_header(overlap) + good[8 + n:])
+    case("weights_overlap", "model.safetensors", "overlap", weights=_header(overlap) + good[8 + n :])
     wrong = dict(sd)
     wrong["decoder.embed_tokens.weight"] = torch.zeros(7, 16)
     tmpw = tmp / "wrong.safetensors"
     save_file(wrong, str(tmpw))
-    case("weights_wrong_shape", "model.safetensors", "shape mismatch decoder.embed_tokens.weight (7, 16)",
-         weights=tmpw.read_bytes())
+    case(
+        "weights_wrong_shape",
+        "model.safetensors",
+        "shape mismatch decoder.embed_tokens.weight (7, 16)",
+        weights=tmpw.read_bytes(),
+    )
     missing = {k: v for k, v in sd.items() if k != "encoder.blocks.0.attn.q_proj.weight"}
     save_file(missing, str(tmpw))
-    case("weights_missing_key", "model.safetensors", "missing encoder.blocks.0.attn.q_proj.weight", weights=tmpw.read_bytes())
+    case(
+        "weights_missing_key",
+        "model.safetensors",
+        "missing encoder.blocks.0.attn.q_proj.weight",
+        weights=tmpw.read_bytes(),
+    )
     save_file({**sd, "evil.weight": torch.zeros(2)}, str(tmpw))
     case("weights_extra_key", "model.safetensors", "unexpected evil.weight", weights=tmpw.read_bytes())
     case("config_not_utf8", "config.yaml", "is not UTF-8 text (byte 0)", cfg=b"\xff\xfe\x00model: 1\n")
@@ -476,11 +569,20 @@ def _damage_cases(export: Path, tmp: Path, hparams) -> dict:
     case("config_scalar", "config.yaml", "is not a YAML mapping (got int)", cfg=b"42\n")
     case("config_empty", "config.yaml", "is not a YAML mapping (got NoneType)", cfg=b"")
     case("config_bad_yaml", "config.yaml", "not valid YAML", cfg=b"model: [1, 2\nprocessor: {\n")
-    case("config_aliases", "config.yaml", "YAML aliases (*name) are not accepted at line 2",
-         cfg=b"a: &a [x, x, x, x]\nb: &b [*a, *a, *a, *a]\nc: [*b, *b, *b]\n")
+    case(
+        "config_aliases",
+        "config.yaml",
+        "YAML aliases (*name) are not accepted at line 2",
+        cfg=b"a: &a [x, x, x, x]\nb: &b [*a, *a, *a, *a]\nc: [*b, *b, *b]\n",
+    )
     for key in ("model", "processor", "template"):
         case(f"config_no_{key}", "config.yaml", f"`{key}` is missing", cfg={k: v for k, v in base.items() if k != key})
-    case("config_no_version", "config.yaml", "format_version", cfg={k: v for k, v in base.items() if k != "format_version"})
+    case(
+        "config_no_version",
+        "config.yaml",
+        "format_version",
+        cfg={k: v for k, v in base.items() if k != "format_version"},
+    )
     case("config_model_list", "config.yaml", "model is not a mapping", cfg={**base, "model": [1, 2]})
     dec = base["model"]["decoder"]
     for name, (k, v, needle) in {
@@ -496,24 +598,60 @@ def _damage_cases(export: Path, tmp: Path, hparams) -> dict:
         "vocab_small": ("vocab_size", 3, "decoder.vocab_size 3 < tokenizer vocabulary"),
         "tie_str": ("tie_embeddings", "yes", "model.decoder.tie_embeddings='yes' is not of type bool"),
     }.items():
-        case(f"config_{name}", "config.yaml" if needle != "shape mismatch" else "model.safetensors", needle,
-             cfg={**base, "model": {**base["model"], "decoder": {**dec, k: v}}})
-    case("config_encoder_str", "config.yaml", "model.encoder is not a mapping",
-         cfg={**base, "model": {**base["model"], "encoder": "vlm.model.vision.VisionEncoder"}})
-    case("config_no_target", "config.yaml", "model.encoder: no _target_",
-         cfg={**base, "model": {**base["model"], "encoder": {"dim": 16}}})
-    case("config_processor_type", "config.yaml", "processor.patch_size='x' is not of type int",
-         cfg={**base, "processor": {**base["processor"], "patch_size": "x"}})
-    case("config_processor_video_type", "config.yaml", "processor.video.max_frames=[1] is not of type int",
-         cfg={**base, "processor": {**base["processor"], "video": {**base["processor"]["video"], "max_frames": [1]}}})
-    case("config_processor_huge", "config.yaml", "processor.image_size=1000000 is out of range (at most 8192)",
-         cfg={**base, "processor": {**base["processor"], "image_size": 10**6}})
-    case("config_processor_unknown", "config.yaml", "processor.evil is not an argument of the image processor",
-         cfg={**base, "processor": {**base["processor"], "evil": 1}})
-    case("config_template_type", "config.yaml", "template.max_length='long' is not of type int",
-         cfg={**base, "template": {**base["template"], "max_length": "long"}})
-    case("config_stop_ids", "config.yaml", "stop token id 99999",
-         cfg={**base, "template": {**base["template"], "stop_token_ids": [99999]}})
+        case(
+            f"config_{name}",
+            "config.yaml" if needle != "shape mismatch" else "model.safetensors",
+            needle,
+            cfg={**base, "model": {**base["model"], "decoder": {**dec, k: v}}},
+        )
+    case(
+        "config_encoder_str",
+        "config.yaml",
+        "model.encoder is not a mapping",
+        cfg={**base, "model": {**base["model"], "encoder": "vlm.model.vision.VisionEncoder"}},
+    )
+    case(
+        "config_no_target",
+        "config.yaml",
+        "model.encoder: no _target_",
+        cfg={**base, "model": {**base["model"], "encoder": {"dim": 16}}},
+    )
+    case(
+        "config_processor_type",
+        "config.yaml",
+        "processor.patch_size='x' is not of type int",
+        cfg={**base, "processor": {**base["processor"], "patch_size": "x"}},
+    )
+    case(
+        "config_processor_video_type",
+        "config.yaml",
+        "processor.video.max_frames=[1] is not of type int",
+        cfg={**base, "processor": {**base["processor"], "video": {**base["processor"]["video"], "max_frames": [1]}}},
+    )
+    case(
+        "config_processor_huge",
+        "config.yaml",
+        "processor.image_size=1000000 is out of range (at most 8192)",
+        cfg={**base, "processor": {**base["processor"], "image_size": 10**6}},
+    )
+    case(
+        "config_processor_unknown",
+        "config.yaml",
+        "processor.evil is not an argument of the image processor",
+        cfg={**base, "processor": {**base["processor"], "evil": 1}},
+    )
+    case(
+        "config_template_type",
+        "config.yaml",
+        "template.max_length='long' is not of type int",
+        cfg={**base, "template": {**base["template"], "max_length": "long"}},
+    )
+    case(
+        "config_stop_ids",
+        "config.yaml",
+        "stop token id 99999",
+        cfg={**base, "template": {**base["template"], "stop_token_ids": [99999]}},
+    )
     case("config_qtypes", "config.yaml", "val_qtypes", cfg={**base, "val_qtypes": {"a": 1}})
     case("tokenizer_garbage", "tokenizer.json", "not a tokenizer", tokenizer=b"}{ this is not JSON " * 50)
     case("tokenizer_random", "tokenizer.json", "is not UTF-8 text", tokenizer=b"\xff" + os.urandom(2000))
@@ -534,6 +672,7 @@ def _damage_cases(export: Path, tmp: Path, hparams) -> dict:
         def f(d):
             with open(d / name, "wb") as fh:
                 fh.truncate(size)
+
         return f
 
     for name in ("config.yaml", "tokenizer.json", "model.safetensors"):
@@ -541,9 +680,21 @@ def _damage_cases(export: Path, tmp: Path, hparams) -> dict:
         case(f"{stem}_is_dir", name, "is a directory", replace=as_dir(name))
         case(f"{stem}_is_dev_zero", name, "is a character device", replace=as_link(name, "/dev/zero"))
         case(f"{stem}_is_fifo", name, "is a named pipe", replace=as_fifo(name))
-    case("config_huge", "config.yaml", "more than the 64 MiB allowed for config.yaml", replace=as_sparse("config.yaml", 65 << 20))
-    case("tokenizer_huge", "tokenizer.json", "more than the 64 MiB allowed", replace=as_sparse("tokenizer.json", 65 << 20))
-    case("config_dangling_link", "config.yaml", "config.yaml is missing", replace=as_link("config.yaml", tmp / "nowhere"))
+    case(
+        "config_huge",
+        "config.yaml",
+        "more than the 64 MiB allowed for config.yaml",
+        replace=as_sparse("config.yaml", 65 << 20),
+    )
+    case(
+        "tokenizer_huge",
+        "tokenizer.json",
+        "more than the 64 MiB allowed",
+        replace=as_sparse("tokenizer.json", 65 << 20),
+    )
+    case(
+        "config_dangling_link", "config.yaml", "config.yaml is missing", replace=as_link("config.yaml", tmp / "nowhere")
+    )
     return cases
 
 
@@ -588,8 +739,11 @@ def _ckpt_cases(ckpt: Path, tmp: Path) -> dict:
     case("empty", b"", "not a loadable checkpoint", "an empty file")
     case("random", os.urandom(5000), "not a torch zip file")
     case("raw_pickle", pickle.dumps(_Pwn(pwned)), "not a torch zip file")
-    case("pickled_object", {"state_dict": sd, "hyper_parameters": hp, "x": _Pwn(pwned)},
-         "pickled objects, refused: Unsupported global: GLOBAL io.open")
+    case(
+        "pickled_object",
+        {"state_dict": sd, "hyper_parameters": hp, "x": _Pwn(pwned)},
+        "pickled objects, refused: Unsupported global: GLOBAL io.open",
+    )
     case("pickled_object_only", _Pwn(pwned), "pickled objects, refused")
     raw = ckpt.read_bytes()
     case("truncated", raw[: len(raw) // 2], "not a loadable checkpoint")
@@ -602,25 +756,56 @@ def _ckpt_cases(ckpt: Path, tmp: Path) -> dict:
     case("no_hparams", {"state_dict": sd}, "no state_dict / hyper_parameters")
     case("no_state", {"hyper_parameters": hp}, "no state_dict / hyper_parameters")
     case("hparams_str", {"state_dict": sd, "hyper_parameters": "abc"}, "hyper_parameters is not a mapping")
-    case("hparams_no_tokenizer", {"state_dict": sd, "hyper_parameters": {k: v for k, v in hp.items() if k != "tokenizer_json"}},
-         "hyper_parameters.tokenizer_json is missing")
+    case(
+        "hparams_no_tokenizer",
+        {"state_dict": sd, "hyper_parameters": {k: v for k, v in hp.items() if k != "tokenizer_json"}},
+        "hyper_parameters.tokenizer_json is missing",
+    )
     case("model_list", {"state_dict": sd, "hyper_parameters": {**hp, "model": [1, 2]}}, "model is not a mapping")
-    case("dim_str", {"state_dict": sd, "hyper_parameters": {**hp, "model": {**hp["model"], "decoder": {
-        **hp["model"]["decoder"], "dim": "abc"}}}}, "model.decoder.dim='abc' is not of type int")
-    case("layers_negative", {"state_dict": sd, "hyper_parameters": {**hp, "model": {**hp["model"], "encoder": {
-        **hp["model"]["encoder"], "n_layers": -1}}}}, "model.encoder.n_layers=-1 is negative")
-    case("tokenizer_garbage", {"state_dict": sd, "hyper_parameters": {**hp, "tokenizer_json": "}{ garbage"}},
-         "tokenizer_json", "not a tokenizer")
-    case("tokenizer_not_tokenizer", {"state_dict": sd, "hyper_parameters": {**hp, "tokenizer_json": '{"a": 1}'}},
-         "not a tokenizer")
+    case(
+        "dim_str",
+        {
+            "state_dict": sd,
+            "hyper_parameters": {**hp, "model": {**hp["model"], "decoder": {**hp["model"]["decoder"], "dim": "abc"}}},
+        },
+        "model.decoder.dim='abc' is not of type int",
+    )
+    case(
+        "layers_negative",
+        {
+            "state_dict": sd,
+            "hyper_parameters": {**hp, "model": {**hp["model"], "encoder": {**hp["model"]["encoder"], "n_layers": -1}}},
+        },
+        "model.encoder.n_layers=-1 is negative",
+    )
+    case(
+        "tokenizer_garbage",
+        {"state_dict": sd, "hyper_parameters": {**hp, "tokenizer_json": "}{ garbage"}},
+        "tokenizer_json",
+        "not a tokenizer",
+    )
+    case(
+        "tokenizer_not_tokenizer",
+        {"state_dict": sd, "hyper_parameters": {**hp, "tokenizer_json": '{"a": 1}'}},
+        "not a tokenizer",
+    )
     case("tokenizer_int", {"state_dict": sd, "hyper_parameters": {**hp, "tokenizer_json": 42}}, "not JSON text")
     case("state_not_dict", {"state_dict": [1], "hyper_parameters": hp}, "state_dict is not a mapping")
-    case("state_not_tensor", {"state_dict": {**sd, "model.decoder.norm.weight": 3}, "hyper_parameters": hp},
-         "state_dict['model.decoder.norm.weight'] is not a dense tensor")
-    case("state_wrong_shape", {"state_dict": {**sd, "model.decoder.norm.weight": torch.zeros(5)}, "hyper_parameters": hp},
-         "shape mismatch decoder.norm.weight (5,) vs (16,)")
-    case("state_missing", {"state_dict": {k: v for k, v in sd.items() if k != "model.decoder.norm.weight"},
-                           "hyper_parameters": hp}, "missing decoder.norm.weight")
+    case(
+        "state_not_tensor",
+        {"state_dict": {**sd, "model.decoder.norm.weight": 3}, "hyper_parameters": hp},
+        "state_dict['model.decoder.norm.weight'] is not a dense tensor",
+    )
+    case(
+        "state_wrong_shape",
+        {"state_dict": {**sd, "model.decoder.norm.weight": torch.zeros(5)}, "hyper_parameters": hp},
+        "shape mismatch decoder.norm.weight (5,) vs (16,)",
+    )
+    case(
+        "state_missing",
+        {"state_dict": {k: v for k, v in sd.items() if k != "model.decoder.norm.weight"}, "hyper_parameters": hp},
+        "missing decoder.norm.weight",
+    )
     case("state_extra", {"state_dict": {**sd, "model.evil": torch.zeros(1)}, "hyper_parameters": hp}, "unexpected evil")
     return cases
 
@@ -653,20 +838,37 @@ def test_the_clis_give_one_error_line_and_exit_2(export, damaged, bad_ckpts, tmp
     pwned = tmp_path / "pwned"
     evil = clone(export, tmp_path / "evil")
     base = read_cfg(export)
-    write_cfg(evil, {**base, "model": {**base["model"], "encoder": _evil_component(base, "encoder", "vlm.data.media.io.open",
-                                                                                   pwned, False)}})
-    runs = {"infer hostile target": (["infer.py", f"ckpt={evil}", "prompt=hi"],
-                                     [str(evil / "config.yaml"), "model.encoder._target_='vlm.data.media.io.open'"])}
+    write_cfg(
+        evil,
+        {
+            **base,
+            "model": {
+                **base["model"],
+                "encoder": _evil_component(base, "encoder", "vlm.data.media.io.open", pwned, False),
+            },
+        },
+    )
+    runs = {
+        "infer hostile target": (
+            ["infer.py", f"ckpt={evil}", "prompt=hi"],
+            [str(evil / "config.yaml"), "model.encoder._target_='vlm.data.media.io.open'"],
+        )
+    }
     for name in ("weights_header_2_62", "config_is_dev_zero", "config_is_fifo"):
         folder, file, needles = damaged[name]
         runs[f"infer {name}"] = (["infer.py", f"ckpt={folder}", "prompt=hi"], [str(file), *needles])
     path, needles = bad_ckpts["pickled_object"]
     runs["infer pickled ckpt"] = (["infer.py", f"ckpt={path}", "prompt=hi"], [str(path), *needles])
-    runs["export pickled ckpt"] = (["-m", "vlm.export", f"ckpt={path}", f"out={tmp_path / 'out'}"], [str(path), *needles])
+    runs["export pickled ckpt"] = (
+        ["-m", "vlm.export", f"ckpt={path}", f"out={tmp_path / 'out'}"],
+        [str(path), *needles],
+    )
     resume = tmp_path / "resume.ckpt"
     torch.save({"state_dict": {}, "x": _Pwn(pwned)}, resume)
-    runs["train resume pickled ckpt"] = (["train.py", f"ckpt_path={resume}", "logger=none", f"paths.data_dir={tmp_path}",
-                                          *TINY], [str(resume), "Unsupported global: GLOBAL io.open"])
+    runs["train resume pickled ckpt"] = (
+        ["train.py", f"ckpt_path={resume}", "logger=none", f"paths.data_dir={tmp_path}", *TINY],
+        [str(resume), "Unsupported global: GLOBAL io.open"],
+    )
     procs = {}
     for i, (name, (args, _)) in enumerate(runs.items()):
         if args[0] in ("infer.py", "train.py"):
@@ -674,11 +876,11 @@ def test_the_clis_give_one_error_line_and_exit_2(export, damaged, bad_ckpts, tmp
         procs[name] = args
     results = {}
     names = list(procs)
-    for batch in (names[i: i + 2] for i in range(0, len(names), 2)):  # two at a time: each is mostly imports
+    for batch in (names[i : i + 2] for i in range(0, len(names), 2)):  # two at a time: each is mostly imports
         started = {name: _cli(procs[name]) for name in batch}
         for name, proc in started.items():
             results[name] = (proc, *proc.communicate(timeout=300))
-    for name, (proc, out, err) in results.items():
+    for name, (proc, _out, err) in results.items():
         assert proc.returncode == 2, (name, proc.returncode, err[-2000:])
         lines = [line for line in err.splitlines() if line.strip() and "Seed set" not in line]
         assert len(lines) == 1 and lines[0].startswith("error: "), (name, err[-2000:])

@@ -79,20 +79,67 @@ def members(out_dir: Path) -> dict[str, bytes]:
 def test_llava_counts_and_round_trip(tmp_path):
     root = make_images(tmp_path)
     recs = [
-        {"id": "a", "image": "red.jpg", "conversations": [
-            {"from": "human", "value": "<image>\nWhat color is it?"}, {"from": "gpt", "value": "It is red."},
-            {"from": "human", "value": "Are you sure?"}, {"from": "gpt", "value": "Yes."}]},
-        {"id": "b", "conversations": [
-            {"from": "system", "value": "Be brief."}, {"from": "human", "value": "Hello there"}, {"from": "gpt", "value": "Hi."}]},
-        {"id": "c", "image": ["sub/green.jpg", "lies.jpg"], "conversations": [
-            {"from": "human", "value": "Compare <image> with <image> please."}, {"from": "gpt", "value": "Both are green."}]},
-        {"id": "missing", "image": "nope.jpg", "conversations": [{"from": "human", "value": "<image> x"}, {"from": "gpt", "value": "y"}]},
-        {"id": "corrupt", "image": "broken.jpg", "conversations": [{"from": "human", "value": "<image> x"}, {"from": "gpt", "value": "y"}]},
-        {"id": "nomarker", "image": "red.jpg", "conversations": [{"from": "human", "value": "What is this?"}, {"from": "gpt", "value": "y"}]},
-        {"id": "twomarkers", "image": "red.jpg", "conversations": [{"from": "human", "value": "<image><image> x"}, {"from": "gpt", "value": "y"}]},
-        {"id": "escape", "image": "../secret.jpg", "conversations": [{"from": "human", "value": "<image> x"}, {"from": "gpt", "value": "y"}]},
-        {"id": "abs", "image": str(tmp_path / "secret.jpg"), "conversations": [{"from": "human", "value": "<image> x"}, {"from": "gpt", "value": "y"}]},
-        {"id": "url", "image": "http://example.com/a.jpg", "conversations": [{"from": "human", "value": "<image> x"}, {"from": "gpt", "value": "y"}]},
+        {
+            "id": "a",
+            "image": "red.jpg",
+            "conversations": [
+                {"from": "human", "value": "<image>\nWhat color is it?"},
+                {"from": "gpt", "value": "It is red."},
+                {"from": "human", "value": "Are you sure?"},
+                {"from": "gpt", "value": "Yes."},
+            ],
+        },
+        {
+            "id": "b",
+            "conversations": [
+                {"from": "system", "value": "Be brief."},
+                {"from": "human", "value": "Hello there"},
+                {"from": "gpt", "value": "Hi."},
+            ],
+        },
+        {
+            "id": "c",
+            "image": ["sub/green.jpg", "lies.jpg"],
+            "conversations": [
+                {"from": "human", "value": "Compare <image> with <image> please."},
+                {"from": "gpt", "value": "Both are green."},
+            ],
+        },
+        {
+            "id": "missing",
+            "image": "nope.jpg",
+            "conversations": [{"from": "human", "value": "<image> x"}, {"from": "gpt", "value": "y"}],
+        },
+        {
+            "id": "corrupt",
+            "image": "broken.jpg",
+            "conversations": [{"from": "human", "value": "<image> x"}, {"from": "gpt", "value": "y"}],
+        },
+        {
+            "id": "nomarker",
+            "image": "red.jpg",
+            "conversations": [{"from": "human", "value": "What is this?"}, {"from": "gpt", "value": "y"}],
+        },
+        {
+            "id": "twomarkers",
+            "image": "red.jpg",
+            "conversations": [{"from": "human", "value": "<image><image> x"}, {"from": "gpt", "value": "y"}],
+        },
+        {
+            "id": "escape",
+            "image": "../secret.jpg",
+            "conversations": [{"from": "human", "value": "<image> x"}, {"from": "gpt", "value": "y"}],
+        },
+        {
+            "id": "abs",
+            "image": str(tmp_path / "secret.jpg"),
+            "conversations": [{"from": "human", "value": "<image> x"}, {"from": "gpt", "value": "y"}],
+        },
+        {
+            "id": "url",
+            "image": "http://example.com/a.jpg",
+            "conversations": [{"from": "human", "value": "<image> x"}, {"from": "gpt", "value": "y"}],
+        },
         {"id": "roles", "conversations": [{"from": "gpt", "value": "x"}, {"from": "human", "value": "y"}]},
         42,
     ]
@@ -102,27 +149,58 @@ def test_llava_counts_and_round_trip(tmp_path):
     rep = C.convert_llava(src, root, out, maxcount=5, workers=2, verbose=False)
 
     assert rep["records"] == 12 and rep["samples"] == 3 and rep["images"] == 3
-    assert rep["skipped"] == {"bad_record": 1, "bad_roles": 1, "image_marker_mismatch": 2, "media_corrupt": 1,
-                              "media_missing": 1, "path_escape": 2, "url_not_allowed": 1}
+    assert rep["skipped"] == {
+        "bad_record": 1,
+        "bad_roles": 1,
+        "image_marker_mismatch": 2,
+        "media_corrupt": 1,
+        "media_missing": 1,
+        "path_escape": 2,
+        "url_not_allowed": 1,
+    }
     assert rep["shards"] == ["llava-000000.tar"]  # shards 1 and 2 had nothing good: reports only
     assert json.loads((out / "dataset.json").read_text())["samples"] == 3
     assert [json.loads((out / f"llava-00000{i}.json").read_text())["records"] for i in range(3)] == [5, 5, 2]
 
     m = members(out)
-    assert set(m) == {"llava-000000-000000.json", "llava-000000-000000.0.jpg", "llava-000000-000001.json",
-                      "llava-000000-000002.json", "llava-000000-000002.0.jpg", "llava-000000-000002.1.png"}
+    assert set(m) == {
+        "llava-000000-000000.json",
+        "llava-000000-000000.0.jpg",
+        "llava-000000-000001.json",
+        "llava-000000-000002.json",
+        "llava-000000-000002.0.jpg",
+        "llava-000000-000002.1.png",
+    }
     assert m["llava-000000-000002.1.png"] == (root / "lies.jpg").read_bytes()  # original bytes, true extension
     doc = json.loads(m["llava-000000-000002.json"])
     assert doc["messages"][0]["content"] == [
-        {"type": "text", "text": "Compare"}, {"type": "image", "media": 0},
-        {"type": "text", "text": "with"}, {"type": "image", "media": 1}, {"type": "text", "text": "please."}]
+        {"type": "text", "text": "Compare"},
+        {"type": "image", "media": 0},
+        {"type": "text", "text": "with"},
+        {"type": "image", "media": 1},
+        {"type": "text", "text": "please."},
+    ]
     assert doc["meta"] == {"source": "llava", "id": "c"}
 
-    texts = ["What color is it?", "It is red.", "Are you sure?", "Yes.", "Be brief.", "Hello there", "Hi.", "Compare", "with", "please.", "Both are green."]
+    texts = [
+        "What color is it?",
+        "It is red.",
+        "Are you sure?",
+        "Yes.",
+        "Be brief.",
+        "Hello there",
+        "Hi.",
+        "Compare",
+        "with",
+        "please.",
+        "Both are green.",
+    ]
     tok, got = load(out, texts)
     assert sorted(got) == ["llava-000000-000000", "llava-000000-000001", "llava-000000-000002"]
     a, b, c = (got[f"llava-000000-00000{i}"] for i in range(3))
-    assert "What color is it?" in tok.decode(a.input_ids.tolist()) and "Are you sure?" in tok.decode(a.input_ids.tolist())
+    assert "What color is it?" in tok.decode(a.input_ids.tolist()) and "Are you sure?" in tok.decode(
+        a.input_ids.tolist()
+    )
     assert label_text(tok, a) == "It is red.Yes."
     assert len(a.grids) == 1 and (a.input_ids == tok.image_pad_id).sum() == TOKENS_PER_IMAGE
     assert "Be brief." in tok.decode(b.input_ids.tolist()) and label_text(tok, b) == "Hi." and b.grids == []
@@ -132,11 +210,18 @@ def test_llava_counts_and_round_trip(tmp_path):
 
 def test_llava_jsonl_bad_line_and_cli(tmp_path, capsys):
     root = make_images(tmp_path)
-    good = {"id": 7, "image": "blue.png", "conversations": [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": "Blue."}]}
+    good = {
+        "id": 7,
+        "image": "blue.png",
+        "conversations": [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": "Blue."}],
+    }
     src = tmp_path / "llava.jsonl"
     src.write_text(json.dumps(good) + "\n{broken\n\n" + json.dumps({**good, "conversations": []}) + "\n")
     cli = runpy.run_path(str(ROOT / "data" / "convert_llava.py"), run_name="cli")
-    assert cli["main"]([str(src), "--image-root", str(root), "--out", str(tmp_path / "o"), "--workers", "1", "--quiet"]) == 0
+    assert (
+        cli["main"]([str(src), "--image-root", str(root), "--out", str(tmp_path / "o"), "--workers", "1", "--quiet"])
+        == 0
+    )
     assert "1 samples written of 3 records" in capsys.readouterr().out
     info = json.loads((tmp_path / "o" / "dataset.json").read_text())
     assert info["skipped"] == {"bad_json": 1, "bad_roles": 1}
@@ -197,8 +282,16 @@ def test_captions_jsonl_and_csv(tmp_path):
     src.write_text("\n".join(json.dumps(r) for r in rows) + "\nnot json\n")
     rep = C.convert_captions(src, tmp_path / "o1", maxcount=3, workers=1, verbose=False)
     assert rep["samples"] == 2
-    assert rep["skipped"] == {"bad_json": 1, "bad_record": 1, "bad_text": 1, "empty_caption": 2, "media_missing": 1,
-                              "media_unreadable": 1, "path_escape": 1, "url_not_allowed": 1}
+    assert rep["skipped"] == {
+        "bad_json": 1,
+        "bad_record": 1,
+        "bad_text": 1,
+        "empty_caption": 2,
+        "media_missing": 1,
+        "media_unreadable": 1,
+        "path_escape": 1,
+        "url_not_allowed": 1,
+    }
     # A header claiming more pixels than allowed is refused before decoding (40x30 > 1000).
     rep = C.convert_captions(src, tmp_path / "o3", max_pixels=1000, workers=1, verbose=False)
     assert rep["samples"] == 0 and rep["skipped"]["media_too_many_pixels"] == 3 and rep["shards"] == []
@@ -218,7 +311,11 @@ def test_captions_deterministic_whatever_the_workers(tmp_path):
     C.convert_captions(src, tmp_path / "w1", maxcount=2, workers=1, verbose=False)
     C.convert_captions(src, tmp_path / "w2", maxcount=2, workers=2, verbose=False)
     assert members(tmp_path / "w1") == members(tmp_path / "w2")
-    prompts = {json.loads(v)["messages"][0]["content"][1]["text"] for k, v in members(tmp_path / "w1").items() if k.endswith(".json")}
+    prompts = {
+        json.loads(v)["messages"][0]["content"][1]["text"]
+        for k, v in members(tmp_path / "w1").items()
+        if k.endswith(".json")
+    }
     assert prompts <= set(C.DEFAULT_CAPTION_PROMPTS) and len(prompts) > 1
 
 
@@ -228,14 +325,34 @@ def test_captions_deterministic_whatever_the_workers(tmp_path):
 def test_interleaved_drops_bad_images_not_documents(tmp_path):
     root = make_images(tmp_path)
     docs = [
-        {"id": "obelics", "texts": ["Intro.", None, "After the image.", None], "images": [None, "red.jpg", None, "broken.jpg"]},
-        {"id": "items", "items": [{"type": "text", "text": "A photo of"}, {"type": "image", "path": "blue.png"},
-                                  {"type": "text", "text": "a blue box."}, {"type": "image", "path": "http://x.org/y.jpg"},
-                                  {"type": "image", "path": "../secret.jpg"}]},
-        {"id": "joined", "items": [{"type": "text", "text": "One."}, {"type": "image", "path": "gone.jpg"},
-                                   {"type": "text", "text": "Two."}]},
-        {"id": "mmc4", "text_list": ["First sentence.", "Second sentence."],
-         "image_info": [{"image_name": "sub/green.jpg", "matched_text_index": 1}]},
+        {
+            "id": "obelics",
+            "texts": ["Intro.", None, "After the image.", None],
+            "images": [None, "red.jpg", None, "broken.jpg"],
+        },
+        {
+            "id": "items",
+            "items": [
+                {"type": "text", "text": "A photo of"},
+                {"type": "image", "path": "blue.png"},
+                {"type": "text", "text": "a blue box."},
+                {"type": "image", "path": "http://x.org/y.jpg"},
+                {"type": "image", "path": "../secret.jpg"},
+            ],
+        },
+        {
+            "id": "joined",
+            "items": [
+                {"type": "text", "text": "One."},
+                {"type": "image", "path": "gone.jpg"},
+                {"type": "text", "text": "Two."},
+            ],
+        },
+        {
+            "id": "mmc4",
+            "text_list": ["First sentence.", "Second sentence."],
+            "image_info": [{"image_name": "sub/green.jpg", "matched_text_index": 1}],
+        },
         {"id": "notext", "texts": [None, None], "images": ["red.jpg", "gone.jpg"]},
         {"id": "blank", "items": [{"type": "text", "text": "  "}, {"type": "image", "path": "red.jpg"}]},
         {"id": "ragged", "texts": ["a"], "images": [None, None]},
@@ -256,13 +373,29 @@ def test_interleaved_drops_bad_images_not_documents(tmp_path):
     mmc4 = json.loads(m["interleaved-000001-000000.json"])["document"]
     assert [it["type"] for it in mmc4] == ["text", "image", "text"]
 
-    texts = ["Intro.", "After the image.", "A photo of", "a blue box.", "One.\n\nTwo.", "First sentence.", "Second sentence."]
+    texts = [
+        "Intro.",
+        "After the image.",
+        "A photo of",
+        "a blue box.",
+        "One.\n\nTwo.",
+        "First sentence.",
+        "Second sentence.",
+    ]
     tok, got = load(out, texts)
-    assert sorted(got) == ["interleaved-000000-000000", "interleaved-000000-000001", "interleaved-000000-000002", "interleaved-000001-000000"]
+    assert sorted(got) == [
+        "interleaved-000000-000000",
+        "interleaved-000000-000001",
+        "interleaved-000000-000002",
+        "interleaved-000001-000000",
+    ]
     s = got["interleaved-000000-000000"]
     assert label_text(tok, s) == "Intro.After the image." and len(s.grids) == 1
     assert label_text(tok, got["interleaved-000000-000001"]) == "A photo ofa blue box."
-    assert label_text(tok, got["interleaved-000000-000002"]) == "One.\n\nTwo." and got["interleaved-000000-000002"].grids == []
+    assert (
+        label_text(tok, got["interleaved-000000-000002"]) == "One.\n\nTwo."
+        and got["interleaved-000000-000002"].grids == []
+    )
     s = got["interleaved-000001-000000"]
     assert label_text(tok, s) == "First sentence.Second sentence."
     assert (s.input_ids == tok.image_pad_id).sum() == TOKENS_PER_IMAGE
@@ -314,18 +447,28 @@ def test_resolve_image_path(tmp_path):
     root.mkdir()
     assert C.resolve_image_path(root, "a/b.jpg") == root / "a" / "b.jpg"
     assert C.resolve_image_path(root, str(root / "x.jpg")) == root / "x.jpg"
-    for bad, reason in [("../x.jpg", "path_escape"), ("a/../../x.jpg", "path_escape"), ("a\\..\\x.jpg", "path_escape"),
-                        ("/etc/passwd", "path_escape"), (str(tmp_path / "rootx" / "a.jpg"), "path_escape"),
-                        ("https://x.org/a.jpg", "url_not_allowed"), ("s3://bucket/a.jpg", "url_not_allowed"),
-                        ("file:///etc/passwd", "url_not_allowed"), ("data:image/png;base64,AAAA", "url_not_allowed"),
-                        ("", "bad_path"), (None, "bad_path"), (3, "bad_path"), ("a\x00.jpg", "bad_path")]:
+    for bad, reason in [
+        ("../x.jpg", "path_escape"),
+        ("a/../../x.jpg", "path_escape"),
+        ("a\\..\\x.jpg", "path_escape"),
+        ("/etc/passwd", "path_escape"),
+        (str(tmp_path / "rootx" / "a.jpg"), "path_escape"),
+        ("https://x.org/a.jpg", "url_not_allowed"),
+        ("s3://bucket/a.jpg", "url_not_allowed"),
+        ("file:///etc/passwd", "url_not_allowed"),
+        ("data:image/png;base64,AAAA", "url_not_allowed"),
+        ("", "bad_path"),
+        (None, "bad_path"),
+        (3, "bad_path"),
+        ("a\x00.jpg", "bad_path"),
+    ]:
         with pytest.raises(C.Skip) as e:
             C.resolve_image_path(root, bad)
         assert e.value.reason == reason, bad
 
 
 def test_json_array_reader_edges():
-    recs = [{"a": 1, "s": "x]y,z[\"{}", "u": "é😀"}, 12345678901234567890, [1, [2, 3]], "str", None, 1.5e-3, {}]
+    recs = [{"a": 1, "s": 'x]y,z["{}', "u": "é😀"}, 12345678901234567890, [1, [2, 3]], "str", None, 1.5e-3, {}]
     text = json.dumps(recs, ensure_ascii=False, indent=2)
     for bufsize in (1, 3, 7, 64, 1 << 16):
         assert list(C.iter_json_array(io.StringIO(text), bufsize=bufsize)) == recs
@@ -341,8 +484,20 @@ def test_json_array_streams_with_bounded_memory(tmp_path):
     with open(path, "w") as f:
         f.write("[\n")
         for i in range(n):
-            f.write(("," if i else "") + json.dumps({"id": i, "image": f"img/{i}.jpg", "conversations": [
-                {"from": "human", "value": "<image>\n" + "question " * 10}, {"from": "gpt", "value": "answer " * 10}]}) + "\n")
+            f.write(
+                ("," if i else "")
+                + json.dumps(
+                    {
+                        "id": i,
+                        "image": f"img/{i}.jpg",
+                        "conversations": [
+                            {"from": "human", "value": "<image>\n" + "question " * 10},
+                            {"from": "gpt", "value": "answer " * 10},
+                        ],
+                    }
+                )
+                + "\n"
+            )
         f.write("]\n")
     size = path.stat().st_size
     assert size > 4_000_000

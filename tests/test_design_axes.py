@@ -31,16 +31,39 @@ def tok():
     return train_tokenizer(WORDS * 10, vocab_size=300)
 
 
-def model_cfg(projector: dict | None = None, encoder: dict | None = None, fusion="interleave", cross_attn=None,
-              rope="mrope", T=2) -> dict:
+def model_cfg(
+    projector: dict | None = None, encoder: dict | None = None, fusion="interleave", cross_attn=None, rope="mrope", T=2
+) -> dict:
     return {
-        "encoder": {"_target_": "vlm.model.vision.VisionEncoder", "patch_size": 4, "dim": 32, "n_layers": 3, "n_heads": 2,
-                    "pos_grid": 4, "patch_embed": "conv", "conv_channels": 8, "temporal_patch": T, "pos": "rope2d",
-                    **(encoder or {})},
-        "projector": {"_target_": "vlm.model.projector.Projector", "in_dim": None, "out_dim": 32, "merge_size": 2,
-                      **(projector or {})},
-        "decoder": {"_target_": "vlm.model.decoder.Decoder", "dim": 32, "n_layers": 4, "n_heads": 2, "n_kv_heads": 1,
-                    "rope": rope, "max_seq_len": 1024},
+        "encoder": {
+            "_target_": "vlm.model.vision.VisionEncoder",
+            "patch_size": 4,
+            "dim": 32,
+            "n_layers": 3,
+            "n_heads": 2,
+            "pos_grid": 4,
+            "patch_embed": "conv",
+            "conv_channels": 8,
+            "temporal_patch": T,
+            "pos": "rope2d",
+            **(encoder or {}),
+        },
+        "projector": {
+            "_target_": "vlm.model.projector.Projector",
+            "in_dim": None,
+            "out_dim": 32,
+            "merge_size": 2,
+            **(projector or {}),
+        },
+        "decoder": {
+            "_target_": "vlm.model.decoder.Decoder",
+            "dim": 32,
+            "n_layers": 4,
+            "n_heads": 2,
+            "n_kv_heads": 1,
+            "rope": rope,
+            "max_seq_len": 1024,
+        },
         "fusion": fusion,
         "cross_attn": cross_attn or {"every": 2, "media": "all"},
     }
@@ -48,27 +71,50 @@ def model_cfg(projector: dict | None = None, encoder: dict | None = None, fusion
 
 def template_cfg(cfg: dict, rope="mrope") -> dict:
     p = cfg["projector"]
-    return {"max_length": 1024, "rope": rope, "merge_size": p.get("merge_size", 1), "queries": p.get("queries"),
-            "fusion": cfg["fusion"]}
+    return {
+        "max_length": 1024,
+        "rope": rope,
+        "merge_size": p.get("merge_size", 1),
+        "queries": p.get("queries"),
+        "fusion": cfg["fusion"],
+    }
 
 
 def sample_processor(tok, cfg, T=2, mode="train"):
-    proc = build_processor(dict(patch_size=4, merge_size=cfg["projector"].get("merge_size", 1), resolution="dynamic",
-                                image_size=32, min_pixels=64, max_pixels=48 * 48,
-                                video={"temporal_patch": T, "max_frames": 8, "max_video_tokens": 64}))
+    proc = build_processor(
+        dict(
+            patch_size=4,
+            merge_size=cfg["projector"].get("merge_size", 1),
+            resolution="dynamic",
+            image_size=32,
+            min_pixels=64,
+            max_pixels=48 * 48,
+            video={"temporal_patch": T, "max_frames": 8, "max_video_tokens": 64},
+        )
+    )
     # eval mode here builds prompts to generate from (some without an answer), not scored samples
     return SampleProcessor(proc, build_template(template_cfg(cfg), tok), mode=mode, require_reference=False)
 
 
 def mixed_sample(tok, sp, key="mix", prompt_only=False):
     """Two images of different sizes, a video, text between them."""
-    content = [{"type": "image", "media": 0}, {"type": "text", "text": "and then"}, {"type": "image", "media": 1},
-               {"type": "video", "media": 2}, {"type": "text", "text": "Which way is the red circle moving?"}]
+    content = [
+        {"type": "image", "media": 0},
+        {"type": "text", "text": "and then"},
+        {"type": "image", "media": 1},
+        {"type": "video", "media": 2},
+        {"type": "text", "text": "Which way is the red circle moving?"},
+    ]
     msgs = [{"role": "user", "content": content}]
     if not prompt_only:
         msgs.append({"role": "assistant", "content": [{"type": "text", "text": "left"}]})
-    raw = {"__key__": key, "json": json.dumps({"messages": msgs}).encode(), "0.png": png((32, 32)),
-           "1.png": png((48, 16), (30, 160, 50)), "2.mp4": encode_video(moving(4))}
+    raw = {
+        "__key__": key,
+        "json": json.dumps({"messages": msgs}).encode(),
+        "0.png": png((32, 32)),
+        "1.png": png((48, 16), (30, 160, 50)),
+        "2.mp4": encode_video(moving(4)),
+    }
     return sp(raw)
 
 
@@ -108,8 +154,15 @@ def test_every_switch_forward_backward_and_token_counts(tok, name):
         else:
             m = cfg["projector"]["merge_size"]
             assert (t, h, w) == (g[0], g[1] // m, g[2] // m)
-    hidden = model(b["input_ids"], b["position_ids"], b["attention_mask"], b["pixel_patches"], b["grid_thw"],
-                   b["media_per_sample"], b["keys"])
+    hidden = model(
+        b["input_ids"],
+        b["position_ids"],
+        b["attention_mask"],
+        b["pixel_patches"],
+        b["grid_thw"],
+        b["media_per_sample"],
+        b["keys"],
+    )
     lab = b["labels"][:, 1:]
     logits = model.logits(hidden[:, :-1][lab != IGNORE])
     loss = torch.nn.functional.cross_entropy(logits.float(), lab[lab != IGNORE])
@@ -118,8 +171,14 @@ def test_every_switch_forward_backward_and_token_counts(tok, name):
     grads = {n: p.grad for n, p in model.named_parameters()}
     # the encoder and projector learn through the visual tokens (cross_attn: through its gates'
     # path, whose gates start at 0 and get a gradient; the encoder sees it only once a gate opens)
-    assert grads["projector.proj.0.weight" if "mlp" in name or name == "merge" else next(
-        n for n in grads if n.startswith("projector.") and n.endswith("weight"))] is not None
+    assert (
+        grads[
+            "projector.proj.0.weight"
+            if "mlp" in name or name == "merge"
+            else next(n for n in grads if n.startswith("projector.") and n.endswith("weight"))
+        ]
+        is not None
+    )
     if "cross_attn" in name:
         gates = [g for n, g in grads.items() if n.endswith("_gate")]
         assert gates and all(g is not None and g.abs().sum() > 0 for g in gates)
@@ -184,8 +243,16 @@ def test_feature_layers_concat_and_mean():
 
 
 def _fwd(model, b, **kw):
-    return model(b["input_ids"], b["position_ids"], b["attention_mask"], b.get("pixel_patches"), b.get("grid_thw"),
-                 b.get("media_per_sample"), b.get("keys"), **kw)
+    return model(
+        b["input_ids"],
+        b["position_ids"],
+        b["attention_mask"],
+        b.get("pixel_patches"),
+        b.get("grid_thw"),
+        b.get("media_per_sample"),
+        b.get("keys"),
+        **kw,
+    )
 
 
 def test_cross_attn_gate_zero_leaves_the_decoder_unchanged(tok):
@@ -195,8 +262,9 @@ def test_cross_attn_gate_zero_leaves_the_decoder_unchanged(tok):
     b = collate([mixed_sample(tok, sample_processor(tok, cfg))], tok.pad_id)
     with torch.no_grad():
         fused = _fwd(model, b)
-        plain = model.decoder(model.embed(b["input_ids"], b["pixel_patches"], b["grid_thw"], b["media_per_sample"]),
-                              b["position_ids"])
+        plain = model.decoder(
+            model.embed(b["input_ids"], b["pixel_patches"], b["grid_thw"], b["media_per_sample"]), b["position_ids"]
+        )
         assert torch.equal(fused, plain)  # gates at 0: exactly the text-only decoder
         for blk in model.cross_attn.blocks:
             blk.attn_gate.fill_(0.7)
@@ -226,8 +294,8 @@ def test_cross_attn_reads_only_preceding_media(tok):
         with torch.no_grad():
             diff = (_fwd(model, b) - _fwd(model, b2)).abs().amax(-1)[0]
         changed = diff > 1e-6
-        assert not changed[: markers[0]].any()          # before image 0: nothing to read
-        assert changed[markers[0] : markers[1]].all()   # image 0 is the most recent
+        assert not changed[: markers[0]].any()  # before image 0: nothing to read
+        assert changed[markers[0] : markers[1]].all()  # image 0 is the most recent
         assert changed[markers[1] :].all()
         is_marker = model.is_media(b["input_ids"])
         visual = model.encode_media(b["pixel_patches"], b["grid_thw"])
@@ -268,8 +336,12 @@ def test_cross_attn_kv_cache_parity(tok):
         pos = b["position_ids"].amax(-1, keepdim=True) + 1
         am = torch.cat([b["attention_mask"], torch.ones(B, 1, dtype=b["attention_mask"].dtype)], 1)
         step = model(nxt, pos, am, cache=cache)
-        ext = dict(b, input_ids=torch.cat([b["input_ids"], nxt], 1), attention_mask=am,
-                   position_ids=torch.cat([b["position_ids"], pos], -1))
+        ext = dict(
+            b,
+            input_ids=torch.cat([b["input_ids"], nxt], 1),
+            attention_mask=am,
+            position_ids=torch.cat([b["position_ids"], pos], -1),
+        )
         ref = _fwd(model, ext)
     torch.testing.assert_close(step[:, -1], ref[:, -1], atol=1e-5, rtol=1e-5)
 
@@ -286,8 +358,10 @@ def test_pruning_keeps_the_best_tokens_and_their_positions(tok, method):
     b = collate([mixed_sample(tok, sp, "a", True)], tok.pad_id, padding_side="left")
     with torch.no_grad():
         same = prune_visual_tokens(model, b, 1.0, method)
-        torch.testing.assert_close(model(same["input_ids"], same["position_ids"], same["attention_mask"],
-                                         inputs_embeds=same["inputs_embeds"]), _fwd(model, b))
+        torch.testing.assert_close(
+            model(same["input_ids"], same["position_ids"], same["attention_mask"], inputs_embeds=same["inputs_embeds"]),
+            _fwd(model, b),
+        )
         half = prune_visual_tokens(model, b, 0.5, method)
     spans = [int(model.token_count(g)) for g in b["grid_thw"].tolist()]
     assert half["visual_total"] == sum(spans) and half["visual_kept"] == sum((n + 1) // 2 for n in spans)
@@ -313,7 +387,9 @@ def test_pruning_keeps_the_best_tokens_and_their_positions(tok, method):
 def test_pruning_refuses_bad_settings(tok):
     cfg = model_cfg(fusion="cross_attn")
     model = build_model(cfg, tok).eval()
-    b = collate([mixed_sample(tok, sample_processor(tok, cfg, mode="eval"), "a", True)], tok.pad_id, padding_side="left")
+    b = collate(
+        [mixed_sample(tok, sample_processor(tok, cfg, mode="eval"), "a", True)], tok.pad_id, padding_side="left"
+    )
     with pytest.raises(ValueError, match="needs fusion=interleave"):
         prune_visual_tokens(model, b, 0.5)
     with pytest.raises(ValueError, match=r"keep_ratio must be in \(0, 1\]"):

@@ -13,19 +13,24 @@ from vlm.checkpoint import load_checkpoint
 def _train(overrides, tmp_path, synth_dir):
     from vlm.train import run
 
-    cfg = compose_train(["logger=none", "trainer.max_steps=2", "trainer.val_check_interval=null", *overrides], tmp_path,
-                        synth_dir)
+    cfg = compose_train(
+        ["logger=none", "trainer.max_steps=2", "trainer.val_check_interval=null", *overrides], tmp_path, synth_dir
+    )
     metrics = run(cfg)
     return cfg, metrics
 
 
-@pytest.mark.parametrize("overrides", [
-    ["model/projector=merge"],
-    ["model/projector=pixel_shuffle"],
-    ["model/projector=qformer", "model.projector.queries=8", "model.projector.merge_size=1"],
-    ["model.encoder.n_layers=2", "model.encoder.feature_layers=[-1,-2]"],
-    ["model.fusion=cross_attn", "model.cross_attn.every=1", "model.cross_attn.media=last"],
-], ids=["merge", "pixel_shuffle", "qformer", "feature_layers", "cross_attn"])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["model/projector=merge"],
+        ["model/projector=pixel_shuffle"],
+        ["model/projector=qformer", "model.projector.queries=8", "model.projector.merge_size=1"],
+        ["model.encoder.n_layers=2", "model.encoder.feature_layers=[-1,-2]"],
+        ["model.fusion=cross_attn", "model.cross_attn.every=1", "model.cross_attn.media=last"],
+    ],
+    ids=["merge", "pixel_shuffle", "qformer", "feature_layers", "cross_attn"],
+)
 def test_switches_train_through_hydra(overrides, tmp_path, synth_dir):
     cfg, metrics = _train(overrides, tmp_path, synth_dir)
     assert torch.isfinite(torch.tensor(metrics["train/loss"]))
@@ -53,8 +58,9 @@ def test_stages_freeze_and_init_from(tmp_path, synth_dir):
     init = {k: v for k, v in stage1.items()}
 
     # the stage-2 run, stopped before its first step, holds exactly stage 1's weights
-    from vlm.train import build_module as bm
     from hydra.utils import instantiate
+
+    from vlm.train import build_module as bm
 
     s2 = tmp_path / "s2"
     cfg2 = compose_train(["logger=none", "experiment=stage2_finetune", f"init_from={s1 / 'export'}"], s2, synth_dir)
@@ -81,8 +87,11 @@ def test_init_from_a_different_layout_names_the_keys(tmp_path, synth_dir):
     s1 = tmp_path / "s1"
     _train([], s1, synth_dir)
     with pytest.raises(Exception, match="init_from") as e:
-        _train(["model/projector=qformer", "model.projector.queries=4", f"init_from={s1 / 'export'}"], tmp_path / "s2",
-               synth_dir)
+        _train(
+            ["model/projector=qformer", "model.projector.queries=4", f"init_from={s1 / 'export'}"],
+            tmp_path / "s2",
+            synth_dir,
+        )
     assert "projector." in str(e.value)
 
 
@@ -95,9 +104,18 @@ def test_init_from_another_tokenizer_copies_rows_by_token(tmp_path, synth_dir):
 
     s1 = tmp_path / "s1"
     _train([], s1, synth_dir)
-    cfg2 = compose_train(["logger=none", "data=synthvqa_strips", "data.processor.resolution=fixed",
-                          "data.synthetic.train_samples=16", "data.synthetic.heldout_samples=8",
-                          f"init_from={s1 / 'export'}"], tmp_path / "s2", tmp_path / "d2")
+    cfg2 = compose_train(
+        [
+            "logger=none",
+            "data=synthvqa_strips",
+            "data.processor.resolution=fixed",
+            "data.synthetic.train_samples=16",
+            "data.synthetic.heldout_samples=8",
+            f"init_from={s1 / 'export'}",
+        ],
+        tmp_path / "s2",
+        tmp_path / "d2",
+    )
     dm = instantiate(cfg2.data, _convert_="all")
     dm.prepare_data()
     dm.setup("fit")
@@ -127,8 +145,17 @@ def test_infer_prunes_visual_tokens(tmp_path, synth_dir, capsys):
     _train(["model.projector.merge_size=1"], tmp_path, synth_dir)
     res = {}
     for keep in (1.0, 0.5, 0.25):
-        cfg = compose_infer([f"ckpt={tmp_path / 'export'}", "data=synthvqa_heldout", f"infer.prune.keep_ratio={keep}",
-                             "infer.prune.method=norm", f"out={tmp_path / 'p.jsonl'}"], tmp_path, synth_dir)
+        cfg = compose_infer(
+            [
+                f"ckpt={tmp_path / 'export'}",
+                "data=synthvqa_heldout",
+                f"infer.prune.keep_ratio={keep}",
+                "infer.prune.method=norm",
+                f"out={tmp_path / 'p.jsonl'}",
+            ],
+            tmp_path,
+            synth_dir,
+        )
         res[keep] = infer_run(cfg)
     assert res[1.0]["visual_tokens"] == 64 and res[0.5]["visual_tokens"] == 32 and res[0.25]["visual_tokens"] == 16
     assert all(r["n"] == res[1.0]["n"] > 0 for r in res.values())

@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 import lightning as L
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,15 +49,17 @@ def fixed_samples(dm, n: int):
     raise RuntimeError(f"only {len(out)} samples")
 
 
-def micro_batches(samples, step: int, world: int, accum: int, rank: int, pad_id: int, nan_step: int = -1, nan_rank: int = -1):
+def micro_batches(
+    samples, step: int, world: int, accum: int, rank: int, pad_id: int, nan_step: int = -1, nan_rank: int = -1
+):
     """The `accum` micro-batches of `rank` for optimizer step `step` (0-based)."""
     from vlm.data.collate import collate
 
-    chunk = samples[step * SAMPLES_PER_STEP:(step + 1) * SAMPLES_PER_STEP]
+    chunk = samples[step * SAMPLES_PER_STEP : (step + 1) * SAMPLES_PER_STEP]
     sizes = GROUP_SIZES[world * accum]
     groups, o = [], 0
     for n in sizes:
-        groups.append(chunk[o:o + n])
+        groups.append(chunk[o : o + n])
         o += n
     out = []
     for a in range(accum):
@@ -113,7 +116,12 @@ class Recorder(L.Callback):
 
         def hook(opt, args, kwargs):
             if self.grads is None:
-                self.grads = {names[id(p)]: _full(p.grad).detach().clone() for g in opt.param_groups for p in g["params"] if p.grad is not None}
+                self.grads = {
+                    names[id(p)]: _full(p.grad).detach().clone()
+                    for g in opt.param_groups
+                    for p in g["params"]
+                    if p.grad is not None
+                }
 
         trainer.optimizers[0].register_step_post_hook(hook)  # grads are final (normalised, clipped) and still set
 
@@ -124,7 +132,9 @@ class Recorder(L.Callback):
         st = pl_module.gradient_step.last.stats
         self.losses[trainer.global_step] = st["loss_sum"] / max(st["label_tokens"], 1)
         self.skipped[trainer.global_step] = pl_module.gradient_step.skipped_steps
-        self.params[trainer.global_step] = torch.cat([_full(p).detach().flatten().clone() for p in pl_module.parameters()])
+        self.params[trainer.global_step] = torch.cat(
+            [_full(p).detach().flatten().clone() for p in pl_module.parameters()]
+        )
 
 
 def train_fixed(spec: dict) -> dict:
@@ -153,17 +163,46 @@ def train_fixed(spec: dict) -> dict:
     rec = Recorder()
     callbacks = [rec]
     if spec.get("ckpt_every"):
-        callbacks.append(ModelCheckpoint(dirpath=out / "ckpt", filename="step{step}", every_n_train_steps=spec["ckpt_every"],
-                                         save_top_k=-1, auto_insert_metric_name=False))
+        callbacks.append(
+            ModelCheckpoint(
+                dirpath=out / "ckpt",
+                filename="step{step}",
+                every_n_train_steps=spec["ckpt_every"],
+                save_top_k=-1,
+                auto_insert_metric_name=False,
+            )
+        )
     if spec.get("export"):
         callbacks.append(ExportCallback(str(out / "export")))
-    trainer = L.Trainer(accelerator="cpu", devices=spec.get("devices", 1), strategy=strategy, max_steps=spec["steps"],
-                        accumulate_grad_batches=accum, precision=spec.get("precision", "32-true"), gradient_clip_val=1.0,
-                        logger=False, enable_checkpointing=bool(spec.get("ckpt_every")), callbacks=callbacks,
-                        use_distributed_sampler=False, enable_progress_bar=False, enable_model_summary=False,
-                        limit_val_batches=0, num_sanity_val_steps=0, default_root_dir=str(out))
-    stream = StepStream(samples, world, accum, rank, dm.tokenizer.pad_id, spec["steps"], lambda: trainer.global_step,
-                        spec.get("nan_step", -1), spec.get("nan_rank", -1))
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=spec.get("devices", 1),
+        strategy=strategy,
+        max_steps=spec["steps"],
+        accumulate_grad_batches=accum,
+        precision=spec.get("precision", "32-true"),
+        gradient_clip_val=1.0,
+        logger=False,
+        enable_checkpointing=bool(spec.get("ckpt_every")),
+        callbacks=callbacks,
+        use_distributed_sampler=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        default_root_dir=str(out),
+    )
+    stream = StepStream(
+        samples,
+        world,
+        accum,
+        rank,
+        dm.tokenizer.pad_id,
+        spec["steps"],
+        lambda: trainer.global_step,
+        spec.get("nan_step", -1),
+        spec.get("nan_rank", -1),
+    )
     loader = torch.utils.data.DataLoader(stream, batch_size=None)
     trainer.fit(module, train_dataloaders=loader, ckpt_path=spec.get("resume"))
     res = {"losses": {int(k): v for k, v in rec.losses.items()}, "skipped": rec.skipped}
@@ -198,8 +237,22 @@ def _torchrun(specs: list[dict], tmp: Path, nproc: int) -> None:
     path = tmp / f"spec{len(list(tmp.glob('spec*.json')))}.json"
     path.write_text(json.dumps(specs))
     env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                        str(Path(__file__)), str(path)], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={nproc}",
+            str(Path(__file__)),
+            str(path),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
 
 
@@ -209,9 +262,6 @@ def _result(d: Path):
 
 def _losses(res) -> list[float]:
     return [res["losses"][k] for k in sorted(res["losses"], key=int)]
-
-
-import pytest
 
 
 @pytest.fixture(scope="module")
@@ -230,8 +280,16 @@ def _assert_grads_close(a: dict, b: dict, rtol=1e-4, atol=1e-6):
 
 def test_ddp_matches_one_process_and_guards_nan_on_every_rank(reference, synth_dir, tmp_path):
     out = tmp_path / "ddp"
-    spec = {"strategy": "ddp", "devices": 2, "accum": 2, "steps": 5, "out": str(out), "data_dir": str(synth_dir),
-            "nan_step": 3, "nan_rank": 1}
+    spec = {
+        "strategy": "ddp",
+        "devices": 2,
+        "accum": 2,
+        "steps": 5,
+        "out": str(out),
+        "data_dir": str(synth_dir),
+        "nan_step": 3,
+        "nan_rank": 1,
+    }
     # step 3 has a NaN image on rank 1 only; steps 0..2 must equal the single-process reference
     _torchrun([spec], tmp_path, 2)
     res, t = _result(out)
@@ -252,9 +310,23 @@ def test_fsdp_matches_one_process_saves_resumes_and_exports(reference, synth_dir
     a, b, c = tmp_path / "fsdp", tmp_path / "resume2", tmp_path / "resume1"
     common = {"strategy": "fsdp", "steps": 4, "data_dir": str(synth_dir)}
     ck = str(a / "ckpt" / "step2.ckpt")
-    _torchrun([{**common, "devices": 2, "accum": 2, "out": str(a), "ckpt_every": 2, "save_full": True, "export": True,
-                "meta_init": True},  # rank 1 starts from a meta skeleton and receives rank 0's weights
-               {**common, "devices": 2, "accum": 2, "out": str(b), "resume": ck}], tmp_path, 2)
+    _torchrun(
+        [
+            {
+                **common,
+                "devices": 2,
+                "accum": 2,
+                "out": str(a),
+                "ckpt_every": 2,
+                "save_full": True,
+                "export": True,
+                "meta_init": True,
+            },  # rank 1 starts from a meta skeleton and receives rank 0's weights
+            {**common, "devices": 2, "accum": 2, "out": str(b), "resume": ck},
+        ],
+        tmp_path,
+        2,
+    )
     _torchrun([{**common, "devices": 1, "accum": 1, "out": str(c), "resume": ck}], tmp_path, 1)
     res, t = _result(a)
     ref, rt = reference

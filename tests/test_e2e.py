@@ -7,7 +7,6 @@ import io
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -36,7 +35,9 @@ def test_train_writes_checkpoints_export_and_metrics(trained):
     assert {"config.yaml", "model.safetensors", "tokenizer.json"} <= {p.name for p in (out / "export").iterdir()}
     assert "train/loss" in metrics and torch.isfinite(torch.tensor(metrics["train/loss"]))
     assert "val/accuracy" in metrics and 0.0 <= metrics["val/accuracy"] <= 1.0
-    assert any(k.startswith("val/cer_") for k in metrics) and all(metrics[k] >= 0 for k in metrics if k.startswith("val/cer_"))
+    assert any(k.startswith("val/cer_") for k in metrics) and all(
+        metrics[k] >= 0 for k in metrics if k.startswith("val/cer_")
+    )
     # the CSV logger saw the per-step metrics
     csv = next((out / "csv").rglob("metrics.csv")).read_text()
     for name in ("train/loss", "train/grad_norm", "train/image_tok_s", "train/text_tok_s", "lr-AdamW"):
@@ -74,12 +75,27 @@ def test_infer_streams_an_answer(trained, synth_dir, tmp_path, capsys):
     img = tmp_path / "img.png"
     Image.new("RGB", (80, 50), (250, 250, 250)).save(img)
     for ckpt in (out / "export", out / "checkpoints" / "last.ckpt"):
-        cfg = compose_infer([f"ckpt={ckpt}", f"image={img}", "prompt=What color is the circle?", "max_new_tokens=5"], tmp_path, synth_dir)
+        cfg = compose_infer(
+            [f"ckpt={ckpt}", f"image={img}", "prompt=What color is the circle?", "max_new_tokens=5"],
+            tmp_path,
+            synth_dir,
+        )
         res = run(cfg)
         printed = capsys.readouterr().out
         assert printed.strip() == res["answer"].strip()
     # sampling knobs are accepted and seeded
-    cfg = compose_infer([f"ckpt={out / 'export'}", f"image={img}", "prompt=Describe the image.", "temperature=0.8", "top_p=0.9", "max_new_tokens=5"], tmp_path, synth_dir)
+    cfg = compose_infer(
+        [
+            f"ckpt={out / 'export'}",
+            f"image={img}",
+            "prompt=Describe the image.",
+            "temperature=0.8",
+            "top_p=0.9",
+            "max_new_tokens=5",
+        ],
+        tmp_path,
+        synth_dir,
+    )
     first = run(cfg)["answer"]
     assert run(cfg)["answer"] == first
 
@@ -89,7 +105,9 @@ def test_infer_evaluates_heldout(trained, synth_dir, tmp_path, capsys):
 
     out, _, _ = trained
     preds = tmp_path / "preds.jsonl"
-    cfg = compose_infer([f"ckpt={out / 'export'}", "data=synthvqa_heldout", f"out={preds}", "max_new_tokens=8"], tmp_path, synth_dir)
+    cfg = compose_infer(
+        [f"ckpt={out / 'export'}", "data=synthvqa_heldout", f"out={preds}", "max_new_tokens=8"], tmp_path, synth_dir
+    )
     res = run(cfg)
     assert res["n"] == 40
     table = capsys.readouterr().out
@@ -131,8 +149,14 @@ def test_checkpoint_config_cannot_name_arbitrary_code(trained, tmp_path):
 
 
 def _cli(args: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=120,
-                          env={**__import__("os").environ, "WANDB_MODE": "disabled"})
+    return subprocess.run(
+        [sys.executable, *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**__import__("os").environ, "WANDB_MODE": "disabled"},
+    )
 
 
 def test_infer_cli_bad_inputs_give_one_clear_line(trained, tmp_path):
@@ -163,8 +187,16 @@ def test_train_cli_sweep(synth_dir, tmp_path):
     """`python train.py -m optimizer.lr=a,b` runs one job per value through the real Hydra entry."""
     from tests.conftest import TINY
 
-    args = ["train.py", "-m", "optimizer.lr=1e-3,3e-3", "logger=none", f"paths.data_dir={synth_dir}",
-            f"hydra.sweep.dir={tmp_path / 'multirun'}", "trainer.max_steps=2", *TINY]
+    args = [
+        "train.py",
+        "-m",
+        "optimizer.lr=1e-3,3e-3",
+        "logger=none",
+        f"paths.data_dir={synth_dir}",
+        f"hydra.sweep.dir={tmp_path / 'multirun'}",
+        "trainer.max_steps=2",
+        *TINY,
+    ]
     args = [a for a in args if not a.startswith("trainer.max_steps=4")]
     r = _cli(args)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -176,9 +208,17 @@ def test_train_cli_sweep(synth_dir, tmp_path):
 
 def test_train_cli_wrong_path_is_one_line(synth_dir, tmp_path):
     """A user's own shards path that does not exist: one `error:` line, exit 2, no traceback."""
-    r = _cli(["train.py", "data=shards", "data.train_shards=/nonexistent/shards", "data.val_shards=/nonexistent/heldout",
-              f"data.tokenizer={synth_dir / 'synthvqa' / 'tokenizer.json'}",
-              f"hydra.run.dir={tmp_path / 'h'}", "logger=none"])
+    r = _cli(
+        [
+            "train.py",
+            "data=shards",
+            "data.train_shards=/nonexistent/shards",
+            "data.val_shards=/nonexistent/heldout",
+            f"data.tokenizer={synth_dir / 'synthvqa' / 'tokenizer.json'}",
+            f"hydra.run.dir={tmp_path / 'h'}",
+            "logger=none",
+        ]
+    )
     assert r.returncode == 2, r.stderr[-2000:]
     lines = [line for line in r.stderr.splitlines() if line.strip() and "Seed set" not in line]
     assert len(lines) == 1 and lines[0].startswith("error: ") and "/nonexistent" in lines[0], r.stderr[-2000:]

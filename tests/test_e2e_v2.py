@@ -90,8 +90,11 @@ def test_v2_infer_images_and_video(trained_v2, tmp_path, capsys):
         printed = capsys.readouterr().out
         assert printed.strip() == res["answer"].strip(), name
     # evaluation on the v2 heldout: a row per v2 qtype
-    cfg = compose_infer([f"ckpt={out / 'export'}", "data=synthvqa_v2_heldout", f"out={tmp_path / 'p.jsonl'}",
-                         "max_new_tokens=4"], tmp_path, data)
+    cfg = compose_infer(
+        [f"ckpt={out / 'export'}", "data=synthvqa_v2_heldout", f"out={tmp_path / 'p.jsonl'}", "max_new_tokens=4"],
+        tmp_path,
+        data,
+    )
     res = run(cfg)
     assert res["n"] == 40
     rows = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()]

@@ -13,8 +13,16 @@ transformers = pytest.importorskip("transformers")
 
 from vlm.model.hf import PretrainedError, check_and_load, decoder_key_map, pretrained_decoder  # noqa: E402
 
-TINY = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-5)
+TINY = dict(
+    vocab_size=96,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+    rms_norm_eps=1e-5,
+)
 
 
 def _save(tmp_path, family: str, tied: bool, **kw):
@@ -37,10 +45,13 @@ def _save(tmp_path, family: str, tied: bool, **kw):
     return model.eval(), path
 
 
-@pytest.mark.parametrize("family,tied", [("llama", False), ("llama", True), ("qwen2", True), ("qwen2", False),
-                                         ("mistral", False)])
+@pytest.mark.parametrize(
+    "family,tied", [("llama", False), ("llama", True), ("qwen2", True), ("qwen2", False), ("mistral", False)]
+)
 def test_decoder_logits_match_transformers(tmp_path, family, tied):
-    ref, path = _save(tmp_path, family, tied, rope_theta=5000.0) if family != "mistral" else _save(tmp_path, family, tied)
+    ref, path = (
+        _save(tmp_path, family, tied, rope_theta=5000.0) if family != "mistral" else _save(tmp_path, family, tied)
+    )
     ours = pretrained_decoder(str(path)).eval()
     assert ours.tie_embeddings if hasattr(ours, "tie_embeddings") else True
     ids = torch.randint(0, TINY["vocab_size"], (2, 17))
@@ -61,21 +72,67 @@ def test_sharded_checkpoint_loads(tmp_path):
     ours = pretrained_decoder(str(path)).eval()
     ids = torch.randint(0, TINY["vocab_size"], (1, 9))
     with torch.no_grad():
-        torch.testing.assert_close(ours.lm_head(ours(ours.embed_tokens(ids), torch.arange(9)[None])),
-                                   ref(input_ids=ids).logits, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(
+            ours.lm_head(ours(ours.embed_tokens(ids), torch.arange(9)[None])),
+            ref(input_ids=ids).logits,
+            atol=1e-4,
+            rtol=1e-4,
+        )
 
 
-@pytest.mark.parametrize("name,cfg_cls,model_cls,kw", [
-    ("Llama-3-8B", "LlamaConfig", "LlamaForCausalLM",
-     dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-          num_key_value_heads=8, rope_theta=500000.0, max_position_embeddings=8192, tie_word_embeddings=False)),
-    ("Qwen2-7B", "Qwen2Config", "Qwen2ForCausalLM",
-     dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
-          num_key_value_heads=4, rope_theta=1000000.0, max_position_embeddings=32768, tie_word_embeddings=False)),
-    ("Qwen2.5-0.5B", "Qwen2Config", "Qwen2ForCausalLM",
-     dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
-          num_key_value_heads=2, rope_theta=1000000.0, max_position_embeddings=32768, tie_word_embeddings=True)),
-])
+@pytest.mark.parametrize(
+    "name,cfg_cls,model_cls,kw",
+    [
+        (
+            "Llama-3-8B",
+            "LlamaConfig",
+            "LlamaForCausalLM",
+            dict(
+                vocab_size=128256,
+                hidden_size=4096,
+                intermediate_size=14336,
+                num_hidden_layers=32,
+                num_attention_heads=32,
+                num_key_value_heads=8,
+                rope_theta=500000.0,
+                max_position_embeddings=8192,
+                tie_word_embeddings=False,
+            ),
+        ),
+        (
+            "Qwen2-7B",
+            "Qwen2Config",
+            "Qwen2ForCausalLM",
+            dict(
+                vocab_size=152064,
+                hidden_size=3584,
+                intermediate_size=18944,
+                num_hidden_layers=28,
+                num_attention_heads=28,
+                num_key_value_heads=4,
+                rope_theta=1000000.0,
+                max_position_embeddings=32768,
+                tie_word_embeddings=False,
+            ),
+        ),
+        (
+            "Qwen2.5-0.5B",
+            "Qwen2Config",
+            "Qwen2ForCausalLM",
+            dict(
+                vocab_size=151936,
+                hidden_size=896,
+                intermediate_size=4864,
+                num_hidden_layers=24,
+                num_attention_heads=14,
+                num_key_value_heads=2,
+                rope_theta=1000000.0,
+                max_position_embeddings=32768,
+                tie_word_embeddings=True,
+            ),
+        ),
+    ],
+)
 def test_full_size_key_maps_on_the_meta_device(tmp_path, name, cfg_cls, model_cls, kw):
     """Every key of the real architecture maps, with the right shape, without allocating memory."""
     cfg = getattr(transformers, cfg_cls)(**kw)
@@ -113,9 +170,12 @@ def test_mismatches_are_named(tmp_path):
     with pytest.raises(PretrainedError, match=r"shape mismatch: model.norm.weight \(7,\) -> norm.weight \(32,\)"):
         pretrained_decoder(str(path))
     cfg = json.loads((path / "config.json").read_text())
-    for patch, match in (({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "rope scaling 'llama3'"),
-                         ({"model_type": "gpt2"}, "not a supported decoder family"),
-                         ({"head_dim": 16}, "head_dim 16"), ({"hidden_act": "gelu"}, "SiLU only")):
+    for patch, match in (
+        ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "rope scaling 'llama3'"),
+        ({"model_type": "gpt2"}, "not a supported decoder family"),
+        ({"head_dim": 16}, "head_dim 16"),
+        ({"hidden_act": "gelu"}, "SiLU only"),
+    ):
         (path / "config.json").write_text(json.dumps({**cfg, **patch}))
         with pytest.raises(PretrainedError, match=match):
             pretrained_decoder(str(path))
@@ -151,27 +211,40 @@ def test_pretrained_decoder_trains_through_hydra_with_a_grown_vocabulary(tmp_pat
     (folder / "tokenizer_config.json").write_text(json.dumps({"chat_template": QWEN2VL, "eos_token": "<|im_end|>"}))
     old = ref.model.embed_tokens.weight.detach().clone()
     overrides = [o for o in TINY_RUN if not o.startswith("model.decoder.")] + [
-        f"paths.output_dir={tmp_path / 'run'}", f"paths.data_dir={synth_dir}", "logger=none", "model/decoder=qwen2",
-        f"model.decoder.pretrained={folder}", f"data.tokenizer={folder}", f"data.template.jinja={folder}",
+        f"paths.output_dir={tmp_path / 'run'}",
+        f"paths.data_dir={synth_dir}",
+        "logger=none",
+        "model/decoder=qwen2",
+        f"model.decoder.pretrained={folder}",
+        f"data.tokenizer={folder}",
+        f"data.template.jinja={folder}",
         "trainer.max_steps=1",
-        "trainer.limit_val_batches=0", "callbacks.model_checkpoint.monitor=null", "optimizer.lr=1e-9"]
+        "trainer.limit_val_batches=0",
+        "callbacks.model_checkpoint.monitor=null",
+        "optimizer.lr=1e-9",
+    ]
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
         run(compose("train", overrides=overrides))
     shutil.rmtree(folder)  # the export is self-contained: the pretrained folder is no longer needed
     loaded = load_checkpoint(tmp_path / "run" / "export")
-    assert type(loaded.template).__name__ == "JinjaChatTemplate" and "You are a helpful assistant." in loaded.template.jinja_text
+    assert (
+        type(loaded.template).__name__ == "JinjaChatTemplate"
+        and "You are a helpful assistant." in loaded.template.jinja_text
+    )
     m = loaded.model
     emb = m.decoder.embed_tokens.weight.detach()
-    assert emb.shape == (tok.vocab_size, TINY["hidden_size"]) and m.decoder.lm_head.weight is m.decoder.embed_tokens.weight
+    assert (
+        emb.shape == (tok.vocab_size, TINY["hidden_size"]) and m.decoder.lm_head.weight is m.decoder.embed_tokens.weight
+    )
     torch.testing.assert_close(emb[: old.shape[0]], old, atol=1e-6, rtol=0)  # lr 1e-9: one step moves nothing visible
-    torch.testing.assert_close(emb[old.shape[0]:], old.mean(0).expand(4, -1), atol=1e-6, rtol=0)
+    torch.testing.assert_close(emb[old.shape[0] :], old.mean(0).expand(4, -1), atol=1e-6, rtol=0)
     assert m.decoder.layers[0].self_attn.q_proj.bias is not None
 
 
 def test_tokenizer_from_a_pretrained_folder_gains_the_missing_tokens(tmp_path):
     from tokenizers import Tokenizer, models, pre_tokenizers
 
-    from vlm.tokenizer import IMAGE_PAD, IM_START, TextTokenizer
+    from vlm.tokenizer import IM_START, TextTokenizer
 
     t = Tokenizer(models.WordLevel({"hello": 0, "world": 1, "<unk>": 2, IM_START: 3}, unk_token="<unk>"))
     t.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -202,21 +275,35 @@ def test_fsdp_reads_the_pretrained_folder_on_rank_0_only(tmp_path, synth_dir):
 
     tok = TextTokenizer.from_file(synth_dir / "synthvqa" / "tokenizer.json")
     torch.manual_seed(0)
-    ref = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**{**TINY, "vocab_size": tok.vocab_size - 4},
-                                                                 tie_word_embeddings=True))
+    ref = transformers.Qwen2ForCausalLM(
+        transformers.Qwen2Config(**{**TINY, "vocab_size": tok.vocab_size - 4}, tie_word_embeddings=True)
+    )
     folder = tmp_path / "qwen2_tiny"
     ref.save_pretrained(folder)
     shutil.copy(synth_dir / "synthvqa" / "tokenizer.json", folder / "tokenizer.json")
     (folder / "tokenizer_config.json").write_text(json.dumps({"chat_template": QWEN2VL, "eos_token": "<|im_end|>"}))
     overrides = [o for o in TINY_RUN if not o.startswith("model.decoder.")] + [
-        f"paths.output_dir={tmp_path / 'run'}", f"paths.data_dir={synth_dir}", "logger=none", "model/decoder=qwen2",
-        f"model.decoder.pretrained={folder}", f"data.tokenizer={folder}", f"data.template.jinja={folder}",
-        "trainer=fsdp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true",
-        "trainer.max_steps=1", "trainer.limit_val_batches=0", "callbacks.model_checkpoint.monitor=null",
-        "optimizer.lr=1e-9", "threads=1"]
+        f"paths.output_dir={tmp_path / 'run'}",
+        f"paths.data_dir={synth_dir}",
+        "logger=none",
+        "model/decoder=qwen2",
+        f"model.decoder.pretrained={folder}",
+        f"data.tokenizer={folder}",
+        f"data.template.jinja={folder}",
+        "trainer=fsdp",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        "trainer.precision=32-true",
+        "trainer.max_steps=1",
+        "trainer.limit_val_batches=0",
+        "callbacks.model_checkpoint.monitor=null",
+        "optimizer.lr=1e-9",
+        "threads=1",
+    ]
     env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, "train.py", *overrides], cwd=ROOT, capture_output=True, text=True,
-                       timeout=300, env=env)
+    r = subprocess.run(
+        [sys.executable, "train.py", *overrides], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env
+    )
     out = r.stdout + r.stderr
     assert r.returncode == 0, out[-4000:]
     assert out.count("model built on the meta device") == 1, out[-4000:]  # rank 1 only
@@ -224,6 +311,10 @@ def test_fsdp_reads_the_pretrained_folder_on_rank_0_only(tmp_path, synth_dir):
     old = ref.model.embed_tokens.weight.detach()
     emb = m.decoder.embed_tokens.weight.detach()
     torch.testing.assert_close(emb[: old.shape[0]], old, atol=1e-6, rtol=0)
-    torch.testing.assert_close(emb[old.shape[0]:], old.mean(0).expand(4, -1), atol=1e-6, rtol=0)
-    torch.testing.assert_close(m.decoder.layers[1].mlp.down_proj.weight.detach(),
-                               ref.model.layers[1].mlp.down_proj.weight.detach(), atol=1e-6, rtol=0)
+    torch.testing.assert_close(emb[old.shape[0] :], old.mean(0).expand(4, -1), atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        m.decoder.layers[1].mlp.down_proj.weight.detach(),
+        ref.model.layers[1].mlp.down_proj.weight.detach(),
+        atol=1e-6,
+        rtol=0,
+    )

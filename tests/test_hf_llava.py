@@ -18,11 +18,26 @@ IMG = 95
 def test_llava_logits_match_transformers(tmp_path):
     torch.manual_seed(0)
     cfg = transformers.LlavaConfig(
-        vision_config=transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=52, num_hidden_layers=3,
-                                                    num_attention_heads=4, image_size=32, patch_size=8),
-        text_config=transformers.LlamaConfig(vocab_size=100, hidden_size=48, intermediate_size=64, num_hidden_layers=2,
-                                             num_attention_heads=4, num_key_value_heads=2),
-        image_token_id=IMG, vision_feature_layer=-2, vision_feature_select_strategy="default")
+        vision_config=transformers.CLIPVisionConfig(
+            hidden_size=32,
+            intermediate_size=52,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            image_size=32,
+            patch_size=8,
+        ),
+        text_config=transformers.LlamaConfig(
+            vocab_size=100,
+            hidden_size=48,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        ),
+        image_token_id=IMG,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+    )
     ref = transformers.LlavaForConditionalGeneration(cfg).eval()
     with torch.no_grad():
         for n, p in ref.named_parameters():
@@ -31,7 +46,9 @@ def test_llava_logits_match_transformers(tmp_path):
     path = tmp_path / "llava"
     ref.save_pretrained(path)
     enc = pretrained_vision_encoder(str(path), feature_layer=-2)
-    model = VLM(enc, pretrained_llava_projector(str(path)), pretrained_decoder(str(path)), media_token_ids=[IMG, 96]).eval()
+    model = VLM(
+        enc, pretrained_llava_projector(str(path)), pretrained_decoder(str(path)), media_token_ids=[IMG, 96]
+    ).eval()
     px = torch.randn(2, 3, 32, 32)
     ids = []
     for _ in range(2):  # two images in one sequence, text around them
@@ -41,17 +58,31 @@ def test_llava_logits_match_transformers(tmp_path):
     with torch.no_grad():
         want = ref(input_ids=ids_t, pixel_values=px).logits
         patches = torch.cat([patchify(x, 8) for x in px])
-        got = model.logits(model(ids_t, torch.arange(len(ids))[None], None, patches, torch.tensor([[1, 4, 4]] * 2),
-                                 torch.tensor([2])))
+        got = model.logits(
+            model(ids_t, torch.arange(len(ids))[None], None, patches, torch.tensor([[1, 4, 4]] * 2), torch.tensor([2]))
+        )
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
 def test_llava_1_5_7b_key_maps_on_meta(tmp_path):
     cfg = transformers.LlavaConfig(
-        vision_config=transformers.CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
-                                                    num_attention_heads=16, image_size=336, patch_size=14),
-        text_config=transformers.LlamaConfig(vocab_size=32064, hidden_size=4096, intermediate_size=11008,
-                                             num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32))
+        vision_config=transformers.CLIPVisionConfig(
+            hidden_size=1024,
+            intermediate_size=4096,
+            num_hidden_layers=24,
+            num_attention_heads=16,
+            image_size=336,
+            patch_size=14,
+        ),
+        text_config=transformers.LlamaConfig(
+            vocab_size=32064,
+            hidden_size=4096,
+            intermediate_size=11008,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=32,
+        ),
+    )
     (tmp_path / "config.json").write_text(cfg.to_json_string())
     enc = pretrained_vision_encoder(str(tmp_path), feature_layer=-2, device="meta")
     proj = pretrained_llava_projector(str(tmp_path), device="meta")
@@ -60,7 +91,9 @@ def test_llava_1_5_7b_key_maps_on_meta(tmp_path):
         ref = transformers.LlavaForConditionalGeneration(cfg)
     sd = ref.state_dict()
     last = "encoder.layers.23."  # LLaVA reads layer -2: the last CLIP layer is never run
-    n_ref = sum(v.numel() for k, v in sd.items() if last not in k and "post_layernorm" not in k and "position_ids" not in k)
+    n_ref = sum(
+        v.numel() for k, v in sd.items() if last not in k and "post_layernorm" not in k and "position_ids" not in k
+    )
     n_ours = sum(p.numel() for m in (enc, proj, dec) for p in m.parameters())
     assert n_ours == n_ref and len(enc.blocks) == 23 and dec.vocab_size == 32064
 
@@ -73,23 +106,44 @@ def test_export_round_trips_through_transformers(tmp_path):
     torch.manual_seed(0)
     tok = train_tokenizer(["a red square", "user\n", "assistant\n"] * 10, vocab_size=100)
     cfg = transformers.LlavaConfig(
-        vision_config=transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=52, num_hidden_layers=3,
-                                                    num_attention_heads=4, image_size=32, patch_size=8),
-        text_config=transformers.LlamaConfig(vocab_size=tok.vocab_size, hidden_size=48, intermediate_size=64,
-                                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                             rope_theta=5000.0),
-        image_token_id=tok.image_pad_id, vision_feature_layer=-2)
+        vision_config=transformers.CLIPVisionConfig(
+            hidden_size=32,
+            intermediate_size=52,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            image_size=32,
+            patch_size=8,
+        ),
+        text_config=transformers.LlamaConfig(
+            vocab_size=tok.vocab_size,
+            hidden_size=48,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            rope_theta=5000.0,
+        ),
+        image_token_id=tok.image_pad_id,
+        vision_feature_layer=-2,
+    )
     ref = transformers.LlavaForConditionalGeneration(cfg).eval()
     ref.save_pretrained(tmp_path / "in")
-    model = VLM(pretrained_vision_encoder(str(tmp_path / "in"), feature_layer=-2),
-                pretrained_llava_projector(str(tmp_path / "in")), pretrained_decoder(str(tmp_path / "in")),
-                media_token_ids=[tok.image_pad_id, tok.video_pad_id]).eval()
+    model = VLM(
+        pretrained_vision_encoder(str(tmp_path / "in"), feature_layer=-2),
+        pretrained_llava_projector(str(tmp_path / "in")),
+        pretrained_decoder(str(tmp_path / "in")),
+        media_token_ids=[tok.image_pad_id, tok.video_pad_id],
+    ).eval()
     export_hf(model, tok, tmp_path / "out", "hf_llava")
     back = transformers.LlavaForConditionalGeneration.from_pretrained(tmp_path / "out").eval()
     ids = torch.tensor([[13, 14, 15] + [tok.image_pad_id] * 16 + [16, 17]])
     px = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
-        torch.testing.assert_close(back(input_ids=ids, pixel_values=px).logits, ref(input_ids=ids, pixel_values=px).logits,
-                                   atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(
+            back(input_ids=ids, pixel_values=px).logits,
+            ref(input_ids=ids, pixel_values=px).logits,
+            atol=1e-4,
+            rtol=1e-4,
+        )
     with pytest.raises(ExportError, match="format=hf_qwen2vl: needs a linear patch embedding"):
         export_hf(model, tok, tmp_path / "bad", "hf_qwen2vl")

@@ -11,15 +11,33 @@ transformers = pytest.importorskip("transformers")
 
 from vlm.model.hf import pretrained_qwen2vl_merger, pretrained_qwen2vl_vision  # noqa: E402
 
-VISION = dict(depth=2, embed_dim=32, hidden_size=48, num_heads=4, mlp_ratio=2, patch_size=4, spatial_merge_size=2,
-              temporal_patch_size=2, in_channels=3)
-TEXT = dict(vocab_size=100, hidden_size=48, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, rope_scaling={"type": "mrope", "mrope_section": [2, 1, 3]})
+VISION = dict(
+    depth=2,
+    embed_dim=32,
+    hidden_size=48,
+    num_heads=4,
+    mlp_ratio=2,
+    patch_size=4,
+    spatial_merge_size=2,
+    temporal_patch_size=2,
+    in_channels=3,
+)
+TEXT = dict(
+    vocab_size=100,
+    hidden_size=48,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    rope_scaling={"type": "mrope", "mrope_section": [2, 1, 3]},
+)
 
 
 def _save(tmp_path):
     torch.manual_seed(0)
-    model = transformers.Qwen2VLForConditionalGeneration(transformers.Qwen2VLConfig(vision_config=VISION, text_config=TEXT))
+    model = transformers.Qwen2VLForConditionalGeneration(
+        transformers.Qwen2VLConfig(vision_config=VISION, text_config=TEXT)
+    )
     visual = model.model.visual if hasattr(model.model, "visual") else model.visual
     with torch.no_grad():
         for n, p in visual.named_parameters():
@@ -55,10 +73,19 @@ def test_qwen2vl_vision_and_merger_match_transformers(tmp_path):
 
 
 def test_qwen2vl_7b_vision_key_maps_on_meta(tmp_path):
-    cfg = transformers.Qwen2VLConfig(vision_config=dict(depth=32, embed_dim=1280, hidden_size=3584, num_heads=16,
-                                                        mlp_ratio=4, patch_size=14, spatial_merge_size=2,
-                                                        temporal_patch_size=2),
-                                     text_config=dict(hidden_size=3584, num_hidden_layers=1, vocab_size=100))
+    cfg = transformers.Qwen2VLConfig(
+        vision_config=dict(
+            depth=32,
+            embed_dim=1280,
+            hidden_size=3584,
+            num_heads=16,
+            mlp_ratio=4,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+        ),
+        text_config=dict(hidden_size=3584, num_hidden_layers=1, vocab_size=100),
+    )
     (tmp_path / "config.json").write_text(cfg.to_json_string())
     enc = pretrained_qwen2vl_vision(str(tmp_path), device="meta")
     proj = pretrained_qwen2vl_merger(str(tmp_path), device="meta")
@@ -82,8 +109,14 @@ def test_whole_qwen2vl_logits_match_transformers(tmp_path):
 
     VS, IMG, VID, VE = 91, 92, 93, 94
     torch.manual_seed(0)
-    cfg = transformers.Qwen2VLConfig(vision_config=VISION, text_config=TEXT, image_token_id=IMG, video_token_id=VID,
-                                     vision_start_token_id=VS, vision_end_token_id=VE)
+    cfg = transformers.Qwen2VLConfig(
+        vision_config=VISION,
+        text_config=TEXT,
+        image_token_id=IMG,
+        video_token_id=VID,
+        vision_start_token_id=VS,
+        vision_end_token_id=VE,
+    )
     ref = transformers.Qwen2VLForConditionalGeneration(cfg).eval()
     path = tmp_path / "qwen2vl_full"
     ref.save_pretrained(path)
@@ -107,8 +140,14 @@ def test_whole_qwen2vl_logits_match_transformers(tmp_path):
     grids = torch.tensor([g for _, g in media])
     with torch.no_grad():
         mm_types = (ids_t == IMG).long() + 2 * (ids_t == VID).long()  # 0 text, 1 image, 2 video (HF's rope index)
-        want = ref(input_ids=ids_t, mm_token_type_ids=mm_types, pixel_values=torch.cat(img_hf), image_grid_thw=torch.tensor([media[0][1], media[2][1]]),
-                   pixel_values_videos=torch.cat(vid_hf), video_grid_thw=torch.tensor([media[1][1]])).logits
+        want = ref(
+            input_ids=ids_t,
+            mm_token_type_ids=mm_types,
+            pixel_values=torch.cat(img_hf),
+            image_grid_thw=torch.tensor([media[0][1], media[2][1]]),
+            pixel_values_videos=torch.cat(vid_hf),
+            video_grid_thw=torch.tensor([media[1][1]]),
+        ).logits
         got = model.logits(model(ids_t, pos, None, torch.cat(patches_ours), grids, torch.tensor([3])))
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
@@ -122,14 +161,23 @@ def test_qwen2vl_export_round_trips_through_transformers(tmp_path):
 
     tok = train_tokenizer(["a red square", "user\n", "assistant\n"] * 10, vocab_size=100)
     torch.manual_seed(0)
-    cfg = transformers.Qwen2VLConfig(vision_config=VISION, text_config={**TEXT, "vocab_size": tok.vocab_size},
-                                     image_token_id=tok.image_pad_id, video_token_id=tok.video_pad_id,
-                                     vision_start_token_id=tok.vision_start_id, vision_end_token_id=tok.vision_end_id)
+    cfg = transformers.Qwen2VLConfig(
+        vision_config=VISION,
+        text_config={**TEXT, "vocab_size": tok.vocab_size},
+        image_token_id=tok.image_pad_id,
+        video_token_id=tok.video_pad_id,
+        vision_start_token_id=tok.vision_start_id,
+        vision_end_token_id=tok.vision_end_id,
+    )
     ref = transformers.Qwen2VLForConditionalGeneration(cfg).eval()
     ref.save_pretrained(tmp_path / "in")
     p = str(tmp_path / "in")
-    model = VLM(pretrained_qwen2vl_vision(p), pretrained_qwen2vl_merger(p), pretrained_decoder(p, rope="mrope"),
-                media_token_ids=[tok.image_pad_id, tok.video_pad_id]).eval()
+    model = VLM(
+        pretrained_qwen2vl_vision(p),
+        pretrained_qwen2vl_merger(p),
+        pretrained_decoder(p, rope="mrope"),
+        media_token_ids=[tok.image_pad_id, tok.video_pad_id],
+    ).eval()
     export_hf(model, tok, tmp_path / "out", "hf_qwen2vl")
     back = transformers.Qwen2VLForConditionalGeneration.from_pretrained(tmp_path / "out").eval()
     ids = torch.tensor([[13, 14, tok.vision_start_id] + [tok.image_pad_id] * 6 + [tok.vision_end_id, 15, 16]])

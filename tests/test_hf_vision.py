@@ -12,15 +12,26 @@ transformers = pytest.importorskip("transformers")
 from vlm.data.processor import patchify  # noqa: E402
 from vlm.model.hf import PretrainedError, pretrained_vision_encoder  # noqa: E402
 
-TINY = dict(hidden_size=32, intermediate_size=52, num_hidden_layers=3, num_attention_heads=4, image_size=32,
-            patch_size=8, layer_norm_eps=1e-6)
+TINY = dict(
+    hidden_size=32,
+    intermediate_size=52,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    image_size=32,
+    patch_size=8,
+    layer_norm_eps=1e-6,
+)
 
 
 def _siglip(tmp_path, full=False):
     torch.manual_seed(0)
     if full:
-        cfg = transformers.SiglipConfig(vision_config=TINY, text_config=dict(hidden_size=16, intermediate_size=32,
-                                        num_hidden_layers=1, num_attention_heads=2, vocab_size=50))
+        cfg = transformers.SiglipConfig(
+            vision_config=TINY,
+            text_config=dict(
+                hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=50
+            ),
+        )
         model = transformers.SiglipModel(cfg)
         vision = model.vision_model
     else:
@@ -73,8 +84,14 @@ def test_feature_layer_drops_later_layers(tmp_path):
 
 
 def test_siglip_so400m_key_map_on_meta(tmp_path):
-    cfg = transformers.SiglipVisionConfig(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27,
-                                          num_attention_heads=16, image_size=384, patch_size=14)
+    cfg = transformers.SiglipVisionConfig(
+        hidden_size=1152,
+        intermediate_size=4304,
+        num_hidden_layers=27,
+        num_attention_heads=16,
+        image_size=384,
+        patch_size=14,
+    )
     (tmp_path / "config.json").write_text(cfg.to_json_string())
     enc = pretrained_vision_encoder(str(tmp_path), device="meta")
     assert all(p.is_meta for p in enc.parameters())
@@ -101,11 +118,17 @@ def test_broken_vision_checkpoints_are_named(tmp_path):
 
 def _clip(tmp_path, full=False):
     torch.manual_seed(0)
-    kw = dict(hidden_size=32, intermediate_size=52, num_hidden_layers=3, num_attention_heads=4, image_size=32,
-              patch_size=8)
+    kw = dict(
+        hidden_size=32, intermediate_size=52, num_hidden_layers=3, num_attention_heads=4, image_size=32, patch_size=8
+    )
     if full:
-        cfg = transformers.CLIPConfig(vision_config=kw, text_config=dict(hidden_size=16, intermediate_size=32,
-                                      num_hidden_layers=1, num_attention_heads=2, vocab_size=50), projection_dim=8)
+        cfg = transformers.CLIPConfig(
+            vision_config=kw,
+            text_config=dict(
+                hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=50
+            ),
+            projection_dim=8,
+        )
         model = transformers.CLIPModel(cfg)
     else:
         model = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**kw))
@@ -138,13 +161,21 @@ def test_clip_features_match_transformers_llava_style(tmp_path, full):
 
 
 def test_clip_vit_l_336_key_map_on_meta(tmp_path):
-    cfg = transformers.CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
-                                        num_attention_heads=16, image_size=336, patch_size=14, projection_dim=768)
+    cfg = transformers.CLIPVisionConfig(
+        hidden_size=1024,
+        intermediate_size=4096,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        image_size=336,
+        patch_size=14,
+        projection_dim=768,
+    )
     (tmp_path / "config.json").write_text(cfg.to_json_string())
     enc = pretrained_vision_encoder(str(tmp_path), device="meta")
     with torch.device("meta"):
         ref = transformers.CLIPVisionModel(cfg)
-    n_ref = sum(v.numel() for k, v in ref.state_dict().items()
-                if not k.endswith("position_ids") and "post_layernorm" not in k)  # post_layernorm: the pooled CLS only
+    n_ref = sum(
+        v.numel() for k, v in ref.state_dict().items() if not k.endswith("position_ids") and "post_layernorm" not in k
+    )  # post_layernorm: the pooled CLS only
     assert sum(p.numel() for p in enc.parameters()) == n_ref  # every weight of the tower has a place
     assert enc.pos_embed.shape == (24, 24, 1024)

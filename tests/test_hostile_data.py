@@ -22,8 +22,12 @@ import pytest
 from tests.conftest import CONF, ROOT, TINY, compose_infer
 from vlm.data.tar_reader import ShardErrors, read_samples
 
-GOOD_CHAT = {"messages": [{"role": "user", "content": "Name a colour."},
-                          {"role": "assistant", "content": [{"type": "text", "text": "red"}]}]}
+GOOD_CHAT = {
+    "messages": [
+        {"role": "user", "content": "Name a colour."},
+        {"role": "assistant", "content": [{"type": "text", "text": "red"}]},
+    ]
+}
 
 
 def compose_shards(shard: Path, tmp: Path, synth_dir: Path, extra: list[str] = ()):
@@ -32,10 +36,20 @@ def compose_shards(shard: Path, tmp: Path, synth_dir: Path, extra: list[str] = (
 
     tiny = [o for o in TINY if not o.startswith("data.synthetic.")]
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        return compose("train", overrides=[
-            f"paths.output_dir={tmp}", f"paths.data_dir={synth_dir}", "data=shards", *tiny,
-            f"data.train_shards={shard}", f"data.val_shards={shard}", f"data.tokenizer={synth_dir / 'synthvqa' / 'tokenizer.json'}",
-            "data.processor.image_size=64", *extra])
+        return compose(
+            "train",
+            overrides=[
+                f"paths.output_dir={tmp}",
+                f"paths.data_dir={synth_dir}",
+                "data=shards",
+                *tiny,
+                f"data.train_shards={shard}",
+                f"data.val_shards={shard}",
+                f"data.tokenizer={synth_dir / 'synthvqa' / 'tokenizer.json'}",
+                "data.processor.image_size=64",
+                *extra,
+            ],
+        )
 
 
 def write_tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
@@ -66,20 +80,51 @@ BAD_SAMPLES = {
     "number_json": (b"5", "bad_json", "bad_json"),
     "number_messages": (js({"messages": 3}), "bad_json", "bad_json"),
     "deep_json": (b"[" * 100_000 + b"]" * 100_000, "bad_json", "bad_json"),
-    "deep_content": (js({"messages": [{"role": "user", "content": [[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[["x"]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]}]}),
-                     "bad_json", "bad_json"),
-    "surrogate": (b'{"messages": [{"role": "user", "content": "hi \\ud800"}, '
-                  b'{"role": "assistant", "content": "red"}]}', "bad_text", "bad_text"),
+    "deep_content": (
+        js(
+            {
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[["x"]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]],
+                    }
+                ]
+            }
+        ),
+        "bad_json",
+        "bad_json",
+    ),
+    "surrogate": (
+        b'{"messages": [{"role": "user", "content": "hi \\ud800"}, {"role": "assistant", "content": "red"}]}',
+        "bad_text",
+        "bad_text",
+    ),
     "empty_messages": (js({"messages": []}), "empty", "empty"),
     "no_assistant": (js({"messages": [{"role": "user", "content": "hello"}]}), "no_label", "no_reference"),
-    "null_answer": (js({"messages": [{"role": "user", "content": "hello"}, {"role": "assistant", "content": None}]}),
-                    "template", "no_reference"),
-    "meta_not_a_dict": (js({**GOOD_CHAT, "meta": [1, 2]}), None, None),   # accepted: qtype "other"
+    "null_answer": (
+        js({"messages": [{"role": "user", "content": "hello"}, {"role": "assistant", "content": None}]}),
+        "template",
+        "no_reference",
+    ),
+    "meta_not_a_dict": (js({**GOOD_CHAT, "meta": [1, 2]}), None, None),  # accepted: qtype "other"
     "qtypes_a_string": (js({**GOOD_CHAT, "meta": {"qtypes": "color"}}), None, None),
-    "role_number": (js({"messages": [{"role": 7, "content": "x"}, {"role": "assistant", "content": "y"}]}),
-                    "template", "template"),
-    "text_not_str": (js({"messages": [{"role": "user", "content": [{"type": "text", "text": {"a": 1}}]},
-                                      {"role": "assistant", "content": "y"}]}), "template", "template"),
+    "role_number": (
+        js({"messages": [{"role": 7, "content": "x"}, {"role": "assistant", "content": "y"}]}),
+        "template",
+        "template",
+    ),
+    "text_not_str": (
+        js(
+            {
+                "messages": [
+                    {"role": "user", "content": [{"type": "text", "text": {"a": 1}}]},
+                    {"role": "assistant", "content": "y"},
+                ]
+            }
+        ),
+        "template",
+        "template",
+    ),
 }
 
 
@@ -169,8 +214,17 @@ def test_evaluation_on_hostile_shard_counts_every_reason(hostile_run, synth_dir,
     export = tmp / "export"
     if not export.is_dir():
         pytest.skip("needs the training run of the test above")
-    cfg = compose_infer([f"ckpt={export}", "data=synthvqa_heldout", f"data.val_shards={shard}", "max_new_tokens=4",
-                         "data.num_workers=0"], tmp, synth_dir)
+    cfg = compose_infer(
+        [
+            f"ckpt={export}",
+            "data=synthvqa_heldout",
+            f"data.val_shards={shard}",
+            "max_new_tokens=4",
+            "data.num_workers=0",
+        ],
+        tmp,
+        synth_dir,
+    )
     res = run(cfg)
     assert Counter(res["skipped"]) == expected_counts("eval")
     assert res["n"] == 4 + 3  # the 4 good synth samples, lastgood, meta_not_a_dict, qtypes_a_string
@@ -179,8 +233,15 @@ def test_evaluation_on_hostile_shard_counts_every_reason(hostile_run, synth_dir,
 
 
 def _cli(args: list[str], timeout: int = 180) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "WANDB_MODE": "disabled"}, stdin=subprocess.DEVNULL)
+    return subprocess.run(
+        [sys.executable, *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "WANDB_MODE": "disabled"},
+        stdin=subprocess.DEVNULL,
+    )
 
 
 def _one_error_line(r: subprocess.CompletedProcess) -> str:
@@ -200,12 +261,28 @@ def test_train_cli_on_shards_that_yield_nothing_stops_with_one_line(synth_dir, t
     (bad / "zero.tar").write_bytes(b"")
     (bad / "random.tar").write_bytes(os.urandom(20_000))
     write_tar(bad / "nokey.tar", [("README", b"hello"), ("dir/file", b"x")])
-    r = _cli(["train.py", "data=shards", f"data.train_shards={bad}", f"data.val_shards={synth_dir / 'synthvqa' / 'heldout'}",
-              f"data.tokenizer={synth_dir / 'synthvqa' / 'tokenizer.json'}", "data.num_workers=1",
-              "trainer.limit_val_batches=0", "trainer.num_sanity_val_steps=0",
-              f"hydra.run.dir={tmp_path / 'h'}", f"paths.output_dir={tmp_path / 'o'}", "logger=none",
-              "model.encoder.dim=32", "model.encoder.n_layers=1", "model.encoder.n_heads=2",
-              "model.decoder.dim=32", "model.decoder.n_layers=1", "model.decoder.n_heads=2", "model.decoder.n_kv_heads=1"])
+    r = _cli(
+        [
+            "train.py",
+            "data=shards",
+            f"data.train_shards={bad}",
+            f"data.val_shards={synth_dir / 'synthvqa' / 'heldout'}",
+            f"data.tokenizer={synth_dir / 'synthvqa' / 'tokenizer.json'}",
+            "data.num_workers=1",
+            "trainer.limit_val_batches=0",
+            "trainer.num_sanity_val_steps=0",
+            f"hydra.run.dir={tmp_path / 'h'}",
+            f"paths.output_dir={tmp_path / 'o'}",
+            "logger=none",
+            "model.encoder.dim=32",
+            "model.encoder.n_layers=1",
+            "model.encoder.n_heads=2",
+            "model.decoder.dim=32",
+            "model.decoder.n_layers=1",
+            "model.decoder.n_heads=2",
+            "model.decoder.n_kv_heads=1",
+        ]
+    )
     line = _one_error_line(r)
     assert "no training shard yields a sample" in line
     for name in ("zero.tar", "random.tar", "nokey.tar"):
@@ -224,8 +301,13 @@ def test_shards_mixing_good_and_empty_train_and_read_bad_ones_once(synth_dir, tm
     (bad / "a-zero.tar").write_bytes(b"")
     (bad / "b-random.tar").write_bytes(os.urandom(5000))
     shutil.copy(sorted((synth_dir / "synthvqa" / "train").glob("*.tar"))[0], bad / "c-good.tar")
-    dm = VLMDataModule(str(bad), str(synth_dir / "synthvqa" / "heldout"), str(synth_dir / "synthvqa" / "tokenizer.json"),
-                       {"patch_size": 8, "image_size": 64}, {"max_length": 256})
+    dm = VLMDataModule(
+        str(bad),
+        str(synth_dir / "synthvqa" / "heldout"),
+        str(synth_dir / "synthvqa" / "tokenizer.json"),
+        {"patch_size": 8, "image_size": 64},
+        {"max_length": 256},
+    )
     dm.setup()
     ds = ShardDataset(str(bad), SampleProcessor(dm.image_processor, dm.template), train=True, shuffle_buffer=1)
     counts: Counter = Counter()
@@ -281,8 +363,13 @@ def test_infer_refuses_special_files_at_once(hostile_run, tmp_path):
     fifo = tmp_path / "pipe.png"
     os.mkfifo(fifo)
     for image in ("/dev/zero", str(fifo)):
-        r = _cli(["infer.py", f"ckpt={export}", f"image={image}", "prompt=hi", f"hydra.run.dir={tmp_path / 'h'}"], timeout=120)
+        r = _cli(
+            ["infer.py", f"ckpt={export}", f"image={image}", "prompt=hi", f"hydra.run.dir={tmp_path / 'h'}"],
+            timeout=120,
+        )
         line = _one_error_line(r)
         assert "not a regular file" in line, line
-    r = _cli(["infer.py", f"ckpt={export}", f"video={fifo}", "prompt=hi", f"hydra.run.dir={tmp_path / 'h'}"], timeout=120)
+    r = _cli(
+        ["infer.py", f"ckpt={export}", f"video={fifo}", "prompt=hi", f"hydra.run.dir={tmp_path / 'h'}"], timeout=120
+    )
     assert "not a regular file" in _one_error_line(r)

@@ -13,12 +13,26 @@ def test_lab_grid_end_to_end(tmp_path, synth_dir):
     grid = load_grid("default")
     assert grid["steps"] > 0 and any(r["axis"] == "fusion" for r in grid["rows"])
     assert load_grid("quick")["rows"] == grid["rows"] and load_grid("quick")["steps"] < grid["steps"]
-    grid.update(steps=2, eval_samples=16, eval_batch_size=8, threads=None,
-                base=[*grid["base"], f"paths.data_dir={synth_dir}", *[o for o in TINY if "max_steps" not in o and "progress_bar" not in o]],
-                prune={"row": "mlp", "keep_ratios": [1.0, 0.5], "methods": ["norm"]})
-    rows = [{"name": "mlp", "axis": "projector", "overrides": ["model.projector.merge_size=1"]},
-            {"name": "qformer 4", "axis": "projector",
-             "overrides": ["model/projector=qformer", "model.projector.queries=4", "model.projector.merge_size=1"]}]
+    grid.update(
+        steps=2,
+        eval_samples=16,
+        eval_batch_size=8,
+        threads=None,
+        base=[
+            *grid["base"],
+            f"paths.data_dir={synth_dir}",
+            *[o for o in TINY if "max_steps" not in o and "progress_bar" not in o],
+        ],
+        prune={"row": "mlp", "keep_ratios": [1.0, 0.5], "methods": ["norm"]},
+    )
+    rows = [
+        {"name": "mlp", "axis": "projector", "overrides": ["model.projector.merge_size=1"]},
+        {
+            "name": "qformer 4",
+            "axis": "projector",
+            "overrides": ["model/projector=qformer", "model.projector.queries=4", "model.projector.merge_size=1"],
+        },
+    ]
     results = [run_row(r, grid, 0, tmp_path / r["name"].replace(" ", "_")) for r in rows]
     assert [r["tokens_per_image"] for r in results] == [64, 4]
     assert all(r["eval_n"] == 16 and r["train_samples_s"] > 0 and r["trainable_params"] > 0 for r in results)
@@ -33,7 +47,8 @@ def test_lab_grid_end_to_end(tmp_path, synth_dir):
     text = out.read_text()
     assert text.startswith("# notes kept") and text.rstrip().endswith("reading kept") and "old" not in text
     assert "| qformer 4 | projector | 1 | 4 |" in text and "keep 0.50 (norm)" in text
-    lines = list(csv.DictReader(open(out.with_suffix(".csv"))))
+    with open(out.with_suffix(".csv")) as f:
+        lines = list(csv.DictReader(f))
     assert len(lines) == 4 and {"acc_mean", "latency_ms", "train_samples_s"} <= set(lines[0])
     assert "± " in table([results[0], {**results[0], "acc_mean": 0.5}], qtypes)  # two seeds: mean ± spread
     assert parse_args(["steps=3", "seeds=[0,1]", "only=qformer"]) == {"steps": 3, "seeds": [0, 1], "only": "qformer"}

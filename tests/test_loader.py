@@ -34,9 +34,15 @@ def png(color=(200, 30, 30), size=(32, 32)) -> bytes:
 
 
 def chat_json(question="What color is the circle?", answer="red") -> bytes:
-    return json.dumps({"messages": [
-        {"role": "user", "content": [{"type": "image", "media": 0}, {"type": "text", "text": question}]},
-        {"role": "assistant", "content": [{"type": "text", "text": answer}]}], "meta": {"qtypes": ["color"]}}).encode()
+    return json.dumps(
+        {
+            "messages": [
+                {"role": "user", "content": [{"type": "image", "media": 0}, {"type": "text", "text": question}]},
+                {"role": "assistant", "content": [{"type": "text", "text": answer}]},
+            ],
+            "meta": {"qtypes": ["color"]},
+        }
+    ).encode()
 
 
 def write_shard(path, samples):
@@ -70,7 +76,9 @@ def test_bad_samples_are_skipped_and_counted(tmp_path, tok):
     counts = Counter()
     for s in out:
         counts.update(s.skipped or {})
-    assert counts == Counter({"media_unidentified": 1, "media_corrupt": 1, "media_empty": 1, "bad_json": 2, "template": 1, "too_long": 1})
+    assert counts == Counter(
+        {"media_unidentified": 1, "media_corrupt": 1, "media_empty": 1, "bad_json": 2, "template": 1, "too_long": 1}
+    )
     # a dropped long sample is never truncated: every kept sample's span is whole
     for s in out:
         assert int((s.input_ids == tok.image_pad_id).sum()) == visual_token_count(s.grids[0], 2)
@@ -85,7 +93,10 @@ def test_too_many_consecutive_failures_stop_with_a_clear_error(tmp_path, tok):
 
 def test_eval_split_covers_every_sample_once_across_workers(tmp_path, tok):
     for k in range(3):
-        write_shard(tmp_path / f"e-{k:06d}.tar", [{"__key__": f"s{k}_{i}", "json": chat_json(), "0.png": png()} for i in range(4)])
+        write_shard(
+            tmp_path / f"e-{k:06d}.tar",
+            [{"__key__": f"s{k}_{i}", "json": chat_json(), "0.png": png()} for i in range(4)],
+        )
     ds = ShardDataset(str(tmp_path / "e-{000000..000002}.tar"), processor(tok, mode="eval"), train=False)
     loader = DataLoader(ds, batch_size=5, num_workers=2, collate_fn=Collator(tok.pad_id, "left"))
     keys = [k for b in loader for k in b["keys"]]

@@ -24,25 +24,57 @@ from vlm.data.sample import SampleProcessor
 from vlm.data.webdataset import DataError, ShardDataset
 from vlm.tokenizer import TextTokenizer
 
-FUZZ = settings(max_examples=40, deadline=None, derandomize=True,
-                suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+FUZZ = settings(
+    max_examples=40,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 
-GOOD = {"messages": [{"role": "user", "content": [{"type": "image", "media": 0}, {"type": "text", "text": "What colour?"}]},
-                     {"role": "assistant", "content": [{"type": "text", "text": "red"}]}],
-        "meta": {"qtypes": ["color"]}}
+GOOD = {
+    "messages": [
+        {"role": "user", "content": [{"type": "image", "media": 0}, {"type": "text", "text": "What colour?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "red"}]},
+    ],
+    "meta": {"qtypes": ["color"]},
+}
 # Every place a hostile value can stand in a chat sample (a document sample is one of them: `document`).
-PATHS = [(), ("messages",), ("messages", 0), ("messages", 0, "role"), ("messages", 0, "content"),
-         ("messages", 0, "content", 0), ("messages", 0, "content", 0, "type"), ("messages", 0, "content", 0, "media"),
-         ("messages", 0, "content", 1), ("messages", 0, "content", 1, "text"), ("messages", 1), ("messages", 1, "role"),
-         ("messages", 1, "content"), ("messages", 1, "content", 0, "text"), ("meta",), ("meta", "qtypes"),
-         ("document",), ("extra",)]
+PATHS = [
+    (),
+    ("messages",),
+    ("messages", 0),
+    ("messages", 0, "role"),
+    ("messages", 0, "content"),
+    ("messages", 0, "content", 0),
+    ("messages", 0, "content", 0, "type"),
+    ("messages", 0, "content", 0, "media"),
+    ("messages", 0, "content", 1),
+    ("messages", 0, "content", 1, "text"),
+    ("messages", 1),
+    ("messages", 1, "role"),
+    ("messages", 1, "content"),
+    ("messages", 1, "content", 0, "text"),
+    ("meta",),
+    ("meta", "qtypes"),
+    ("document",),
+    ("extra",),
+]
 
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True, allow_infinity=True)
-    | st.text(max_size=20) | st.sampled_from(["user", "assistant", "system", "image", "video", "text", "<image>", "\ud800"]),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8) | st.sampled_from(
-        ["type", "text", "media", "role", "content"]), inner, max_size=4),
-    max_leaves=12)
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.text(max_size=20)
+    | st.sampled_from(["user", "assistant", "system", "image", "video", "text", "<image>", "\ud800"]),
+    lambda inner: (
+        st.lists(inner, max_size=4)
+        | st.dictionaries(
+            st.text(max_size=8) | st.sampled_from(["type", "text", "media", "role", "content"]), inner, max_size=4
+        )
+    ),
+    max_leaves=12,
+)
 
 
 def png() -> bytes:
@@ -61,7 +93,11 @@ def put(obj: dict, path: tuple, value) -> dict:
         return value
     cur = out
     for i, k in enumerate(path[:-1]):
-        nxt = cur[k] if (isinstance(cur, dict) and k in cur) or (isinstance(cur, list) and isinstance(k, int) and k < len(cur)) else None
+        nxt = (
+            cur[k]
+            if (isinstance(cur, dict) and k in cur) or (isinstance(cur, list) and isinstance(k, int) and k < len(cur))
+            else None
+        )
         if not isinstance(nxt, (dict, list)):
             nxt = {} if isinstance(path[i + 1], str) else [None] * (path[i + 1] + 1)
             cur[k] = nxt
@@ -97,6 +133,7 @@ def hostile_sample(draw) -> list[tuple[str, bytes]]:
 @contextmanager
 def time_limit(seconds: int):
     """Fail (instead of hanging CI) when the block runs longer than `seconds`."""
+
     def boom(*_):
         raise TimeoutError(f"the loader ran longer than {seconds} s")
 
@@ -179,7 +216,7 @@ def test_arbitrary_bytes_as_a_shard(parts, tmp_path_factory, data, prefix):
     good = d / "good.tar"
     write_shard(good, [])
     bad = d / "bad.tar"
-    bad.write_bytes(good.read_bytes()[:len(data)] if prefix is None else prefix + data)
+    bad.write_bytes(good.read_bytes()[: len(data)] if prefix is None else prefix + data)
     with time_limit(60):
         ds = ShardDataset(str(bad), SampleProcessor(processor, template, mode="eval"), train=False)
         accepted, skipped = eval_pass(ds)

@@ -306,7 +306,10 @@ def test_jpeg_draft_decodes_smaller_but_never_below_the_target():
     buf = io.BytesIO()
     img.save(buf, "JPEG", quality=90)
     data = buf.getvalue()
-    exact, drafted = ImageProcessor(patch_size=8, image_size=64), ImageProcessor(patch_size=8, image_size=64, jpeg_draft=True)
+    exact, drafted = (
+        ImageProcessor(patch_size=8, image_size=64),
+        ImageProcessor(patch_size=8, image_size=64, jpeg_draft=True),
+    )
     small = decode_image(data, draft=drafted.draft_size)
     assert small.size == (160, 120)  # 1/4 scale: 1/8 would give 80x60, below the 64x64 target
     d = (exact(decode_image(data)).patches - drafted(small).patches).abs()

@@ -8,14 +8,20 @@ import torch
 from vlm.metrics import CharErrorRateByType, ExactMatchByType, edit_distance
 
 
-@pytest.mark.parametrize("a, b, d", [
-    ("", "", 0), ("ABC", "ABC", 0), ("", "ABC", 3), ("ABC", "", 3),
-    ("ABC", "ABD", 1),        # one substitution
-    ("ABC", "AC", 1),         # one deletion
-    ("AC", "ABC", 1),         # one insertion
-    ("KITTEN", "SITTING", 3),
-    ("ABCDEF", "BCDEFA", 2),  # a shifted string: delete at the front, insert at the back
-])
+@pytest.mark.parametrize(
+    "a, b, d",
+    [
+        ("", "", 0),
+        ("ABC", "ABC", 0),
+        ("", "ABC", 3),
+        ("ABC", "", 3),
+        ("ABC", "ABD", 1),  # one substitution
+        ("ABC", "AC", 1),  # one deletion
+        ("AC", "ABC", 1),  # one insertion
+        ("KITTEN", "SITTING", 3),
+        ("ABCDEF", "BCDEFA", 2),  # a shifted string: delete at the front, insert at the back
+    ],
+)
 def test_edit_distance(a, b, d):
     assert edit_distance(a, b) == d == edit_distance(b, a)
 
@@ -25,7 +31,7 @@ def test_cer_per_type_is_edits_over_reference_characters():
     m.update(["AB3", "", "XYZW.", "left"], ["AB9", "QRST", "XYZW", "right"], ["ocr", "ocr", "ocr_wide", "mystery"])
     out = m.compute()
     assert out["ocr"] == pytest.approx((1 + 4) / (3 + 4))  # a wrong character, a missed string
-    assert out["ocr_wide"] == 0.0                          # trailing period and spaces are normalised away
+    assert out["ocr_wide"] == 0.0  # trailing period and spaces are normalised away
     assert out["other"] == pytest.approx(edit_distance("left", "right") / 5)  # unknown types count as other
     assert set(out) == {"ocr", "ocr_wide", "other"}
 

@@ -26,8 +26,12 @@ def img2dataset_shard(path, n=20, bad=()):
     """LAION / img2dataset layout: KEY.jpg, KEY.txt and a metadata KEY.json that is not ours."""
     with wds.TarWriter(str(path)) as w:
         for i in range(n):
-            s = {"__key__": f"{i:06d}", "jpg": _jpeg((10 * i % 255, 80, 160)), "txt": "a red square".encode(),
-                 "json": json.dumps({"url": "http://example.com", "width": 48}).encode()}
+            s = {
+                "__key__": f"{i:06d}",
+                "jpg": _jpeg((10 * i % 255, 80, 160)),
+                "txt": b"a red square",
+                "json": json.dumps({"url": "http://example.com", "width": 48}).encode(),
+            }
             if i in bad:
                 s["txt"] = b"   "  # an empty caption: skipped and counted
             w.write(s)
@@ -56,9 +60,12 @@ def test_caption_task_builds_chat_samples(tmp_path):
     assert msg[0]["content"][1]["text"] in ("Describe it.", "What is this?") and msg[1]["content"][0]["text"] == "a cat"
     assert set(out) == {"__key__", "json", "0.jpg"}
     assert task(raw) == out  # the prompt is seeded by the key
-    for bad, reason in (({"__key__": "k", "jpg": b"x"}, "no_caption"), ({"__key__": "k", "txt": b"cat"}, "bad_media_index"),
-                        ({"__key__": "k", "jpg": b"x", "txt": b"  "}, "empty_caption"),
-                        ({"__key__": "k", "jpg": b"x", "txt": b"\xff\xfe"}, "bad_text")):
+    for bad, reason in (
+        ({"__key__": "k", "jpg": b"x"}, "no_caption"),
+        ({"__key__": "k", "txt": b"cat"}, "bad_media_index"),
+        ({"__key__": "k", "jpg": b"x", "txt": b"  "}, "empty_caption"),
+        ({"__key__": "k", "jpg": b"x", "txt": b"\xff\xfe"}, "bad_text"),
+    ):
         with pytest.raises(SampleError) as e:
             task(bad)
         assert e.value.reason == reason
@@ -73,9 +80,20 @@ def test_weighted_mixture_through_the_loader(tmp_path, synth_dir):
     caps = our_caption_shard(tmp_path)
     sources = [
         {"name": "synth", "shards": str(synth_dir / "synthvqa" / "train"), "weight": 3.0, "task": "chat"},
-        {"name": "laion", "shards": str(tmp_path / "laion-000000.tar"), "weight": 1.0, "task": "caption",
-         "prompts": ["Describe the image."]},
-        {"name": "caps", "shards": str(caps), "weight": 1.0, "task": "caption", "prompts": ["What is in this picture?"]},
+        {
+            "name": "laion",
+            "shards": str(tmp_path / "laion-000000.tar"),
+            "weight": 1.0,
+            "task": "caption",
+            "prompts": ["Describe the image."],
+        },
+        {
+            "name": "caps",
+            "shards": str(caps),
+            "weight": 1.0,
+            "task": "caption",
+            "prompts": ["What is in this picture?"],
+        },
     ]
     cfg = compose_train(["data.batch_size=16", "data.num_workers=1"], tmp_path, synth_dir)
     cfg.data.sources = sources
@@ -87,7 +105,7 @@ def test_weighted_mixture_through_the_loader(tmp_path, synth_dir):
     for _, b in zip(range(40), dm.train_dataloader()):
         counts.update(b["sources"])
         skipped.update(b["skipped"])
-        for ids, src in zip(b["input_ids"], b["keys"]):
+        for ids, _src in zip(b["input_ids"], b["keys"]):
             text = tok.decode(ids.tolist())
             for p in ("Describe the image.", "What is in this picture?"):
                 prompts[p] += p in text
@@ -102,11 +120,22 @@ def test_mixture_trains_and_logs_per_source_counts(tmp_path, synth_dir):
     from vlm.train import run
 
     img2dataset_shard(tmp_path / "laion-000000.tar")
-    cfg = compose_train(["logger=csv", "trainer.limit_val_batches=0", "callbacks.model_checkpoint.monitor=null",
-                         "data.packing=true", "data.pack_window=8", "data.batch_size=2"], tmp_path, synth_dir)
+    cfg = compose_train(
+        [
+            "logger=csv",
+            "trainer.limit_val_batches=0",
+            "callbacks.model_checkpoint.monitor=null",
+            "data.packing=true",
+            "data.pack_window=8",
+            "data.batch_size=2",
+        ],
+        tmp_path,
+        synth_dir,
+    )
     cfg.data.sources = [
         {"name": "synth", "shards": str(synth_dir / "synthvqa" / "train"), "weight": 1.0, "task": "chat"},
-        {"name": "laion", "shards": str(tmp_path / "laion-000000.tar"), "weight": 1.0, "task": "caption"}]
+        {"name": "laion", "shards": str(tmp_path / "laion-000000.tar"), "weight": 1.0, "task": "caption"},
+    ]
     metrics = run(cfg)
     assert metrics["data/source_synth"] > 0 and metrics["data/source_laion"] > 0
     assert torch.isfinite(torch.tensor(metrics["train/loss"]))
@@ -118,10 +147,13 @@ def test_mixture_config_errors(tmp_path, synth_dir):
     from vlm.data.mixture import MixtureDataset
 
     base = str(synth_dir / "synthvqa" / "train")
-    for sources, match in (([], "empty"), ([{"name": "a", "shards": base}, {"name": "a", "shards": base}], "distinct"),
-                           ([{"name": "a", "shards": base, "weight": -1}], "weight"),
-                           ([{"name": "a", "shards": base, "weight": 0}], "at least one weight"),
-                           ([{"name": "a", "shards": base, "task": "vqa"}], "task must be one of")):
+    for sources, match in (
+        ([], "empty"),
+        ([{"name": "a", "shards": base}, {"name": "a", "shards": base}], "distinct"),
+        ([{"name": "a", "shards": base, "weight": -1}], "weight"),
+        ([{"name": "a", "shards": base, "weight": 0}], "at least one weight"),
+        ([{"name": "a", "shards": base, "task": "vqa"}], "task must be one of"),
+    ):
         with pytest.raises(ValueError, match=match):
             MixtureDataset(sources, processor=None)
     cfg = compose_train([], tmp_path, synth_dir)

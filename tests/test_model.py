@@ -134,8 +134,14 @@ def test_visual_token_mismatch_names_the_sample():
     bad = sample_ids([1, 2], 15, [3, 4])
     ids = torch.tensor([good, bad])
     with pytest.raises(VisualTokenMismatch, match=r"sample 'bad-one': 15 media placeholders .* 16 visual tokens"):
-        m(ids, torch.arange(ids.shape[1]).expand(2, -1), pixel_patches=patches, grid_thw=grid,
-          media_per_sample=torch.tensor([1, 1]), keys=["good-one", "bad-one"])
+        m(
+            ids,
+            torch.arange(ids.shape[1]).expand(2, -1),
+            pixel_patches=patches,
+            grid_thw=grid,
+            media_per_sample=torch.tensor([1, 1]),
+            keys=["good-one", "bad-one"],
+        )
     with pytest.raises(VisualTokenMismatch, match="no media"):
         m(torch.tensor([good]), torch.arange(len(good))[None])
 
@@ -150,14 +156,21 @@ def _prompt_batch(merge=1, rope="rope"):
     am = torch.zeros(2, L, dtype=torch.long)
     pos = torch.zeros(2, L, dtype=torch.long)
     for b, r in enumerate(rows):
-        ids[b, L - len(r):] = torch.tensor(r)
-        am[b, L - len(r):] = 1
-        pos[b, L - len(r):] = torch.arange(len(r))
+        ids[b, L - len(r) :] = torch.tensor(r)
+        am[b, L - len(r) :] = 1
+        pos[b, L - len(r) :] = torch.arange(len(r))
     if rope == "mrope":
         pos = pos.unsqueeze(0).expand(3, -1, -1).clone()
     grid = torch.tensor([[1, 4, 4], [1, 2, 4], [1, 4, 2]])
-    return {"input_ids": ids, "attention_mask": am, "position_ids": pos,
-            "pixel_patches": torch.randn(32, 48), "grid_thw": grid, "media_per_sample": torch.tensor([1, 2]), "keys": ["a", "b"]}
+    return {
+        "input_ids": ids,
+        "attention_mask": am,
+        "position_ids": pos,
+        "pixel_patches": torch.randn(32, 48),
+        "grid_thw": grid,
+        "media_per_sample": torch.tensor([1, 2]),
+        "keys": ["a", "b"],
+    }
 
 
 @pytest.mark.parametrize("image_attention,rope,merge", [("causal", "rope", 1), ("bidirectional", "mrope", 2)])
@@ -169,7 +182,10 @@ def test_kv_cache_greedy_equals_full_reforward(image_attention, rope, merge):
     assert with_cache == without
     assert all(len(o) > 0 for o in with_cache)
     # left padding does not change a row's answer: row 1 alone gives the same tokens
-    single = {k: (v[1:] if torch.is_tensor(v) and k not in ("pixel_patches", "grid_thw", "position_ids") else v) for k, v in batch.items()}
+    single = {
+        k: (v[1:] if torch.is_tensor(v) and k not in ("pixel_patches", "grid_thw", "position_ids") else v)
+        for k, v in batch.items()
+    }
     n_first = int(batch["grid_thw"][0].prod())
     single["pixel_patches"], single["grid_thw"] = batch["pixel_patches"][n_first:], batch["grid_thw"][1:]
     single["position_ids"], single["keys"] = batch["position_ids"][..., 1:, :], ["b"]
@@ -186,8 +202,12 @@ def test_padding_does_not_change_hidden_states():
     m = tiny_vlm(seed=2)
     ids = torch.tensor([[1, 2, 3, 4, 5]])
     h = m(ids, torch.arange(5)[None])
-    right = m(torch.tensor([[1, 2, 3, 4, 5, 0, 0]]), torch.tensor([[0, 1, 2, 3, 4, 0, 0]]), torch.tensor([[1] * 5 + [0, 0]]))
-    left = m(torch.tensor([[0, 0, 1, 2, 3, 4, 5]]), torch.tensor([[0, 0, 0, 1, 2, 3, 4]]), torch.tensor([[0, 0] + [1] * 5]))
+    right = m(
+        torch.tensor([[1, 2, 3, 4, 5, 0, 0]]), torch.tensor([[0, 1, 2, 3, 4, 0, 0]]), torch.tensor([[1] * 5 + [0, 0]])
+    )
+    left = m(
+        torch.tensor([[0, 0, 1, 2, 3, 4, 5]]), torch.tensor([[0, 0, 0, 1, 2, 3, 4]]), torch.tensor([[0, 0] + [1] * 5])
+    )
     torch.testing.assert_close(right[:, :5], h, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(left[:, 2:], h, atol=1e-5, rtol=1e-5)
 
@@ -287,6 +307,8 @@ def test_attend_in_bf16_matches_fp32_within_bf16_rounding(masked):
     g = torch.randn_like(ref)
     ga = torch.autograd.grad(ours, (q, k, v), g.bfloat16())
     q32.requires_grad_(), k32.requires_grad_(), v32.requires_grad_()
-    gr = torch.autograd.grad(F.scaled_dot_product_attention(q32, k32, v32, attn_mask=mask, is_causal=not masked), (q32, k32, v32), g)
+    gr = torch.autograd.grad(
+        F.scaled_dot_product_attention(q32, k32, v32, attn_mask=mask, is_causal=not masked), (q32, k32, v32), g
+    )
     for a, b in zip(ga, gr):
         assert (a.float() - b).abs().max() < 0.05 * b.abs().max() + 0.02

@@ -31,9 +31,22 @@ from vlm.tokenizer import train_tokenizer
 
 av = pytest.importorskip("av")
 
-WORDS = ["What is shown?", "Which image has more shapes, the first or the second?", "first", "second",
-         "Which way is the red circle moving?", "left", "right", "up", "down", "and then", "a red square",
-         "user\n", "assistant\n", "system\n"]
+WORDS = [
+    "What is shown?",
+    "Which image has more shapes, the first or the second?",
+    "first",
+    "second",
+    "Which way is the red circle moving?",
+    "left",
+    "right",
+    "up",
+    "down",
+    "and then",
+    "a red square",
+    "user\n",
+    "assistant\n",
+    "system\n",
+]
 
 
 @pytest.fixture(scope="module")
@@ -83,15 +96,30 @@ def huge_png_header(width: int, height: int) -> bytes:
 
 
 def chat(content, answer="first") -> bytes:
-    return json.dumps({"messages": [{"role": "user", "content": content},
-                                    {"role": "assistant", "content": [{"type": "text", "text": answer}]}],
-                       "meta": {"qtypes": ["multi_image"]}}).encode()
+    return json.dumps(
+        {
+            "messages": [
+                {"role": "user", "content": content},
+                {"role": "assistant", "content": [{"type": "text", "text": answer}]},
+            ],
+            "meta": {"qtypes": ["multi_image"]},
+        }
+    ).encode()
 
 
 def processor(tok, T=2, merge=2, resolution="dynamic", rope="mrope", max_length=512, mode="train", **kw):
-    proc = build_processor(dict(patch_size=4, merge_size=merge, resolution=resolution, image_size=32,
-                                min_pixels=kw.pop("min_pixels", 64), max_pixels=kw.pop("max_pixels", 48 * 48),
-                                video={"temporal_patch": T, "max_frames": 8, "max_video_tokens": kw.pop("max_video_tokens", 64)}, **kw))
+    proc = build_processor(
+        dict(
+            patch_size=4,
+            merge_size=merge,
+            resolution=resolution,
+            image_size=32,
+            min_pixels=kw.pop("min_pixels", 64),
+            max_pixels=kw.pop("max_pixels", 48 * 48),
+            video={"temporal_patch": T, "max_frames": 8, "max_video_tokens": kw.pop("max_video_tokens", 64)},
+            **kw,
+        )
+    )
     template = build_template({"max_length": max_length, "rope": rope, "merge_size": merge}, tok)
     return SampleProcessor(proc, template, mode=mode)
 
@@ -99,11 +127,28 @@ def processor(tok, T=2, merge=2, resolution="dynamic", rope="mrope", max_length=
 def tiny_model(tok, T=2, pos="rope2d", merge=2, rope="mrope", seed=0):
     torch.manual_seed(seed)
     cfg = {
-        "encoder": {"_target_": "vlm.model.vision.VisionEncoder", "patch_size": 4, "dim": 32, "n_layers": 2, "n_heads": 2,
-                     "pos_grid": 4, "patch_embed": "conv", "conv_channels": 8, "temporal_patch": T, "pos": pos},
+        "encoder": {
+            "_target_": "vlm.model.vision.VisionEncoder",
+            "patch_size": 4,
+            "dim": 32,
+            "n_layers": 2,
+            "n_heads": 2,
+            "pos_grid": 4,
+            "patch_embed": "conv",
+            "conv_channels": 8,
+            "temporal_patch": T,
+            "pos": pos,
+        },
         "projector": {"_target_": "vlm.model.projector.Projector", "in_dim": 32, "out_dim": 32, "merge_size": merge},
-        "decoder": {"_target_": "vlm.model.decoder.Decoder", "dim": 32, "n_layers": 2, "n_heads": 2, "n_kv_heads": 1, "rope": rope,
-                     "max_seq_len": 1024},
+        "decoder": {
+            "_target_": "vlm.model.decoder.Decoder",
+            "dim": 32,
+            "n_layers": 2,
+            "n_heads": 2,
+            "n_kv_heads": 1,
+            "rope": rope,
+            "max_seq_len": 1024,
+        },
     }
     return build_model(cfg, tok)
 
@@ -116,8 +161,17 @@ def test_block_diagonal_with_video_and_rope2d(pos, T):
     """A change to one item's pixels leaves every other item's features unchanged, and the packed
     result equals encoding each item alone (the rope2d tables are gathered like the tokens)."""
     torch.manual_seed(0)
-    enc = VisionEncoder(patch_size=4, dim=32, n_layers=2, n_heads=2, pos_grid=4, patch_embed="conv",
-                        conv_channels=8, temporal_patch=T, pos=pos).eval()
+    enc = VisionEncoder(
+        patch_size=4,
+        dim=32,
+        n_layers=2,
+        n_heads=2,
+        pos_grid=4,
+        patch_embed="conv",
+        conv_channels=8,
+        temporal_patch=T,
+        pos=pos,
+    ).eval()
     grid = torch.tensor([[1, 4, 4], [2, 2, 4], [1, 2, 8], [1, 3, 5], [3, 2, 2], [1, 4, 4]])
     sizes = grid.prod(-1).tolist()
     x = torch.randn(sum(sizes), 3 * T * 16)
@@ -228,8 +282,15 @@ def test_token_counts_agree_for_every_media_kind(tok):
             assert int(s.position_ids[:, span[-1] + 1].unique()) == p0 + max(grid[0], grid[1] // 2, grid[2] // 2)
             b = collate([s], tok.pad_id)
             with torch.no_grad():  # the model's own per-sample check passes
-                model(b["input_ids"], b["position_ids"], b["attention_mask"], b["pixel_patches"], b["grid_thw"],
-                      b["media_per_sample"], b["keys"])
+                model(
+                    b["input_ids"],
+                    b["position_ids"],
+                    b["attention_mask"],
+                    b["pixel_patches"],
+                    b["grid_thw"],
+                    b["media_per_sample"],
+                    b["keys"],
+                )
     # an image repeated T times is T identical frames in the C*T*P*P layout
     sp = processor(tok, T=2)
     s = sp(_raw("img", [{"type": "image", "media": 0}], {"0.png": png((32, 32))}))
@@ -247,8 +308,14 @@ def test_multi_image_order_and_any_turn(tok):
     sizes = [(32, 32), (48, 16), (16, 40)]
     media = {f"{i}.png": png(sizes[i], colors[i]) for i in range(3)}
     msgs = [
-        {"role": "user", "content": [{"type": "image", "media": 2}, {"type": "text", "text": "and then"},
-                                     {"type": "image", "media": 0}]},
+        {
+            "role": "user",
+            "content": [
+                {"type": "image", "media": 2},
+                {"type": "text", "text": "and then"},
+                {"type": "image", "media": 0},
+            ],
+        },
         {"role": "assistant", "content": [{"type": "text", "text": "first"}]},
         {"role": "user", "content": [{"type": "text", "text": "What is shown?"}, {"type": "image", "media": 1}]},
         {"role": "assistant", "content": [{"type": "text", "text": "a red square"}, {"type": "image", "media": 1}]},
@@ -272,7 +339,7 @@ def test_multi_image_order_and_any_turn(tok):
         ids = b["input_ids"][0]
         slots = (ids == tok.image_pad_id).nonzero().flatten()
         start = 0
-        for k, i in enumerate((2, 0, 1)):
+        for i in (2, 0, 1):
             n = visual_token_count(alone[i][1], 2)
             own = model.encode_media(alone[i][0], torch.tensor([alone[i][1]]))
             torch.testing.assert_close(emb[slots[start : start + n]], own, atol=1e-5, rtol=1e-5)
@@ -284,14 +351,31 @@ def test_multi_image_order_and_any_turn(tok):
 
 def test_document_with_images_and_video_trains_on_all_text(tok):
     frames = moving(4)
-    doc = {"document": [{"type": "text", "text": "a red square"}, {"type": "image", "media": 0},
-                        {"type": "text", "text": "and then"}, {"type": "video", "media": 1},
-                        {"type": "image", "media": 2}, {"type": "text", "text": "left"}]}
-    raw = {"__key__": "doc", "json": json.dumps(doc).encode(), "0.jpg": png(), "1.mp4": encode_video(frames),
-           "2.webp": png((24, 24))}
+    doc = {
+        "document": [
+            {"type": "text", "text": "a red square"},
+            {"type": "image", "media": 0},
+            {"type": "text", "text": "and then"},
+            {"type": "video", "media": 1},
+            {"type": "image", "media": 2},
+            {"type": "text", "text": "left"},
+        ]
+    }
+    raw = {
+        "__key__": "doc",
+        "json": json.dumps(doc).encode(),
+        "0.jpg": png(),
+        "1.mp4": encode_video(frames),
+        "2.webp": png((24, 24)),
+    }
     s = processor(tok)(raw)
     ids, lab = s.input_ids, s.labels
-    media = (ids == tok.image_pad_id) | (ids == tok.video_pad_id) | (ids == tok.vision_start_id) | (ids == tok.vision_end_id)
+    media = (
+        (ids == tok.image_pad_id)
+        | (ids == tok.video_pad_id)
+        | (ids == tok.vision_start_id)
+        | (ids == tok.vision_end_id)
+    )
     assert (lab[media] == IGNORE).all() and (lab[~media] == ids[~media]).all()
     assert s.kinds == ["image", "video", "image"] and [g[0] for g in s.grids] == [1, 2, 1]
 
@@ -318,9 +402,11 @@ def test_media_refusals_have_reasons(tok):
     assert e.value.reason == "media_unidentified"
     # one index as both kinds; a frame list as an image; unreferenced media
     both = [{"type": "image", "media": 0}, {"type": "video", "media": 0}]
-    for content, media, reason in [(both, {"0.mp4": mp4}, "bad_media_kind"),
-                                   ([{"type": "image", "media": 0}], {"0.0.png": png(), "0.1.png": png()}, "bad_media_kind"),
-                                   ([{"type": "image", "media": 0}], {"0.png": png(), "1.png": png()}, "template")]:
+    for content, media, reason in [
+        (both, {"0.mp4": mp4}, "bad_media_kind"),
+        ([{"type": "image", "media": 0}], {"0.0.png": png(), "0.1.png": png()}, "bad_media_kind"),
+        ([{"type": "image", "media": 0}], {"0.png": png(), "1.png": png()}, "template"),
+    ]:
         with pytest.raises(SampleError) as e:
             sp(_raw("k", content, media))
         assert e.value.reason == reason
@@ -341,15 +427,26 @@ def test_extreme_sizes_and_aspects_through_the_loader(tmp_path, tok):
     max_pixels, min_pixels = 48 * 48, 64
     sp = processor(tok, max_pixels=max_pixels, min_pixels=min_pixels, max_aspect_ratio=200)
     img = [{"type": "image", "media": 0}]
-    sizes = {"strip_1x4000": (1, 4000), "strip_4000x1": (4000, 1), "wide_4000x30": (4000, 30),
-             "tall_25x3000": (25, 3000), "large_3000x2000": (3000, 2000), "tiny_2x2": (2, 2), "pixel_1x1": (1, 1),
-             "ok_40x24": (40, 24)}
+    sizes = {
+        "strip_1x4000": (1, 4000),
+        "strip_4000x1": (4000, 1),
+        "wide_4000x30": (4000, 30),
+        "tall_25x3000": (25, 3000),
+        "large_3000x2000": (3000, 2000),
+        "tiny_2x2": (2, 2),
+        "pixel_1x1": (1, 1),
+        "ok_40x24": (40, 24),
+    }
     samples = [_raw(k, img, {"0.png": png(wh)}) for k, wh in sizes.items()]
     samples.append(_raw("bomb_20000x20000", img, {"0.png": huge_png_header(20000, 20000)}))
-    samples.append(_raw("bomb_frames", [{"type": "video", "media": 0}],
-                        {"0.0.png": huge_png_header(20000, 20000), "0.1.png": png()}))
-    samples.append(_raw("strip_video", [{"type": "video", "media": 0}],
-                        {f"0.{i}.png": png((1000, 2)) for i in range(2)}))
+    samples.append(
+        _raw(
+            "bomb_frames", [{"type": "video", "media": 0}], {"0.0.png": huge_png_header(20000, 20000), "0.1.png": png()}
+        )
+    )
+    samples.append(
+        _raw("strip_video", [{"type": "video", "media": 0}], {f"0.{i}.png": png((1000, 2)) for i in range(2)})
+    )
     samples.append(_raw("ok_last", img, {"0.png": png()}))  # skip counts ride on the next good sample
     _write(tmp_path / "x-000000.tar", samples)
     ds = ShardDataset(str(tmp_path / "x-000000.tar"), sp, train=False)
@@ -357,9 +454,11 @@ def test_extreme_sizes_and_aspects_through_the_loader(tmp_path, tok):
     skipped = sum((b["skipped"] for b in batches), Counter())
     keys = [k for b in batches for k in b["keys"]]
     assert dict(skipped) == {"media_aspect_ratio": 3, "media_too_many_pixels": 2}
-    assert sorted(keys) == sorted(["wide_4000x30", "tall_25x3000", "large_3000x2000", "tiny_2x2", "pixel_1x1", "ok_40x24", "ok_last"])
+    assert sorted(keys) == sorted(
+        ["wide_4000x30", "tall_25x3000", "large_3000x2000", "tiny_2x2", "pixel_1x1", "ok_40x24", "ok_last"]
+    )
     for b in batches:
-        for t, h, w in b["grid_thw"].tolist():
+        for _t, h, w in b["grid_thw"].tolist():
             assert h % 2 == 0 and w % 2 == 0 and h * w * 16 <= max_pixels
     grids = {k: g for b in batches for k, g in zip(b["keys"], b["grid_thw"].tolist())}
     assert grids["tiny_2x2"][1] * grids["tiny_2x2"][2] * 16 >= min_pixels
@@ -389,17 +488,33 @@ def test_two_images_and_a_video_through_the_real_model(real_cfg, tok):
     check_processor_fits(model, proc)
     template = build_template(real_cfg["data"]["template"], tok)
     frames = moving(6, size=(64, 48))
-    content = [{"type": "image", "media": 0}, {"type": "text", "text": "and then"}, {"type": "image", "media": 1},
-               {"type": "video", "media": 2}, {"type": "text", "text": "Which way is the red circle moving?"}]
-    raw = _raw("2img1vid", content, {"0.png": png((64, 64)), "1.png": png((128, 32), (30, 70, 220)),
-                                    "2.mp4": encode_video(frames)}, answer="right")
+    content = [
+        {"type": "image", "media": 0},
+        {"type": "text", "text": "and then"},
+        {"type": "image", "media": 1},
+        {"type": "video", "media": 2},
+        {"type": "text", "text": "Which way is the red circle moving?"},
+    ]
+    raw = _raw(
+        "2img1vid",
+        content,
+        {"0.png": png((64, 64)), "1.png": png((128, 32), (30, 70, 220)), "2.mp4": encode_video(frames)},
+        answer="right",
+    )
     train = SampleProcessor(proc, template, mode="train")(raw)
     assert train.kinds == ["image", "image", "video"] and train.grids[2][0] == 3
     assert train.position_ids.dim() == 2 and train.position_ids.shape[0] == 3
     b = collate([train, train], tok.pad_id)
     model.train()
-    hidden = model(b["input_ids"], b["position_ids"], b["attention_mask"], b["pixel_patches"], b["grid_thw"],
-                   b["media_per_sample"], b["keys"])
+    hidden = model(
+        b["input_ids"],
+        b["position_ids"],
+        b["attention_mask"],
+        b["pixel_patches"],
+        b["grid_thw"],
+        b["media_per_sample"],
+        b["keys"],
+    )
     sel = b["labels"][:, 1:] != IGNORE
     loss = torch.nn.functional.cross_entropy(model.logits(hidden[:, :-1][sel]), b["labels"][:, 1:][sel])
     loss.backward()
@@ -410,8 +525,11 @@ def test_two_images_and_a_video_through_the_real_model(real_cfg, tok):
     # generation: the KV cache gives exactly the tokens of a full re-forward (M-RoPE positions)
     model.eval()
     ev = SampleProcessor(proc, template, mode="eval")(raw)
-    batch = collate([ev, SampleProcessor(proc, template, mode="eval")(_raw("1img", content[:2], {"0.png": png()}))],
-                    tok.pad_id, padding_side="left")
+    batch = collate(
+        [ev, SampleProcessor(proc, template, mode="eval")(_raw("1img", content[:2], {"0.png": png()}))],
+        tok.pad_id,
+        padding_side="left",
+    )
     a = generate(model, batch, 6, eos_ids=[tok.im_end_id], use_cache=True)
     c = generate(model, batch, 6, eos_ids=[tok.im_end_id], use_cache=False)
     assert a == c and len(a[0]) > 0
@@ -421,8 +539,14 @@ def test_two_images_and_a_video_through_the_real_model(real_cfg, tok):
 
 
 def test_processor_config_round_trip_and_old_configs():
-    cfg = {"patch_size": 8, "merge_size": 1, "resolution": "dynamic", "min_pixels": 1024, "max_pixels": 14400,
-               "video": {"temporal_patch": 2, "max_frames": 8, "max_video_tokens": 256, "max_pixels": 4096}}
+    cfg = {
+        "patch_size": 8,
+        "merge_size": 1,
+        "resolution": "dynamic",
+        "min_pixels": 1024,
+        "max_pixels": 14400,
+        "video": {"temporal_patch": 2, "max_frames": 8, "max_video_tokens": 256, "max_pixels": 4096},
+    }
     p = build_processor(cfg)
     assert isinstance(p.video, VideoProcessor) and p.temporal_patch == 2
     assert p.video.image.max_pixels == 4096 and p.max_pixels == 14400  # per-frame cap of its own
@@ -437,16 +561,32 @@ def test_processor_config_round_trip_and_old_configs():
         build_processor({"patch_size": 8, "video": {"patch_size": 14}})
     # patches from a T=2 processor reach a T=1 model only with a clear error naming both keys
     tok_ = train_tokenizer(["a b c"] * 5, vocab_size=300)
-    p4 = build_processor({"patch_size": 4, "merge_size": 2, "resolution": "dynamic", "min_pixels": 64, "max_pixels": 4096,
-                              "video": {"temporal_patch": 2}})
+    p4 = build_processor(
+        {
+            "patch_size": 4,
+            "merge_size": 2,
+            "resolution": "dynamic",
+            "min_pixels": 64,
+            "max_pixels": 4096,
+            "video": {"temporal_patch": 2},
+        }
+    )
     with pytest.raises(ValueError, match=r"temporal_patch=2 do not fit.*data.processor.video.temporal_patch"):
         check_processor_fits(tiny_model(tok_, T=1, pos="learned"), p4)
     check_processor_fits(tiny_model(tok_, T=2), p4)
 
 
 def test_token_caps_and_make_synthetic_families(tmp_path):
-    p = build_processor({"patch_size": 8, "merge_size": 2, "resolution": "dynamic", "min_tokens": 4, "max_tokens": 225,
-                             "video": {"temporal_patch": 2, "max_tokens": 64}})
+    p = build_processor(
+        {
+            "patch_size": 8,
+            "merge_size": 2,
+            "resolution": "dynamic",
+            "min_tokens": 4,
+            "max_tokens": 225,
+            "video": {"temporal_patch": 2, "max_tokens": 64},
+        }
+    )
     assert (p.min_pixels, p.max_pixels, p.video.image.max_pixels) == (4 * 256, 225 * 256, 64 * 256)
     assert p.grid_for(64, 512) == (1, 8, 64)  # ocr_wide keeps 512x64: 128 tokens after the 2x2 merge
     assert build_processor(p.to_config()) == p
@@ -459,8 +599,22 @@ def test_token_caps_and_make_synthetic_families(tmp_path):
     spec = importlib.util.spec_from_file_location("make_synthetic", ROOT / "data" / "make_synthetic.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    root = mod.main(["--out", str(tmp_path / "sv"), "--families", "shapes,video", "--train-samples", "12",
-                     "--heldout-samples", "4", "--workers", "1", "--video-format", "apng"])
+    root = mod.main(
+        [
+            "--out",
+            str(tmp_path / "sv"),
+            "--families",
+            "shapes,video",
+            "--train-samples",
+            "12",
+            "--heldout-samples",
+            "4",
+            "--workers",
+            "1",
+            "--video-format",
+            "apng",
+        ]
+    )
     info = json.loads((root / "dataset.json").read_text())
     assert set(info["splits"]["train"]["families"]) <= {"shapes", "video"}
     assert info["splits"]["train"]["cfg"]["families"] == ["shapes", "video"]

@@ -39,13 +39,25 @@ def test_accumulated_step_equals_one_big_batch_and_naive_mean_differs(synth_dir,
     assert counts[0] != counts[1] and GROUP_SIZES[2] == [3, 5]  # uneven micro-batches
     torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
     naive = {n: p.grad for n, p in module.named_parameters() if p.grad is not None}
-    diff = max(float((naive[k] - tb["grads"][k]).abs().max() / tb["grads"][k].abs().max().clamp_min(1e-12)) for k in naive)
+    diff = max(
+        float((naive[k] - tb["grads"][k]).abs().max() / tb["grads"][k].abs().max().clamp_min(1e-12)) for k in naive
+    )
     assert diff > 1e-2, f"naive normalisation should differ, max relative difference {diff}"
 
 
 def test_nonfinite_step_is_skipped(synth_dir, tmp_path):
     out = tmp_path / "skip"
-    train_fixed({"strategy": "single", "steps": 3, "accum": 2, "nan_step": 1, "nan_rank": 0, "out": str(out), "data_dir": str(synth_dir)})
+    train_fixed(
+        {
+            "strategy": "single",
+            "steps": 3,
+            "accum": 2,
+            "nan_step": 1,
+            "nan_rank": 0,
+            "out": str(out),
+            "data_dir": str(synth_dir),
+        }
+    )
     res, t = _result(out)
     assert torch.isfinite(torch.tensor(res["losses"]["1"])) and not torch.isfinite(torch.tensor(res["losses"]["2"]))
     assert torch.equal(t["params"][2], t["params"][1])  # no update: weights (and AdamW state) untouched
@@ -57,8 +69,18 @@ def test_nonfinite_halt_stops_with_a_clear_message(synth_dir, tmp_path):
     from vlm.gradient_step import NonFiniteError
 
     with pytest.raises(NonFiniteError, match=r"step 1: non-finite loss and gradient norm .*numerics.on_nonfinite=halt"):
-        train_fixed({"strategy": "single", "steps": 3, "accum": 1, "nan_step": 1, "nan_rank": 0, "on_nonfinite": "halt",
-                     "out": str(tmp_path / "halt"), "data_dir": str(synth_dir)})
+        train_fixed(
+            {
+                "strategy": "single",
+                "steps": 3,
+                "accum": 1,
+                "nan_step": 1,
+                "nan_rank": 0,
+                "on_nonfinite": "halt",
+                "out": str(tmp_path / "halt"),
+                "data_dir": str(synth_dir),
+            }
+        )
 
 
 def test_our_clipping_equals_clip_grad_norm(synth_dir, tmp_path):
@@ -66,7 +88,9 @@ def test_our_clipping_equals_clip_grad_norm(synth_dir, tmp_path):
     guard, works with the fused AdamW of conf/optimizer/adamw.yaml) gives the update
     `clip_grad_norm_` would: the gradient the optimizer sees equals the big batch's mean-token
     gradient clipped with torch."""
-    train_fixed({"strategy": "single", "steps": 1, "accum": 1, "data_dir": str(synth_dir), "out": str(tmp_path / "ours")})
+    train_fixed(
+        {"strategy": "single", "steps": 1, "accum": 1, "data_dir": str(synth_dir), "out": str(tmp_path / "ours")}
+    )
     _, ours = _result(tmp_path / "ours")
     _, dm, module = tiny_module(tmp_path / "ref", synth_dir)
     assert module.optimizer_factory.keywords.get("fused") is True
@@ -84,8 +108,12 @@ def test_parallel_options_are_checked():
     from vlm.parallel import ParallelConfig
 
     assert ParallelConfig.from_dict({"init": "all_ranks"}).init == "all_ranks"
-    for bad, match in (({"init": "rank1"}, "parallel.init must be one of"), ({"ac": "some"}, "parallel.ac must be"),
-                       ({"mixed_precision": "fp8"}, "mixed_precision"), ({"inti": "rank0"}, "unknown parallel options")):
+    for bad, match in (
+        ({"init": "rank1"}, "parallel.init must be one of"),
+        ({"ac": "some"}, "parallel.ac must be"),
+        ({"mixed_precision": "fp8"}, "mixed_precision"),
+        ({"inti": "rank0"}, "unknown parallel options"),
+    ):
         with pytest.raises(ValueError, match=match):
             ParallelConfig.from_dict(bad)
 
@@ -98,8 +126,11 @@ def test_fused_adamw_only_without_fp16_loss_scaling(synth_dir, tmp_path, precisi
     from lightning.pytorch.plugins.precision import MixedPrecision
 
     _, _, module = tiny_module(tmp_path, synth_dir)
-    kw = ({"plugins": [MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))]} if precision == "16-mixed"
-          else {"precision": precision})  # Lightning turns 16-mixed into bf16 on a CPU: give it the fp16 scaler
+    kw = (
+        {"plugins": [MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))]}
+        if precision == "16-mixed"
+        else {"precision": precision}
+    )  # Lightning turns 16-mixed into bf16 on a CPU: give it the fp16 scaler
     module.trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, **kw)
     opt = module.configure_optimizers()
     opt = opt["optimizer"] if isinstance(opt, dict) else opt

@@ -43,9 +43,15 @@ def _setup(tmp_path, synth_dir, overrides=()):
     return cfg, dm, model
 
 
-@pytest.mark.parametrize("overrides", [[], ["model.decoder.rope=mrope", "model.image_attention=bidirectional"],
-                                       ["model.packed_attention=flex", "model.image_attention=bidirectional"]],
-                         ids=["rope-causal", "mrope-bidirectional", "flex-bidirectional"])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        [],
+        ["model.decoder.rope=mrope", "model.image_attention=bidirectional"],
+        ["model.packed_attention=flex", "model.image_attention=bidirectional"],
+    ],
+    ids=["rope-causal", "mrope-bidirectional", "flex-bidirectional"],
+)
 def test_packed_forward_equals_unpacked(tmp_path, synth_dir, overrides):
     """Every sample's logits in a packed row equal its logits alone in an unpacked batch, and the
     loss sums and label counts agree."""
@@ -64,8 +70,16 @@ def test_packed_forward_equals_unpacked(tmp_path, synth_dir, overrides):
 
     def fwd(b):
         with torch.no_grad():
-            h = model(b["input_ids"], b["position_ids"], b["attention_mask"], b["pixel_patches"], b["grid_thw"],
-                      b["media_per_sample"], b["keys"], seq_ids=b.get("seq_ids"))
+            h = model(
+                b["input_ids"],
+                b["position_ids"],
+                b["attention_mask"],
+                b["pixel_patches"],
+                b["grid_thw"],
+                b["media_per_sample"],
+                b["keys"],
+                seq_ids=b.get("seq_ids"),
+            )
             return model.logits(h)
 
     lf, lp = fwd(flat), fwd(packed)
@@ -99,8 +113,15 @@ def test_packed_stream_resumes_exactly(tmp_path, synth_dir):
     packing = {"length": 256, "method": "best_fit", "window": 10}
 
     def loader(resume=None):
-        ds = ShardDataset(str(synth_dir / "synthvqa" / "train"), proc, train=True, shuffle_buffer=4, block_samples=13,
-                          packing=packing, resume=resume)
+        ds = ShardDataset(
+            str(synth_dir / "synthvqa" / "train"),
+            proc,
+            train=True,
+            shuffle_buffer=4,
+            block_samples=13,
+            packing=packing,
+            resume=resume,
+        )
         return DataLoader(ds, batch_size=2, num_workers=2, collate_fn=Collator(dm.tokenizer.pad_id), prefetch_factor=2)
 
     straight = [b["keys"] for _, b in zip(range(12), loader())]
@@ -124,8 +145,11 @@ def test_packing_cuts_padding(tmp_path, synth_dir):
     rng = random.Random(0)
     lengths = [min(384, int(rng.paretovariate(1.2) * 24)) for _ in range(4096)]
     unpacked = padding_fraction([[n] for n in lengths], 16)
-    rows = [[lengths[w + i] for i in b] for w in range(0, len(lengths), 256)
-            for b in best_fit_decreasing(lengths[w : w + 256], 384)]
+    rows = [
+        [lengths[w + i] for i in b]
+        for w in range(0, len(lengths), 256)
+        for b in best_fit_decreasing(lengths[w : w + 256], 384)
+    ]
     packed = padding_fraction(rows, 4)
     assert unpacked > 0.5 and packed < 0.05, (unpacked, packed)
 
@@ -133,12 +157,25 @@ def test_packing_cuts_padding(tmp_path, synth_dir):
 def test_packing_trains_through_the_real_trainer(tmp_path, synth_dir):
     from vlm.train import run
 
-    metrics = run(compose_train(["logger=csv", "data.packing=true", "data.pack_window=16", "data.batch_size=2",
-                                 "trainer.limit_val_batches=0", "callbacks.model_checkpoint.monitor=null"],
-                                tmp_path, synth_dir))
+    metrics = run(
+        compose_train(
+            [
+                "logger=csv",
+                "data.packing=true",
+                "data.pack_window=16",
+                "data.batch_size=2",
+                "trainer.limit_val_batches=0",
+                "callbacks.model_checkpoint.monitor=null",
+            ],
+            tmp_path,
+            synth_dir,
+        )
+    )
     assert torch.isfinite(torch.tensor(metrics["train/loss"]))
     assert 0.0 <= metrics["train/padding"] < 0.5
     with pytest.raises(Exception, match="shorter than data.template.max_length"):
         from hydra.utils import instantiate
 
-        instantiate(compose_train(["data.packing=true", "data.pack_length=32"], tmp_path, synth_dir).data, _convert_="all")
+        instantiate(
+            compose_train(["data.packing=true", "data.pack_length=32"], tmp_path, synth_dir).data, _convert_="all"
+        )

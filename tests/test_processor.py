@@ -149,7 +149,7 @@ def test_strips_dynamic_respect_caps_or_refuse():
     for w, h in [(150, 1), (1, 150), (199, 1), (1, 200)]:
         out = proc(noise_image(w, h))
         H, W = out.size
-        assert H * W <= proc.max_pixels and H % 8 == 0 and W % 8 == 0
+        assert proc.max_pixels >= H * W and H % 8 == 0 and W % 8 == 0
     for w, h in [(4000, 1), (1, 201)]:
         with pytest.raises(MediaError) as ei:
             proc(noise_image(w, h))
@@ -157,7 +157,7 @@ def test_strips_dynamic_respect_caps_or_refuse():
     loose = ImageProcessor(patch_size=8, resolution="dynamic", max_aspect_ratio=1e6)
     out = loose(noise_image(4000, 1))  # the reference rule would give 8 x 4000 > max_pixels
     H, W = out.size
-    assert H * W <= loose.max_pixels and (H, W) == (8, 2048)
+    assert loose.max_pixels >= H * W and (H, W) == (8, 2048)
 
 
 def test_config_round_trip_gives_identical_output():
@@ -211,7 +211,7 @@ HUGE = 10**12
 def test_seed_token_budget_cases(h, w, grid):
     """SEED Deep Dive 5 with patch 14 and no effective max: sizes already on the grid stay put."""
     H, W = smart_resize(h, w, 14, 4 * 14 * 14, HUGE)
-    assert (H, W) == (h, w) and (H // 14, W // 14) == grid
+    assert (h, w) == (H, W) and grid == (H // 14, W // 14)
 
 
 def reference_smart_resize(height, width, factor, min_pixels, max_pixels):
@@ -230,11 +230,44 @@ def reference_smart_resize(height, width, factor, min_pixels, max_pixels):
 
 
 SIZES = [
-    (1, 1), (1, 2), (2, 3), (7, 5), (13, 29), (28, 28), (27, 29), (41, 43), (56, 56), (100, 100),
-    (224, 224), (336, 336), (448, 448), (480, 640), (640, 480), (720, 1280), (1080, 1920),
-    (1920, 1080), (2160, 3840), (3000, 4000), (4000, 3000), (6000, 8000), (20000, 20000),
-    (1, 150), (150, 1), (3, 600), (14, 2800), (2800, 14), (50, 5000), (10, 1000), (999, 5),
-    (100, 19999), (333, 777), (514, 1023), (1025, 95), (59, 61), (8192, 64), (512, 512),
+    (1, 1),
+    (1, 2),
+    (2, 3),
+    (7, 5),
+    (13, 29),
+    (28, 28),
+    (27, 29),
+    (41, 43),
+    (56, 56),
+    (100, 100),
+    (224, 224),
+    (336, 336),
+    (448, 448),
+    (480, 640),
+    (640, 480),
+    (720, 1280),
+    (1080, 1920),
+    (1920, 1080),
+    (2160, 3840),
+    (3000, 4000),
+    (4000, 3000),
+    (6000, 8000),
+    (20000, 20000),
+    (1, 150),
+    (150, 1),
+    (3, 600),
+    (14, 2800),
+    (2800, 14),
+    (50, 5000),
+    (10, 1000),
+    (999, 5),
+    (100, 19999),
+    (333, 777),
+    (514, 1023),
+    (1025, 95),
+    (59, 61),
+    (8192, 64),
+    (512, 512),
 ]
 
 

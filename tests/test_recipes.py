@@ -62,14 +62,29 @@ def _stand_ins(tmp: Path, synth_dir: Path) -> tuple[Path, Path]:
 
     torch.manual_seed(0)
     siglip = tmp / "siglip"
-    transformers.SiglipVisionModel(transformers.SiglipVisionConfig(
-        hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, image_size=32,
-        patch_size=8)).save_pretrained(siglip)
+    transformers.SiglipVisionModel(
+        transformers.SiglipVisionConfig(
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=32,
+            patch_size=8,
+        )
+    ).save_pretrained(siglip)
     tok = TextTokenizer.from_file(synth_dir / "synthvqa" / "tokenizer.json")
     qwen = tmp / "qwen"
-    transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
-        vocab_size=tok.vocab_size - 4, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)).save_pretrained(qwen)
+    transformers.Qwen2ForCausalLM(
+        transformers.Qwen2Config(
+            vocab_size=tok.vocab_size - 4,
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            tie_word_embeddings=True,
+        )
+    ).save_pretrained(qwen)
     shutil.copy(synth_dir / "synthvqa" / "tokenizer.json", qwen / "tokenizer.json")
     (qwen / "tokenizer_config.json").write_text(json.dumps({"chat_template": QWEN2VL, "eos_token": "<|im_end|>"}))
     return siglip, qwen
@@ -86,26 +101,59 @@ def _llava_data(tmp: Path) -> None:
         for i in range(n):
             name = list(colors)[i % 3]
             Image.new("RGB", (48 + 8 * i, 40), colors[name]).save(tmp / "coco" / split / f"{i}.jpg")
-            recs.append({"id": f"{split}-{i}", "image": f"{i}.jpg", "conversations": [
-                {"from": "human", "value": "<image>\nWhat color is the picture?"}, {"from": "gpt", "value": name}]})
+            recs.append(
+                {
+                    "id": f"{split}-{i}",
+                    "image": f"{i}.jpg",
+                    "conversations": [
+                        {"from": "human", "value": "<image>\nWhat color is the picture?"},
+                        {"from": "gpt", "value": name},
+                    ],
+                }
+            )
         (tmp / ("llava_instruct_150k.json" if split == "train2017" else "llava_val.json")).write_text(json.dumps(recs))
 
 
 def test_siglip_qwen2_stage1_stage2_recipe_runs_as_documented(tmp_path, synth_dir):
     cmds = bash_commands(ROOT / "docs" / "pretrained.md")
-    assert [c[1] for c in cmds] == ["data/convert_llava.py", "data/convert_llava.py", "train.py", "train.py", "infer.py"]
+    assert [c[1] for c in cmds] == [
+        "data/convert_llava.py",
+        "data/convert_llava.py",
+        "train.py",
+        "train.py",
+        "infer.py",
+    ]
     siglip, qwen = _stand_ins(tmp_path, synth_dir)
     _llava_data(tmp_path)
     from PIL import Image
 
     Image.new("RGB", (40, 30), (30, 200, 30)).save(tmp_path / "photo.jpg")
-    paths = {"/models/siglip-base-patch16-224": str(siglip), "/models/Qwen2.5-0.5B-Instruct": str(qwen),
-             "outputs/DATE/TIME": str(tmp_path / "stage1"), "outputs/DATE2/TIME2": str(tmp_path / "stage2")}
-    cpu = {"data.processor.patch_size": "8", "data.processor.image_size": "32", "trainer": "cpu",
-           "trainer.max_steps": "2", "data.batch_size": "2", "--workers": "1"}
-    run_cfg = ["logger=none", "trainer.limit_val_batches=0", "callbacks.model_checkpoint.monitor=null",
-               "data.num_workers=0", "data.val_num_workers=0", "data.shuffle_buffer=4", "threads=1",
-               "~callbacks.progress_bar", "trainer.enable_progress_bar=false", "trainer.precision=32-true"]
+    paths = {
+        "/models/siglip-base-patch16-224": str(siglip),
+        "/models/Qwen2.5-0.5B-Instruct": str(qwen),
+        "outputs/DATE/TIME": str(tmp_path / "stage1"),
+        "outputs/DATE2/TIME2": str(tmp_path / "stage2"),
+    }
+    cpu = {
+        "data.processor.patch_size": "8",
+        "data.processor.image_size": "32",
+        "trainer": "cpu",
+        "trainer.max_steps": "2",
+        "data.batch_size": "2",
+        "--workers": "1",
+    }
+    run_cfg = [
+        "logger=none",
+        "trainer.limit_val_batches=0",
+        "callbacks.model_checkpoint.monitor=null",
+        "data.num_workers=0",
+        "data.val_num_workers=0",
+        "data.shuffle_buffer=4",
+        "threads=1",
+        "~callbacks.progress_bar",
+        "trainer.enable_progress_bar=false",
+        "trainer.precision=32-true",
+    ]
     stage = iter(["stage1", "stage2"])
     for argv in cmds:
         argv = substitute(argv, paths, cpu)
@@ -128,5 +176,5 @@ def test_siglip_qwen2_stage1_stage2_recipe_runs_as_documented(tmp_path, synth_di
         assert torch.equal(s1.encoder.state_dict()[k], v) and torch.equal(s2.encoder.state_dict()[k], v), k
     dec = pretrained_decoder(str(qwen)).state_dict()
     w = "layers.0.mlp.down_proj.weight"
-    assert torch.equal(s1.decoder.state_dict()[w], dec[w])          # frozen in stage 1
-    assert not torch.equal(s2.decoder.state_dict()[w], dec[w])      # trained in stage 2
+    assert torch.equal(s1.decoder.state_dict()[w], dec[w])  # frozen in stage 1
+    assert not torch.equal(s2.decoder.state_dict()[w], dec[w])  # trained in stage 2

@@ -29,9 +29,15 @@ def _run(out: Path, synth_dir: Path, steps: int, workers: int, resume: Path | No
     from vlm.train import run
 
     overrides = [
-        "logger=csv", f"trainer.max_steps={steps}", "scheduler.total_steps=6", f"data.num_workers={workers}",
-        "trainer.limit_val_batches=0", "callbacks.model_checkpoint.monitor=null", "callbacks.model_checkpoint.save_top_k=-1",
-        "+callbacks.model_checkpoint.every_n_train_steps=3", "~callbacks.export",
+        "logger=csv",
+        f"trainer.max_steps={steps}",
+        "scheduler.total_steps=6",
+        f"data.num_workers={workers}",
+        "trainer.limit_val_batches=0",
+        "callbacks.model_checkpoint.monitor=null",
+        "callbacks.model_checkpoint.save_top_k=-1",
+        "+callbacks.model_checkpoint.every_n_train_steps=3",
+        "~callbacks.export",
     ]
     if resume is not None:
         overrides.append(f"ckpt_path={resume}")
@@ -98,8 +104,9 @@ def test_stream_resume_across_blocks_and_workers(tmp_path, synth_dir):
     proc = SampleProcessor(build_processor(dict(cfg.data.processor)), build_template(dict(cfg.data.template), tok))
 
     def loader(resume=None):
-        ds = ShardDataset(str(synth_dir / "synthvqa" / "train"), proc, train=True, shuffle_buffer=4, block_samples=7,
-                          resume=resume)
+        ds = ShardDataset(
+            str(synth_dir / "synthvqa" / "train"), proc, train=True, shuffle_buffer=4, block_samples=7, resume=resume
+        )
         return DataLoader(ds, batch_size=3, num_workers=2, collate_fn=Collator(tok.pad_id), prefetch_factor=2)
 
     straight = [b["keys"] for _, b in zip(range(10), loader())]
@@ -113,6 +120,12 @@ def test_stream_resume_across_blocks_and_workers(tmp_path, synth_dir):
     resumed = [b["keys"] for _, b in zip(range(5), loader({"state": state, "step": 5}))]
     assert resumed == straight[5:]
     # a different worker count cannot continue the streams: reseeded, and says so
-    ds = ShardDataset(str(synth_dir / "synthvqa" / "train"), proc, train=True, shuffle_buffer=4, block_samples=7,
-                      resume={"state": state, "step": 5})
+    ds = ShardDataset(
+        str(synth_dir / "synthvqa" / "train"),
+        proc,
+        train=True,
+        shuffle_buffer=4,
+        block_samples=7,
+        resume={"state": state, "step": 5},
+    )
     assert ds._start(0, 3)[2] == "r5"

@@ -28,13 +28,28 @@ def test_strips_curriculum_runs_as_documented(tmp_path):
     for i, argv in enumerate(cmds, start=1):
         out = tmp_path / f"stage{i}"
         argv = substitute(argv, {f"outputs/STAGE{j}": str(tmp_path / f"stage{j}") for j in (1, 2)}, small)
-        log = _run([*argv, *tiny, "data.synthetic.train_samples=16", "data.synthetic.heldout_samples=10",
-                    "logger=none", "trainer.val_check_interval=null", "tower_warmup.batch_size=4",
-                    f"paths.data_dir={tmp_path / 'data'}", f"paths.output_dir={out}", f"hydra.run.dir={out}"], ROOT)
+        log = _run(
+            [
+                *argv,
+                *tiny,
+                "data.synthetic.train_samples=16",
+                "data.synthetic.heldout_samples=10",
+                "logger=none",
+                "trainer.val_check_interval=null",
+                "tower_warmup.batch_size=4",
+                f"paths.data_dir={tmp_path / 'data'}",
+                f"paths.output_dir={out}",
+                f"hydra.run.dir={out}",
+            ],
+            ROOT,
+        )
         assert (out / "export" / "model.safetensors").is_file(), log[-2000:]
         if i == 1:
             assert "tower warm-up: 2 steps" in log
         if i == 3:  # the mix's data folder trained another tokenizer than the strips'
             assert "rows copied by token string" in log
-    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["synthvqa_strips_12-20", "synthvqa_strips_3-6",
-                                                                    "synthvqa_v2"]
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == [
+        "synthvqa_strips_12-20",
+        "synthvqa_strips_3-6",
+        "synthvqa_v2",
+    ]

@@ -174,12 +174,17 @@ def test_caption_order_and_wording():
         return Shape(kind, color, 10.0, 10.0, 5.0)
 
     assert describe([sh("circle", "red")]) == "one red circle"
-    assert describe([sh("square", "blue"), sh("circle", "red"), sh("square", "blue")]) == "one red circle and two blue squares"
+    assert (
+        describe([sh("square", "blue"), sh("circle", "red"), sh("square", "blue")])
+        == "one red circle and two blue squares"
+    )
     assert (
         describe([sh("triangle", "purple"), sh("square", "blue"), sh("circle", "orange"), sh("circle", "green")])
         == "one green circle, one orange circle, one blue square and one purple triangle"
     )
-    assert describe([sh("triangle", "yellow")] * 3 + [sh("circle", "red")]) == "one red circle and three yellow triangles"
+    assert (
+        describe([sh("triangle", "yellow")] * 3 + [sh("circle", "red")]) == "one red circle and three yellow triangles"
+    )
     assert describe([sh("square", "orange")] * 4) == "four orange squares"
     assert describe([sh("triangle", "red"), sh("square", "red"), sh("square", "yellow")]) == (
         "one red square, one yellow square and one red triangle"
@@ -188,7 +193,10 @@ def test_caption_order_and_wording():
 
 def test_exists_is_balanced_and_weights_select_qtypes():
     rng = random.Random(7)
-    answers = Counter(make_sample(rng, SynthConfig(qtype_weights={"exists": 1}))["messages"][1]["content"][0]["text"] for _ in range(2000))
+    answers = Counter(
+        make_sample(rng, SynthConfig(qtype_weights={"exists": 1}))["messages"][1]["content"][0]["text"]
+        for _ in range(2000)
+    )
     assert set(answers) == {"yes", "no"} and 0.46 < answers["yes"] / 2000 < 0.54
     for qt in QTYPES:
         cfg = SynthConfig(qtype_weights={qt: 1.0})
@@ -219,7 +227,7 @@ def test_ocr_text_fits_the_canvas():
             s = OcrScene(s.canvas, s.background, text, (1 - font.getbbox(text)[0], 1 - font.getbbox(text)[1]), size, 0)
         c = s.canvas
         x0, y0, x1, y1 = s.bbox
-        assert 0 <= x0 and 0 <= y0 and x1 <= c and y1 <= c
+        assert x0 >= 0 and y0 >= 0 and x1 <= c and y1 <= c
         # draw on a larger canvas: every bit of ink lands inside the real canvas (nothing clipped)
         big = Image.new("L", (c + 2 * pad, c + 2 * pad), 255)
         ImageDraw.Draw(big).text((s.xy[0] + pad, s.xy[1] + pad), s.text, fill=0, font=font)
@@ -350,5 +358,8 @@ def test_ensure_synthvqa_resumes_and_rebuilds(tiny, tmp_path, capsys):
     assert {p: p.read_bytes() for p in work.rglob("*.tar")} == first
     # other options: the old shards are replaced
     ensure_synthvqa(work, **{**kw, "train_samples": 9})
-    assert sorted(p.name for p in (work / "train").glob("*.tar")) == ["synthvqa-train-000000.tar", "synthvqa-train-000001.tar"]
+    assert sorted(p.name for p in (work / "train").glob("*.tar")) == [
+        "synthvqa-train-000000.tar",
+        "synthvqa-train-000001.tar",
+    ]
     assert json.loads((work / "dataset.json").read_text())["splits"]["train"]["samples"] == 9

@@ -131,12 +131,16 @@ def test_ocr_wide_text_fits_and_is_the_answer():
     for _ in range(40):
         s = make_sample(rng, cfg)
         scene, img = s["scene"], s["image"]
-        assert img.size == (512, 64) and s["media"] == [img] and s["meta"] == {"family": "ocr_wide", "qtypes": ["ocr_wide"]}
+        assert (
+            img.size == (512, 64)
+            and s["media"] == [img]
+            and s["meta"] == {"family": "ocr_wide", "qtypes": ["ocr_wide"]}
+        )
         assert _answer(s) == scene.text and 12 <= len(scene.text) <= 20
         assert s["messages"][0]["content"][1]["text"] == "What does the text say?"
         lengths.add(len(scene.text))
         x0, y0, x1, y1 = scene.bbox
-        assert 0 <= x0 and 0 <= y0 and x1 <= W and y1 <= H
+        assert x0 >= 0 and y0 >= 0 and x1 <= W and y1 <= H
         big = Image.new("L", (W + 2 * pad, H + 2 * pad), 255)  # no ink is clipped by the canvas
         ImageDraw.Draw(big).text((scene.xy[0] + pad, scene.xy[1] + pad), scene.text, fill=0, font=font)
         ys, xs = np.nonzero(np.asarray(big) < 255)
@@ -252,9 +256,19 @@ def test_strips_data_config_is_one_curriculum_stage(tmp_path):
     from tests.conftest import compose_train
     from vlm.warmup import with_data_strips
 
-    cfg = compose_train(["experiment=synthvqa_v2_dynamic", "data=synthvqa_strips", "data.synthetic.ocr_wide_min_len=3",
-                         "data.synthetic.ocr_wide_max_len=6", "data.synthetic.train_samples=16",
-                         "data.synthetic.heldout_samples=8", "tower_warmup.wide=1.0"], tmp_path, tmp_path / "data")
+    cfg = compose_train(
+        [
+            "experiment=synthvqa_v2_dynamic",
+            "data=synthvqa_strips",
+            "data.synthetic.ocr_wide_min_len=3",
+            "data.synthetic.ocr_wide_max_len=6",
+            "data.synthetic.train_samples=16",
+            "data.synthetic.heldout_samples=8",
+            "tower_warmup.wide=1.0",
+        ],
+        tmp_path,
+        tmp_path / "data",
+    )
     assert cfg.data.synthetic.root == str(tmp_path / "data" / "synthvqa_strips_3-6")
     assert cfg.data.processor.resolution == "dynamic" and list(cfg.data.qtypes) == ["ocr_wide"]
     warm = with_data_strips(dict(cfg.tower_warmup), dict(cfg.data.synthetic))

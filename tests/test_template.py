@@ -9,8 +9,16 @@ from vlm.model.projector import visual_token_count
 from vlm.tokenizer import SPECIAL_TOKENS, TextTokenizer, train_tokenizer
 
 CORPUS = [
-    "What color is the circle?", "red", "How many squares are there?", "2", "Describe the image.",
-    "one red circle and two blue squares", "What does the text say?", "K3X9P", "user\n", "assistant\n",
+    "What color is the circle?",
+    "red",
+    "How many squares are there?",
+    "2",
+    "Describe the image.",
+    "one red circle and two blue squares",
+    "What does the text say?",
+    "K3X9P",
+    "user\n",
+    "assistant\n",
 ] * 20
 
 
@@ -21,8 +29,12 @@ def tok() -> TextTokenizer:
 
 def chat(question="What color is the circle?", answer="red", media=True):
     content = ([{"type": "image", "media": 0}] if media else []) + [{"type": "text", "text": question}]
-    return {"messages": [{"role": "user", "content": content},
-                         {"role": "assistant", "content": [{"type": "text", "text": answer}]}]}
+    return {
+        "messages": [
+            {"role": "user", "content": content},
+            {"role": "assistant", "content": [{"type": "text", "text": answer}]},
+        ]
+    }
 
 
 def test_tokenizer_round_trip_and_file(tok, tmp_path):
@@ -55,14 +67,24 @@ def test_layout_and_labels(tok):
     r = t.render(chat(), grids=[(1, 2, 3)])
     ids, labels = r.input_ids, r.labels
     expected = (
-        [tok.im_start_id] + tok.encode("user\n") + [tok.vision_start_id] + [tok.image_pad_id] * 6 + [tok.vision_end_id]
-        + tok.encode("What color is the circle?") + [tok.im_end_id] + tok.encode("\n")
-        + [tok.im_start_id] + tok.encode("assistant\n") + tok.encode("red") + [tok.im_end_id] + tok.encode("\n")
+        [tok.im_start_id]
+        + tok.encode("user\n")
+        + [tok.vision_start_id]
+        + [tok.image_pad_id] * 6
+        + [tok.vision_end_id]
+        + tok.encode("What color is the circle?")
+        + [tok.im_end_id]
+        + tok.encode("\n")
+        + [tok.im_start_id]
+        + tok.encode("assistant\n")
+        + tok.encode("red")
+        + [tok.im_end_id]
+        + tok.encode("\n")
     )
     assert ids == expected
     supervised = [i for i, l in zip(ids, labels) if l != IGNORE]
     assert supervised == tok.encode("red") + [tok.im_end_id]
-    assert all(l == IGNORE or l == i for i, l in zip(ids, labels))
+    assert all(l in (IGNORE, i) for i, l in zip(ids, labels))
 
 
 def test_multi_turn_labels_every_assistant_turn(tok):
@@ -76,7 +98,7 @@ def test_multi_turn_labels_every_assistant_turn(tok):
 def test_generation_prompt(tok):
     s = {"messages": chat()["messages"][:1]}
     r = ChatTemplate(tok, lambda g: 2).render(s, grids=[(1, 1, 2)], add_generation_prompt=True)
-    assert r.input_ids[-len(tok.encode("assistant\n")) - 1:] == [tok.im_start_id] + tok.encode("assistant\n")
+    assert r.input_ids[-len(tok.encode("assistant\n")) - 1 :] == [tok.im_start_id] + tok.encode("assistant\n")
     assert all(l == IGNORE for l in r.labels)
 
 

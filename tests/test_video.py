@@ -163,7 +163,7 @@ def test_sample_frames_counts_everywhere():
                 for T in (1, 2, 3):
                     idx = sample_frames(n, fps, 2.0, cap, T)
                     assert len(idx) % T == 0 and T <= len(idx) <= max(T, cap // T * T)
-                    assert 0 == idx[0] and idx[-1] <= n - 1 and idx == sorted(idx)
+                    assert idx[0] == 0 and idx[-1] <= n - 1 and idx == sorted(idx)
                     distinct = sorted(set(idx))
                     assert idx[: len(distinct)] == distinct  # repeats only as end padding
     with pytest.raises(ValueError):
@@ -204,9 +204,14 @@ def test_budget_never_exceeded_random():
         f = P * m
         budget = int(rng.integers(1, 3000))
         vp = VideoProcessor(
-            patch_size=P, merge_size=m, temporal_patch=T, max_frames=int(rng.integers(T, 33)),
-            min_pixels=int(rng.integers(1, 9)) * f * f, max_pixels=int(rng.integers(9, 400)) * f * f,
-            max_video_tokens=budget, target_fps=float(rng.choice([0.5, 1.0, 2.0, 4.0])),
+            patch_size=P,
+            merge_size=m,
+            temporal_patch=T,
+            max_frames=int(rng.integers(T, 33)),
+            min_pixels=int(rng.integers(1, 9)) * f * f,
+            max_pixels=int(rng.integers(9, 400)) * f * f,
+            max_video_tokens=budget,
+            target_fps=float(rng.choice([0.5, 1.0, 2.0, 4.0])),
         )
         h, w = int(rng.integers(1, 3000)), int(rng.integers(1, 3000))
         if max(h, w) / min(h, w) > 200:
@@ -239,8 +244,16 @@ def test_fixed_resolution_drops_frames_only():
 def test_temporal_patch_layout(clip):
     frames, mp4 = clip
     P, T = 8, 2
-    vp = VideoProcessor(patch_size=P, temporal_patch=T, target_fps=None, max_frames=8, max_video_tokens=None,
-                        interpolation="nearest", min_pixels=64, max_pixels=48 * 80)
+    vp = VideoProcessor(
+        patch_size=P,
+        temporal_patch=T,
+        target_fps=None,
+        max_frames=8,
+        max_video_tokens=None,
+        interpolation="nearest",
+        min_pixels=64,
+        max_pixels=48 * 80,
+    )
     out = vp(frames, fps=3.0)
     assert out.frame_indices == (0, 1, 2, 3, 5, 6, 7, 8)  # 9 frames, cap 8, evenly spread
     assert out.size == (48, 80) and out.grid == (4, 6, 10) and out.patches.shape == (4 * 60, 3 * T * P * P)
@@ -251,7 +264,9 @@ def test_temporal_patch_layout(clip):
         want = x[g * T : (g + 1) * T, :, i * P : (i + 1) * P, j * P : (j + 1) * P].permute(1, 0, 2, 3)  # [C, T, P, P]
         torch.testing.assert_close(vec, want.reshape(-1), atol=1e-6, rtol=0)
         # the first P*P values of each channel block are frame g*T, the next frame g*T+1
-        torch.testing.assert_close(vec.view(3, T, P, P)[:, 1], x[g * T + 1, :, i * P : (i + 1) * P, j * P : (j + 1) * P])
+        torch.testing.assert_close(
+            vec.view(3, T, P, P)[:, 1], x[g * T + 1, :, i * P : (i + 1) * P, j * P : (j + 1) * P]
+        )
     torch.testing.assert_close(patchify_video(x, P, T), out.patches, atol=1e-6, rtol=0)
     torch.testing.assert_close(unpatchify_video(out.patches, out.grid, P, T), x, atol=1e-6, rtol=0)
     back = vp.to_pil(out.patches, out.grid)

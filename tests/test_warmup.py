@@ -11,17 +11,37 @@ from vlm.model.vision import VisionEncoder
 from vlm.warmup import WarmupConfig, warm_up_tower
 
 
-@pytest.mark.parametrize("temporal_patch,pos,task,context", [
-    (1, "learned", "glyphs", "next"), (2, "rope2d", "glyphs+shapes", "next"), (1, "learned", "glyphs", "prev_next"),
-    (1, "learned", "char", "next"), (1, "learned", "shapes", "next")])
+@pytest.mark.parametrize(
+    "temporal_patch,pos,task,context",
+    [
+        (1, "learned", "glyphs", "next"),
+        (2, "rope2d", "glyphs+shapes", "next"),
+        (1, "learned", "glyphs", "prev_next"),
+        (1, "learned", "char", "next"),
+        (1, "learned", "shapes", "next"),
+    ],
+)
 def test_warm_up_trains_the_encoder_only(temporal_patch, pos, task, context):
     torch.manual_seed(0)
-    enc = VisionEncoder(patch_size=8, dim=32, n_layers=1, n_heads=2, patch_embed="conv", conv_channels=8,
-                        temporal_patch=temporal_patch, pos=pos, pre_norm=True)
+    enc = VisionEncoder(
+        patch_size=8,
+        dim=32,
+        n_layers=1,
+        n_heads=2,
+        patch_embed="conv",
+        conv_channels=8,
+        temporal_patch=temporal_patch,
+        pos=pos,
+        pre_norm=True,
+    )
     before = {k: v.clone() for k, v in enc.state_dict().items()}
     proc = ImageProcessor(patch_size=8, image_size=32, mean=[0.5] * 3, std=[0.5] * 3)
-    res = warm_up_tower(enc, proc, {"steps": 6, "batch_size": 4, "canvas": 32, "task": task, "max_len": 3,
-                                   "context": context}, precision="32-true")
+    res = warm_up_tower(
+        enc,
+        proc,
+        {"steps": 6, "batch_size": 4, "canvas": 32, "task": task, "max_len": 3, "context": context},
+        precision="32-true",
+    )
     assert res["steps"] == 6 and 0.0 <= res["accuracy"] <= 1.0
     after = enc.state_dict()
     assert after.keys() == before.keys()  # the probe head is not kept
@@ -30,9 +50,23 @@ def test_warm_up_trains_the_encoder_only(temporal_patch, pos, task, context):
     assert warm_up_tower(enc, proc, WarmupConfig(steps=0))["steps"] == 0
 
 
-@pytest.mark.parametrize("bad", [{"steps": -1}, {"batch_size": 0}, {"lr": 0.0}, {"steps": 1.5}, {"task": "ctc"}, {"task": "glyphs+glyphs"}, {"task": "glyphs+"}, {"max_len": 0},
-                                 {"wide": 1.5}, {"wide": "half"}, {"context": "prev"},
-                                 {"wide_options": {"canvas": 32}}])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"steps": -1},
+        {"batch_size": 0},
+        {"lr": 0.0},
+        {"steps": 1.5},
+        {"task": "ctc"},
+        {"task": "glyphs+glyphs"},
+        {"task": "glyphs+"},
+        {"max_len": 0},
+        {"wide": 1.5},
+        {"wide": "half"},
+        {"context": "prev"},
+        {"wide_options": {"canvas": 32}},
+    ],
+)
 def test_bad_warmup_options_are_named(bad):
     with pytest.raises(ValueError, match="tower_warmup"):
         WarmupConfig(**bad)
@@ -77,12 +111,24 @@ def test_a_string_too_long_for_the_canvas_is_refused_by_name():
 def test_train_runs_the_warm_up_first_and_refuses_a_frozen_tower(tmp_path, synth_dir, caplog):
     from vlm.train import run
 
-    cfg = compose_train(["logger=none", "tower_warmup.steps=4", "tower_warmup.batch_size=4", "trainer.max_steps=2",
-                         "trainer.limit_val_batches=0", "callbacks.model_checkpoint.monitor=null"], tmp_path, synth_dir)
+    cfg = compose_train(
+        [
+            "logger=none",
+            "tower_warmup.steps=4",
+            "tower_warmup.batch_size=4",
+            "trainer.max_steps=2",
+            "trainer.limit_val_batches=0",
+            "callbacks.model_checkpoint.monitor=null",
+        ],
+        tmp_path,
+        synth_dir,
+    )
     with caplog.at_level("INFO", logger="vlm.train"):
         run(cfg)
     assert any("tower warm-up: 4 steps" in r.getMessage() for r in caplog.records)
-    frozen = compose_train(["logger=none", "tower_warmup.steps=4", "model.freeze.encoder=true"], tmp_path / "f", synth_dir)
+    frozen = compose_train(
+        ["logger=none", "tower_warmup.steps=4", "model.freeze.encoder=true"], tmp_path / "f", synth_dir
+    )
     with pytest.raises(ValueError, match="frozen"):
         run(frozen)
 
@@ -115,11 +161,18 @@ def test_glyph_labels_put_each_character_in_the_half_patch_under_its_ink(resolut
         left, top, right, bottom = font.getbbox(ch)
         x0 = scene.xy[0] + font.getlength(scene.text[:i]) + left
         assert x0 <= cx <= x0 + (right - left) and scene.xy[1] + top <= cy <= scene.xy[1] + bottom
-        box = ink[scene.xy[1] + top:scene.xy[1] + bottom, int(x0):int(x0 + right - left)]
+        box = ink[scene.xy[1] + top : scene.xy[1] + bottom, int(x0) : int(x0 + right - left)]
         assert (np.abs(box - bg) > 30).any(), f"no ink under {ch!r}"
 
-    proc = ImageProcessor(patch_size=8, image_size=64, resolution=resolution, min_pixels=16 * 16, max_pixels=48 * 48,
-                          mean=[0.5] * 3, std=[0.5] * 3)
+    proc = ImageProcessor(
+        patch_size=8,
+        image_size=64,
+        resolution=resolution,
+        min_pixels=16 * 16,
+        max_pixels=48 * 48,
+        mean=[0.5] * 3,
+        std=[0.5] * 3,
+    )
 
     class Cfg:
         batch_size = 3
@@ -130,10 +183,15 @@ def test_glyph_labels_put_each_character_in_the_half_patch_under_its_ink(resolut
     assert all(s.family == ("ocr_wide" if wide else "ocr") for s in scenes)
     n_tok = [int(t * h * w) for t, h, w in grids.tolist()]
     assert labels.shape == (sum(n_tok), 2, 4) and patches.shape[0] == sum(n_tok)
-    for s, lab, (t, h, w) in zip(scenes, labels.split(n_tok), grids.tolist()):
+    for s, lab, (_t, h, w) in zip(scenes, labels.split(n_tok), grids.tolist()):
         lab = lab.view(h, w, 2, 4)
-        found = [(r, c, k, OCR_CHARSET[v]) for r in range(h) for c in range(w) for k in range(2)
-                 if (v := int(lab[r, c, k, 0])) < len(OCR_CHARSET)]
+        found = [
+            (r, c, k, OCR_CHARSET[v])
+            for r in range(h)
+            for c in range(w)
+            for k in range(2)
+            if (v := int(lab[r, c, k, 0])) < len(OCR_CHARSET)
+        ]
         # each slot's index is its character's place in the string; empty slots have none
         assert sorted(int(i) for i in lab[..., 1].flatten() if i >= 0) == list(range(len(s.text)))
         assert ((lab[..., 0] == len(OCR_CHARSET)) == (lab[..., 1] == -1)).all()
@@ -171,7 +229,9 @@ def test_shape_labels_mark_each_shape_centre_with_its_shape_and_colour():
         lab = lab.view(8, 8)
         assert int((lab < none).sum()) == len(s.shapes)  # one token per shape, no two share a patch
         for sh in s.shapes:
-            assert int(lab[int(sh.cy // 8), int(sh.cx // 8)]) == SHAPES.index(sh.shape) * len(COLOR_NAMES) + COLOR_NAMES.index(sh.color)
+            assert int(lab[int(sh.cy // 8), int(sh.cx // 8)]) == SHAPES.index(sh.shape) * len(
+                COLOR_NAMES
+            ) + COLOR_NAMES.index(sh.color)
 
 
 def test_warm_up_strips_follow_the_run_data():

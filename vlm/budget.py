@@ -55,7 +55,18 @@ CAPS_OFF_MAX_PIXELS = 10**13  # "no cap": far above any real image, still an int
 _IMAGE_KEYS = ("resolution", "image_size", "min_pixels", "max_pixels", "max_aspect_ratio", "interpolation")
 _VIDEO_KEYS = ("temporal_patch", "target_fps", "max_frames", "max_video_tokens")
 _ITEM_KEYS = ("image", "video", "size", "video_size")
-_KNOWN = {"config", "patch_size", "merge_size", "context", "min_tokens", "max_tokens", "fps", *_IMAGE_KEYS, *_VIDEO_KEYS, *_ITEM_KEYS}
+_KNOWN = {
+    "config",
+    "patch_size",
+    "merge_size",
+    "context",
+    "min_tokens",
+    "max_tokens",
+    "fps",
+    *_IMAGE_KEYS,
+    *_VIDEO_KEYS,
+    *_ITEM_KEYS,
+}
 DELIMITERS = 2
 
 
@@ -245,19 +256,23 @@ def budget(items: list[tuple[str, str]], image: ImageProcessor, video: VideoProc
 # ------------------------------------------------------------------------------------ output
 
 
-def format_table(rows: list[BudgetRow], image: ImageProcessor, video: VideoProcessor, context: int, caps_off: bool) -> str:
+def format_table(
+    rows: list[BudgetRow], image: ImageProcessor, video: VideoProcessor, context: int, caps_off: bool
+) -> str:
     P, m = image.patch_size, image.merge_size
     if image.resolution == "fixed":
         caps = f"fixed {image.image_size}x{image.image_size}"
     elif caps_off:
         caps = "dynamic, caps off (sides rounded to a multiple of P*m)"
     else:
-        caps = f"dynamic, {image.min_pixels}..{image.max_pixels} px ({image.min_pixels // image.factor ** 2}..{image.max_pixels // image.factor ** 2} tokens)"
+        caps = f"dynamic, {image.min_pixels}..{image.max_pixels} px ({image.min_pixels // image.factor**2}..{image.max_pixels // image.factor**2} tokens)"
     vb = video.max_video_tokens if video.max_video_tokens is not None else "none"
     lines = [
         f"patch {P}, merge {m}x{m} (factor {P * m}), resolution {caps}, context {context}",
-        (f"video: temporal_patch {video.temporal_patch}, target_fps {video.target_fps}, max_frames {video.max_frames}, "
-         f"max_video_tokens {vb}"),
+        (
+            f"video: temporal_patch {video.temporal_patch}, target_fps {video.target_fps}, max_frames {video.max_frames}, "
+            f"max_video_tokens {vb}"
+        ),
     ]
     head = ["#", "kind", "source", "input", "resized", "grid (t,h,w)", "patches", "tokens", "context"]
     table = [head]
@@ -265,11 +280,24 @@ def format_table(rows: list[BudgetRow], image: ImageProcessor, video: VideoProce
         if r.error:
             table.append([str(i), r.kind, r.source, "error: " + r.error, "", "", "", "", ""])
             continue
-        table.append([str(i), r.kind, r.source, r.input, r.resized, str(r.grid), str(r.patches), str(r.tokens),
-                      f"{100 * r.tokens / context:.1f}%"])
+        table.append(
+            [
+                str(i),
+                r.kind,
+                r.source,
+                r.input,
+                r.resized,
+                str(r.grid),
+                str(r.patches),
+                str(r.tokens),
+                f"{100 * r.tokens / context:.1f}%",
+            ]
+        )
     ok = [r for r in rows if not r.error]
     tot_p, tot_t = sum(r.patches for r in ok), sum(r.tokens for r in ok)
-    table.append(["", "total", f"{len(ok)} item(s)", "", "", "", str(tot_p), str(tot_t), f"{100 * tot_t / context:.1f}%"])
+    table.append(
+        ["", "total", f"{len(ok)} item(s)", "", "", "", str(tot_p), str(tot_t), f"{100 * tot_t / context:.1f}%"]
+    )
     widths = [max(len(row[c]) for row in table if not row[3].startswith("error: ") or c < 3) for c in range(len(head))]
     right = {0, 6, 7, 8}
     for k, row in enumerate(table):
@@ -278,7 +306,11 @@ def format_table(rows: list[BudgetRow], image: ImageProcessor, video: VideoProce
         if row[3].startswith("error: "):
             lines.append("  ".join(row[c].ljust(widths[c]) for c in range(3)) + "  " + row[3])
             continue
-        lines.append("  ".join(row[c].rjust(widths[c]) if c in right else row[c].ljust(widths[c]) for c in range(len(head))).rstrip())
+        lines.append(
+            "  ".join(
+                row[c].rjust(widths[c]) if c in right else row[c].ljust(widths[c]) for c in range(len(head))
+            ).rstrip()
+        )
         if k == 0:
             lines.append("  ".join("-" * w for w in widths))
     with_delims = tot_t + DELIMITERS * len(ok)

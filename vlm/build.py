@@ -45,10 +45,14 @@ NATIVE_COMPONENTS: dict[str, dict[str, type]] = {
 }
 # What a training config may name besides: the loaders that read a pretrained local folder.
 PRETRAINED_LOADERS: dict[str, dict[str, Any]] = {
-    "encoder": {"vlm.model.hf.pretrained_vision_encoder": hf.pretrained_vision_encoder,
-                "vlm.model.hf.pretrained_qwen2vl_vision": hf.pretrained_qwen2vl_vision},
-    "projector": {"vlm.model.hf.pretrained_qwen2vl_merger": hf.pretrained_qwen2vl_merger,
-                  "vlm.model.hf.pretrained_llava_projector": hf.pretrained_llava_projector},
+    "encoder": {
+        "vlm.model.hf.pretrained_vision_encoder": hf.pretrained_vision_encoder,
+        "vlm.model.hf.pretrained_qwen2vl_vision": hf.pretrained_qwen2vl_vision,
+    },
+    "projector": {
+        "vlm.model.hf.pretrained_qwen2vl_merger": hf.pretrained_qwen2vl_merger,
+        "vlm.model.hf.pretrained_llava_projector": hf.pretrained_llava_projector,
+    },
     "decoder": {"vlm.model.hf.pretrained_decoder": hf.pretrained_decoder},
 }
 # Hydra's instantiate keys; any other `_name_` key is refused as well.
@@ -62,7 +66,13 @@ MAX_MODULE_COUNT = 1024
 MAX_INT = 2**31 - 1
 # A checkpoint's processor cannot make one image cost more than 8192² pixels (an absurd
 # `image_size` would otherwise allocate it at the first prompt).
-PROCESSOR_CAPS = {"image_size": 8192, "min_pixels": 2**26, "max_pixels": 2**26, "min_tokens": 2**20, "max_tokens": 2**20}
+PROCESSOR_CAPS = {
+    "image_size": 8192,
+    "min_pixels": 2**26,
+    "max_pixels": 2**26,
+    "min_tokens": 2**20,
+    "max_tokens": 2**20,
+}
 MAX_CONFIG_NODES = 100_000
 MAX_CONFIG_DEPTH = 32
 
@@ -106,10 +116,14 @@ def check_config_keys(cfg: Any, where: str, targets: tuple[str, ...] = ()) -> No
                     if k == "_target_" and path in targets:
                         continue
                     if k == "_target_":
-                        raise ValueError(f"refusing to build {path}._target_={_short(v)}: a _target_ is only accepted "
-                                         f"as {', '.join(t + '._target_' for t in targets) or 'nothing here'}")
-                    raise ValueError(f"refusing to build {path}.{k}: Hydra's special keys ({', '.join(HYDRA_KEYS[1:])}, "
-                                     "any _name_ key) are not accepted")
+                        raise ValueError(
+                            f"refusing to build {path}._target_={_short(v)}: a _target_ is only accepted "
+                            f"as {', '.join(t + '._target_' for t in targets) or 'nothing here'}"
+                        )
+                    raise ValueError(
+                        f"refusing to build {path}.{k}: Hydra's special keys ({', '.join(HYDRA_KEYS[1:])}, "
+                        "any _name_ key) are not accepted"
+                    )
                 walk(v, f"{path}.{k}", depth + 1)
         elif isinstance(node, (list, tuple)):
             for i, v in enumerate(node):
@@ -157,8 +171,10 @@ def _check_number(v: Any, key: str, path: str) -> None:
             if x < 0 and key not in NEGATIVE_OK:
                 raise ValueError(f"{path}={_short(v)} is negative")
             if abs(x) > MAX_INT or (key in MODULE_COUNTS and x > MAX_MODULE_COUNT):
-                raise ValueError(f"{path}={_short(v)} is out of range (at most "
-                                 f"{MAX_MODULE_COUNT if key in MODULE_COUNTS else MAX_INT})")
+                raise ValueError(
+                    f"{path}={_short(v)} is out of range (at most "
+                    f"{MAX_MODULE_COUNT if key in MODULE_COUNTS else MAX_INT})"
+                )
 
 
 def check_arguments(fn: Any, kwargs: dict, where: str, skip: tuple[str, ...] = (), name: str | None = None) -> None:
@@ -168,8 +184,11 @@ def check_arguments(fn: Any, kwargs: dict, where: str, skip: tuple[str, ...] = (
     sig = inspect.signature(fn)
     hints = typing.get_type_hints(fn.__init__ if isinstance(fn, type) else fn)
     name = name or getattr(fn, "__qualname__", str(fn))
-    params = {k: p for k, p in sig.parameters.items() if k != "self" and k not in skip
-              and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+    params = {
+        k: p
+        for k, p in sig.parameters.items()
+        if k != "self" and k not in skip and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+    }
     for k, v in kwargs.items():
         if k not in params:
             raise ValueError(f"{where}.{k} is not an argument of {name} (known: {', '.join(params)})")
@@ -194,8 +213,11 @@ def component(part: str, cfg: Any, trusted: bool, where: str = "model") -> tuple
     if not isinstance(target, str) or target not in allowed:
         if target is None:
             raise ValueError(f"refusing to build {path}: no _target_ (allowed: {', '.join(allowed)})")
-        why = ("a pretrained loader, which only a training config may name (a checkpoint records the native class)"
-               if not trusted and isinstance(target, str) and target in PRETRAINED_LOADERS[part] else "not a registered class")
+        why = (
+            "a pretrained loader, which only a training config may name (a checkpoint records the native class)"
+            if not trusted and isinstance(target, str) and target in PRETRAINED_LOADERS[part]
+            else "not a registered class"
+        )
         raise ValueError(f"refusing to build {path}._target_={_short(target)}: {why} (allowed: {', '.join(allowed)})")
     check_config_keys(cfg, path, targets=(path,))
     return allowed[target], {k: v for k, v in cfg.items() if k != "_target_"}
@@ -219,14 +241,25 @@ def check_model_config(model_cfg: Any, trusted: bool = False, where: str = "mode
         component(part, model_cfg[part], trusted, where)
     check_config_keys(model_cfg, where, targets=tuple(f"{where}.{p}" for p in COMPONENTS))
     if not trusted:
-        for key, kinds in (("image_attention", (str,)), ("fusion", (str, type(None))), ("packed_attention", (str, type(None))),
-                           ("cross_attn", (dict, type(None))), ("freeze", (dict, type(None)))):
+        for key, kinds in (
+            ("image_attention", (str,)),
+            ("fusion", (str, type(None))),
+            ("packed_attention", (str, type(None))),
+            ("cross_attn", (dict, type(None))),
+            ("freeze", (dict, type(None))),
+        ):
             if key in model_cfg and not isinstance(model_cfg[key], kinds):
-                raise ValueError(f"{where}.{key}={_short(model_cfg[key])} is not of type "
-                                 f"{' | '.join(t.__name__ for t in kinds)}")
+                raise ValueError(
+                    f"{where}.{key}={_short(model_cfg[key])} is not of type {' | '.join(t.__name__ for t in kinds)}"
+                )
         if model_cfg.get("fusion") == "cross_attn":
-            check_arguments(CrossAttentionFusion, dict(model_cfg.get("cross_attn") or {}), f"{where}.cross_attn",
-                            skip=("dim", "n_heads", "n_kv_heads", "mlp_hidden", "n_layers"), name="cross_attn")
+            check_arguments(
+                CrossAttentionFusion,
+                dict(model_cfg.get("cross_attn") or {}),
+                f"{where}.cross_attn",
+                skip=("dim", "n_heads", "n_kv_heads", "mlp_hidden", "n_layers"),
+                name="cross_attn",
+            )
 
 
 def build_model(model_cfg: dict, tokenizer: TextTokenizer, trusted: bool = True) -> VLM:
@@ -254,14 +287,18 @@ def build_model(model_cfg: dict, tokenizer: TextTokenizer, trusted: bool = True)
         decoder.grow_vocab(tokenizer.vocab_size)
     # The projector reads what the encoder emits (k·dim with several concatenated feature layers)
     # and writes the decoder's width.
-    for key, have, what in (("in_dim", encoder.out_dim, "the encoder emits"), ("out_dim", decoder.dim, "the decoder is")):
+    for key, have, what in (
+        ("in_dim", encoder.out_dim, "the encoder emits"),
+        ("out_dim", decoder.dim, "the decoder is"),
+    ):
         if proj.get(key) in (None, "auto"):
             proj[key] = have
         elif isinstance(proj[key], bool) or not isinstance(proj[key], int):
             raise ValueError(f"model.projector.{key}={_short(proj[key])} is not of type int")
         elif int(proj[key]) != have:
-            raise ValueError(f"projector.{key}={proj[key]} but {what} {have} wide "
-                             f"(set projector.{key}=null to follow it)")
+            raise ValueError(
+                f"projector.{key}={proj[key]} but {what} {have} wide (set projector.{key}=null to follow it)"
+            )
     projector = _make("projector", proj_fn, proj, trusted, "model")
     fusion = model_cfg.get("fusion") or "interleave"
     return VLM(
@@ -304,8 +341,10 @@ def build_processor(processor_cfg: dict, trusted: bool = True) -> MediaProcessor
     if not trusted:
         check_config_keys(cfg, "processor")
         if cfg.get("pretrained") is not None:
-            raise ValueError(f"processor.pretrained={_short(cfg['pretrained'])}: a checkpoint's processor config "
-                             "may not read a model folder (it records the resolved keys)")
+            raise ValueError(
+                f"processor.pretrained={_short(cfg['pretrained'])}: a checkpoint's processor config "
+                "may not read a model folder (it records the resolved keys)"
+            )
         _check_untrusted_processor(cfg)
     pretrained = cfg.pop("pretrained", None)
     if pretrained:
@@ -338,7 +377,9 @@ def _check_untrusted_processor(cfg: dict) -> None:
                 raise ValueError(f"{where}.{k}={_short(d[k])} is not of type int | None")
             _check_number(d[k], k, f"{where}.{k}")
         rest = {k: v for k, v in d.items() if k not in caps | {"video", "pretrained"}}
-        check_arguments(cls.__init__, rest, where, name=f"the {'video' if cls is VideoProcessor else 'image'} processor")
+        check_arguments(
+            cls.__init__, rest, where, name=f"the {'video' if cls is VideoProcessor else 'image'} processor"
+        )
         for k, cap in PROCESSOR_CAPS.items():
             if isinstance(d.get(k), int) and d[k] > cap:
                 raise ValueError(f"{where}.{k}={d[k]} is out of range (at most {cap})")
@@ -349,7 +390,7 @@ def check_processor_fits(model: VLM, processor) -> None:
     model's vision encoder (patch size or temporal patch) or its merge differs from the projector's."""
     enc = model.encoder
     T = getattr(processor, "temporal_patch", 1)
-    if processor.patch_size != enc.patch_size or T != getattr(enc, "temporal_patch", 1):
+    if processor.patch_size != enc.patch_size or getattr(enc, "temporal_patch", 1) != T:
         raise ValueError(
             f"processor patch_size={processor.patch_size}, temporal_patch={T} do not fit the vision encoder "
             f"(patch_size={enc.patch_size}, temporal_patch={getattr(enc, 'temporal_patch', 1)}); "
@@ -376,8 +417,11 @@ def build_template(template_cfg: dict, tokenizer: TextTokenizer, trusted: bool =
     cfg = dict(cfg)
     if not trusted:
         _check_untrusted_template(cfg)
-    layout = dict(merge_size=int(cfg.pop("merge_size", 1) or 1), queries=cfg.pop("queries", None),
-                  fusion=cfg.pop("fusion", None) or "interleave")
+    layout = dict(
+        merge_size=int(cfg.pop("merge_size", 1) or 1),
+        queries=cfg.pop("queries", None),
+        fusion=cfg.pop("fusion", None) or "interleave",
+    )
     jinja = cfg.pop("jinja", None)
     specials = cfg.pop("specials", None)
     markers = cfg.pop("media_markers", None)
@@ -387,8 +431,14 @@ def build_template(template_cfg: dict, tokenizer: TextTokenizer, trusted: bool =
         from vlm.data.jinja_template import JinjaChatTemplate, load_chat_template
 
         text, found = load_chat_template(str(jinja))
-        return JinjaChatTemplate(tokenizer, partial(visual_token_count, **layout), jinja=text,
-                                 specials={**found, **dict(specials or {})}, media_markers=markers, **kw)
+        return JinjaChatTemplate(
+            tokenizer,
+            partial(visual_token_count, **layout),
+            jinja=text,
+            specials={**found, **dict(specials or {})},
+            media_markers=markers,
+            **kw,
+        )
     return ChatTemplate(tokenizer, partial(visual_token_count, **layout), **kw)
 
 
@@ -400,28 +450,43 @@ def _check_untrusted_template(cfg: dict) -> None:
     """A checkpoint's template keys: the Jinja template as text only, every other key of its type."""
     check_config_keys(cfg, "template")
     jinja = cfg.get("jinja")
-    if jinja is not None and jinja != "":
-        if not isinstance(jinja, str) or not _is_template_text(jinja):
-            raise ValueError(f"template.jinja={_short(jinja)} is not a chat template's text: a checkpoint carries the "
-                             "template itself, never a path to read")
+    if jinja is not None and jinja != "" and (not isinstance(jinja, str) or not _is_template_text(jinja)):
+        raise ValueError(
+            f"template.jinja={_short(jinja)} is not a chat template's text: a checkpoint carries the "
+            "template itself, never a path to read"
+        )
     for key, values in (("specials", (str, type(None))), ("media_markers", (str,))):
         v = cfg.get(key)
-        if v is not None and not (isinstance(v, dict) and all(isinstance(k, str) and isinstance(x, values)
-                                                              for k, x in v.items())):
+        if v is not None and not (
+            isinstance(v, dict) and all(isinstance(k, str) and isinstance(x, values) for k, x in v.items())
+        ):
             raise ValueError(f"template.{key}={_short(v)} is not a mapping of strings")
     ids = cfg.get("stop_token_ids")
-    if ids is not None and not (isinstance(ids, list) and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0
-                                                              for t in ids)):
+    if ids is not None and not (
+        isinstance(ids, list) and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ids)
+    ):
         raise ValueError(f"template.stop_token_ids={_short(ids)} is not a list of token ids")
-    for key, kinds in (("merge_size", (int, type(None))), ("queries", (int, type(None))), ("fusion", (str, type(None)))):
+    for key, kinds in (
+        ("merge_size", (int, type(None))),
+        ("queries", (int, type(None))),
+        ("fusion", (str, type(None))),
+    ):
         v = cfg.get(key)
         if isinstance(v, bool) or not isinstance(v, kinds):
             raise ValueError(f"template.{key}={_short(v)} is not of type {' | '.join(t.__name__ for t in kinds)}")
         _check_number(v, key, f"template.{key}")
-    rest = {k: v for k, v in cfg.items()
-            if k not in ("jinja", "specials", "media_markers", "stop_token_ids", "merge_size", "queries", "fusion")}
-    check_arguments(ChatTemplate.__init__, rest, "template", skip=("tokenizer", "token_count", "token_grid", "merge_size"),
-                    name="the chat template")
+    rest = {
+        k: v
+        for k, v in cfg.items()
+        if k not in ("jinja", "specials", "media_markers", "stop_token_ids", "merge_size", "queries", "fusion")
+    }
+    check_arguments(
+        ChatTemplate.__init__,
+        rest,
+        "template",
+        skip=("tokenizer", "token_count", "token_grid", "merge_size"),
+        name="the chat template",
+    )
 
 
 def resolve_template_config(template_cfg: dict) -> dict:
@@ -467,8 +532,10 @@ def stop_ids(tokenizer: TextTokenizer, template_cfg: dict | None = None) -> list
             ids.append(t)
     for t in cfg.get("stop_token_ids") or []:
         if tokenizer.tok.id_to_token(int(t)) is None:
-            raise ValueError(f"generation_config.json stop token id {t} is not in the tokenizer "
-                             f"(vocabulary {tokenizer.vocab_size}): is data.template.jinja the tokenizer's own folder?")
+            raise ValueError(
+                f"generation_config.json stop token id {t} is not in the tokenizer "
+                f"(vocabulary {tokenizer.vocab_size}): is data.template.jinja the tokenizer's own folder?"
+            )
         if int(t) not in ids:
             ids.append(int(t))
     return ids

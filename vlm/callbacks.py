@@ -46,7 +46,7 @@ PEAK_TFLOPS: dict[str, tuple[float, float]] = {
     "GH200": (989.0, 494.0),
     "H100 NVL": (835.0, 418.0),
     "H100 PCIe": (756.0, 378.0),
-    "H100": (989.0, 494.0),   # SXM
+    "H100": (989.0, 494.0),  # SXM
     "H800": (989.0, 494.0),
     "A100": (312.0, 156.0),
     "A800": (312.0, 156.0),
@@ -58,8 +58,8 @@ PEAK_TFLOPS: dict[str, tuple[float, float]] = {
     "RTX 6000 Ada": (364.0, 182.0),
     "RTX 4090": (165.0, 82.6),
     "RTX 3090": (71.0, 35.6),
-    "V100": (125.0, 15.7),    # fp16 (no bf16)
-    "T4": (65.0, 8.1),        # fp16 (no bf16)
+    "V100": (125.0, 15.7),  # fp16 (no bf16)
+    "T4": (65.0, 8.1),  # fp16 (no bf16)
 }
 
 
@@ -74,8 +74,9 @@ def device_peak_tflops(device: torch.device, low_precision: bool = True) -> floa
     return None
 
 
-def measure_gemm_tflops(dtype: torch.dtype = torch.bfloat16, n: int = 1024, seconds: float = 0.5,
-                        device: str | torch.device = "cpu") -> float:
+def measure_gemm_tflops(
+    dtype: torch.dtype = torch.bfloat16, n: int = 1024, seconds: float = 0.5, device: str | torch.device = "cpu"
+) -> float:
     """Achieved TFLOP/s of an n×n×n matmul in `dtype`, best of repeated timed batches."""
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
@@ -118,7 +119,7 @@ class FlopModel:
             for c in convs:
                 side = (side + 2 * c.padding[0] - c.kernel_size[0]) // c.stride[0] + 1
                 self.enc_per_patch += 2 * c.weight.numel() * side * side
-        self.enc_attn = 4 * enc.dim * len(enc.blocks)          # × n² per item
+        self.enc_attn = 4 * enc.dim * len(enc.blocks)  # × n² per item
         self.proj_per_token = 2 * _numel(proj)
         self.dec_per_token = 2 * (_numel(dec.layers) + _numel(dec.norm))
         self.dec_attn = 2 * dec.n_heads * dec.head_dim * dec.n_layers  # × L(L+1) per sample
@@ -138,9 +139,16 @@ class FlopModel:
         vision = self.enc_per_patch * st.get("patches", 0) + self.enc_attn * st.get("patch_sq", 0)
         projector = self.proj_per_token * st.get("image_tokens", 0)
         tokens = st.get("text_tokens", 0) + st.get("image_tokens", 0)
-        decoder = self.dec_per_token * tokens + self.dec_attn * st.get("seq_sq", 0) + self.head_per_label * st.get("label_tokens", 0)
-        out = {"vision": vision * self.mult["encoder"], "projector": projector * self.mult["projector"],
-               "decoder": decoder * self.mult["decoder"]}
+        decoder = (
+            self.dec_per_token * tokens
+            + self.dec_attn * st.get("seq_sq", 0)
+            + self.head_per_label * st.get("label_tokens", 0)
+        )
+        out = {
+            "vision": vision * self.mult["encoder"],
+            "projector": projector * self.mult["projector"],
+            "decoder": decoder * self.mult["decoder"],
+        }
         if self.xattn_per_token:
             out["cross_attn"] = self.xattn_per_token * tokens * self.mult["cross_attn"]
         out["total"] = sum(out.values())
@@ -172,12 +180,18 @@ class Throughput(L.Callback):
             dev = trainer.strategy.root_device
             self.peak_tflops = device_peak_tflops(dev, low)
             if self.peak_tflops is None:
-                dtype = torch.bfloat16 if "bf16" in str(trainer.precision) else (torch.float16 if "16" in str(trainer.precision) else torch.float32)
+                dtype = (
+                    torch.bfloat16
+                    if "bf16" in str(trainer.precision)
+                    else (torch.float16 if "16" in str(trainer.precision) else torch.float32)
+                )
                 self.peak_tflops = measure_gemm_tflops(dtype, seconds=self.measure_seconds, device=dev)
                 self.peak_source = f"measured {dtype} GEMM"
             else:
                 self.peak_source = "table"
-            log.info("throughput: peak %.3f TFLOP/s per process (%s)", self.peak_tflops, getattr(self, "peak_source", "set"))
+            log.info(
+                "throughput: peak %.3f TFLOP/s per process (%s)", self.peak_tflops, getattr(self, "peak_source", "set")
+            )
 
     def on_train_start(self, trainer, pl_module) -> None:
         self._last_step = trainer.global_step
@@ -199,16 +213,20 @@ class Throughput(L.Callback):
         st = dict(last.stats) if last is not None else {}
         if not st or self.flops is None:
             return
-        self._recent = (self._recent + [(dt, st)])[-self.window:]
+        self._recent = (self._recent + [(dt, st)])[-self.window :]
         T = sum(d for d, _ in self._recent)
         tot = {k: sum(s.get(k, 0.0) for _, s in self._recent) for k in ("samples", "image_tokens", "text_tokens")}
         flops = sum(self.flops(s)["total"] for _, s in self._recent)
         world = max(1, trainer.world_size)
         tflops = flops / T / world / 1e12
-        row = {"train/samples_s": tot["samples"] / T, "train/image_tok_s": tot["image_tokens"] / T,
-               "train/text_tok_s": tot["text_tokens"] / T, "train/tflops": tflops,
-               "train/mfu": tflops / self.peak_tflops if self.peak_tflops else float("nan"),
-               "train/step_s": dt}
+        row = {
+            "train/samples_s": tot["samples"] / T,
+            "train/image_tok_s": tot["image_tokens"] / T,
+            "train/text_tok_s": tot["text_tokens"] / T,
+            "train/tflops": tflops,
+            "train/mfu": tflops / self.peak_tflops if self.peak_tflops else float("nan"),
+            "train/step_s": dt,
+        }
         cap = sum(s.get("capacity", 0.0) for _, s in self._recent)
         if cap:  # share of the batch tensors that is padding (sequence packing drives it down)
             row["train/padding"] = 1.0 - (tot["image_tokens"] + tot["text_tokens"]) / cap
@@ -224,7 +242,9 @@ class ExampleTable(L.Callback):
 
     def __init__(self, n: int = 8):
         self.n = int(n)
-        self.rows: list[tuple] = []  # this validation epoch's examples: (image or None, qtype, prompt, prediction, answer)
+        self.rows: list[
+            tuple
+        ] = []  # this validation epoch's examples: (image or None, qtype, prompt, prediction, answer)
 
     @staticmethod
     def _wandb_loggers(trainer) -> list:
@@ -264,9 +284,20 @@ class ExampleTable(L.Callback):
         from vlm.metrics import normalize_answer
 
         proc = build_processor(pl_module.hparams["processor"])
-        rows = [[wandb.Image(proc.to_pil(*image)) if image is not None else None, qtype, prompt, pred, ans,
-                 normalize_answer(pred) == normalize_answer(ans)] for image, qtype, prompt, pred, ans in self.rows]
+        rows = [
+            [
+                wandb.Image(proc.to_pil(*image)) if image is not None else None,
+                qtype,
+                prompt,
+                pred,
+                ans,
+                normalize_answer(pred) == normalize_answer(ans),
+            ]
+            for image, qtype, prompt, pred, ans in self.rows
+        ]
         columns = ["image", "qtype", "question", "prediction", "answer", "correct"]
         for lg in loggers:  # straight to the run: Lightning's log_table stringifies media cells
-            lg.experiment.log({"val/examples": wandb.Table(columns=columns, data=rows), "trainer/global_step": trainer.global_step})
+            lg.experiment.log(
+                {"val/examples": wandb.Table(columns=columns, data=rows), "trainer/global_step": trainer.global_step}
+            )
         self.rows = []

@@ -142,8 +142,9 @@ def _yaml_loader():
 
         def compose_node(self, parent, index):
             if self.check_event(yaml.events.AliasEvent):
-                raise yaml.composer.ComposerError(None, None, "YAML aliases (*name) are not accepted",
-                                                  self.peek_event().start_mark)
+                raise yaml.composer.ComposerError(
+                    None, None, "YAML aliases (*name) are not accepted", self.peek_event().start_mark
+                )
             return super().compose_node(parent, index)
 
     return NoAliasLoader
@@ -197,8 +198,26 @@ def read_tokenizer_file(path: str | Path) -> TextTokenizer:
 
 
 # safetensors dtype -> bytes per element (the format's table)
-_ST_DTYPES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
-              "F8_E4M3": 1, "F8_E4M3FNUZ": 1, "F8_E5M2": 1, "F8_E5M2FNUZ": 1, "C64": 8, "U64": 8, "U32": 4, "U16": 2}
+_ST_DTYPES = {
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+    "F8_E4M3": 1,
+    "F8_E4M3FNUZ": 1,
+    "F8_E5M2": 1,
+    "F8_E5M2FNUZ": 1,
+    "C64": 8,
+    "U64": 8,
+    "U32": 4,
+    "U16": 2,
+}
 _ST_FLOAT = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E4M3FNUZ", "F8_E5M2", "F8_E5M2FNUZ"}
 
 
@@ -219,7 +238,9 @@ def read_safetensors_header(path: str | Path) -> dict[str, tuple[str, tuple[int,
             raise CheckpointError(f"{path} is {kind_of(st.st_mode)}, not a regular file")
         size = st.st_size
         if size < 8:
-            raise CheckpointError(f"{path}: not a safetensors file ({size} bytes, shorter than its 8-byte header length)")
+            raise CheckpointError(
+                f"{path}: not a safetensors file ({size} bytes, shorter than its 8-byte header length)"
+            )
         (n,) = struct.unpack("<Q", os.pread(fd, 8, 0))
         if n > MAX_SAFETENSORS_HEADER or n > size - 8:
             raise CheckpointError(f"{path}: not a safetensors file (its header claims {n} bytes; the file has {size})")
@@ -239,10 +260,15 @@ def read_safetensors_header(path: str | Path) -> dict[str, tuple[str, tuple[int,
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        ok = (isinstance(info, dict) and info.get("dtype") in _ST_DTYPES and isinstance(info.get("shape"), list)
-              and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in info["shape"])
-              and isinstance(info.get("data_offsets"), list) and len(info["data_offsets"]) == 2
-              and all(isinstance(o, int) and not isinstance(o, bool) for o in info["data_offsets"]))
+        ok = (
+            isinstance(info, dict)
+            and info.get("dtype") in _ST_DTYPES
+            and isinstance(info.get("shape"), list)
+            and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in info["shape"])
+            and isinstance(info.get("data_offsets"), list)
+            and len(info["data_offsets"]) == 2
+            and all(isinstance(o, int) and not isinstance(o, bool) for o in info["data_offsets"])
+        )
         if not ok:
             raise CheckpointError(f"{path}: tensor {name!r} has a malformed header entry")
         begin, end = info["data_offsets"]
@@ -250,11 +276,15 @@ def read_safetensors_header(path: str | Path) -> dict[str, tuple[str, tuple[int,
         for d in info["shape"]:
             numel *= d
         if not 0 <= begin <= end <= data_len:
-            raise CheckpointError(f"{path}: tensor {name!r} lies outside the file (bytes {begin}..{end} of {data_len}): "
-                                  "truncated or damaged")
+            raise CheckpointError(
+                f"{path}: tensor {name!r} lies outside the file (bytes {begin}..{end} of {data_len}): "
+                "truncated or damaged"
+            )
         if end - begin != numel * _ST_DTYPES[info["dtype"]]:
-            raise CheckpointError(f"{path}: tensor {name!r} {info['dtype']}{info['shape']} needs "
-                                  f"{numel * _ST_DTYPES[info['dtype']]} bytes but its range holds {end - begin}")
+            raise CheckpointError(
+                f"{path}: tensor {name!r} {info['dtype']}{info['shape']} needs "
+                f"{numel * _ST_DTYPES[info['dtype']]} bytes but its range holds {end - begin}"
+            )
         ranges.append((begin, end, name))
         out[name] = (info["dtype"], tuple(info["shape"]))
     ranges.sort()
@@ -296,10 +326,14 @@ def read_torch_file(path: str | Path, map_location: str = "cpu", mmap: bool = Fa
         msg = str(e)
         refused = re.search(r"Unsupported (global: GLOBAL \S+|operand \S+)", msg)
         if refused:
-            raise CheckpointError(f"{p} is not a loadable checkpoint (it holds pickled objects, refused: "
-                                  f"{one_line(refused.group(0), 200)})") from None
-        raise CheckpointError(f"{p} is not a loadable checkpoint ({type(e).__name__}: "
-                              f"{one_line(msg.splitlines()[0] if msg else '', 200)})") from None
+            raise CheckpointError(
+                f"{p} is not a loadable checkpoint (it holds pickled objects, refused: "
+                f"{one_line(refused.group(0), 200)})"
+            ) from None
+        raise CheckpointError(
+            f"{p} is not a loadable checkpoint ({type(e).__name__}: "
+            f"{one_line(msg.splitlines()[0] if msg else '', 200)})"
+        ) from None
 
 
 # ---- the one key + shape check ---------------------------------------------------------------------
@@ -317,8 +351,12 @@ def expected_weights(model: torch.nn.Module) -> tuple[dict[str, tuple[int, ...]]
     return {k: tuple(v.shape) for k, v in sd.items()}, [g for g in groups.values() if len(g) > 1]
 
 
-def weight_mismatch(expected: dict[str, tuple[int, ...]], found: dict[str, tuple[int, ...]],
-                    tied: list[set[str]] = (), rows: set[str] = frozenset()) -> str | None:
+def weight_mismatch(
+    expected: dict[str, tuple[int, ...]],
+    found: dict[str, tuple[int, ...]],
+    tied: list[set[str]] = (),
+    rows: set[str] = frozenset(),
+) -> str | None:
     """Why the tensors `found` (name -> shape) do not fit the model's `expected` ones, or None.
     A name of a `tied` group may be absent when another of the group is there (a safetensors file
     holds a shared tensor once); the names in `rows` (tensors indexed by token id) may differ in
@@ -327,11 +365,16 @@ def weight_mismatch(expected: dict[str, tuple[int, ...]], found: dict[str, tuple
     optional = {k for g in tied if g & present for k in g}
     missing = sorted(k for k in expected if k not in present and k not in optional)
     unexpected = sorted(k for k in found if k not in expected)
-    shapes = sorted(f"{k} {tuple(found[k])} vs {tuple(expected[k])}" for k in present & set(expected)
-                    if tuple(found[k]) != tuple(expected[k])
-                    and not (k in rows and tuple(found[k])[1:] == tuple(expected[k])[1:]))
-    parts = [f"missing {_few(missing)}" if missing else "", f"unexpected {_few(unexpected)}" if unexpected else "",
-             f"shape mismatch {_few(shapes)}" if shapes else ""]
+    shapes = sorted(
+        f"{k} {tuple(found[k])} vs {tuple(expected[k])}"
+        for k in present & set(expected)
+        if tuple(found[k]) != tuple(expected[k]) and not (k in rows and tuple(found[k])[1:] == tuple(expected[k])[1:])
+    )
+    parts = [
+        f"missing {_few(missing)}" if missing else "",
+        f"unexpected {_few(unexpected)}" if unexpected else "",
+        f"shape mismatch {_few(shapes)}" if shapes else "",
+    ]
     return "; ".join(p for p in parts if p) or None
 
 
@@ -375,8 +418,9 @@ def check_checkpoint_config(config: Any, where: str) -> None:
         raise CheckpointError(f"{where}: {one_line(e)}") from None
 
 
-def build_checked(config: dict, tokenizer: TextTokenizer, where: str, weights: dict[str, tuple[int, ...]],
-                  weights_where: str) -> LoadedVLM:
+def build_checked(
+    config: dict, tokenizer: TextTokenizer, where: str, weights: dict[str, tuple[int, ...]], weights_where: str
+) -> LoadedVLM:
     """Model (fresh weights), processor and template from an untrusted checkpoint config, after
     checking the config (`where` names it in errors) and that the stored tensors `weights` (name
     -> shape, from `weights_where`) fit the model it describes, on a meta-device copy first."""
@@ -455,22 +499,28 @@ def load_checkpoint(path: str | Path, map_location: str = "cpu") -> LoadedVLM:
                 raise CheckpointError(f"{p} is not an export folder: {f.name} is missing")
         config = read_config_file(cfg_file)
         if config.get("format_version") != FORMAT_VERSION:
-            raise CheckpointError(f"{cfg_file}: format_version {one_line(repr(config.get('format_version')), 60)} "
-                                  f"(expected {FORMAT_VERSION})")
+            raise CheckpointError(
+                f"{cfg_file}: format_version {one_line(repr(config.get('format_version')), 60)} "
+                f"(expected {FORMAT_VERSION})"
+            )
         where = f"checkpoint config {cfg_file}"
         check_checkpoint_config(config, where)  # refuses a hostile config before the other files are read
         tokenizer = read_tokenizer_file(tok_file)
         header = read_safetensors_header(weights)
-        loaded = build_checked(config, tokenizer, where,
-                               {k: shape for k, (_, shape) in header.items()}, str(weights))
+        loaded = build_checked(config, tokenizer, where, {k: shape for k, (_, shape) in header.items()}, str(weights))
         try:
             load_model(loaded.model, str(weights), strict=False, device=map_location)
         except Exception as e:  # the file changed under us, or the library refuses what we checked
             raise CheckpointError(f"{weights}: cannot load the weights ({one_line(e, 200)})") from None
     else:
         state, config, tokenizer, _ = read_lightning_checkpoint(p, map_location)
-        loaded = build_checked(config, tokenizer, f"checkpoint config {p} (hyper_parameters)",
-                               {k: tuple(v.shape) for k, v in state.items()}, str(p))
+        loaded = build_checked(
+            config,
+            tokenizer,
+            f"checkpoint config {p} (hyper_parameters)",
+            {k: tuple(v.shape) for k, v in state.items()},
+            str(p),
+        )
         loaded.model.load_state_dict(state, strict=False)  # every key checked above
     loaded.model.eval()
     return loaded
@@ -478,13 +528,27 @@ def load_checkpoint(path: str | Path, map_location: str = "cpu") -> LoadedVLM:
 
 # ---- sharded (DCP) checkpoints: their metadata is a pickle ---------------------------------------
 _DCP_GLOBALS = {
-    ("torch.distributed.checkpoint.metadata", n) for n in (
-        "Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata", "TensorProperties",
-        "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING")
-} | {("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
-     ("torch.serialization", "_get_layout"),  # a lookup in torch's layouts; returns nothing callable
-     ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PureWindowsPath"),
-     ("collections", "OrderedDict")}
+    ("torch.distributed.checkpoint.metadata", n)
+    for n in (
+        "Metadata",
+        "TensorStorageMetadata",
+        "BytesStorageMetadata",
+        "ChunkStorageMetadata",
+        "TensorProperties",
+        "MetadataIndex",
+        "StorageMeta",
+        "_MEM_FORMAT_ENCODING",
+    )
+} | {
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),  # a lookup in torch's layouts; returns nothing callable
+    ("pathlib", "PosixPath"),
+    ("pathlib", "PurePosixPath"),
+    ("pathlib", "WindowsPath"),
+    ("pathlib", "PureWindowsPath"),
+    ("collections", "OrderedDict"),
+}
 
 
 class _DCPMetadataUnpickler(pickle.Unpickler):
@@ -494,7 +558,9 @@ class _DCPMetadataUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):
         if (module, name) in _DCP_GLOBALS:
             return super().find_class(module, name)
-        if module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.memory_format, torch.layout)):
+        if module == "torch" and isinstance(
+            getattr(torch, name, None), (torch.dtype, torch.memory_format, torch.layout)
+        ):
             return getattr(torch, name)
         raise pickle.UnpicklingError(f"refused global {module}.{name}")
 
@@ -505,7 +571,12 @@ class _DCPMetadataUnpickler(pickle.Unpickler):
 def read_dcp_metadata(path: str | Path):
     """The `.metadata` of a sharded (DCP) checkpoint directory, unpickled with only DCP's own
     classes allowed and checked (entries, file names inside the directory, no transforms)."""
-    from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, MetadataIndex, TensorStorageMetadata
+    from torch.distributed.checkpoint.metadata import (
+        BytesStorageMetadata,
+        Metadata,
+        MetadataIndex,
+        TensorStorageMetadata,
+    )
 
     p = Path(path)
     f = p / ".metadata"
@@ -514,17 +585,28 @@ def read_dcp_metadata(path: str | Path):
         md = _DCPMetadataUnpickler(io.BytesIO(data)).load()
     except Exception as e:
         raise CheckpointError(f"{f}: not a sharded checkpoint's metadata ({one_line(e, 200)})") from None
-    ok = isinstance(md, Metadata) and isinstance(md.state_dict_metadata, dict) and all(
-        isinstance(k, str) and isinstance(v, (TensorStorageMetadata, BytesStorageMetadata))
-        for k, v in md.state_dict_metadata.items())
+    ok = (
+        isinstance(md, Metadata)
+        and isinstance(md.state_dict_metadata, dict)
+        and all(
+            isinstance(k, str) and isinstance(v, (TensorStorageMetadata, BytesStorageMetadata))
+            for k, v in md.state_dict_metadata.items()
+        )
+    )
     storage = getattr(md, "storage_data", None)
     if ok and storage is not None:
         ok = isinstance(storage, dict) and all(
-            isinstance(k, MetadataIndex) and isinstance(getattr(v, "relative_path", None), str)
-            and Path(v.relative_path).name == v.relative_path and v.relative_path not in ("", ".", "..")
-            and isinstance(v.offset, int) and isinstance(v.length, int) and v.offset >= 0 and v.length >= 0
+            isinstance(k, MetadataIndex)
+            and isinstance(getattr(v, "relative_path", None), str)
+            and Path(v.relative_path).name == v.relative_path
+            and v.relative_path not in ("", ".", "..")
+            and isinstance(v.offset, int)
+            and isinstance(v.length, int)
+            and v.offset >= 0
+            and v.length >= 0
             and not getattr(v, "transform_descriptors", None)
-            for k, v in storage.items())
+            for k, v in storage.items()
+        )
     if not ok:
         raise CheckpointError(f"{f}: not a sharded checkpoint's metadata (unexpected entries)")
     return md

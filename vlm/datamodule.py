@@ -80,11 +80,22 @@ class VLMDataModule(L.LightningDataModule):
     ):
         super().__init__()
         self.cfg = dict(
-            train_shards=train_shards, val_shards=val_shards, tokenizer=tokenizer, batch_size=batch_size,
-            val_batch_size=val_batch_size, num_workers=num_workers, val_num_workers=val_num_workers,
-            shuffle_buffer=shuffle_buffer, seed=seed, max_consecutive_failures=max_consecutive_failures,
-            max_image_pixels=max_image_pixels, pin_memory=pin_memory, max_bad_fraction=max_bad_fraction,
-            bad_window=bad_window, max_member_bytes=max_member_bytes, max_sample_bytes=max_sample_bytes,
+            train_shards=train_shards,
+            val_shards=val_shards,
+            tokenizer=tokenizer,
+            batch_size=batch_size,
+            val_batch_size=val_batch_size,
+            num_workers=num_workers,
+            val_num_workers=val_num_workers,
+            shuffle_buffer=shuffle_buffer,
+            seed=seed,
+            max_consecutive_failures=max_consecutive_failures,
+            max_image_pixels=max_image_pixels,
+            pin_memory=pin_memory,
+            max_bad_fraction=max_bad_fraction,
+            bad_window=bad_window,
+            max_member_bytes=max_member_bytes,
+            max_sample_bytes=max_sample_bytes,
         )
         self.processor_cfg, self.template_cfg = dict(processor), dict(template)
         self.sources = [dict(x) for x in sources] if sources else None
@@ -92,8 +103,10 @@ class VLMDataModule(L.LightningDataModule):
         if packing:
             length = int(pack_length or self.template_cfg.get("max_length", 512))
             if length < int(self.template_cfg.get("max_length", 0)):
-                raise ValueError(f"data.pack_length={length} is shorter than data.template.max_length="
-                                 f"{self.template_cfg['max_length']}: the longest samples would not fit a row")
+                raise ValueError(
+                    f"data.pack_length={length} is shorter than data.template.max_length="
+                    f"{self.template_cfg['max_length']}: the longest samples would not fit a row"
+                )
             self.packing = {"length": length, "method": pack_method, "window": int(pack_window)}
         self.synthetic = dict(synthetic) if synthetic else None
         self.qtypes = list(qtypes) if qtypes else None  # question types scored separately in validation
@@ -141,17 +154,38 @@ class VLMDataModule(L.LightningDataModule):
     def _loader(self, shards, train: bool, resume: dict | None = None) -> DataLoader:
         c = self.cfg
         limits = {k: c[k] for k in ("max_member_bytes", "max_sample_bytes")}
-        proc = SampleProcessor(self.image_processor, self.template, mode="train" if train else "eval", max_pixels=c["max_image_pixels"])
+        proc = SampleProcessor(
+            self.image_processor, self.template, mode="train" if train else "eval", max_pixels=c["max_image_pixels"]
+        )
         if train and self.sources:
             from vlm.data.mixture import MixtureDataset
 
-            ds = MixtureDataset(self.sources, proc, seed=c["seed"], shuffle_buffer=c["shuffle_buffer"],
-                                max_consecutive_failures=c["max_consecutive_failures"], packing=self.packing,
-                                max_bad_fraction=c["max_bad_fraction"], bad_window=c["bad_window"], resume=resume, **limits)
+            ds = MixtureDataset(
+                self.sources,
+                proc,
+                seed=c["seed"],
+                shuffle_buffer=c["shuffle_buffer"],
+                max_consecutive_failures=c["max_consecutive_failures"],
+                packing=self.packing,
+                max_bad_fraction=c["max_bad_fraction"],
+                bad_window=c["bad_window"],
+                resume=resume,
+                **limits,
+            )
         else:
-            ds = ShardDataset(shards, proc, train=train, shuffle_buffer=c["shuffle_buffer"], seed=c["seed"],
-                              max_consecutive_failures=c["max_consecutive_failures"], packing=self.packing if train else None,
-                              max_bad_fraction=c["max_bad_fraction"], bad_window=c["bad_window"], resume=resume, **limits)
+            ds = ShardDataset(
+                shards,
+                proc,
+                train=train,
+                shuffle_buffer=c["shuffle_buffer"],
+                seed=c["seed"],
+                max_consecutive_failures=c["max_consecutive_failures"],
+                packing=self.packing if train else None,
+                max_bad_fraction=c["max_bad_fraction"],
+                bad_window=c["bad_window"],
+                resume=resume,
+                **limits,
+            )
         workers = c["num_workers"] if train else min(c["val_num_workers"], len(ds.urls))
         return DataLoader(
             ds,

@@ -14,8 +14,16 @@ from vlm.gradient_step import NonFiniteError
 
 # NonFiniteError: the numerics guard halted training (numerics.on_nonfinite=halt); its message
 # says which value went non-finite at which step. DataError: the shards cannot feed training.
-USER_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, CheckpointError, MediaError, SampleError,
-               NonFiniteError, DataError)
+USER_ERRORS = (
+    FileNotFoundError,
+    NotADirectoryError,
+    IsADirectoryError,
+    CheckpointError,
+    MediaError,
+    SampleError,
+    NonFiniteError,
+    DataError,
+)
 
 
 def one_line(e: BaseException) -> str:

@@ -33,16 +33,30 @@ class Scored:
 
     def rows(self) -> list[dict]:
         """JSON-ready rows, one per sample (what `infer.py` writes to the predictions file)."""
-        return [{"key": k, "qtype": q, "question": pr, "answer": a, "prediction": p,
-                 "correct": normalize_answer(p) == normalize_answer(a)}
-                for k, q, pr, a, p in zip(self.keys, self.qtypes, self.prompts, self.answers, self.predictions)]
+        return [
+            {
+                "key": k,
+                "qtype": q,
+                "question": pr,
+                "answer": a,
+                "prediction": p,
+                "correct": normalize_answer(p) == normalize_answer(a),
+            }
+            for k, q, pr, a, p in zip(self.keys, self.qtypes, self.prompts, self.answers, self.predictions)
+        ]
 
 
 class Evaluator:
     """Score generated answers per question type (`qtypes`; anything else counts as "other")."""
 
-    def __init__(self, tokenizer: TextTokenizer, qtypes: list[str] | None, eos_ids: list[int],
-                 max_new_tokens: int = 32, prune: dict | None = None):
+    def __init__(
+        self,
+        tokenizer: TextTokenizer,
+        qtypes: list[str] | None,
+        eos_ids: list[int],
+        max_new_tokens: int = 32,
+        prune: dict | None = None,
+    ):
         self.tokenizer, self.eos_ids, self.max_new_tokens = tokenizer, list(eos_ids), int(max_new_tokens)
         self.prune = prune
         self.keep = float((prune or {}).get("keep_ratio", 1.0))
@@ -68,12 +82,20 @@ class Evaluator:
         self.skipped.update(batch.get("skipped") or {})
         if batch.get("empty"):
             return None
-        out = generate(model, batch, self.max_new_tokens, self.eos_ids, suppress_ids=self.tokenizer.structural_ids,
-                       prune=self.prune)
+        out = generate(
+            model,
+            batch,
+            self.max_new_tokens,
+            self.eos_ids,
+            suppress_ids=self.tokenizer.structural_ids,
+            prune=self.prune,
+        )
         preds = [self.tokenizer.decode(o) for o in out]
         self.exact.update(preds, batch["answers"], batch["qtypes"])
         self.cer.update(preds, batch["answers"], batch["qtypes"])
-        spans = [n for row in media_span_ids(model.is_media(batch["input_ids"])) for n in torch.bincount(row)[1:].tolist()]
+        spans = [
+            n for row in media_span_ids(model.is_media(batch["input_ids"])) for n in torch.bincount(row)[1:].tolist()
+        ]
         # tokens per media span after pruning: ceil(keep · n), at least one (vlm.prune)
         self.visual_tokens += sum(max(1, math.ceil(self.keep * s)) for s in spans) if self.keep < 1 else sum(spans)
         self.n += len(preds)
@@ -85,8 +107,14 @@ class Evaluator:
         metrics = {k: float(v) for k, v in self.exact.compute().items()}
         cer = {k: float(v) for k, v in self.cer.compute().items()}
         counts = {q: int(self.exact.total[i]) for i, q in enumerate(self.exact.qtypes)}
-        return {"metrics": metrics, "cer": cer, "counts": counts, "n": self.n, "skipped": dict(self.skipped),
-                "visual_tokens": self.visual_tokens / max(self.n, 1)}
+        return {
+            "metrics": metrics,
+            "cer": cer,
+            "counts": counts,
+            "n": self.n,
+            "skipped": dict(self.skipped),
+            "visual_tokens": self.visual_tokens / max(self.n, 1),
+        }
 
     def table(self, res: dict | None = None) -> str:
         """A Markdown table: samples, exact match and CER per question type, and the mean."""

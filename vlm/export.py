@@ -67,8 +67,11 @@ def load_training_checkpoint(path: str | Path):
         reader = safe_dcp_reader(p)
         stored = reader.read_metadata().state_dict_metadata
         prefix = "state_dict.model."
-        found = {k.removeprefix(prefix): tuple(v.size) for k, v in stored.items()
-                 if k.startswith(prefix) and isinstance(v, TensorStorageMetadata)}
+        found = {
+            k.removeprefix(prefix): tuple(v.size)
+            for k, v in stored.items()
+            if k.startswith(prefix) and isinstance(v, TensorStorageMetadata)
+        }
         loaded = build_checked(config, tokenizer, f"checkpoint config {p / META} (hyper_parameters)", found, str(p))
         model = loaded.model
         target = model.state_dict()
@@ -83,8 +86,13 @@ def load_training_checkpoint(path: str | Path):
         model.load_state_dict({k.removeprefix("model."): v for k, v in state["state_dict"].items()}, strict=False)
     else:
         sd, config, tokenizer, hp = read_lightning_checkpoint(p)
-        loaded = build_checked(config, tokenizer, f"checkpoint config {p} (hyper_parameters)",
-                               {k: tuple(v.shape) for k, v in sd.items()}, str(p))
+        loaded = build_checked(
+            config,
+            tokenizer,
+            f"checkpoint config {p} (hyper_parameters)",
+            {k: tuple(v.shape) for k, v in sd.items()},
+            str(p),
+        )
         model = loaded.model
         model.load_state_dict(sd, strict=False)  # every key checked above
     model.eval()
@@ -128,7 +136,10 @@ def main(argv: list[str]) -> int:
     args = dict(a.split("=", 1) for a in argv if "=" in a)
     extra = [a for a in argv if "=" not in a] + sorted(set(args) - {"ckpt", "out", "format"})
     if extra or "ckpt" not in args or "out" not in args:
-        print("usage: python -m vlm.export ckpt=CHECKPOINT out=EXPORT_DIR [format=vlm|hf_qwen2vl|hf_llava]", file=sys.stderr)
+        print(
+            "usage: python -m vlm.export ckpt=CHECKPOINT out=EXPORT_DIR [format=vlm|hf_qwen2vl|hf_llava]",
+            file=sys.stderr,
+        )
         return 2
     try:
         out = export(args["ckpt"], args["out"], args.get("format", "vlm"))

@@ -16,7 +16,9 @@ from torch import Tensor
 from vlm.model.vlm import VLM
 
 
-def sample_next(logits: Tensor, temperature: float = 0.0, top_p: float = 1.0, generator: torch.Generator | None = None) -> Tensor:
+def sample_next(
+    logits: Tensor, temperature: float = 0.0, top_p: float = 1.0, generator: torch.Generator | None = None
+) -> Tensor:
     """logits `[B, V]` -> token ids `[B]`. temperature 0 = greedy."""
     if temperature <= 0:
         return logits.argmax(-1)
@@ -75,8 +77,9 @@ def generate(
             raise ValueError("visual-token pruning needs use_cache=True")
         from vlm.prune import prune_visual_tokens
 
-        pb = prune_visual_tokens(model, batch, float(prune["keep_ratio"]), prune.get("method", "attention"),
-                                 int(prune.get("seed", 0)))
+        pb = prune_visual_tokens(
+            model, batch, float(prune["keep_ratio"]), prune.get("method", "attention"), int(prune.get("seed", 0))
+        )
         ids, pos, am = pb["input_ids"], pb["position_ids"], pb["attention_mask"]
         L = ids.shape[1]
         hidden = model(ids, pos, am, cache=cache, inputs_embeds=pb["inputs_embeds"])

@@ -35,8 +35,19 @@ log = logging.getLogger("vlm.gradient_step")
 
 NONFINITE_MODES = ("skip", "halt")
 # per micro-batch counts summed over the optimizer step and all ranks (one all-reduce)
-STAT_KEYS = ("label_tokens", "loss_sum", "nonfinite_loss", "samples", "text_tokens", "image_tokens",
-             "seq_sq", "patches", "patch_sq", "media", "capacity")
+STAT_KEYS = (
+    "label_tokens",
+    "loss_sum",
+    "nonfinite_loss",
+    "samples",
+    "text_tokens",
+    "image_tokens",
+    "seq_sq",
+    "patches",
+    "patch_sq",
+    "media",
+    "capacity",
+)
 
 
 class NonFiniteError(RuntimeError):
@@ -52,8 +63,13 @@ def batch_stats(model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
     am = batch["attention_mask"]  # [B, L]
     lengths = am.sum(-1).double()
     n_img = model.is_media(batch["input_ids"]).sum().double()
-    st = {"samples": torch.tensor(float(am.shape[0])), "text_tokens": lengths.sum() - n_img, "image_tokens": n_img,
-          "seq_sq": (lengths * (lengths + 1)).sum(), "capacity": torch.tensor(float(am.numel()))}
+    st = {
+        "samples": torch.tensor(float(am.shape[0])),
+        "text_tokens": lengths.sum() - n_img,
+        "image_tokens": n_img,
+        "seq_sq": (lengths * (lengths + 1)).sum(),
+        "capacity": torch.tensor(float(am.numel())),
+    }
     per = batch.get("sample_lengths")
     if per is not None:  # packed rows: attention is per sample, samples are the packed ones
         per = per.double()
@@ -69,19 +85,27 @@ def batch_stats(model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
 class StepReport:
     """What one optimizer step's gradient looked like (global over micro-batches and ranks)."""
 
-    stats: dict[str, float]   # STAT_KEYS, summed over the step's micro-batches and all ranks
-    loss: float               # mean cross-entropy over the step's label tokens
-    grad_norm: torch.Tensor   # [] global gradient norm after normalisation, before clipping
+    stats: dict[str, float]  # STAT_KEYS, summed over the step's micro-batches and all ranks
+    loss: float  # mean cross-entropy over the step's label tokens
+    grad_norm: torch.Tensor  # [] global gradient norm after normalisation, before clipping
     nonfinite_loss: bool
     nonfinite_grad: bool
-    skipped_steps: int        # non-finite steps skipped so far in the run
+    skipped_steps: int  # non-finite steps skipped so far in the run
 
     def metrics(self) -> dict[str, float | torch.Tensor]:
-        out = {"train/loss": self.loss, "train/label_tokens": self.stats["label_tokens"],
-               "train/grad_norm": self.grad_norm.float()}
+        out = {
+            "train/loss": self.loss,
+            "train/label_tokens": self.stats["label_tokens"],
+            "train/grad_norm": self.grad_norm.float(),
+        }
         if self.nonfinite_loss or self.nonfinite_grad:
-            out.update({"train/nonfinite_loss": float(self.nonfinite_loss), "train/nonfinite_grad": float(self.nonfinite_grad),
-                        "train/skipped_steps": float(self.skipped_steps)})
+            out.update(
+                {
+                    "train/nonfinite_loss": float(self.nonfinite_loss),
+                    "train/nonfinite_grad": float(self.nonfinite_grad),
+                    "train/skipped_steps": float(self.skipped_steps),
+                }
+            )
         return out
 
 
@@ -129,8 +153,14 @@ class GradientStep:
         self._window = dict.fromkeys(STAT_KEYS, 0.0)
         return dict(zip(STAT_KEYS, vec.tolist()))
 
-    def finish(self, params: Iterable[nn.Parameter], averaged_over: int, device: torch.device, step: int,
-               loss_scaling: bool = False) -> StepReport:
+    def finish(
+        self,
+        params: Iterable[nn.Parameter],
+        averaged_over: int,
+        device: torch.device,
+        step: int,
+        loss_scaling: bool = False,
+    ) -> StepReport:
         """Before the optimizer step: normalise the accumulated gradients by the step's global
         label-token count, take their global norm and guard against non-finite values.
 
@@ -156,18 +186,26 @@ class GradientStep:
         self.last = StepReport(st, loss, norm, bad_loss, bad_grad, self.skipped_steps)
         return self.last
 
-    def _nonfinite(self, params: list, step: int, bad_loss: bool, bad_grad: bool, loss: float, norm: float,
-                   bad_micro: int) -> None:
+    def _nonfinite(
+        self, params: list, step: int, bad_loss: bool, bad_grad: bool, loss: float, norm: float, bad_micro: int
+    ) -> None:
         what = " and ".join(w for w, bad in (("loss", bad_loss), ("gradient norm", bad_grad)) if bad)
-        msg = (f"step {step}: non-finite {what} (loss {loss:.4g}, grad norm {norm:.4g}, "
-               f"{bad_micro} bad micro-batch(es) over all ranks)")
+        msg = (
+            f"step {step}: non-finite {what} (loss {loss:.4g}, grad norm {norm:.4g}, "
+            f"{bad_micro} bad micro-batch(es) over all ranks)"
+        )
         self.skipped_steps += 1
         self.consecutive_skips += 1
         if self.on_nonfinite == "halt" or self.consecutive_skips > self.max_consecutive_skips:
-            why = ("numerics.on_nonfinite=halt" if self.on_nonfinite == "halt"
-                   else f"{self.consecutive_skips} non-finite steps in a row > numerics.max_consecutive_skips")
-            raise NonFiniteError(f"{msg}; stopping before the optimizer update ({why}). "
-                                 "Resume from the last checkpoint with a lower learning rate, or check the data of this step.")
+            why = (
+                "numerics.on_nonfinite=halt"
+                if self.on_nonfinite == "halt"
+                else f"{self.consecutive_skips} non-finite steps in a row > numerics.max_consecutive_skips"
+            )
+            raise NonFiniteError(
+                f"{msg}; stopping before the optimizer update ({why}). "
+                "Resume from the last checkpoint with a lower learning rate, or check the data of this step."
+            )
         log.warning("%s; skipping the update (numerics.on_nonfinite=skip)", msg)
         for p in params:  # the optimizer skips parameters without a gradient
             p.grad = None
@@ -187,8 +225,11 @@ class GradientStep:
             torch._foreach_mul_(grads, coef)
 
     def state_dict(self) -> dict:
-        return {"skipped_steps": self.skipped_steps, "consecutive_skips": self.consecutive_skips,
-                "grad_norm": None if self.grad_norm is None else float(self.grad_norm)}
+        return {
+            "skipped_steps": self.skipped_steps,
+            "consecutive_skips": self.consecutive_skips,
+            "grad_norm": None if self.grad_norm is None else float(self.grad_norm),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.skipped_steps = int(state.get("skipped_steps", 0))

@@ -29,8 +29,8 @@ from vlm.data.media import MediaError, decode_image, read_file
 from vlm.data.sample import SampleProcessor, format_skips
 from vlm.data.video import probe_video
 from vlm.data.webdataset import ShardDataset
-from vlm.generate import generate
 from vlm.evaluate import Evaluator
+from vlm.generate import generate
 
 
 def _stop_ids(loaded: LoadedVLM) -> list[int]:
@@ -81,9 +81,18 @@ def _checked_image(path) -> bytes:
     return data
 
 
-def answer(loaded: LoadedVLM, image_paths: list[str], prompt: str, max_new_tokens: int = 64, temperature: float = 0.0,
-           top_p: float = 1.0, seed: int = 0, stream="stdout", video_paths: list[str] | None = None,
-           prune: dict | None = None) -> str:
+def answer(
+    loaded: LoadedVLM,
+    image_paths: list[str],
+    prompt: str,
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    stream="stdout",
+    video_paths: list[str] | None = None,
+    prune: dict | None = None,
+) -> str:
     """Stream the answer to `stream` (default: the current `sys.stdout`, looked up at call time; None:
     silent) and return it. Images are media 0…n-1, videos follow."""
     if isinstance(stream, str) and stream == "stdout":
@@ -103,31 +112,53 @@ def answer(loaded: LoadedVLM, image_paths: list[str], prompt: str, max_new_token
         ids.append(int(t[0]))
         text = tok.decode(ids)
         if stream is not None and not text.endswith("\ufffd"):  # wait for whole UTF-8 characters
-            stream.write(text[len(printed):])
+            stream.write(text[len(printed) :])
             stream.flush()
             printed = text
 
     gen = torch.Generator().manual_seed(seed)
-    generate(loaded.model, batch, max_new_tokens, eos, temperature, top_p, tok.structural_ids, generator=gen, on_token=on_token,
-             prune=prune)
+    generate(
+        loaded.model,
+        batch,
+        max_new_tokens,
+        eos,
+        temperature,
+        top_p,
+        tok.structural_ids,
+        generator=gen,
+        on_token=on_token,
+        prune=prune,
+    )
     if stream is not None:
         stream.write("\n")
     return tok.decode(ids)
 
 
-def evaluate(loaded: LoadedVLM, shards, batch_size: int = 64, max_new_tokens: int = 32, num_workers: int = 1,
-             out_path: str | None = None, max_samples: int | None = None, prune: dict | None = None) -> dict:
+def evaluate(
+    loaded: LoadedVLM,
+    shards,
+    batch_size: int = 64,
+    max_new_tokens: int = 32,
+    num_workers: int = 1,
+    out_path: str | None = None,
+    max_samples: int | None = None,
+    prune: dict | None = None,
+) -> dict:
     """Greedy answers on held-out shards (`vlm.evaluate.Evaluator`, the loop validation uses);
     returns {'table': str, 'metrics': exact match per type (and 'mean', 'overall'), 'cer': character
     error rate per type, 'n': int, 'seconds': float, 'skipped': {...}, 'visual_tokens': mean visual
     tokens per sample the decoder saw}."""
     proc = SampleProcessor(loaded.processor, loaded.template, mode="eval")
     ds = ShardDataset(shards, proc, train=False)
-    loader = DataLoader(ds, batch_size=batch_size, num_workers=min(num_workers, len(ds.urls)),
-                        collate_fn=Collator(loaded.tokenizer.pad_id, "left"))
+    loader = DataLoader(
+        ds,
+        batch_size=batch_size,
+        num_workers=min(num_workers, len(ds.urls)),
+        collate_fn=Collator(loaded.tokenizer.pad_id, "left"),
+    )
     evaluator = Evaluator(loaded.tokenizer, loaded.config.get("val_qtypes"), _stop_ids(loaded), max_new_tokens, prune)
     t0 = time.perf_counter()
-    out = open(out_path, "w") if out_path else None
+    out = open(out_path, "w") if out_path else None  # noqa: SIM115 - closed in the finally below
     try:
         for batch in loader:
             scored = evaluator.step(loaded.model, batch)
@@ -152,18 +183,35 @@ def run(cfg: DictConfig) -> dict:
         torch.set_num_threads(int(cfg.threads))
     data = cfg.get("data")
     if data and data.get("val_shards"):
-        res = evaluate(loaded, data.val_shards, data.get("batch_size", 64), cfg.max_new_tokens,
-                       data.get("num_workers", 1), cfg.get("out"), data.get("max_samples"), prune)
+        res = evaluate(
+            loaded,
+            data.val_shards,
+            data.get("batch_size", 64),
+            cfg.max_new_tokens,
+            data.get("num_workers", 1),
+            cfg.get("out"),
+            data.get("max_samples"),
+            prune,
+        )
         print(res["table"])
         print(f"{res['n']} samples in {res['seconds']:.1f} s; " + format_skips(res["skipped"], "evaluation"))
         if cfg.get("out"):
             print(f"predictions written to {cfg.out}")
         return res
     if cfg.get("prompt") is None:
-        raise FileNotFoundError("nothing to do: pass image=PATH (or video=PATH) prompt=\"…\" or data=synthvqa_heldout")
+        raise FileNotFoundError('nothing to do: pass image=PATH (or video=PATH) prompt="…" or data=synthvqa_heldout')
     images, videos = _paths(cfg.get("image")), _paths(cfg.get("video"))
-    text = answer(loaded, images, cfg.prompt, cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.seed,
-                  video_paths=videos, prune=prune)
+    text = answer(
+        loaded,
+        images,
+        cfg.prompt,
+        cfg.max_new_tokens,
+        cfg.temperature,
+        cfg.top_p,
+        cfg.seed,
+        video_paths=videos,
+        prune=prune,
+    )
     return {"answer": text}
 
 

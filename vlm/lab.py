@@ -65,7 +65,9 @@ def parse_args(argv: list[str]) -> dict:
     out = {}
     for a in argv:
         if "=" not in a:
-            raise ValueError(f"expected key=value, got {a!r} (keys: grid, only, steps, seeds, eval_samples, out, threads)")
+            raise ValueError(
+                f"expected key=value, got {a!r} (keys: grid, only, steps, seeds, eval_samples, out, threads)"
+            )
         k, v = a.split("=", 1)
         out[k] = yaml.safe_load(v) if v else v
     return out
@@ -75,15 +77,23 @@ def parse_args(argv: list[str]) -> dict:
 
 
 def compose_row(row: dict, grid: dict, seed: int, out_dir: Path, extra: list[str] | None = None):
-    overrides = [*grid.get("base", []), *row.get("overrides", []), f"trainer.max_steps={row.get('steps', grid['steps'])}",
-                 f"seed={seed}", f"paths.output_dir={out_dir}", f"threads={grid.get('threads') or 'null'}", *(extra or [])]
+    overrides = [
+        *grid.get("base", []),
+        *row.get("overrides", []),
+        f"trainer.max_steps={row.get('steps', grid['steps'])}",
+        f"seed={seed}",
+        f"paths.output_dir={out_dir}",
+        f"threads={grid.get('threads') or 'null'}",
+        *(extra or []),
+    ]
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         return compose("train", overrides=overrides)
 
 
 def _train_rate(csv_path: Path) -> tuple[float, float]:
     """Mean samples/s and visual tokens per sample over the second half of the logged steps."""
-    rows = [r for r in csv.DictReader(open(csv_path)) if r.get("train/samples_s")]
+    with open(csv_path) as f:
+        rows = [r for r in csv.DictReader(f) if r.get("train/samples_s")]
     rows = rows[len(rows) // 2 :] or rows
     sps = [float(r["train/samples_s"]) for r in rows]
     tok = [float(r["train/image_tok_s"]) / float(r["train/samples_s"]) for r in rows if float(r["train/samples_s"]) > 0]
@@ -104,18 +114,33 @@ def run_row(row: dict, grid: dict, seed: int, out_dir: Path) -> dict:
     freeze = dict(cfg.model.get("freeze") or {})
     trainable = sum(p.numel() for n, p in model.named_parameters() if not freeze.get(n.split(".", 1)[0], False))
     sps, vis_per_sample = _train_rate(next(out_dir.rglob("metrics.csv")))
-    res = evaluate(loaded, cfg.data.val_shards, grid.get("eval_batch_size", 128), cfg.val_max_new_tokens,
-                   num_workers=1, max_samples=grid.get("eval_samples"))
+    res = evaluate(
+        loaded,
+        cfg.data.val_shards,
+        grid.get("eval_batch_size", 128),
+        cfg.val_max_new_tokens,
+        num_workers=1,
+        max_samples=grid.get("eval_samples"),
+    )
     canvas = cfg.data.synthetic.canvas if cfg.data.get("synthetic") else 64
     P = cfg.model.encoder.patch_size
     return {
-        "name": row["name"], "axis": row.get("axis", ""), "seed": seed, "steps": row.get("steps", grid["steps"]),
+        "name": row["name"],
+        "axis": row.get("axis", ""),
+        "seed": seed,
+        "steps": row.get("steps", grid["steps"]),
         "tokens_per_image": model.token_count((1, canvas // P, canvas // P)),
-        "visual_tokens_per_sample": vis_per_sample, "trainable_params": trainable, "train_samples_s": sps,
-        "train_wall_s": wall, "latency_ms": 1000 * res["seconds"] / max(res["n"], 1), "eval_n": res["n"],
-        **{f"acc_{k}": v for k, v in res["metrics"].items()}, **{f"cer_{k}": v for k, v in res["cer"].items()},
+        "visual_tokens_per_sample": vis_per_sample,
+        "trainable_params": trainable,
+        "train_samples_s": sps,
+        "train_wall_s": wall,
+        "latency_ms": 1000 * res["seconds"] / max(res["n"], 1),
+        "eval_n": res["n"],
+        **{f"acc_{k}": v for k, v in res["metrics"].items()},
+        **{f"cer_{k}": v for k, v in res["cer"].items()},
         "export": str(out_dir / "export"),
-        "val_shards": cfg.data.val_shards, "val_max_new_tokens": cfg.val_max_new_tokens,
+        "val_shards": cfg.data.val_shards,
+        "val_max_new_tokens": cfg.val_max_new_tokens,
     }
 
 
@@ -130,14 +155,28 @@ def run_prune(base: dict, grid: dict) -> list[dict]:
         for keep in spec.get("keep_ratios", [1.0, 0.5, 0.25]):
             if keep >= 1.0 and out and out[0]["keep_ratio"] >= 1.0:
                 continue  # keep 1.0 is the same for every method
-            res = evaluate(loaded, base["val_shards"], grid.get("eval_batch_size", 128), base["val_max_new_tokens"],
-                           num_workers=1, max_samples=grid.get("eval_samples"),
-                           prune={"keep_ratio": keep, "method": method})
-            out.append({"name": f"{base['name']} · keep {keep:.2f}" + ("" if keep >= 1 else f" ({method})"),
-                        "axis": "prune", "seed": base["seed"], "keep_ratio": keep, "method": method,
-                        "visual_tokens_per_sample": res["visual_tokens"],
-                        "latency_ms": 1000 * res["seconds"] / max(res["n"], 1), "eval_n": res["n"],
-                        **{f"acc_{k}": v for k, v in res["metrics"].items()}})
+            res = evaluate(
+                loaded,
+                base["val_shards"],
+                grid.get("eval_batch_size", 128),
+                base["val_max_new_tokens"],
+                num_workers=1,
+                max_samples=grid.get("eval_samples"),
+                prune={"keep_ratio": keep, "method": method},
+            )
+            out.append(
+                {
+                    "name": f"{base['name']} · keep {keep:.2f}" + ("" if keep >= 1 else f" ({method})"),
+                    "axis": "prune",
+                    "seed": base["seed"],
+                    "keep_ratio": keep,
+                    "method": method,
+                    "visual_tokens_per_sample": res["visual_tokens"],
+                    "latency_ms": 1000 * res["seconds"] / max(res["n"], 1),
+                    "eval_n": res["n"],
+                    **{f"acc_{k}": v for k, v in res["metrics"].items()},
+                }
+            )
     return out
 
 
@@ -158,20 +197,41 @@ def table(results: list[dict], qtypes: list[str]) -> str:
     by_name: dict[str, list[dict]] = {}
     for r in results:
         by_name.setdefault(r["name"], []).append(r)
-    head = ["configuration", "axis", "seeds", "tok/img", "vis tok/sample", "trainable", "train samples/s",
-            *qtypes, "**mean**", "latency ms/sample"]
+    head = [
+        "configuration",
+        "axis",
+        "seeds",
+        "tok/img",
+        "vis tok/sample",
+        "trainable",
+        "train samples/s",
+        *qtypes,
+        "**mean**",
+        "latency ms/sample",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join([" --- "] * 2 + [" ---: "] * (len(head) - 2)) + "|"]
     for name, rs in by_name.items():
         r0 = rs[0]
         acc = [_cell([100 * r.get(f"acc_{q}", float("nan")) for r in rs], ".1f") for q in qtypes]
         tp = r0.get("trainable_params")
-        lines.append("| " + " | ".join([
-            name, r0["axis"], str(len(rs)), str(r0.get("tokens_per_image", "–")),
-            _cell([r.get("visual_tokens_per_sample") for r in rs], ".1f"),
-            f"{tp / 1e6:.2f}M" if tp else "–", _cell([r.get("train_samples_s") for r in rs], ".0f"),
-            *acc, "**" + _cell([100 * r.get("acc_mean", float("nan")) for r in rs], ".1f") + "**",
-            _cell([r.get("latency_ms") for r in rs], ".1f"),
-        ]) + " |")
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    name,
+                    r0["axis"],
+                    str(len(rs)),
+                    str(r0.get("tokens_per_image", "–")),
+                    _cell([r.get("visual_tokens_per_sample") for r in rs], ".1f"),
+                    f"{tp / 1e6:.2f}M" if tp else "–",
+                    _cell([r.get("train_samples_s") for r in rs], ".0f"),
+                    *acc,
+                    "**" + _cell([100 * r.get("acc_mean", float("nan")) for r in rs], ".1f") + "**",
+                    _cell([r.get("latency_ms") for r in rs], ".1f"),
+                ]
+            )
+            + " |"
+        )
     return "\n".join(lines)
 
 
@@ -180,7 +240,7 @@ def write_outputs(results: list[dict], qtypes: list[str], out: Path, header: str
     block = f"{BEGIN}\n{header}\n\n{table(results, qtypes)}\n{END}"
     old = out.read_text() if out.is_file() else "# The lab\n\n"
     if BEGIN in old and END in old:
-        new = old[: old.index(BEGIN)] + block + old[old.index(END) + len(END):]
+        new = old[: old.index(BEGIN)] + block + old[old.index(END) + len(END) :]
     else:
         new = old.rstrip() + "\n\n" + block + "\n"
     out.write_text(new)
@@ -200,14 +260,25 @@ def log_wandb(results: list[dict], group: str, md: str) -> None:
 
     os.environ.setdefault("WANDB_MODE", "offline")
     for r in results:
-        run = wandb.init(project="vlm-lab", group=group, name=f"{r['name']} s{r['seed']}", job_type=r["axis"],
-                         config={k: v for k, v in r.items() if not k.startswith("acc_")}, reinit="finish_previous",
-                         dir=str(ROOT / "outputs"))
+        run = wandb.init(
+            project="vlm-lab",
+            group=group,
+            name=f"{r['name']} s{r['seed']}",
+            job_type=r["axis"],
+            config={k: v for k, v in r.items() if not k.startswith("acc_")},
+            reinit="finish_previous",
+            dir=str(ROOT / "outputs"),
+        )
         run.summary.update({k: v for k, v in r.items() if isinstance(v, (int, float))})
         run.finish()
     run = wandb.init(project="vlm-lab", group=group, name="summary", job_type="summary", dir=str(ROOT / "outputs"))
     cols = sorted({k for r in results for k in r})
-    run.log({"lab": wandb.Table(columns=cols, data=[[r.get(c) for c in cols] for r in results]), "table_md": wandb.Html(f"<pre>{md}</pre>")})
+    run.log(
+        {
+            "lab": wandb.Table(columns=cols, data=[[r.get(c) for c in cols] for r in results]),
+            "table_md": wandb.Html(f"<pre>{md}</pre>"),
+        }
+    )
     run.finish()
     print(f"W&B: group {group!r} in project vlm-lab (offline; `wandb sync outputs/wandb/offline-run-*`)")
 
@@ -230,9 +301,12 @@ def main(argv: list[str]) -> int:
         raise ValueError(f"no row matches only={only!r}")
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d_%H-%M-%S")
     # the code the grid runs: taken now, not at the end (commits made while it runs are not in it)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--", "vlm", "conf"], cwd=ROOT, capture_output=True,
-                           text=True).stdout.strip()
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+    ).stdout.strip()
+    dirty = subprocess.run(
+        ["git", "status", "--porcelain", "--", "vlm", "conf"], cwd=ROOT, capture_output=True, text=True
+    ).stdout.strip()
     commit = (commit or "unknown") + (" + uncommitted changes" if dirty else "")
     run_root = ROOT / "outputs" / "lab" / stamp
     logging.basicConfig(level=logging.WARNING)
@@ -244,8 +318,11 @@ def main(argv: list[str]) -> int:
             print(f"[lab {time.perf_counter() - t0:6.0f}s] {row['name']} seed {seed} …", flush=True)
             results.append(run_row(row, grid, seed, run_root / f"{slug}_s{seed}"))
             r = results[-1]
-            print(f"[lab {time.perf_counter() - t0:6.0f}s]   mean {100 * r.get('acc_mean', 0):.1f}%, "
-                  f"{r['train_samples_s']:.0f} samples/s, {r['latency_ms']:.1f} ms/sample", flush=True)
+            print(
+                f"[lab {time.perf_counter() - t0:6.0f}s]   mean {100 * r.get('acc_mean', 0):.1f}%, "
+                f"{r['train_samples_s']:.0f} samples/s, {r['latency_ms']:.1f} ms/sample",
+                flush=True,
+            )
     prune = grid.get("prune")
     if prune:
         bases = [r for r in results if r["name"] == prune["row"]]
@@ -258,11 +335,13 @@ def main(argv: list[str]) -> int:
         qtypes += [k[4:] for k in r if k.startswith("acc_") and k != "acc_mean" and k[4:] not in qtypes]
     qtypes = [q for q in qtypes if q not in ("other", "overall")]
     cmd = "python -m vlm.lab " + " ".join(argv)
-    header = (f"Measured {stamp} UTC with `{cmd.strip()}` at commit `{commit}` on {os.cpu_count()} CPU "
-              f"threads ({platform.processor() or platform.machine()}, torch {torch.__version__}); "
-              f"{len(rows)} rows × {len(grid['seeds'])} seed(s), {grid['steps']} steps each, "
-              f"{grid.get('eval_samples') or 'all'} held-out samples per row; whole grid {total / 60:.1f} min. "
-              "Accuracy is held-out exact match (%); `–` = that question type is not in the row's data.")
+    header = (
+        f"Measured {stamp} UTC with `{cmd.strip()}` at commit `{commit}` on {os.cpu_count()} CPU "
+        f"threads ({platform.processor() or platform.machine()}, torch {torch.__version__}); "
+        f"{len(rows)} rows × {len(grid['seeds'])} seed(s), {grid['steps']} steps each, "
+        f"{grid.get('eval_samples') or 'all'} held-out samples per row; whole grid {total / 60:.1f} min. "
+        "Accuracy is held-out exact match (%); `–` = that question type is not in the row's data."
+    )
     write_outputs(results, qtypes, out, header)
     md = table(results, qtypes)
     print(md)

@@ -50,8 +50,10 @@ class _SumsByType(Metric):
 
     def update(self, predictions: list[str], references: list[str], qtypes: list[str | None]) -> None:
         num, den = getattr(self, self.num), getattr(self, self.den)
-        rows = [(self.index.get(q, self.index.get("other")), normalize_answer(p), normalize_answer(r))
-                for p, r, q in zip(predictions, references, qtypes)]
+        rows = [
+            (self.index.get(q, self.index.get("other")), normalize_answer(p), normalize_answer(r))
+            for p, r, q in zip(predictions, references, qtypes)
+        ]
         rows = [r for r in rows if r[0] is not None]
         for (i, _, _), (a, b) in zip(rows, self._scores([p for _, p, _ in rows], [r for _, _, r in rows])):
             num[i] += a

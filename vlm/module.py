@@ -58,8 +58,13 @@ class VLMModule(L.LightningModule):
         super().__init__()
         # Only plain, rebuildable data goes into the checkpoint (loadable with weights_only=True).
         self.save_hyperparameters(
-            {"model": model, "tokenizer_json": tokenizer_json, "processor": processor, "template": template,
-             "val_qtypes": val_qtypes}
+            {
+                "model": model,
+                "tokenizer_json": tokenizer_json,
+                "processor": processor,
+                "template": template,
+                "val_qtypes": val_qtypes,
+            }
         )
         self.tokenizer = TextTokenizer.from_str(tokenizer_json)
         if meta_init:
@@ -80,7 +85,7 @@ class VLMModule(L.LightningModule):
         self.gradient_step = GradientStep.from_config(numerics)
         self.evaluator = Evaluator(self.tokenizer, val_qtypes, stop_ids(self.tokenizer, template), val_max_new_tokens)
         self.skipped_total: Counter = Counter()  # this rank's skipped training samples per reason (checkpointed)
-        self.source_total: Counter = Counter()   # data=mix: training samples per source seen by this run
+        self.source_total: Counter = Counter()  # data=mix: training samples per source seen by this run
         self._model_set_up = False  # `configure_model` applied parallel.*: not again
         # A checkpoint's RNG states, from `on_load_checkpoint` until `on_train_start` applies them.
         self.pending_rng: dict | None = None
@@ -97,8 +102,13 @@ class VLMModule(L.LightningModule):
     def forward(self, batch: dict) -> torch.Tensor:
         """`[B, L, D]` decoder hidden states of a collated batch."""
         return self.model(
-            batch["input_ids"], batch["position_ids"], batch.get("attention_mask"),
-            batch.get("pixel_patches"), batch.get("grid_thw"), batch.get("media_per_sample"), batch.get("keys"),
+            batch["input_ids"],
+            batch["position_ids"],
+            batch.get("attention_mask"),
+            batch.get("pixel_patches"),
+            batch.get("grid_thw"),
+            batch.get("media_per_sample"),
+            batch.get("keys"),
             seq_ids=batch.get("seq_ids"),
         )
 
@@ -140,8 +150,13 @@ class VLMModule(L.LightningModule):
 
     def on_before_optimizer_step(self, optimizer) -> None:
         loss_scaling = getattr(self.trainer.precision_plugin, "scaler", None) is not None
-        report = self.gradient_step.finish(self.parameters(), self.trainer.accumulate_grad_batches * self.trainer.world_size,
-                                           self.device, self.global_step, loss_scaling)
+        report = self.gradient_step.finish(
+            self.parameters(),
+            self.trainer.accumulate_grad_batches * self.trainer.world_size,
+            self.device,
+            self.global_step,
+            loss_scaling,
+        )
         for name, value in report.metrics().items():
             self.log(name, value, on_step=True, prog_bar=name == "train/loss")
 
@@ -178,13 +193,19 @@ class VLMModule(L.LightningModule):
         from vlm.checkpoint import ExportCallback
         from vlm.export import ShardedExportCallback
 
-        return [ShardedExportCallback(c.out_dir) for c in self.trainer.callbacks
-                if isinstance(c, ExportCallback) and not isinstance(c, ShardedExportCallback)]
+        return [
+            ShardedExportCallback(c.out_dir)
+            for c in self.trainer.callbacks
+            if isinstance(c, ExportCallback) and not isinstance(c, ShardedExportCallback)
+        ]
 
     # ---- exact resume: per-rank state ----------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        mine = {"rng": rng_state(), "skipped_samples": dict(self.skipped_total),
-                "gradient_step": self.gradient_step.state_dict()}
+        mine = {
+            "rng": rng_state(),
+            "skipped_samples": dict(self.skipped_total),
+            "gradient_step": self.gradient_step.state_dict(),
+        }
         checkpoint["vlm_resume"] = gather_ranks(mine)  # a collective: every rank saves
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
@@ -194,19 +215,27 @@ class VLMModule(L.LightningModule):
         step = int(checkpoint.get("global_step", 0))
         mine = my_rank(res)
         if mine is None:
-            log.warning("checkpoint was saved with %d ranks, resuming on %d: RNG states are not restored and the "
-                        "training streams are reseeded from step %d (not bit-identical to an uninterrupted run)",
-                        res["world_size"], self.trainer.world_size, step)
+            log.warning(
+                "checkpoint was saved with %d ranks, resuming on %d: RNG states are not restored and the "
+                "training streams are reseeded from step %d (not bit-identical to an uninterrupted run)",
+                res["world_size"],
+                self.trainer.world_size,
+                step,
+            )
         else:
             self.pending_rng = mine["rng"]
             self.skipped_total = Counter(mine.get("skipped_samples") or {})
             # checkpoints written before the gradient step had its own entry hold the skip count alone
-            self.gradient_step.load_state_dict(mine.get("gradient_step") or {"skipped_steps": mine.get("skipped_steps", 0)})
+            self.gradient_step.load_state_dict(
+                mine.get("gradient_step") or {"skipped_steps": mine.get("skipped_steps", 0)}
+            )
         dm = self.trainer.datamodule
         if dm is not None and type(dm).__qualname__ not in checkpoint:
             # Written before the datamodule saved its own state: the positions are each rank's
             # `data` here (Lightning calls `load_state_dict` only when the datamodule's entry exists).
-            dm.load_state_dict({"step": step, "world_size": res["world_size"], "ranks": [r.get("data") for r in res["ranks"]]})
+            dm.load_state_dict(
+                {"step": step, "world_size": res["world_size"], "ranks": [r.get("data") for r in res["ranks"]]}
+            )
 
     def on_train_start(self) -> None:
         # After the train DataLoader has started (its start draws from the RNG in both runs).
@@ -228,8 +257,9 @@ class VLMModule(L.LightningModule):
         self.evaluator.to(self.device)
         if is_sharded(self.model):
             # generating with the sharded model would deadlock: one unsharded copy per rank
-            self.val_model = unsharded_copy(self.model, lambda: build_model(self.hparams["model"], self.tokenizer),
-                                            self.device)
+            self.val_model = unsharded_copy(
+                self.model, lambda: build_model(self.hparams["model"], self.tokenizer), self.device
+            )
 
     def validation_step(self, batch: dict, batch_idx: int) -> Scored | None:
         """Generate and score one batch; the scored batch goes to callbacks (`ExampleTable`)."""

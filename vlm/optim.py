@@ -33,8 +33,9 @@ def frozen_parts(model: nn.Module, freeze: dict) -> list[nn.Module]:
     return [getattr(model, c) for c in COMPONENTS if freeze.get(c) and getattr(model, c, None) is not None]
 
 
-def build_optimizer(model: nn.Module, factory: partial, component_lr: dict | None = None,
-                    loss_scaling: bool = False) -> torch.optim.Optimizer:
+def build_optimizer(
+    model: nn.Module, factory: partial, component_lr: dict | None = None, loss_scaling: bool = False
+) -> torch.optim.Optimizer:
     """`factory(param_groups(...))`, the groups' lr and weight decay from the factory's keywords.
 
     loss_scaling (fp16 `16-mixed`): a fused optimizer would unscale the gradients inside its step,
@@ -63,14 +64,24 @@ def param_groups(model: nn.Module, base_lr: float, weight_decay: float, componen
         comp = name.split(".", 1)[0]
         decay = p.dim() >= 2 and "embed" not in name
         lr = component_lr.get(comp) or base_lr
-        g = groups.setdefault((comp, decay), {"params": [], "lr": lr, "weight_decay": weight_decay if decay else 0.0, "name": f"{comp}{'' if decay else '_no_decay'}"})
+        g = groups.setdefault(
+            (comp, decay),
+            {
+                "params": [],
+                "lr": lr,
+                "weight_decay": weight_decay if decay else 0.0,
+                "name": f"{comp}{'' if decay else '_no_decay'}",
+            },
+        )
         g["params"].append(p)
     if not groups:
         raise ValueError("no trainable parameters: every component is frozen")
     return list(groups.values())
 
 
-def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.1) -> torch.optim.lr_scheduler.LambdaLR:
+def warmup_cosine(
+    optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.1
+) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warmup to each group's lr, then cosine decay to `min_lr_ratio` of it at `total_steps`."""
     if total_steps <= 0:
         raise ValueError(f"warmup_cosine needs total_steps > 0 (set trainer.max_steps), got {total_steps}")

@@ -38,13 +38,13 @@ INIT_MODES = ("rank0", "all_ranks")
 
 @dataclass
 class ParallelConfig:
-    ac: str = "none"                 # activation checkpointing: none | full (every block) | selective
-    ac_every: int = 2                # selective: checkpoint every n-th block
-    compile: bool = False            # torch.compile each transformer block
+    ac: str = "none"  # activation checkpointing: none | full (every block) | selective
+    ac_every: int = 2  # selective: checkpoint every n-th block
+    compile: bool = False  # torch.compile each transformer block
     compile_backend: str = "inductor"
-    mixed_precision: str = "auto"    # auto (bf16 params / fp32 reduce when precision is bf16*) | none | bf16
+    mixed_precision: str = "auto"  # auto (bf16 params / fp32 reduce when precision is bf16*) | none | bf16
     reshard_after_forward: bool = True  # ZeRO-3 style; false keeps gathered params until backward (ZeRO-2)
-    init: str = "rank0"              # sharded only: rank0 (others build on meta, get rank 0's weights) | all_ranks
+    init: str = "rank0"  # sharded only: rank0 (others build on meta, get rank 0's weights) | all_ranks
 
     def __post_init__(self):
         if self.ac not in AC_MODES:
@@ -102,7 +102,9 @@ def mp_policy(cfg: ParallelConfig, precision: str | None):
     return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
 
 
-def parallelize(model: nn.Module, cfg: ParallelConfig | dict | None, mesh=None, precision: str | None = None) -> nn.Module:
+def parallelize(
+    model: nn.Module, cfg: ParallelConfig | dict | None, mesh=None, precision: str | None = None
+) -> nn.Module:
     """AC -> compile -> fully_shard (per decoder block, vision tower, projector, root). In place.
 
     With `mesh=None` (single device, DDP) only activation checkpointing and compile are applied."""
@@ -130,13 +132,24 @@ def parallelize(model: nn.Module, cfg: ParallelConfig | dict | None, mesh=None, 
     fully_shard(model, reshard_after_forward=cfg.reshard_after_forward, **kw)
     # `logits` (the tied LM head) runs outside `forward`: let FSDP gather the root for it too.
     register_fsdp_forward_method(model, "logits")
-    log.info("parallelize: %d blocks checkpointed (%s), compile=%s, %d decoder units + vision + projector + root, mp=%s",
-             n_ac, cfg.ac, cfg.compile, len(layers), kw["mp_policy"].param_dtype)
+    log.info(
+        "parallelize: %d blocks checkpointed (%s), compile=%s, %d decoder units + vision + projector + root, mp=%s",
+        n_ac,
+        cfg.ac,
+        cfg.compile,
+        len(layers),
+        kw["mp_policy"].param_dtype,
+    )
     return model
 
 
-def setup_model(model: nn.Module, cfg: ParallelConfig | dict | None, mesh=None, precision: str | None = None,
-                device: torch.device | None = None) -> bool:
+def setup_model(
+    model: nn.Module,
+    cfg: ParallelConfig | dict | None,
+    mesh=None,
+    precision: str | None = None,
+    device: torch.device | None = None,
+) -> bool:
     """Under a model-parallel strategy (`mesh`: its data-parallel mesh) activation checkpointing,
     compile and FSDP2; under other strategies only checkpointing and compile, when `cfg.ac` /
     `cfg.compile` ask. Returns whether the model was changed (then it must not be set up again).
@@ -237,7 +250,9 @@ try:
             if self._data_parallel_size == "auto":
                 world = self.num_nodes * self.num_processes
                 if world % int(self._tensor_parallel_size):
-                    raise ValueError(f"world size {world} is not divisible by tensor_parallel_size {self._tensor_parallel_size}")
+                    raise ValueError(
+                        f"world size {world} is not divisible by tensor_parallel_size {self._tensor_parallel_size}"
+                    )
                 self._data_parallel_size = world // int(self._tensor_parallel_size)
             if int(self._tensor_parallel_size) != 1:
                 raise ValueError("vlm.parallel supports data-parallel sharding only (tensor_parallel_size=1)")

@@ -50,8 +50,14 @@ def _attention_scores(model: VLM, embeds: Tensor, position_ids: Tensor, attentio
     return logits.softmax(-1).mean(1)[:, 0]
 
 
-def token_scores(model: VLM, embeds: Tensor, position_ids: Tensor, attention_mask: Tensor, method: str,
-                 generator: torch.Generator | None = None) -> Tensor:
+def token_scores(
+    model: VLM,
+    embeds: Tensor,
+    position_ids: Tensor,
+    attention_mask: Tensor,
+    method: str,
+    generator: torch.Generator | None = None,
+) -> Tensor:
     """Importance `[B, L]` of every position (only the visual positions are read)."""
     if method == "attention":
         return _attention_scores(model, embeds, position_ids, attention_mask)
@@ -72,7 +78,9 @@ def prune_visual_tokens(model: VLM, batch: dict, keep_ratio: float, method: str 
     if model.fusion != "interleave":
         raise ValueError(f"visual-token pruning needs fusion=interleave (the model uses {model.fusion!r})")
     ids, pos, am = batch["input_ids"], batch["position_ids"], batch["attention_mask"]
-    embeds = model.embed(ids, batch.get("pixel_patches"), batch.get("grid_thw"), batch.get("media_per_sample"), batch.get("keys"))
+    embeds = model.embed(
+        ids, batch.get("pixel_patches"), batch.get("grid_thw"), batch.get("media_per_sample"), batch.get("keys")
+    )
     spans = media_span_ids(model.is_media(ids))  # [B, L], k > 0 on the k-th span
     keep = spans == 0
     if keep_ratio < 1.0 and bool((spans > 0).any()):
@@ -99,12 +107,19 @@ def prune_visual_tokens(model: VLM, batch: dict, keep_ratio: float, method: str 
     out_pos = pos.new_zeros(*pos.shape[:-2], B, Lp) if pos.dim() == 3 else pos.new_zeros(B, Lp)
     for b in range(B):
         src = keep[b].nonzero().squeeze(-1)
-        dst = cols[Lp - src.numel():]
+        dst = cols[Lp - src.numel() :]
         out_ids[b, dst], out_am[b, dst], out_emb[b, dst] = ids[b, src], am[b, src], embeds[b, src]
         if pos.dim() == 3:
             out_pos[:, b, dst] = pos[:, b, src]
         else:
             out_pos[b, dst] = pos[b, src]
     n_visual = int((spans > 0).sum())
-    return {**batch, "input_ids": out_ids, "position_ids": out_pos, "attention_mask": out_am, "inputs_embeds": out_emb,
-            "visual_total": n_visual, "visual_kept": n_visual - int((~keep).sum())}
+    return {
+        **batch,
+        "input_ids": out_ids,
+        "position_ids": out_pos,
+        "attention_mask": out_am,
+        "inputs_embeds": out_emb,
+        "visual_total": n_visual,
+        "visual_kept": n_visual - int((~keep).sum()),
+    }

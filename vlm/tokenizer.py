@@ -62,8 +62,14 @@ class TextTokenizer:
     def structural_ids(self) -> list[int]:
         """Tokens a model must never generate: padding, turn starts and the media markers
         (a generated `<|image_pad|>` would claim visual tokens that do not exist)."""
-        return [self.pad_id, self.im_start_id, self.vision_start_id, self.vision_end_id, self.image_pad_id,
-                self.video_pad_id]
+        return [
+            self.pad_id,
+            self.im_start_id,
+            self.vision_start_id,
+            self.vision_end_id,
+            self.image_pad_id,
+            self.video_pad_id,
+        ]
 
     @property
     def vocab_size(self) -> int:

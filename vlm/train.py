@@ -75,8 +75,9 @@ def _init_weights(module: VLMModule, path: str) -> None:
     src_vocab, dst_vocab = (t.tok.get_vocab(with_added_tokens=True) for t in (loaded.tokenizer, module.tokenizer))
     remap = src_vocab != dst_vocab
     vocab_keys = {k for k in set(src) & set(dst) if k.endswith(VOCAB_ROWS)} if remap else set()
-    problem = weight_mismatch({k: tuple(v.shape) for k, v in dst.items()}, {k: tuple(v.shape) for k, v in src.items()},
-                              rows=vocab_keys)
+    problem = weight_mismatch(
+        {k: tuple(v.shape) for k, v in dst.items()}, {k: tuple(v.shape) for k, v in src.items()}, rows=vocab_keys
+    )
     if problem:
         raise CheckpointError(f"init_from={path}: the weights do not fit this model: {problem}")
     if vocab_keys:
@@ -85,9 +86,14 @@ def _init_weights(module: VLMModule, path: str) -> None:
             rows = dst[k].clone()  # this run's fresh initialisation for tokens the previous stage lacked
             rows[d_ids] = src[k][s_ids].to(rows.dtype)
             src[k] = rows
-        log.info("init_from: the tokenizer differs from %s's; embedding and LM-head rows copied by token string "
-                 "for %d of this run's %d tokens (%d new tokens keep their initialisation)",
-                 path, len(d_ids), module.tokenizer.vocab_size, module.tokenizer.vocab_size - len(d_ids))
+        log.info(
+            "init_from: the tokenizer differs from %s's; embedding and LM-head rows copied by token string "
+            "for %d of this run's %d tokens (%d new tokens keep their initialisation)",
+            path,
+            len(d_ids),
+            module.tokenizer.vocab_size,
+            module.tokenizer.vocab_size - len(d_ids),
+        )
     module.model.load_state_dict(src)
     log.info("initialised weights from %s", path)
 
@@ -129,10 +135,14 @@ def _warm_up_tower(module: VLMModule, datamodule, warm: dict, trainer: L.Trainer
 
     wcfg = WarmupConfig(**with_data_strips(warm, getattr(datamodule, "synthetic", None)))
     if module.freeze_spec.get("encoder"):
-        raise ValueError("tower_warmup.steps > 0 trains the encoder, but it is frozen (model.freeze.encoder=true); "
-                         "set tower_warmup.steps=0")
+        raise ValueError(
+            "tower_warmup.steps > 0 trains the encoder, but it is frozen (model.freeze.encoder=true); "
+            "set tower_warmup.steps=0"
+        )
     res = warm_up_tower(module.model.encoder, datamodule.image_processor, wcfg, str(trainer.precision))
-    log.info("tower warm-up: %d steps in %.0f s, character accuracy %.2f", res["steps"], res["seconds"], res["accuracy"])
+    log.info(
+        "tower warm-up: %d steps in %.0f s, character accuracy %.2f", res["steps"], res["seconds"], res["accuracy"]
+    )
 
 
 def run(cfg: DictConfig) -> dict[str, float]:
@@ -149,9 +159,15 @@ def run(cfg: DictConfig) -> dict[str, float]:
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=build_callbacks(cfg, bool(logger)), logger=logger)
     # FSDP with parallel.init=rank0: only rank 0 reads weights; the others build a meta skeleton
     # and receive their shards in configure_model (vlm.parallel.load_from_rank0).
-    parallel = ParallelConfig.from_dict(OmegaConf.to_container(cfg.parallel, resolve=True) if cfg.get("parallel") else None)
-    meta_init = (is_sharded_strategy(trainer.strategy) and trainer.world_size > 1 and trainer.global_rank != 0
-                 and parallel.init == "rank0")
+    parallel = ParallelConfig.from_dict(
+        OmegaConf.to_container(cfg.parallel, resolve=True) if cfg.get("parallel") else None
+    )
+    meta_init = (
+        is_sharded_strategy(trainer.strategy)
+        and trainer.world_size > 1
+        and trainer.global_rank != 0
+        and parallel.init == "rank0"
+    )
     module = build_module(cfg, datamodule, meta_init=meta_init)
     check_template_fits(module.model, datamodule.template)
     if cfg.get("init_from") and not meta_init:  # rank 0's weights reach the others by broadcast

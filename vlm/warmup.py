@@ -43,26 +43,32 @@ TASKS = ("glyphs", "shapes", "char")
 
 @dataclass
 class WarmupConfig:
-    steps: int = 0            # 0: no warm-up
+    steps: int = 0  # 0: no warm-up
     batch_size: int = 32
     lr: float = 1e-3
-    canvas: int = 64          # px of the rendered images (resized by the processor like training images)
+    canvas: int = 64  # px of the rendered images (resized by the processor like training images)
     seed: int = 123
-    task: str = "glyphs"      # glyphs | shapes | char, or several taking turns: glyphs+shapes
-    max_len: int = 6          # glyphs: strings of 1..max_len characters in synthvqa's OCR font for that length
-    wide: float = 0.0         # glyphs: share of synthvqa v2 `ocr_wide` strips (12-20 characters, 8:1) in a batch
-    context: str = "next"     # glyphs: beside each character, next = (first?, next char); prev_next = (prev, next char)
-    wide_options: dict = field(default_factory=dict)  # synthvqa `ocr_wide_*` settings of the strips (train.py: the run's data)
+    task: str = "glyphs"  # glyphs | shapes | char, or several taking turns: glyphs+shapes
+    max_len: int = 6  # glyphs: strings of 1..max_len characters in synthvqa's OCR font for that length
+    wide: float = 0.0  # glyphs: share of synthvqa v2 `ocr_wide` strips (12-20 characters, 8:1) in a batch
+    context: str = "next"  # glyphs: beside each character, next = (first?, next char); prev_next = (prev, next char)
+    wide_options: dict = field(
+        default_factory=dict
+    )  # synthvqa `ocr_wide_*` settings of the strips (train.py: the run's data)
 
     def __post_init__(self):
         parts = str(self.task).split("+")
         if any(p not in TASKS for p in parts) or len(set(parts)) != len(parts):
-            raise ValueError(f"tower_warmup.task must be one of {list(TASKS)} or several joined by '+' "
-                             f"(e.g. glyphs+shapes), got {self.task!r}")
+            raise ValueError(
+                f"tower_warmup.task must be one of {list(TASKS)} or several joined by '+' "
+                f"(e.g. glyphs+shapes), got {self.task!r}"
+            )
         for name in ("steps", "batch_size", "canvas", "max_len"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < (0 if name == "steps" else 1):
-                raise ValueError(f"tower_warmup.{name} must be a {'non-negative' if name == 'steps' else 'positive'} integer, got {v!r}")
+                raise ValueError(
+                    f"tower_warmup.{name} must be a {'non-negative' if name == 'steps' else 'positive'} integer, got {v!r}"
+                )
         if isinstance(self.wide, bool) or not isinstance(self.wide, (int, float)) or not 0.0 <= self.wide <= 1.0:
             raise ValueError(f"tower_warmup.wide must be in [0, 1], got {self.wide!r}")
         if self.context not in ("next", "prev_next"):
@@ -112,8 +118,10 @@ def _glyph_batch(rng, syn, processor, T, device, cfg):
         sample_wide_ocr_scene,
     )
 
-    scenes = [sample_wide_ocr_scene(rng, syn) if rng.random() < cfg.wide else sample_ocr_scene(rng, syn)
-              for _ in range(cfg.batch_size)]
+    scenes = [
+        sample_wide_ocr_scene(rng, syn) if rng.random() < cfg.wide else sample_ocr_scene(rng, syn)
+        for _ in range(cfg.batch_size)
+    ]
     patches, grids = _encode_inputs([render(s) for s in scenes], processor, T, device)
     none = len(OCR_CHARSET)
     labels = []
@@ -167,7 +175,9 @@ def _glyph_head_width(n_cls: int, context: str) -> int:
     return 2 * ((n_cls + 1) + _context_width(n_cls, context) + (n_cls + 1))
 
 
-def _glyph_loss(out: torch.Tensor, labels: torch.Tensor, n_cls: int, context: str = "next") -> tuple[torch.Tensor, torch.Tensor]:
+def _glyph_loss(
+    out: torch.Tensor, labels: torch.Tensor, n_cls: int, context: str = "next"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """out: `[N, _glyph_head_width(n_cls, context)]` head outputs per token; labels: `[N, 2, 4]`
     from `_glyph_batch`. Beside the character: `next` = is it the first of its string, and the
     next character; `prev_next` = the previous character (START for the first) and the next one.
@@ -190,7 +200,9 @@ def _encode_inputs(images, processor, T, device):
     return patches, torch.tensor([list(it.grid) for it in items], device=device)
 
 
-def warm_up_tower(encoder: nn.Module, processor, cfg: WarmupConfig | dict, precision: str | None = "bf16-mixed") -> dict:
+def warm_up_tower(
+    encoder: nn.Module, processor, cfg: WarmupConfig | dict, precision: str | None = "bf16-mixed"
+) -> dict:
     """Train `encoder` in place on `cfg.task` for `cfg.steps` steps. `processor`: the run's
     `ImageProcessor` (its patch size, resolution and mean/std). Returns {accuracy: of the first
     task over its last 100 batches (for `glyphs` / `shapes`, over the tokens that hold a
@@ -223,8 +235,14 @@ def warm_up_tower(encoder: nn.Module, processor, cfg: WarmupConfig | dict, preci
         opt.step()
         accs[name].append(float(acc))
         if (step + 1) % 200 == 0 or step + 1 == cfg.steps:
-            log.info("tower warm-up (%s) %d/%d: loss %.3f, accuracy (last 100 of each task) %s", cfg.task, step + 1,
-                     cfg.steps, float(loss.detach()), ", ".join(f"{k} {v:.2f}" for k, v in _recent(accs).items()))
+            log.info(
+                "tower warm-up (%s) %d/%d: loss %.3f, accuracy (last 100 of each task) %s",
+                cfg.task,
+                step + 1,
+                cfg.steps,
+                float(loss.detach()),
+                ", ".join(f"{k} {v:.2f}" for k, v in _recent(accs).items()),
+            )
     encoder.train(was_training)
     for p in encoder.parameters():
         p.grad = None
@@ -247,17 +265,25 @@ def _task(name: str, cfg: WarmupConfig):
     if name == "shapes":
         return SynthConfig(canvas=cfg.canvas), _shapes_batch, len(SHAPES) * len(COLOR_NAMES) + 1
     # glyphs: the synthvqa OCR font (sized for max_len characters), strings of 1..max_len
-    syn = SynthConfig(canvas=cfg.canvas, ocr_min_len=1, ocr_max_len=cfg.max_len,
-                      families=["shapes", "ocr", "ocr_wide"] if cfg.wide else ["shapes", "ocr"],
-                      **(cfg.wide_options if cfg.wide else {}))
+    syn = SynthConfig(
+        canvas=cfg.canvas,
+        ocr_min_len=1,
+        ocr_max_len=cfg.max_len,
+        families=["shapes", "ocr", "ocr_wide"] if cfg.wide else ["shapes", "ocr"],
+        **(cfg.wide_options if cfg.wide else {}),
+    )
     try:
         _ = syn.font_px, syn.wide_font_px  # derived on access: raises when the strings do not fit
     except ValueError as e:
-        raise ValueError(f"tower_warmup.max_len={cfg.max_len} characters do not fit tower_warmup.canvas={cfg.canvas}: {e}") from None
+        raise ValueError(
+            f"tower_warmup.max_len={cfg.max_len} characters do not fit tower_warmup.canvas={cfg.canvas}: {e}"
+        ) from None
     return syn, _glyph_batch, _glyph_head_width(n_cls, cfg.context)
 
 
-def _task_loss(name: str, head: nn.Module, feats: torch.Tensor, grids: torch.Tensor, y: torch.Tensor, context: str = "next"):
+def _task_loss(
+    name: str, head: nn.Module, feats: torch.Tensor, grids: torch.Tensor, y: torch.Tensor, context: str = "next"
+):
     from vlm.synthvqa import OCR_CHARSET
 
     if name == "char":  # max over each image's tokens: the character may be anywhere

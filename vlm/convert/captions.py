@@ -145,11 +145,28 @@ def convert_captions(
         raise ValueError("prompts must be a non-empty list of non-empty strings")
     ctx = media_ctx(image_root, max_pixels, max_image_bytes)
     ctx.update(prompts=prompts, seed=int(seed), max_text_bytes=int(max_text_bytes))
-    options = {"input": input_fingerprint(input), "image_root": ctx["image_root"], "max_pixels": ctx["max_pixels"],
-               "max_image_bytes": ctx["max_image_bytes"], "max_text_bytes": ctx["max_text_bytes"],
-               "prompts": prompts, "seed": int(seed)}
-    return convert("captions", iter_caption_records(input), out_dir, name=name, options=options, ctx=ctx,
-                   maxcount=maxcount, maxsize=maxsize, workers=workers, overwrite=overwrite, verbose=verbose)
+    options = {
+        "input": input_fingerprint(input),
+        "image_root": ctx["image_root"],
+        "max_pixels": ctx["max_pixels"],
+        "max_image_bytes": ctx["max_image_bytes"],
+        "max_text_bytes": ctx["max_text_bytes"],
+        "prompts": prompts,
+        "seed": int(seed),
+    }
+    return convert(
+        "captions",
+        iter_caption_records(input),
+        out_dir,
+        name=name,
+        options=options,
+        ctx=ctx,
+        maxcount=maxcount,
+        maxsize=maxsize,
+        workers=workers,
+        overwrite=overwrite,
+        verbose=verbose,
+    )
 
 
 BUILDERS["captions"] = _build_caption

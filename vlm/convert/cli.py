@@ -13,10 +13,16 @@ from vlm.convert.pipeline import format_report
 def add_common_arguments(p) -> None:
     """The options every converter script takes (``data/convert_*.py``)."""
     p.add_argument("--out", required=True, help="output folder for NAME-%%06d.tar, their reports and dataset.json")
-    p.add_argument("--name", default=None, help="shard name prefix (letters, digits, - and _; default: the converter's)")
+    p.add_argument(
+        "--name", default=None, help="shard name prefix (letters, digits, - and _; default: the converter's)"
+    )
     p.add_argument("--maxcount", type=int, default=1000, help="records per chunk = per shard (default 1000)")
-    p.add_argument("--maxsize", type=float, default=None,
-                   help="soft byte cap per shard: a bigger shard is kept and reported (lower --maxcount then)")
+    p.add_argument(
+        "--maxsize",
+        type=float,
+        default=None,
+        help="soft byte cap per shard: a bigger shard is kept and reported (lower --maxcount then)",
+    )
     p.add_argument("--workers", type=int, default=2, help="writer processes (default 2; 1 = in-process)")
     p.add_argument("--max-pixels", type=int, default=50_000_000, help="refuse images whose header claims more pixels")
     p.add_argument("--max-image-bytes", type=int, default=64 << 20, help="refuse image files larger than this")
@@ -25,9 +31,16 @@ def add_common_arguments(p) -> None:
 
 
 def common_kwargs(args) -> dict:
-    kw = {"out_dir": args.out, "maxcount": args.maxcount, "maxsize": int(args.maxsize) if args.maxsize else None,
-          "workers": args.workers, "max_pixels": args.max_pixels, "max_image_bytes": args.max_image_bytes,
-          "overwrite": args.overwrite, "verbose": not args.quiet}
+    kw = {
+        "out_dir": args.out,
+        "maxcount": args.maxcount,
+        "maxsize": int(args.maxsize) if args.maxsize else None,
+        "workers": args.workers,
+        "max_pixels": args.max_pixels,
+        "max_image_bytes": args.max_image_bytes,
+        "overwrite": args.overwrite,
+        "verbose": not args.quiet,
+    }
     if args.name:
         kw["name"] = args.name
     return kw

@@ -128,10 +128,27 @@ def convert_interleaved(
     input = Path(input)
     ctx = media_ctx(image_root, max_pixels, max_image_bytes)
     ctx.update(text_joiner=str(text_joiner), max_images=None if max_images is None else int(max_images))
-    options = {"input": input_fingerprint(input), "image_root": ctx["image_root"], "max_pixels": ctx["max_pixels"],
-               "max_image_bytes": ctx["max_image_bytes"], "text_joiner": ctx["text_joiner"], "max_images": ctx["max_images"]}
-    return convert("interleaved", iter_records(input), out_dir, name=name, options=options, ctx=ctx,
-                   maxcount=maxcount, maxsize=maxsize, workers=workers, overwrite=overwrite, verbose=verbose)
+    options = {
+        "input": input_fingerprint(input),
+        "image_root": ctx["image_root"],
+        "max_pixels": ctx["max_pixels"],
+        "max_image_bytes": ctx["max_image_bytes"],
+        "text_joiner": ctx["text_joiner"],
+        "max_images": ctx["max_images"],
+    }
+    return convert(
+        "interleaved",
+        iter_records(input),
+        out_dir,
+        name=name,
+        options=options,
+        ctx=ctx,
+        maxcount=maxcount,
+        maxsize=maxsize,
+        workers=workers,
+        overwrite=overwrite,
+        verbose=verbose,
+    )
 
 
 BUILDERS["interleaved"] = _build_interleaved

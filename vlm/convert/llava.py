@@ -45,7 +45,10 @@ def _build_llava(rec: Any, key: str, ctx: dict):
     body = turns[1:] if turns and turns[0][0] == "system" else turns
     expected = ["user", "assistant"] * ((len(body) + 1) // 2)
     if not body or [r for r, _ in body] != expected[: len(body)] or len(body) % 2:
-        raise Skip("bad_roles", f"roles {[r for r, _ in turns]}: need human/gpt alternating after an optional system turn, ending with gpt")
+        raise Skip(
+            "bad_roles",
+            f"roles {[r for r, _ in turns]}: need human/gpt alternating after an optional system turn, ending with gpt",
+        )
 
     markers = sum(v.count(IMAGE_MARKER) for r, v in turns if r == "user")
     stray = sum(v.count(IMAGE_MARKER) for r, v in turns if r != "user")
@@ -94,10 +97,25 @@ def convert_llava(
     (``bad_roles``)."""
     input = Path(input)
     ctx = media_ctx(image_root, max_pixels, max_image_bytes)
-    options = {"input": input_fingerprint(input), "image_root": ctx["image_root"], "max_pixels": ctx["max_pixels"],
-               "max_image_bytes": ctx["max_image_bytes"]}
-    return convert("llava", iter_records(input), out_dir, name=name, options=options, ctx=ctx, maxcount=maxcount,
-                   maxsize=maxsize, workers=workers, overwrite=overwrite, verbose=verbose)
+    options = {
+        "input": input_fingerprint(input),
+        "image_root": ctx["image_root"],
+        "max_pixels": ctx["max_pixels"],
+        "max_image_bytes": ctx["max_image_bytes"],
+    }
+    return convert(
+        "llava",
+        iter_records(input),
+        out_dir,
+        name=name,
+        options=options,
+        ctx=ctx,
+        maxcount=maxcount,
+        maxsize=maxsize,
+        workers=workers,
+        overwrite=overwrite,
+        verbose=verbose,
+    )
 
 
 BUILDERS["llava"] = _build_llava

@@ -106,8 +106,14 @@ def convert(
     if overwrite:
         _clear(out, name)
     (out / "dataset.json").unlink(missing_ok=True)
-    options = {"converter": kind, "version": VERSION, "name": name, "maxcount": int(maxcount),
-               "maxsize": int(maxsize) if maxsize else None, **options}
+    options = {
+        "converter": kind,
+        "version": VERSION,
+        "name": name,
+        "maxcount": int(maxcount),
+        "maxsize": int(maxsize) if maxsize else None,
+        **options,
+    }
     options = json.loads(json.dumps(options))  # what a report read back will compare equal to
 
     t0 = time.perf_counter()
@@ -120,9 +126,15 @@ def convert(
         written += 1
         reports[rep["index"]] = rep
         if rep.get("over_maxsize"):
-            say(f"[convert {name}] warning: {rep['shard']} is {rep['bytes']} bytes > maxsize={maxsize}; lower maxcount", flush=True)
-        say(f"[convert {name}] shard {rep['index']:06d}: {rep['samples']}/{rep['records']} samples "
-            f"({time.perf_counter() - t0:.1f}s)", flush=True)
+            say(
+                f"[convert {name}] warning: {rep['shard']} is {rep['bytes']} bytes > maxsize={maxsize}; lower maxcount",
+                flush=True,
+            )
+        say(
+            f"[convert {name}] shard {rep['index']:06d}: {rep['samples']}/{rep['records']} samples "
+            f"({time.perf_counter() - t0:.1f}s)",
+            flush=True,
+        )
 
     pool = None
     if workers > 1:
@@ -163,8 +175,12 @@ def convert(
 
     # Stray shards past the end of this input (a previous, longer input) would be mixed in silently.
     n = len(reports)
-    extra = sorted(p.name for p in out.glob(f"{name}-*.tar") if re.fullmatch(rf"{re.escape(name)}-(\d{{6}})\.tar", p.name)
-                   and int(p.name[len(name) + 1 : len(name) + 7]) >= n)
+    extra = sorted(
+        p.name
+        for p in out.glob(f"{name}-*.tar")
+        if re.fullmatch(rf"{re.escape(name)}-(\d{{6}})\.tar", p.name)
+        and int(p.name[len(name) + 1 : len(name) + 7]) >= n
+    )
     if extra:
         raise ConvertError(f"{out} holds shards beyond this input's {n} chunks ({extra[:3]}…); use overwrite=True")
 
@@ -191,8 +207,13 @@ def convert(
         "over_maxsize": [r["shard"] for r in ordered if r.get("over_maxsize")],
         "examples": examples,
         "options": options,
-        "run": {"seconds": round(time.perf_counter() - t0, 2), "shards_written": written, "shards_reused": reused,
-                "workers": workers, "peak_rss_mb": _peak_rss_mb()},
+        "run": {
+            "seconds": round(time.perf_counter() - t0, 2),
+            "shards_written": written,
+            "shards_reused": reused,
+            "workers": workers,
+            "peak_rss_mb": _peak_rss_mb(),
+        },
     }
     write_json(out / "dataset.json", info)
     say(format_report(info, out), flush=True)
@@ -209,12 +230,16 @@ def format_report(info: dict, out_dir: str | os.PathLike | None = None) -> str:
         f"  skipped {info['skipped_total']}: " + (", ".join(f"{k}={v}" for k, v in info["skipped"].items()) or "none"),
     ]
     if info["dropped_images"]:
-        lines.append("  images dropped from kept documents: " + ", ".join(f"{k}={v}" for k, v in info["dropped_images"].items()))
+        lines.append(
+            "  images dropped from kept documents: " + ", ".join(f"{k}={v}" for k, v in info["dropped_images"].items())
+        )
     for reason, exs in info["examples"].items():
         lines.append(f"  e.g. {reason}: {exs[0]}")
     if info["over_maxsize"]:
         lines.append(f"  over maxsize: {info['over_maxsize'][:5]}")
     if run:
-        lines.append(f"  {run['seconds']}s, {run['shards_written']} shards written, {run['shards_reused']} reused, "
-                     f"peak RSS {run['peak_rss_mb']['main']} MB (workers {run['peak_rss_mb']['workers']} MB)")
+        lines.append(
+            f"  {run['seconds']}s, {run['shards_written']} shards written, {run['shards_reused']} reused, "
+            f"peak RSS {run['peak_rss_mb']['main']} MB (workers {run['peak_rss_mb']['workers']} MB)"
+        )
     return "\n".join(lines)

@@ -25,7 +25,7 @@ class _TarSink:
     into every converter process). Members are written in sample order, mtime 0, read-only."""
 
     def __init__(self, fileobj, owner: str):
-        self.tar = tarfile.open(fileobj=fileobj, mode="w|", format=tarfile.PAX_FORMAT)
+        self.tar = tarfile.open(fileobj=fileobj, mode="w|", format=tarfile.PAX_FORMAT)  # noqa: SIM115 - closed by close()
         self.owner = owner
 
     def write(self, key: str, members: list[tuple[str, bytes]]) -> None:

@@ -64,12 +64,17 @@ def processor_config_from_hf(folder: str | Path) -> dict:
             raise ProcessorConfigError(f"{path}: SigLIP size {size} is not a square")
         out.update(resolution="fixed", image_size=int(h))
     elif kind == "Qwen2VLImageProcessor":
-        out.update(resolution="dynamic",
-                   min_pixels=int(_get(cfg, "min_pixels", default=_get(size, "shortest_edge", default=56 * 56))),
-                   max_pixels=int(_get(cfg, "max_pixels", default=_get(size, "longest_edge", default=28 * 28 * 1280))),
-                   patch_size=int(cfg.get("patch_size", 14)), merge_size=int(cfg.get("merge_size", 2)),
-                   video={"temporal_patch": int(cfg.get("temporal_patch_size", 2))})
+        out.update(
+            resolution="dynamic",
+            min_pixels=int(_get(cfg, "min_pixels", default=_get(size, "shortest_edge", default=56 * 56))),
+            max_pixels=int(_get(cfg, "max_pixels", default=_get(size, "longest_edge", default=28 * 28 * 1280))),
+            patch_size=int(cfg.get("patch_size", 14)),
+            merge_size=int(cfg.get("merge_size", 2)),
+            video={"temporal_patch": int(cfg.get("temporal_patch_size", 2))},
+        )
     else:
-        raise ProcessorConfigError(f"{path}: image_processor_type {cfg.get('image_processor_type')!r} is not supported "
-                                   "(CLIP, SigLIP, Qwen2-VL)")
+        raise ProcessorConfigError(
+            f"{path}: image_processor_type {cfg.get('image_processor_type')!r} is not supported "
+            "(CLIP, SigLIP, Qwen2-VL)"
+        )
     return out

@@ -122,8 +122,9 @@ class JinjaChatTemplate(ChatTemplate):
     media_markers: what the template writes for an image / a video item (found in the template's
     output in order). Other args: `ChatTemplate`'s."""
 
-    def __init__(self, tokenizer, token_count, jinja: str, specials: dict | None = None,
-                 media_markers: dict | None = None, **kw):
+    def __init__(
+        self, tokenizer, token_count, jinja: str, specials: dict | None = None, media_markers: dict | None = None, **kw
+    ):
         super().__init__(tokenizer, token_count, **kw)
         self.jinja_text = jinja
         self._tmpl = compile_template(jinja)
@@ -187,8 +188,10 @@ class JinjaChatTemplate(ChatTemplate):
             before = self._render_text(hf[:i], True)
             upto = self._render_text(hf[: i + 1], False)
             if not (upto.startswith(before) and full.startswith(upto)):
-                raise TemplateError("the chat template does not render conversations prefix by prefix; "
-                                    "its assistant tokens cannot be located")
+                raise TemplateError(
+                    "the chat template does not render conversations prefix by prefix; "
+                    "its assistant tokens cannot be located"
+                )
             end = len(upto)
             while end > len(before) and upto[end - 1] in " \t\n":  # the newline after the turn is not generated
                 end -= 1
@@ -216,7 +219,9 @@ class JinjaChatTemplate(ChatTemplate):
                     try:
                         kind, idx = next(m_iter)
                     except StopIteration:
-                        raise TemplateError("the chat template wrote more media markers than the sample has media") from None
+                        raise TemplateError(
+                            "the chat template wrote more media markers than the sample has media"
+                        ) from None
                     if not isinstance(idx, int) or not 0 <= idx < len(grids):
                         raise TemplateError(f"{kind} item references media {idx!r}, the sample has {len(grids)}")
                     media_kind = media_kinds[idx] if media_kinds else kind
@@ -231,8 +236,10 @@ class JinjaChatTemplate(ChatTemplate):
                 pos = tok.end()
             self._emit_structure(piece[pos:], ids, labels, train)
         if next(m_iter, None) is not None:
-            raise TemplateError("the chat template did not write a marker for every media item "
-                                f"(markers looked for: {sorted(self.media_markers.values())})")
+            raise TemplateError(
+                "the chat template did not write a marker for every media item "
+                f"(markers looked for: {sorted(self.media_markers.values())})"
+            )
         return Rendered(ids, labels, order, kinds)
 
     def _emit_structure(self, text: str, ids: list[int], labels: list[int], train: bool) -> None:

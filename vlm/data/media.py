@@ -51,8 +51,8 @@ import os
 import struct
 import threading
 import warnings
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
@@ -61,8 +61,15 @@ from vlm.files import FileRefused, read_regular_file
 
 # Register the plugins we accept up front: with an explicit `formats=` list Pillow does not import
 # plugins lazily (WebP and TIFF would otherwise be missing until something else loaded them).
-for _plugin in ("JpegImagePlugin", "MpoImagePlugin", "PngImagePlugin", "WebPImagePlugin",
-                "GifImagePlugin", "BmpImagePlugin", "TiffImagePlugin"):
+for _plugin in (
+    "JpegImagePlugin",
+    "MpoImagePlugin",
+    "PngImagePlugin",
+    "WebPImagePlugin",
+    "GifImagePlugin",
+    "BmpImagePlugin",
+    "TiffImagePlugin",
+):
     try:
         __import__(f"PIL.{_plugin}")
     except ImportError:  # pragma: no cover - a Pillow built without e.g. libwebp
@@ -242,9 +249,7 @@ def _decode(data, *, max_pixels: int, key: str | None, formats, draft=None) -> I
         if size is not None and (size[0] <= 0 or size[1] <= 0):
             raise MediaError("bad_size", f"{fmt_hint} header says {size[0]}x{size[1]}", key=key) from e
         if fmt_hint is not None and (formats is None or fmt_hint in formats):
-            raise MediaError(
-                "corrupt", f"starts like {fmt_hint} but its header cannot be read", key=key
-            ) from e
+            raise MediaError("corrupt", f"starts like {fmt_hint} but its header cannot be read", key=key) from e
         what = f"a {fmt_hint} file, which is not an accepted format" if fmt_hint else "not an image"
         raise MediaError("unidentified", f"{what} (accepted: {', '.join(formats or ['any'])})", key=key) from e
 

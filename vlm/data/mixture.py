@@ -60,7 +60,12 @@ class CaptionTask:
             except (UnicodeDecodeError, json.JSONDecodeError):
                 return raw  # the processor reports it
             msgs = obj.get("messages") if isinstance(obj, dict) else None
-            if isinstance(msgs, list) and msgs and isinstance(msgs[0], dict) and isinstance(msgs[0].get("content"), list):
+            if (
+                isinstance(msgs, list)
+                and msgs
+                and isinstance(msgs[0], dict)
+                and isinstance(msgs[0].get("content"), list)
+            ):
                 for item in msgs[0]["content"]:
                     if isinstance(item, dict) and item.get("type") == "text":
                         item["text"] = self._prompt(key)
@@ -79,9 +84,15 @@ class CaptionTask:
             raise SampleError("bad_text", key, "caption is not UTF-8") from None
         if not caption:
             raise SampleError("empty_caption", key, "empty caption")
-        sample = {"messages": [
-            {"role": "user", "content": [{"type": "image", "media": 0}, {"type": "text", "text": self._prompt(key)}]},
-            {"role": "assistant", "content": [{"type": "text", "text": caption}]}]}
+        sample = {
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [{"type": "image", "media": 0}, {"type": "text", "text": self._prompt(key)}],
+                },
+                {"role": "assistant", "content": [{"type": "text", "text": caption}]},
+            ]
+        }
         return {"__key__": key, "json": json.dumps(sample).encode(), f"0.{images[0]}": raw[images[0]]}
 
 
@@ -97,9 +108,19 @@ class MixtureDataset(IterableDataset):
     resume: a checkpoint's `{"state": …, "step": …}` (as `ShardDataset` takes it): every stream
     and the source choice are reseeded from the step; None: a fresh start."""
 
-    def __init__(self, sources: list[dict], processor: SampleProcessor, seed: int = 0, shuffle_buffer: int = 1000,
-                 max_consecutive_failures: int = 50, packing: dict | None = None, max_bad_fraction: float = 0.5,
-                 bad_window: int = 1000, resume: dict | None = None, **limits):
+    def __init__(
+        self,
+        sources: list[dict],
+        processor: SampleProcessor,
+        seed: int = 0,
+        shuffle_buffer: int = 1000,
+        max_consecutive_failures: int = 50,
+        packing: dict | None = None,
+        max_bad_fraction: float = 0.5,
+        bad_window: int = 1000,
+        resume: dict | None = None,
+        **limits,
+    ):
         if not sources:
             raise ValueError("data.sources is empty")
         names = [str(s.get("name", "")) for s in sources]
@@ -118,11 +139,21 @@ class MixtureDataset(IterableDataset):
         # reseed every stream from the resume step (documented above)
         reseed = None if resume is None else {"state": None, "step": resume["step"]}
         self.datasets = [
-            ShardDataset(s["shards"], processor, train=True, shuffle_buffer=shuffle_buffer, seed=seed + 7919 * i,
-                         max_consecutive_failures=max_consecutive_failures, max_bad_fraction=max_bad_fraction,
-                         bad_window=bad_window, **limits, task=make_task(s.get("task", "chat"), s.get("prompts"), seed),
-                         resume=reseed)
-            for i, s in enumerate(sources)]
+            ShardDataset(
+                s["shards"],
+                processor,
+                train=True,
+                shuffle_buffer=shuffle_buffer,
+                seed=seed + 7919 * i,
+                max_consecutive_failures=max_consecutive_failures,
+                max_bad_fraction=max_bad_fraction,
+                bad_window=bad_window,
+                **limits,
+                task=make_task(s.get("task", "chat"), s.get("prompts"), seed),
+                resume=reseed,
+            )
+            for i, s in enumerate(sources)
+        ]
         self.packing = packing
         self.urls = [u for d in self.datasets for u in d.urls]
 

@@ -81,9 +81,7 @@ def patchify(x: torch.Tensor, patch_size: int) -> torch.Tensor:
     return x.reshape(c, h, p, w, p).permute(1, 3, 0, 2, 4).reshape(h * w, c * p * p)
 
 
-def unpatchify(
-    patches: torch.Tensor, grid: tuple[int, int, int], patch_size: int, channels: int = 3
-) -> torch.Tensor:
+def unpatchify(patches: torch.Tensor, grid: tuple[int, int, int], patch_size: int, channels: int = 3) -> torch.Tensor:
     """Inverse of :func:`patchify`: ``[h*w, C*P*P]`` and ``grid (1, h, w)`` → ``[C, h*P, w*P]``."""
     t, h, w = (int(v) for v in grid)
     p, c = int(patch_size), int(channels)
@@ -261,9 +259,7 @@ class ImageProcessor:
             if height <= 0 or width <= 0:
                 raise MediaError("bad_size", f"cannot resize a {height}x{width} image")
             return self.image_size, self.image_size
-        return smart_resize(
-            height, width, self.factor, self.min_pixels, self.max_pixels, self.max_aspect_ratio
-        )
+        return smart_resize(height, width, self.factor, self.min_pixels, self.max_pixels, self.max_aspect_ratio)
 
     def resize_size(self, height: int, width: int) -> tuple[int, int]:
         """`(H, W)` the image is resized to before any crop: `target_size`, except for `crop`,
@@ -304,9 +300,7 @@ class ImageProcessor:
         hh, ww = self.target_size(image.height, image.width)
         rh, rw = self.resize_size(image.height, image.width)
         if (image.width, image.height) != (rw, rh):
-            image = image.resize(
-                (rw, rh), INTERPOLATIONS[self.interpolation], reducing_gap=self.reducing_gap
-            )
+            image = image.resize((rw, rh), INTERPOLATIONS[self.interpolation], reducing_gap=self.reducing_gap)
         if (rh, rw) != (hh, ww):  # crop: the centred square (top / left rounded down, as CLIP's processor)
             top, left = (rh - hh) // 2, (rw - ww) // 2
             image = image.crop((left, top, left + ww, top + hh))
@@ -355,7 +349,7 @@ class ImageProcessor:
         }
 
     @classmethod
-    def from_config(cls, d: dict[str, Any]) -> "ImageProcessor":
+    def from_config(cls, d: dict[str, Any]) -> ImageProcessor:
         """Rebuild from :meth:`to_config` output (also accepts an OmegaConf mapping)."""
         return cls(**cls.config_kwargs(d))
 

@@ -63,8 +63,9 @@ class MediaProcessor(ImageProcessor):
     changes. Give one or the other, not both; `to_config()` records the resulting pixels.
     """
 
-    def __init__(self, video: dict | None = None, min_tokens: int | None = None, max_tokens: int | None = None,
-                 **image_kw: Any) -> None:
+    def __init__(
+        self, video: dict | None = None, min_tokens: int | None = None, max_tokens: int | None = None, **image_kw: Any
+    ) -> None:
         f2 = (int(image_kw.get("patch_size", 8)) * int(image_kw.get("merge_size", 1))) ** 2
         _tokens_to_pixels(image_kw, min_tokens, max_tokens, f2, "processor")
         super().__init__(**image_kw)
@@ -74,8 +75,9 @@ class MediaProcessor(ImageProcessor):
             if k in video and int(video[k]) != getattr(self, k):
                 raise ValueError(f"processor.video.{k}={video[k]} differs from processor.{k}={getattr(self, k)}")
         video.setdefault("temporal_patch", 1)
-        _tokens_to_pixels(video, video.pop("min_tokens", None), video.pop("max_tokens", None), self.factor ** 2,
-                          "processor.video")
+        _tokens_to_pixels(
+            video, video.pop("min_tokens", None), video.pop("max_tokens", None), self.factor**2, "processor.video"
+        )
         image_cfg = ImageProcessor.to_config(self)
         known = set(VideoProcessor().to_config())
         unknown = set(video) - known
@@ -147,8 +149,9 @@ def skip_report(skipped: dict) -> ProcessedSample:
     """A stand-in that carries skip counts when no good sample follows them (end of a finite
     stream); collate drops it and keeps the counts."""
     e = torch.empty(0, dtype=torch.long)
-    return ProcessedSample(key="", input_ids=e, labels=e, position_ids=e, patches=[], grids=[], skipped=dict(skipped),
-                           report_only=True)
+    return ProcessedSample(
+        key="", input_ids=e, labels=e, position_ids=e, patches=[], grids=[], skipped=dict(skipped), report_only=True
+    )
 
 
 def format_skips(counts: dict, what: str) -> str:
@@ -165,7 +168,11 @@ def _texts(content) -> list[str]:
     if isinstance(content, str):
         return [content]
     if isinstance(content, list):
-        return [c["text"] for c in content if isinstance(c, dict) and c.get("type") == "text" and isinstance(c.get("text"), str)]
+        return [
+            c["text"]
+            for c in content
+            if isinstance(c, dict) and c.get("type") == "text" and isinstance(c.get("text"), str)
+        ]
     return []
 
 
@@ -253,9 +260,15 @@ class SampleProcessor:
     temporal_patch=1)` (made on the first video).
     """
 
-    def __init__(self, image_processor: ImageProcessor, template: ChatTemplate, mode: str = "train",
-                 max_pixels: int = 50_000_000, video_processor: VideoProcessor | None = None,
-                 require_reference: bool = True):
+    def __init__(
+        self,
+        image_processor: ImageProcessor,
+        template: ChatTemplate,
+        mode: str = "train",
+        max_pixels: int = 50_000_000,
+        video_processor: VideoProcessor | None = None,
+        require_reference: bool = True,
+    ):
         if mode not in ("train", "eval"):
             raise ValueError(f"mode must be 'train' or 'eval', got {mode!r}")
         self.image_processor, self.template, self.mode, self.max_pixels = image_processor, template, mode, max_pixels
@@ -264,8 +277,10 @@ class SampleProcessor:
         if self._video is not None:
             for k in ("patch_size", "merge_size"):
                 if getattr(self._video, k) != getattr(image_processor, k):
-                    raise ValueError(f"video processor {k}={getattr(self._video, k)} differs from the image processor's "
-                                     f"{getattr(image_processor, k)}")
+                    raise ValueError(
+                        f"video processor {k}={getattr(self._video, k)} differs from the image processor's "
+                        f"{getattr(image_processor, k)}"
+                    )
 
     @property
     def video_processor(self) -> VideoProcessor:
@@ -289,7 +304,9 @@ class SampleProcessor:
         """A frame list: plan from the first frame's size, decode only the frames the plan keeps."""
         vp = self.video_processor
         if len(frames) > vp.max_frames_decoded:
-            raise MediaError("too_many_frames", f"{len(frames)} frames > max_frames_decoded={vp.max_frames_decoded}", key=key)
+            raise MediaError(
+                "too_many_frames", f"{len(frames)} frames > max_frames_decoded={vp.max_frames_decoded}", key=key
+            )
         fps = vp.default_fps if fps is None else fps
         first = decode_image(frames[0], max_pixels=min(self.max_pixels, vp.max_decode_pixels), key=key)
         plan = vp.plan(len(frames), fps, first.height, first.width)
@@ -378,7 +395,9 @@ class SampleProcessor:
         for it in media_items(sample):
             idx = it.get("media")
             if not isinstance(idx, int) or isinstance(idx, bool) or idx not in media:
-                raise SampleError("template", key, f"{it.get('type')} item references media {idx!r}, the sample has {len(media)}")
+                raise SampleError(
+                    "template", key, f"{it.get('type')} item references media {idx!r}, the sample has {len(media)}"
+                )
             if kinds.setdefault(idx, it["type"]) != it["type"]:
                 raise SampleError("bad_media_kind", key, f"media {idx} is referenced both as an image and as a video")
             if it["type"] == "video" and it.get("fps") is not None:

@@ -90,14 +90,20 @@ def read_samples(url: str, errors: ShardErrors, max_member_bytes: int, max_sampl
                 if current.get("__bad__"):
                     continue
                 if member.size > max_member_bytes:
-                    errors.add("tar_member_too_large", url,
-                               f"{member.name!r} declares {member.size} bytes > data.max_member_bytes={max_member_bytes}")
+                    errors.add(
+                        "tar_member_too_large",
+                        url,
+                        f"{member.name!r} declares {member.size} bytes > data.max_member_bytes={max_member_bytes}",
+                    )
                     current["__bad__"] = True
                     continue
                 size += member.size
                 if size > max_sample_bytes or len(current) > MAX_MEMBERS:
-                    errors.add("tar_sample_too_large", url,
-                               f"sample {key!r} is over data.max_sample_bytes={max_sample_bytes} or {MAX_MEMBERS} members")
+                    errors.add(
+                        "tar_sample_too_large",
+                        url,
+                        f"sample {key!r} is over data.max_sample_bytes={max_sample_bytes} or {MAX_MEMBERS} members",
+                    )
                     current["__bad__"] = True
                     continue
                 if ext in current:

@@ -72,7 +72,9 @@ class ChatTemplate:
         self.merge_size = merge_size
         self.token_grid = token_grid or self._merged_grid
         self.system_prompt = system_prompt
-        self._role_prefix = {r: [tokenizer.im_start_id, *tokenizer.encode(f"{r}\n")] for r in ("system", "user", "assistant")}
+        self._role_prefix = {
+            r: [tokenizer.im_start_id, *tokenizer.encode(f"{r}\n")] for r in ("system", "user", "assistant")
+        }
         self._turn_end = [tokenizer.im_end_id, *tokenizer.encode("\n")]
 
     def prompt_messages(self, n_images: int, text: str, n_videos: int = 0) -> list[dict]:
@@ -81,11 +83,25 @@ class ChatTemplate:
         inference to build the same layout as the training data."""
         images = [{"type": "image", "media": i} for i in range(n_images)]
         images += [{"type": "video", "media": n_images + j} for j in range(n_videos)]
-        content = [*images, {"type": "text", "text": text}] if self.image_position == "first" else [{"type": "text", "text": text}, *images]
+        content = (
+            [*images, {"type": "text", "text": text}]
+            if self.image_position == "first"
+            else [{"type": "text", "text": text}, *images]
+        )
         return [{"role": "user", "content": content}]
 
     # ---- rendering ---------------------------------------------------------------------------
-    def _content(self, content, grids: Sequence[Sequence[int]], media_kinds: Sequence[str] | None, out_ids, out_labels, train: bool, order, kinds):
+    def _content(
+        self,
+        content,
+        grids: Sequence[Sequence[int]],
+        media_kinds: Sequence[str] | None,
+        out_ids,
+        out_labels,
+        train: bool,
+        order,
+        kinds,
+    ):
         if isinstance(content, str):
             content = [{"type": "text", "text": content}]
         if not isinstance(content, list):
@@ -130,7 +146,9 @@ class ChatTemplate:
         kinds: list[str] = []
         if not isinstance(messages, list):
             raise TemplateError(f"'messages' must be a list, got {type(messages).__name__}")
-        if self.system_prompt and not (messages and isinstance(messages[0], dict) and messages[0].get("role") == "system"):
+        if self.system_prompt and not (
+            messages and isinstance(messages[0], dict) and messages[0].get("role") == "system"
+        ):
             messages = [{"role": "system", "content": self.system_prompt}, *messages]
         for msg in messages:
             role = msg.get("role") if isinstance(msg, dict) else None

@@ -220,9 +220,7 @@ def _open_pyav(data, demuxer: str, key: str | None, threads: int) -> Iterator[tu
         container.close()
 
 
-def probe_video(
-    data: bytes | bytearray | memoryview | str | os.PathLike, *, key: str | None = None
-) -> VideoInfo:
+def probe_video(data: bytes | bytearray | memoryview | str | os.PathLike, *, key: str | None = None) -> VideoInfo:
     """Header facts of a video (bytes or a path) without decoding a frame."""
     if isinstance(data, (str, os.PathLike)):
         key = key or os.fspath(data)
@@ -302,7 +300,9 @@ def _check_header(info: VideoInfo, key, max_pixels, max_frames_decoded, max_tota
             key=key,
         )
     if info.n_frames > max_frames_decoded:
-        raise MediaError("too_many_frames", f"{info.n_frames} frames > max_frames_decoded={max_frames_decoded}", key=key)
+        raise MediaError(
+            "too_many_frames", f"{info.n_frames} frames > max_frames_decoded={max_frames_decoded}", key=key
+        )
     if info.n_frames <= 0:
         raise MediaError("empty", f"{info.format} stream has no frames", key=key)
     if callable(indices):
@@ -340,7 +340,9 @@ def _decode_pyav(container, stream, info, key, max_pixels, max_frames_decoded, m
         if n >= max_frames_decoded:
             raise MediaError("too_many_frames", f"more than max_frames_decoded={max_frames_decoded} frames", key=key)
         if frame.width * frame.height > max_pixels:  # a size change mid-stream
-            raise MediaError("too_many_pixels", f"frame {n} is {frame.width}x{frame.height} > max_pixels={max_pixels}", key=key)
+            raise MediaError(
+                "too_many_pixels", f"frame {n} is {frame.width}x{frame.height} > max_pixels={max_pixels}", key=key
+            )
         if wanted is None or n in wanted:
             kept[n] = frame.to_image()  # rgb24 PIL image, native size
         n += 1
@@ -417,8 +419,14 @@ def encode_video(frames: Sequence[Image.Image], fps: float = DEFAULT_FPS, format
     if format == "apng":
         buf = io.BytesIO()
         frames[0].save(
-            buf, format="PNG", save_all=True, append_images=frames[1:], duration=1000.0 / fps, loop=0,
-            compress_level=6, default_image=False,
+            buf,
+            format="PNG",
+            save_all=True,
+            append_images=frames[1:],
+            duration=1000.0 / fps,
+            loop=0,
+            compress_level=6,
+            default_image=False,
         )
         return buf.getvalue()
     if format != "mp4":
@@ -529,8 +537,15 @@ class VideoProcessor:
         default_fps: frame rate of a frame list given without one.
     """
 
-    _VIDEO_KEYS = ("temporal_patch", "target_fps", "max_frames", "max_video_tokens",
-                   "max_frames_decoded", "max_decode_pixels", "default_fps")
+    _VIDEO_KEYS = (
+        "temporal_patch",
+        "target_fps",
+        "max_frames",
+        "max_video_tokens",
+        "max_frames_decoded",
+        "max_decode_pixels",
+        "default_fps",
+    )
 
     def __init__(
         self,
@@ -555,9 +570,18 @@ class VideoProcessor:
         default_fps: float = DEFAULT_FPS,
     ) -> None:
         self.image = ImageProcessor(
-            patch_size=patch_size, merge_size=merge_size, resolution=resolution, image_size=image_size,
-            min_pixels=min_pixels, max_pixels=max_pixels, max_aspect_ratio=max_aspect_ratio,
-            interpolation=interpolation, mean=mean, std=std, reducing_gap=reducing_gap, jpeg_draft=jpeg_draft,
+            patch_size=patch_size,
+            merge_size=merge_size,
+            resolution=resolution,
+            image_size=image_size,
+            min_pixels=min_pixels,
+            max_pixels=max_pixels,
+            max_aspect_ratio=max_aspect_ratio,
+            interpolation=interpolation,
+            mean=mean,
+            std=std,
+            reducing_gap=reducing_gap,
+            jpeg_draft=jpeg_draft,
         )
         self.temporal_patch = _pos_int("temporal_patch", temporal_patch)
         self.max_frames = _pos_int("max_frames", max_frames)
@@ -684,8 +708,11 @@ class VideoProcessor:
                 return list(plans[0].indices)
 
             frames, src_fps = decode_video(
-                video, key=key, max_pixels=self.max_decode_pixels,
-                max_frames_decoded=self.max_frames_decoded, indices=choose,
+                video,
+                key=key,
+                max_pixels=self.max_decode_pixels,
+                max_frames_decoded=self.max_frames_decoded,
+                indices=choose,
             )
             plan = plans[0]
         else:
@@ -720,8 +747,11 @@ class VideoProcessor:
         blocks = u8.view(t, T, h, p, w, p, 3).permute(0, 2, 4, 6, 1, 3, 5).reshape(t * h * w, 3, T, p, p)
         patches = blocks.to(torch.float32).mul_(self._scale).add_(self._shift)
         return ProcessedVideo(
-            patches=patches.reshape(t * h * w, 3 * T * p * p), grid=(t, h, w), size=(hh, ww),
-            frame_indices=plan.indices, fps=float(fps),
+            patches=patches.reshape(t * h * w, 3 * T * p * p),
+            grid=(t, h, w),
+            size=(hh, ww),
+            frame_indices=plan.indices,
+            fps=float(fps),
         )
 
     def to_pil(self, patches: torch.Tensor, grid: Sequence[int]) -> list[Image.Image]:

@@ -45,6 +45,7 @@ from itertools import chain, islice
 import torch
 import torch.distributed as dist
 from torch.utils.data import IterableDataset, get_worker_info
+
 from vlm.data.sample import SampleError, SampleProcessor, skip_report
 from vlm.data.tar_reader import ShardErrors, read_samples
 
@@ -87,12 +88,12 @@ class DataError(RuntimeError):
     """The training data cannot go on: every shard is unreadable, or too many samples fail."""
 
 
-MAX_MEMBER_BYTES = 128 * 2**20   # one tar member (an image, a video, the json)
-MAX_SAMPLE_BYTES = 512 * 2**20   # all members of one sample
+MAX_MEMBER_BYTES = 128 * 2**20  # one tar member (an image, a video, the json)
+MAX_SAMPLE_BYTES = 512 * 2**20  # all members of one sample
 
 
-RING = 4096        # positions remembered per worker: more than a worker runs ahead (batch x (prefetch + 2))
-MAX_WORKERS = 16   # training DataLoader workers per rank (the ring is 16 x 4096 x 6 int64 = 3.1 MB of shared memory)
+RING = 4096  # positions remembered per worker: more than a worker runs ahead (batch x (prefetch + 2))
+MAX_WORKERS = 16  # training DataLoader workers per rank (the ring is 16 x 4096 x 6 int64 = 3.1 MB of shared memory)
 
 
 class ShardDataset(IterableDataset):
@@ -120,8 +121,10 @@ class ShardDataset(IterableDataset):
         a fresh start."""
         self.urls = expand_urls(urls)
         if int(max_member_bytes) < 1 or int(max_sample_bytes) < 1:
-            raise ValueError(f"data.max_member_bytes and data.max_sample_bytes must be >= 1, got "
-                             f"{max_member_bytes}, {max_sample_bytes}")
+            raise ValueError(
+                f"data.max_member_bytes and data.max_sample_bytes must be >= 1, got "
+                f"{max_member_bytes}, {max_sample_bytes}"
+            )
         self.max_member_bytes, self.max_sample_bytes = int(max_member_bytes), int(max_sample_bytes)
         self.processor, self.train = processor, train
         self.shuffle_buffer, self.seed = shuffle_buffer, seed
@@ -131,8 +134,10 @@ class ShardDataset(IterableDataset):
         self.block_samples = int(block_samples or max(8192, 4 * shuffle_buffer))
         self.rank, self.world = rank_world()
         if not 0.0 < max_bad_fraction <= 1.0 or bad_window < 1:
-            raise ValueError(f"data.max_bad_fraction must be in (0, 1] and data.bad_window >= 1, got "
-                             f"{max_bad_fraction}, {bad_window}")
+            raise ValueError(
+                f"data.max_bad_fraction must be in (0, 1] and data.bad_window >= 1, got "
+                f"{max_bad_fraction}, {bad_window}"
+            )
         self.max_bad_fraction, self.bad_window = float(max_bad_fraction), int(bad_window)
         self.task = task  # raw sample -> raw sample before decoding (vlm.data.mixture tasks), or None
         self.packing = dict(packing) if packing and train else None
@@ -153,7 +158,11 @@ class ShardDataset(IterableDataset):
 
     def fingerprint(self) -> str:
         """What a resume point is valid for: same shards, seed and block size."""
-        pk = "" if not self.packing else f"pack-{self.packing.get('length')}-{self.packing.get('method', 'best_fit')}-{self.packing.get('window')}"
+        pk = (
+            ""
+            if not self.packing
+            else f"pack-{self.packing.get('length')}-{self.packing.get('method', 'best_fit')}-{self.packing.get('window')}"
+        )
         h = hashlib.sha1("\n".join([str(self.seed), str(self.block_samples), pk, *self.urls]).encode())
         return h.hexdigest()[:16]
 
@@ -172,8 +181,11 @@ class ShardDataset(IterableDataset):
             point = [int(v) for v in st["points"][stream]]
             return stream, (point + [0])[:5], st.get("tag", "")
         if worker == 0:
-            log.warning("training streams reseeded from step %d (the checkpoint's data layout differs: "
-                        "world size, num_workers, shards, seed or packing)", step)
+            log.warning(
+                "training streams reseeded from step %d (the checkpoint's data layout differs: "
+                "world size, num_workers, shards, seed or packing)",
+                step,
+            )
         return worker, [0, 0, 0, 0, 0], f"r{step}"
 
     def _shards(self, rank: int, world: int, worker: int, n_workers: int) -> Iterator[str]:
@@ -182,7 +194,9 @@ class ShardDataset(IterableDataset):
     def _read(self, url: str, errors: ShardErrors) -> Iterator[dict]:
         return read_samples(url, errors, self.max_member_bytes, self.max_sample_bytes)
 
-    def _cursor(self, stream: int, tag: str, shard: int, offset: int, errors: ShardErrors) -> Iterator[tuple[int, int, dict]]:
+    def _cursor(
+        self, stream: int, tag: str, shard: int, offset: int, errors: ShardErrors
+    ) -> Iterator[tuple[int, int, dict]]:
         """(shard number, offset in shard, raw sample) of a training stream from (shard, offset) on.
 
         A shard that yields no sample is remembered and not read again (its pick still counts, so
@@ -206,8 +220,10 @@ class ShardDataset(IterableDataset):
                     empty[url] = ", ".join(sorted(errors.counts - before)) or "no samples"
                     if len(empty) == len(distinct):
                         names = ", ".join(f"{u} ({why})" for u, why in list(empty.items())[:5])
-                        raise DataError(f"no training shard yields a sample: all {len(distinct)} are empty or "
-                                        f"unreadable: {names}{' …' if len(empty) > 5 else ''}; counts {dict(errors.counts)}")
+                        raise DataError(
+                            f"no training shard yields a sample: all {len(distinct)} are empty or "
+                            f"unreadable: {names}{' …' if len(empty) > 5 else ''}; counts {dict(errors.counts)}"
+                        )
             shard, offset = shard + 1, 0
 
     def _train_stream(self, start: tuple, errors: ShardErrors) -> Iterator[tuple[list[int], dict]]:
@@ -280,8 +296,13 @@ class ShardDataset(IterableDataset):
             try:
                 sample = self.processor(self.task(item) if self.task is not None else item)
             except Exception as exc:  # noqa: BLE001 - whatever one sample provokes, it is that sample's fault
-                e = exc if isinstance(exc, SampleError) else SampleError(
-                    f"error_{type(exc).__name__}", str(item.get("__key__", "?")), " ".join(str(exc).split())[:300])
+                e = (
+                    exc
+                    if isinstance(exc, SampleError)
+                    else SampleError(
+                        f"error_{type(exc).__name__}", str(item.get("__key__", "?")), " ".join(str(exc).split())[:300]
+                    )
+                )
                 skipped[e.reason] += 1
                 consecutive += 1
                 n_bad += 1 - (window[0] if len(window) == self.bad_window else 0)
@@ -376,13 +397,22 @@ class StreamTracker:
                 k = consumed[w] - 1
                 row = ds.positions[w, k % RING].tolist()
                 if row[0] != k:
-                    raise RuntimeError(f"data position of worker {w} sample {k} is no longer known (ring holds sample {row[0]}): "
-                                       f"the worker ran more than {RING} samples ahead; lower prefetch_factor or batch size")
+                    raise RuntimeError(
+                        f"data position of worker {w} sample {k} is no longer known (ring holds sample {row[0]}): "
+                        f"the worker ran more than {RING} samples ahead; lower prefetch_factor or batch size"
+                    )
                 point = [row[1], row[2] + 1, row[3], row[4], row[5]]
             points[stream] = point
         offset = ds._start(0, n_workers)[0] + (self.batches if mine else 0)
-        return {"num_workers": n_workers, "fingerprint": ds.fingerprint(), "tag": tag, "points": points,
-                "offset": offset % n_workers, "rank": ds.rank, "world": ds.world}
+        return {
+            "num_workers": n_workers,
+            "fingerprint": ds.fingerprint(),
+            "tag": tag,
+            "points": points,
+            "offset": offset % n_workers,
+            "rank": ds.rank,
+            "world": ds.world,
+        }
 
 
 def seed_worker(_: int) -> None:

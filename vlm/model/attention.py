@@ -122,8 +122,9 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, is_causa
     sequences take plain matmuls (see the module docstring); everything else goes to SDPA."""
     L, S = q.shape[-2], k.shape[-2]
     if q.device.type != "cpu" or L * S > EAGER_CPU_MAX:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
-                                              enable_gqa=k.shape[1] != q.shape[1])
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=k.shape[1] != q.shape[1]
+        )
     if k.shape[1] != q.shape[1]:
         rep = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
@@ -132,8 +133,11 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, is_causa
     # bit for bit), so the fp32 round trip only cost four casts of [B, H, L, S] per layer
     scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)
     if is_causal:
-        mask = (torch.ones(L, S, dtype=torch.bool, device=q.device).tril() if torch.compiler.is_compiling()
-                else _causal_mask(L, S, q.device))  # compiled: traced (and folded) instead of cached
+        mask = (
+            torch.ones(L, S, dtype=torch.bool, device=q.device).tril()
+            if torch.compiler.is_compiling()
+            else _causal_mask(L, S, q.device)
+        )  # compiled: traced (and folded) instead of cached
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     probs = scores.softmax(-1)

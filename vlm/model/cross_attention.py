@@ -47,7 +47,15 @@ class GatedCrossAttentionBlock(nn.Module):
         self.ff_norm = RMSNorm(dim, norm_eps)
         self.mlp = SwiGLU(dim, mlp_hidden)
         self.ff_gate = nn.Parameter(torch.zeros(1))
-        for lin in (self.q_proj, self.k_proj, self.v_proj, self.o_proj, self.mlp.gate_proj, self.mlp.up_proj, self.mlp.down_proj):
+        for lin in (
+            self.q_proj,
+            self.k_proj,
+            self.v_proj,
+            self.o_proj,
+            self.mlp.gate_proj,
+            self.mlp.up_proj,
+            self.mlp.down_proj,
+        ):
             nn.init.normal_(lin.weight, std=0.02)
 
     def media_kv(self, media: Tensor) -> tuple[Tensor, Tensor]:
@@ -62,8 +70,9 @@ class GatedCrossAttentionBlock(nn.Module):
         sees_media: `[B, L, 1]`, 0 where the position has no media before it."""
         B, L, D = x.shape
         q = self.q_proj(self.norm(x)).view(B, L, self.n_heads, self.head_dim).transpose(1, 2)
-        a = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask,
-                                           enable_gqa=self.n_kv_heads != self.n_heads)
+        a = F.scaled_dot_product_attention(
+            q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, enable_gqa=self.n_kv_heads != self.n_heads
+        )
         a = self.o_proj(a.transpose(1, 2).reshape(B, L, D)) * sees_media.to(x.dtype)
         x = x + torch.tanh(self.attn_gate).to(x.dtype) * a
         ff = self.mlp(self.ff_norm(x)) * sees_media.to(x.dtype)
@@ -75,15 +84,24 @@ class CrossState:
     """What the blocks need for one forward: per-block media K/V and the text→media mask."""
 
     kv: dict[int, tuple[Tensor, Tensor]]
-    mask: Tensor        # [B, 1, L, Nm] bool, rows with no media allowed everywhere (zeroed by sees_media)
+    mask: Tensor  # [B, 1, L, Nm] bool, rows with no media allowed everywhere (zeroed by sees_media)
     sees_media: Tensor  # [B, L, 1]
 
 
 class CrossAttentionFusion(nn.Module):
     """The gated blocks, keyed by the decoder layer they run before (`0, every, 2·every, …`)."""
 
-    def __init__(self, dim: int, n_heads: int, n_kv_heads: int, mlp_hidden: int, n_layers: int, every: int = 2,
-                 media: str = "all", norm_eps: float = 1e-6):
+    def __init__(
+        self,
+        dim: int,
+        n_heads: int,
+        n_kv_heads: int,
+        mlp_hidden: int,
+        n_layers: int,
+        every: int = 2,
+        media: str = "all",
+        norm_eps: float = 1e-6,
+    ):
         super().__init__()
         if every < 1:
             raise ValueError(f"model.cross_attn.every must be >= 1, got {every}")
@@ -95,7 +113,9 @@ class CrossAttentionFusion(nn.Module):
             GatedCrossAttentionBlock(dim, n_heads, n_kv_heads, mlp_hidden, norm_eps) for _ in self.layer_ids
         )
 
-    def state(self, is_marker: Tensor, media: Tensor | None, media_item: Tensor | None, cache: KVCache | None) -> CrossState | None:
+    def state(
+        self, is_marker: Tensor, media: Tensor | None, media_item: Tensor | None, cache: KVCache | None
+    ) -> CrossState | None:
         """Build the per-forward state.
 
         is_marker: `[B, L]` media marker tokens among this forward's tokens. media: `[B, Nm, D]`
@@ -146,8 +166,13 @@ def pad_media(visual: Tensor, counts: list[int], media_per_sample: list[int]) ->
     per_row, start_item, start_tok = [], 0, 0
     for m in media_per_sample:
         n = sum(counts[start_item : start_item + m])
-        ids = torch.cat([torch.full((c,), j, dtype=torch.long) for j, c in enumerate(counts[start_item : start_item + m])]) \
-            if m else torch.zeros(0, dtype=torch.long)
+        ids = (
+            torch.cat(
+                [torch.full((c,), j, dtype=torch.long) for j, c in enumerate(counts[start_item : start_item + m])]
+            )
+            if m
+            else torch.zeros(0, dtype=torch.long)
+        )
         per_row.append((visual[start_tok : start_tok + n], ids))
         start_item, start_tok = start_item + m, start_tok + n
     Nm = max(1, max(r[0].shape[0] for r in per_row))

@@ -42,7 +42,16 @@ class SwiGLU(nn.Module):
 
 
 class DecoderBlock(nn.Module):
-    def __init__(self, dim: int, n_heads: int, n_kv_heads: int, mlp_hidden: int, norm_eps: float, qkv_bias: bool, qk_norm: bool = False):
+    def __init__(
+        self,
+        dim: int,
+        n_heads: int,
+        n_kv_heads: int,
+        mlp_hidden: int,
+        norm_eps: float,
+        qkv_bias: bool,
+        qk_norm: bool = False,
+    ):
         super().__init__()
         self.input_layernorm = RMSNorm(dim, norm_eps)
         self.self_attn = SelfAttention(dim, n_heads, n_kv_heads, bias=False, qkv_bias=qkv_bias, qk_norm=qk_norm)
@@ -146,14 +155,14 @@ class Decoder(nn.Module):
             return
         emb = nn.Embedding(n, self.dim, device=old.device, dtype=old.dtype)
         emb.weight[: old.shape[0]] = old
-        emb.weight[old.shape[0]:] = old.mean(0)
+        emb.weight[old.shape[0] :] = old.mean(0)
         tied = self.lm_head.weight is old
         head = nn.Linear(self.dim, n, bias=False, device=old.device, dtype=old.dtype)
         if tied:
             head.weight = emb.weight
         else:
             head.weight[: old.shape[0]] = self.lm_head.weight
-            head.weight[old.shape[0]:] = self.lm_head.weight.mean(0)
+            head.weight[old.shape[0] :] = self.lm_head.weight.mean(0)
         self.embed_tokens, self.lm_head, self.vocab_size = emb, head, n
 
     def new_cache(self, batch: int, max_len: int, dtype, device) -> KVCache:

@@ -58,8 +58,9 @@ DECODER_FAMILIES = {
 }
 
 
-def expand(layer_map: dict[str, str], n_layers: int, global_map: dict[str, str], prefix_hf: str = "",
-           prefix_ours: str = "") -> dict[str, str]:
+def expand(
+    layer_map: dict[str, str], n_layers: int, global_map: dict[str, str], prefix_hf: str = "", prefix_ours: str = ""
+) -> dict[str, str]:
     """The full HF -> ours name table for `n_layers` layers."""
     out = {prefix_hf + k: prefix_ours + v for k, v in global_map.items()}
     for i in range(n_layers):
@@ -107,8 +108,13 @@ class SafetensorsFolder:
         return self._handles[self.where[key]].get_tensor(key)
 
 
-def check_and_load(module: nn.Module, source: SafetensorsFolder | dict[str, torch.Tensor], mapping: dict[str, str],
-                   ignore: tuple[str, ...] = (), where: str = "") -> None:
+def check_and_load(
+    module: nn.Module,
+    source: SafetensorsFolder | dict[str, torch.Tensor],
+    mapping: dict[str, str],
+    ignore: tuple[str, ...] = (),
+    where: str = "",
+) -> None:
     """Load `source[hf] -> module[ours]` for every pair of `mapping`; every parameter and buffer the
     module saves must be covered and every source key used (except names matching `ignore`
     suffixes), shapes must agree — otherwise one `PretrainedError` naming the keys."""
@@ -120,13 +126,18 @@ def check_and_load(module: nn.Module, source: SafetensorsFolder | dict[str, torc
     unexpected = sorted(k for k in src_keys if k not in mapping and not k.endswith(ignore))
     unmapped = sorted(k for k in ours if k not in mapped_ours and not _tied_alias(module, k, mapped_ours))
     bad_target = sorted(v for v in mapped_ours if v not in ours)
-    shapes = sorted(f"{k} {shape(k)} -> {v} {tuple(ours[v].shape)}" for k, v in mapping.items()
-                    if k in src_keys and v in ours and shape(k) != tuple(ours[v].shape))
-    problems = [(f"missing in the checkpoint: {_few(missing_src)}" if missing_src else ""),
-                (f"unexpected in the checkpoint: {_few(unexpected)}" if unexpected else ""),
-                (f"not covered by the key map: {_few(unmapped)}" if unmapped else ""),
-                (f"key map names unknown parameters: {_few(bad_target)}" if bad_target else ""),
-                (f"shape mismatch: {_few(shapes)}" if shapes else "")]
+    shapes = sorted(
+        f"{k} {shape(k)} -> {v} {tuple(ours[v].shape)}"
+        for k, v in mapping.items()
+        if k in src_keys and v in ours and shape(k) != tuple(ours[v].shape)
+    )
+    problems = [
+        (f"missing in the checkpoint: {_few(missing_src)}" if missing_src else ""),
+        (f"unexpected in the checkpoint: {_few(unexpected)}" if unexpected else ""),
+        (f"not covered by the key map: {_few(unmapped)}" if unmapped else ""),
+        (f"key map names unknown parameters: {_few(bad_target)}" if bad_target else ""),
+        (f"shape mismatch: {_few(shapes)}" if shapes else ""),
+    ]
     problems = [p for p in problems if p]
     if problems:
         raise PretrainedError(f"{where or 'pretrained weights'}: " + "; ".join(problems))
@@ -188,7 +199,9 @@ def _load_patch_embed(enc, w: torch.Tensor, where: str) -> None:
     """A Conv2d / Conv3d patch weight `[D, C, (T,) P, P]` into our linear patch embedding `[D, C·(T·)P·P]`."""
     flat = w.reshape(w.shape[0], -1)
     if flat.shape != enc.patch_embed.proj.weight.shape:
-        raise PretrainedError(f"{where}: patch embedding {tuple(w.shape)} does not fit {tuple(enc.patch_embed.proj.weight.shape)}")
+        raise PretrainedError(
+            f"{where}: patch embedding {tuple(w.shape)} does not fit {tuple(enc.patch_embed.proj.weight.shape)}"
+        )
     with torch.no_grad():
         enc.patch_embed.proj.weight.copy_(flat)
 
@@ -244,10 +257,16 @@ def decoder_kwargs(cfg: dict) -> dict:
     if cfg.get("attention_bias") or cfg.get("mlp_bias"):
         raise PretrainedError("attention_bias / mlp_bias on a Llama-family model is not supported")
     return dict(
-        vocab_size=int(cfg["vocab_size"]), dim=dim, n_layers=int(cfg["num_hidden_layers"]), n_heads=heads,
-        n_kv_heads=int(cfg.get("num_key_value_heads") or heads), mlp_hidden=int(cfg["intermediate_size"]),
-        rope_theta=_rope_theta(cfg), max_seq_len=int(cfg.get("max_position_embeddings", 2048)),
-        norm_eps=float(cfg.get("rms_norm_eps", 1e-6)), qkv_bias=DECODER_FAMILIES[family]["qkv_bias"],
+        vocab_size=int(cfg["vocab_size"]),
+        dim=dim,
+        n_layers=int(cfg["num_hidden_layers"]),
+        n_heads=heads,
+        n_kv_heads=int(cfg.get("num_key_value_heads") or heads),
+        mlp_hidden=int(cfg["intermediate_size"]),
+        rope_theta=_rope_theta(cfg),
+        max_seq_len=int(cfg.get("max_position_embeddings", 2048)),
+        norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+        qkv_bias=DECODER_FAMILIES[family]["qkv_bias"],
         tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         **({"rope": "mrope", "mrope_section": list(cfg["_mrope_section"])} if cfg.get("_mrope_section") else {}),
     )
@@ -267,7 +286,7 @@ def decoder_key_map(cfg: dict, keys: set[str] | None = None) -> dict[str, str]:
         body = _prefix_of([k for k in keys if "vision" not in k], "embed_tokens.weight", "decoder")
         heads = [k[: -len("lm_head.weight")] for k in keys if k.endswith("lm_head.weight")]
         head = heads[0] if heads else ""
-        table = {(body + k[len("model."):] if k.startswith("model.") else head + k): v for k, v in table.items()}
+        table = {(body + k[len("model.") :] if k.startswith("model.") else head + k): v for k, v in table.items()}
     return table
 
 
@@ -293,8 +312,20 @@ def pretrained_decoder(pretrained: str, device: str | torch.device | None = None
     src = SafetensorsFolder(pretrained)
     mapping = decoder_key_map(cfg, src.keys())
     # a whole VLM's folder (Qwen2-VL, LLaVA): the vision tower and projector have their own loaders
-    vision = {k for k in src.keys() if k.startswith(("visual.", "model.visual.", "vision_tower.", "model.vision_tower.",
-                                                      "multi_modal_projector.", "model.multi_modal_projector."))}
+    vision = {
+        k
+        for k in src.keys()
+        if k.startswith(
+            (
+                "visual.",
+                "model.visual.",
+                "vision_tower.",
+                "model.vision_tower.",
+                "multi_modal_projector.",
+                "model.multi_modal_projector.",
+            )
+        )
+    }
     check_and_load(dec, _Remapped(src, drop=vision), mapping, where=str(pretrained))
     return dec
 
@@ -356,22 +387,34 @@ def _vision_config(cfg: dict) -> tuple[str, dict]:
 def vision_kwargs(cfg: dict, feature_layer: int = -1) -> dict:
     family, v = _vision_config(cfg)
     default_act = "gelu_pytorch_tanh" if family == "siglip" else "quick_gelu"
-    act = {"gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "quick_gelu": "quick_gelu"}.get(v.get("hidden_act", default_act))
+    act = {"gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "quick_gelu": "quick_gelu"}.get(
+        v.get("hidden_act", default_act)
+    )
     if act is None:
         raise PretrainedError(f"hidden_act {v.get('hidden_act')!r} is not supported")
     P, size = int(v.get("patch_size", 16 if family == "siglip" else 32)), int(v.get("image_size", 224))
-    kw = dict(patch_size=P, dim=int(v.get("hidden_size", 768)), n_layers=int(v.get("num_hidden_layers", 12)),
-              n_heads=int(v.get("num_attention_heads", 12)), mlp_hidden=int(v.get("intermediate_size", 3072)),
-              channels=int(v.get("num_channels", 3)), pos_grid=size // P, patch_embed="linear", pos="learned",
-              act=act, norm_eps=float(v.get("layer_norm_eps", 1e-6 if family == "siglip" else 1e-5)),
-              feature_layer=feature_layer)
+    kw = dict(
+        patch_size=P,
+        dim=int(v.get("hidden_size", 768)),
+        n_layers=int(v.get("num_hidden_layers", 12)),
+        n_heads=int(v.get("num_attention_heads", 12)),
+        mlp_hidden=int(v.get("intermediate_size", 3072)),
+        channels=int(v.get("num_channels", 3)),
+        pos_grid=size // P,
+        patch_embed="linear",
+        pos="learned",
+        act=act,
+        norm_eps=float(v.get("layer_norm_eps", 1e-6 if family == "siglip" else 1e-5)),
+        feature_layer=feature_layer,
+    )
     if family == "clip":  # CLS token, LayerNorm before the blocks, hidden states read as they are
         kw.update(cls_token=True, pre_norm=True, final_norm=False, patch_bias=False)
     return kw
 
 
-def pretrained_vision_encoder(pretrained: str, feature_layer: int = -1, device: str | torch.device | None = None,
-                              **overrides):
+def pretrained_vision_encoder(
+    pretrained: str, feature_layer: int = -1, device: str | torch.device | None = None, **overrides
+):
     """Our `VisionEncoder` from a HF SigLIP or CLIP folder (a vision-only or a full checkpoint, whose
     text tower is then ignored).
 
@@ -403,11 +446,19 @@ def pretrained_vision_encoder(pretrained: str, feature_layer: int = -1, device: 
         glob.pop("vision_model.embeddings.patch_embedding.bias")
         glob.pop("vision_model.post_layernorm.weight")
         glob.pop("vision_model.post_layernorm.bias")
-        glob.update({"vision_model.pre_layrnorm.weight": "pre_norm.weight", "vision_model.pre_layrnorm.bias": "pre_norm.bias"})
+        glob.update(
+            {"vision_model.pre_layrnorm.weight": "pre_norm.weight", "vision_model.pre_layrnorm.bias": "pre_norm.bias"}
+        )
     mapping = expand(re(_SIGLIP_LAYER), n_built, re(glob))
-    unused = tuple(k for k in src.keys() if not k.startswith(pre) or k.startswith(pre + "head.")
-                   or k == pre + "embeddings.position_ids" or (family == "clip" and k.startswith(pre + "post_layernorm."))
-                   or any(k.startswith(f"{pre}encoder.layers.{i}.") for i in range(n_built, kw["n_layers"])))
+    unused = tuple(
+        k
+        for k in src.keys()
+        if not k.startswith(pre)
+        or k.startswith(pre + "head.")
+        or k == pre + "embeddings.position_ids"
+        or (family == "clip" and k.startswith(pre + "post_layernorm."))
+        or any(k.startswith(f"{pre}encoder.layers.{i}.") for i in range(n_built, kw["n_layers"]))
+    )
     by_hand = re(_SIGLIP_RESHAPED)
     if family == "clip":
         by_hand[pre + "embeddings.class_embedding"] = "cls"
@@ -424,7 +475,9 @@ def pretrained_vision_encoder(pretrained: str, feature_layer: int = -1, device: 
         n = kw["pos_grid"]
         extra = 1 if family == "clip" else 0  # CLIP's table starts with the CLS position
         if table.shape != (extra + n * n, kw["dim"]):
-            raise PretrainedError(f"{pretrained}: position table {tuple(table.shape)} is not {extra}+{n}x{n} x {kw['dim']}")
+            raise PretrainedError(
+                f"{pretrained}: position table {tuple(table.shape)} is not {extra}+{n}x{n} x {kw['dim']}"
+            )
         enc.pos_embed.copy_(table[extra:].view(n, n, -1))
         if family == "clip":
             enc.cls.copy_(loaded["cls"])
@@ -467,18 +520,30 @@ class _Without(nn.Module):
 
 # ---- Qwen2-VL vision tower and merger ---------------------------------------------------------------
 _QWEN2VL_BLOCK = {
-    "blocks.{}.norm1.weight": "blocks.{}.norm1.weight", "blocks.{}.norm1.bias": "blocks.{}.norm1.bias",
-    "blocks.{}.norm2.weight": "blocks.{}.norm2.weight", "blocks.{}.norm2.bias": "blocks.{}.norm2.bias",
-    "blocks.{}.attn.proj.weight": "blocks.{}.attn.o_proj.weight", "blocks.{}.attn.proj.bias": "blocks.{}.attn.o_proj.bias",
-    "blocks.{}.mlp.fc1.weight": "blocks.{}.mlp.fc1.weight", "blocks.{}.mlp.fc1.bias": "blocks.{}.mlp.fc1.bias",
-    "blocks.{}.mlp.fc2.weight": "blocks.{}.mlp.fc2.weight", "blocks.{}.mlp.fc2.bias": "blocks.{}.mlp.fc2.bias",
+    "blocks.{}.norm1.weight": "blocks.{}.norm1.weight",
+    "blocks.{}.norm1.bias": "blocks.{}.norm1.bias",
+    "blocks.{}.norm2.weight": "blocks.{}.norm2.weight",
+    "blocks.{}.norm2.bias": "blocks.{}.norm2.bias",
+    "blocks.{}.attn.proj.weight": "blocks.{}.attn.o_proj.weight",
+    "blocks.{}.attn.proj.bias": "blocks.{}.attn.o_proj.bias",
+    "blocks.{}.mlp.fc1.weight": "blocks.{}.mlp.fc1.weight",
+    "blocks.{}.mlp.fc1.bias": "blocks.{}.mlp.fc1.bias",
+    "blocks.{}.mlp.fc2.weight": "blocks.{}.mlp.fc2.weight",
+    "blocks.{}.mlp.fc2.bias": "blocks.{}.mlp.fc2.bias",
 }
 # the fused projection, split in this one place: qkv rows are [q; k; v]
-_QWEN2VL_FUSED = {"blocks.{}.attn.qkv.weight": ("blocks.{}.attn.{}_proj.weight", 0),
-                  "blocks.{}.attn.qkv.bias": ("blocks.{}.attn.{}_proj.bias", 0)}
-_QWEN2VL_MERGER = {"merger.ln_q.weight": "norm.weight", "merger.ln_q.bias": "norm.bias",
-                   "merger.mlp.0.weight": "proj.0.weight", "merger.mlp.0.bias": "proj.0.bias",
-                   "merger.mlp.2.weight": "proj.2.weight", "merger.mlp.2.bias": "proj.2.bias"}
+_QWEN2VL_FUSED = {
+    "blocks.{}.attn.qkv.weight": ("blocks.{}.attn.{}_proj.weight", 0),
+    "blocks.{}.attn.qkv.bias": ("blocks.{}.attn.{}_proj.bias", 0),
+}
+_QWEN2VL_MERGER = {
+    "merger.ln_q.weight": "norm.weight",
+    "merger.ln_q.bias": "norm.bias",
+    "merger.mlp.0.weight": "proj.0.weight",
+    "merger.mlp.0.bias": "proj.0.bias",
+    "merger.mlp.2.weight": "proj.2.weight",
+    "merger.mlp.2.bias": "proj.2.bias",
+}
 
 
 class _Split:
@@ -526,8 +591,9 @@ def _qwen2vl_prefix(src: SafetensorsFolder) -> str:
     raise PretrainedError("no Qwen2-VL vision blocks in the checkpoint")
 
 
-def pretrained_qwen2vl_vision(pretrained: str, feature_layer: int = -1, device: str | torch.device | None = None,
-                              **overrides):
+def pretrained_qwen2vl_vision(
+    pretrained: str, feature_layer: int = -1, device: str | torch.device | None = None, **overrides
+):
     """Our `VisionEncoder` from a Qwen2-VL folder: Conv3d patches (T=2, no bias) as one linear map,
     2D RoPE (the same rule as ours), QuickGELU, no final norm (the merger's `ln_q` is it).
 
@@ -540,12 +606,24 @@ def pretrained_qwen2vl_vision(pretrained: str, feature_layer: int = -1, device: 
     if v.get("hidden_act", "quick_gelu") != "quick_gelu":
         raise PretrainedError(f"hidden_act {v.get('hidden_act')!r} is not supported")
     D, heads = int(v.get("embed_dim", 1280)), int(v.get("num_heads", 16))
-    kw = dict(patch_size=int(v.get("patch_size", 14)), dim=D, n_layers=int(v.get("depth", 32)), n_heads=heads,
-              mlp_hidden=int(D * float(v.get("mlp_ratio", 4))), channels=int(v.get("in_channels", 3)),
-              patch_embed="linear", pos="rope2d", temporal_patch=int(v.get("temporal_patch_size", 2)),
-              act="quick_gelu", norm_eps=1e-6, final_norm=False, patch_bias=False, feature_layer=feature_layer,
-              attention="frame",
-              rope_theta=float((v.get("rope_parameters") or {}).get("rope_theta", 10000.0)))
+    kw = dict(
+        patch_size=int(v.get("patch_size", 14)),
+        dim=D,
+        n_layers=int(v.get("depth", 32)),
+        n_heads=heads,
+        mlp_hidden=int(D * float(v.get("mlp_ratio", 4))),
+        channels=int(v.get("in_channels", 3)),
+        patch_embed="linear",
+        pos="rope2d",
+        temporal_patch=int(v.get("temporal_patch_size", 2)),
+        act="quick_gelu",
+        norm_eps=1e-6,
+        final_norm=False,
+        patch_bias=False,
+        feature_layer=feature_layer,
+        attention="frame",
+        rope_theta=float((v.get("rope_parameters") or {}).get("rope_theta", 10000.0)),
+    )
     enc = _build(VisionEncoder, kw, device, overrides)
     kw = enc.native_config
     if _skeleton(device):
@@ -561,10 +639,19 @@ def pretrained_qwen2vl_vision(pretrained: str, feature_layer: int = -1, device: 
             for p in ("q", "k", "v"):
                 mapping[f"{pre}{k.format(i)}#{p}"] = ours.format(i, p)
     patch = pre + "patch_embed.proj.weight"
-    unused = {k for k in src.keys() if not k.startswith(pre) or k.startswith(pre + "merger.")
-              or any(k.startswith(f"{pre}blocks.{i}.") for i in range(n_built, kw["n_layers"]))}
-    check_and_load(_Without(enc, {"patch_embed.proj.weight"}), _Remapped(src, drop=unused | {patch}), mapping,
-                   where=str(pretrained))
+    unused = {
+        k
+        for k in src.keys()
+        if not k.startswith(pre)
+        or k.startswith(pre + "merger.")
+        or any(k.startswith(f"{pre}blocks.{i}.") for i in range(n_built, kw["n_layers"]))
+    }
+    check_and_load(
+        _Without(enc, {"patch_embed.proj.weight"}),
+        _Remapped(src, drop=unused | {patch}),
+        mapping,
+        where=str(pretrained),
+    )
     _load_patch_embed(enc, raw.get(patch), str(pretrained))  # Conv3d [D, C, T, P, P]
     return enc
 
@@ -578,16 +665,21 @@ def pretrained_qwen2vl_merger(pretrained: str, device: str | torch.device | None
     v = _qwen2vl_vision_cfg(cfg)
     m = int(v.get("spatial_merge_size", 2))
     D = int(v.get("embed_dim", 1280))
-    kw = dict(in_dim=D, out_dim=int(v.get("hidden_size", 3584)), kind="merge", merge_size=m, hidden=D * m * m,
-              norm_eps=1e-6)
+    kw = dict(
+        in_dim=D, out_dim=int(v.get("hidden_size", 3584)), kind="merge", merge_size=m, hidden=D * m * m, norm_eps=1e-6
+    )
     proj = _build(Projector, kw, device, overrides)
     if _skeleton(device):
         return proj
     src = SafetensorsFolder(pretrained)
     pre = _qwen2vl_prefix(src)
     mapping = {pre + k: v for k, v in _QWEN2VL_MERGER.items()}
-    check_and_load(proj, _Remapped(src, drop={k for k in src.keys() if not k.startswith(pre + "merger.")}), mapping,
-                   where=str(pretrained))
+    check_and_load(
+        proj,
+        _Remapped(src, drop={k for k in src.keys() if not k.startswith(pre + "merger.")}),
+        mapping,
+        where=str(pretrained),
+    )
     return proj
 
 
@@ -603,15 +695,27 @@ def pretrained_llava_projector(pretrained: str, device: str | torch.device | Non
     if cfg.get("projector_hidden_act", "gelu") != "gelu":
         raise PretrainedError(f"projector_hidden_act {cfg.get('projector_hidden_act')!r} is not supported")
     v, t = cfg.get("vision_config") or {}, cfg.get("text_config") or {}
-    kw = dict(in_dim=int(v.get("hidden_size", 1024)), out_dim=int(t.get("hidden_size", 4096)), kind="mlp", merge_size=1,
-              hidden=int(t.get("hidden_size", 4096)))
+    kw = dict(
+        in_dim=int(v.get("hidden_size", 1024)),
+        out_dim=int(t.get("hidden_size", 4096)),
+        kind="mlp",
+        merge_size=1,
+        hidden=int(t.get("hidden_size", 4096)),
+    )
     proj = _build(Projector, kw, device, overrides)
     if _skeleton(device):
         return proj
     src = SafetensorsFolder(pretrained)
     pre = _prefix_of(src.keys(), "multi_modal_projector.linear_1.weight", pretrained)
-    mapping = {f"{pre}multi_modal_projector.linear_{i}.{p}": f"proj.{j}.{p}" for i, j in ((1, 0), (2, 2))
-               for p in ("weight", "bias")}
-    check_and_load(proj, _Remapped(src, drop={k for k in src.keys() if "multi_modal_projector." not in k}), mapping,
-                   where=str(pretrained))
+    mapping = {
+        f"{pre}multi_modal_projector.linear_{i}.{p}": f"proj.{j}.{p}"
+        for i, j in ((1, 0), (2, 2))
+        for p in ("weight", "bias")
+    }
+    check_and_load(
+        proj,
+        _Remapped(src, drop={k for k in src.keys() if "multi_modal_projector." not in k}),
+        mapping,
+        where=str(pretrained),
+    )
     return proj

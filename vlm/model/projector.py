@@ -27,7 +27,9 @@ KINDS = ("linear", "mlp", "merge", "pixel_shuffle", "qformer")
 SPATIAL_KINDS = ("linear", "mlp", "merge", "pixel_shuffle")
 
 
-def token_grid(grid_thw, merge_size: int = 1, queries: int | None = None, fusion: str = "interleave") -> tuple[int, int, int]:
+def token_grid(
+    grid_thw, merge_size: int = 1, queries: int | None = None, fusion: str = "interleave"
+) -> tuple[int, int, int]:
     """The LLM-side token grid `(t, h, w)` of one media item with patch grid `grid_thw`.
 
     Spatial projectors: `(t, h/m, w/m)`. `queries=N` (qformer): `(1, 1, N)` whatever the grid.
@@ -102,7 +104,9 @@ class QFormer(nn.Module):
     becomes exactly `queries` tokens whatever its grid. Items are grouped by patch count and each
     group runs as one dense batch (no padding, no cross-item attention), like the vision encoder."""
 
-    def __init__(self, in_dim: int, out_dim: int, queries: int = 32, blocks: int = 2, n_heads: int = 4, dim: int | None = None):
+    def __init__(
+        self, in_dim: int, out_dim: int, queries: int = 32, blocks: int = 2, n_heads: int = 4, dim: int | None = None
+    ):
         super().__init__()
         dim = dim or in_dim
         if dim % n_heads:

@@ -43,8 +43,15 @@ class PatchEmbed(nn.Module):
     are seen whole. Same parameters as `conv`; items never mix (each image is its own conv input).
     """
 
-    def __init__(self, patch_size: int, dim: int, channels: int = 3, kind: str = "linear", conv_channels: int = 32,
-                 temporal_patch: int = 1):
+    def __init__(
+        self,
+        patch_size: int,
+        dim: int,
+        channels: int = 3,
+        kind: str = "linear",
+        conv_channels: int = 32,
+        temporal_patch: int = 1,
+    ):
         super().__init__()
         if temporal_patch < 1:
             raise ValueError(f"encoder.temporal_patch must be >= 1, got {temporal_patch}")
@@ -58,8 +65,10 @@ class PatchEmbed(nn.Module):
                 raise ValueError("encoder.patch_embed=conv needs an even patch_size")
             c = conv_channels
             self.conv = nn.Sequential(
-                nn.Conv2d(planes, c, 3, padding=1), nn.GELU(),
-                nn.Conv2d(c, c, 3, stride=2, padding=1), nn.GELU(),
+                nn.Conv2d(planes, c, 3, padding=1),
+                nn.GELU(),
+                nn.Conv2d(c, c, 3, stride=2, padding=1),
+                nn.GELU(),
             )
             self.proj = nn.Linear(c * (patch_size // 2) ** 2, dim)
         else:
@@ -110,9 +119,9 @@ class PatchEmbed(nn.Module):
 
 
 ACTIVATIONS = {
-    "gelu": F.gelu,                                             # exact (erf) GELU
-    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),       # SigLIP's gelu_pytorch_tanh
-    "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),       # CLIP's
+    "gelu": F.gelu,  # exact (erf) GELU
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),  # SigLIP's gelu_pytorch_tanh
+    "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),  # CLIP's
 }
 
 
@@ -129,8 +138,15 @@ class MLP(nn.Module):
 
 
 class ViTBlock(nn.Module):
-    def __init__(self, dim: int, n_heads: int, mlp_ratio: float, act: str = "gelu", norm_eps: float = 1e-5,
-                 mlp_hidden: int | None = None):
+    def __init__(
+        self,
+        dim: int,
+        n_heads: int,
+        mlp_ratio: float,
+        act: str = "gelu",
+        norm_eps: float = 1e-5,
+        mlp_hidden: int | None = None,
+    ):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
         self.attn = SelfAttention(dim, n_heads, bias=True)
@@ -224,8 +240,9 @@ class VisionEncoder(nn.Module):
             # Not a parameter and not saved: derived from the config, like the decoder's.
             self.register_buffer("rope_inv_freq", rope2d_inv_frequencies(head_dim, rope_theta), persistent=False)
         # Only the blocks up to the feature layer are ever used; don't build dead ones.
-        self.blocks = nn.ModuleList(ViTBlock(dim, n_heads, mlp_ratio, act, norm_eps, mlp_hidden)
-                                    for _ in range(self.feature_layer + 1))
+        self.blocks = nn.ModuleList(
+            ViTBlock(dim, n_heads, mlp_ratio, act, norm_eps, mlp_hidden) for _ in range(self.feature_layer + 1)
+        )
         self.norm = nn.LayerNorm(dim, eps=norm_eps) if final_norm else nn.Identity()
         k = len(self.feature_layers)
         self.out_dim = dim * k if feature_combine == "concat" else dim
@@ -255,9 +272,11 @@ class VisionEncoder(nn.Module):
         """`[t·h·w, D]` for one item (same table for every frame); `pos="learned"` only."""
         table = self.pos_embed
         if table.shape[:2] != (h, w):
-            table = F.interpolate(
-                table.permute(2, 0, 1)[None].float(), size=(h, w), mode="bicubic", align_corners=False
-            )[0].permute(1, 2, 0).to(table.dtype)
+            table = (
+                F.interpolate(table.permute(2, 0, 1)[None].float(), size=(h, w), mode="bicubic", align_corners=False)[0]
+                .permute(1, 2, 0)
+                .to(table.dtype)
+            )
         return table.reshape(1, h * w, -1).expand(t, -1, -1).reshape(t * h * w, -1)
 
     def rope_tables(self, t: int, h: int, w: int) -> tuple[Tensor, Tensor]:
@@ -314,7 +333,9 @@ class VisionEncoder(nn.Module):
         for (t, h, w), items in groups.items():
             n = t * h * w
             idx = torch.cat([torch.arange(offsets[i], offsets[i] + n) for i in items]).to(x.device)
-            out[idx] = self._encode(x[idx].view(len(items), n, -1), frame_tokens=h * w).reshape(-1, self.out_dim).to(out.dtype)
+            out[idx] = (
+                self._encode(x[idx].view(len(items), n, -1), frame_tokens=h * w).reshape(-1, self.out_dim).to(out.dtype)
+            )
         return out
 
     def _encode(self, x: Tensor, rope: tuple[Tensor, Tensor] | None = None, frame_tokens: int | None = None) -> Tensor:

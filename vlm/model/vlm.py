@@ -61,7 +61,12 @@ class VLM(nn.Module):
         if fusion == "cross_attn":
             d = decoder
             self.cross_attn = CrossAttentionFusion(
-                d.dim, d.n_heads, d.n_kv_heads, d.layers[0].mlp.down_proj.in_features, d.n_layers, **dict(cross_attn or {})
+                d.dim,
+                d.n_heads,
+                d.n_kv_heads,
+                d.layers[0].mlp.down_proj.in_features,
+                d.n_layers,
+                **dict(cross_attn or {}),
             )
 
     def token_grid(self, grid_thw) -> tuple[int, int, int]:
@@ -125,14 +130,15 @@ class VLM(nn.Module):
             if n_slots[b] != expected:
                 raise VisualTokenMismatch(
                     f"sample {_name(keys, b)}: {n_slots[b]} media placeholders but its {m} media item(s) "
-                    f"give {expected} visual tokens ({counts[start:start + m]})"
+                    f"give {expected} visual tokens ({counts[start : start + m]})"
                 )
             start += m
         if start != len(counts):
             raise VisualTokenMismatch(f"media_per_sample sums to {start} but the batch has {len(counts)} media items")
 
-    def attention_mask(self, input_ids: Tensor, attention_mask: Tensor | None, cache: KVCache | None,
-                       seq_ids: Tensor | None = None) -> Tensor | None:
+    def attention_mask(
+        self, input_ids: Tensor, attention_mask: Tensor | None, cache: KVCache | None, seq_ids: Tensor | None = None
+    ) -> Tensor | None:
         """Bool mask for the decoder, or None when plain causal attention is exact.
 
         attention_mask: `[B, past + L]` key validity (1 = real token), HF convention.
@@ -149,7 +155,9 @@ class VLM(nn.Module):
             if self.packed_attention == "flex":
                 return packed_block_mask(seq_ids, spans)
             base = causal_mask(L, L, attention_mask, spans, spans, device=input_ids.device)
-            same = (seq_ids[:, :, None] == seq_ids[:, None, :]) | torch.eye(L, dtype=torch.bool, device=input_ids.device)
+            same = (seq_ids[:, :, None] == seq_ids[:, None, :]) | torch.eye(
+                L, dtype=torch.bool, device=input_ids.device
+            )
             return base & same[:, None]
         padded = attention_mask is not None and not bool(attention_mask.all())
         if padded and past == 0 and not bidir:
@@ -196,8 +204,10 @@ class VLM(nn.Module):
                 media, item = pad_media(visual.to(embeds.dtype), counts, mps)
             st = self.cross_attn.state(self.is_media(input_ids), media, item, cache)
             if st is not None:
+
                 def before(i: int, x: Tensor, st=st) -> Tensor:
                     return self.cross_attn.apply(i, x, st)
+
         return self.decoder(embeds, position_ids, mask, cache, before)
 
     def logits(self, hidden: Tensor) -> Tensor:

@@ -63,16 +63,22 @@ class SynthConfig:
         self.families = _normalize_families(self.families)
         if "ocr_wide" in self.families:
             if not 1 <= self.ocr_wide_min_len <= self.ocr_wide_max_len:
-                raise ValueError(f"need 1 <= ocr_wide_min_len <= ocr_wide_max_len, got {self.ocr_wide_min_len}, {self.ocr_wide_max_len}")
+                raise ValueError(
+                    f"need 1 <= ocr_wide_min_len <= ocr_wide_max_len, got {self.ocr_wide_min_len}, {self.ocr_wide_max_len}"
+                )
             if self.ocr_wide_aspect < 1:
                 raise ValueError(f"ocr_wide_aspect must be >= 1, got {self.ocr_wide_aspect}")
         if "multi_image" in self.families and self.min_shapes == self.max_shapes:
             raise ValueError("multi_image needs min_shapes < max_shapes (the two images must differ in count)")
         if "video" in self.families:
             if not 2 <= self.video_min_frames <= self.video_max_frames:
-                raise ValueError(f"need 2 <= video_min_frames <= video_max_frames, got {self.video_min_frames}, {self.video_max_frames}")
+                raise ValueError(
+                    f"need 2 <= video_min_frames <= video_max_frames, got {self.video_min_frames}, {self.video_max_frames}"
+                )
             if not 0 < self.video_min_shift < 1 or not self.video_fps > 0:
-                raise ValueError(f"need 0 < video_min_shift < 1 and video_fps > 0, got {self.video_min_shift}, {self.video_fps}")
+                raise ValueError(
+                    f"need 0 < video_min_shift < 1 and video_fps > 0, got {self.video_min_shift}, {self.video_fps}"
+                )
             if self.video_format not in VIDEO_FORMATS:
                 raise ValueError(f"video_format must be one of {tuple(VIDEO_FORMATS)}, got {self.video_format!r}")
         if self.qtype_weights is not None:
@@ -82,7 +88,9 @@ class SynthConfig:
                 raise ValueError(f"unknown qtypes {unknown} in qtype_weights; known: {QTYPES_ALL}")
             off = sorted(q for q, w in self.qtype_weights.items() if w > 0 and QTYPE_FAMILY[q] not in self.families)
             if off:
-                raise ValueError(f"qtype_weights gives weight to {off}, whose families are not in families={list(self.families)}")
+                raise ValueError(
+                    f"qtype_weights gives weight to {off}, whose families are not in families={list(self.families)}"
+                )
             if any(w < 0 for w in self.qtype_weights.values()) or sum(self.qtype_weights.values()) <= 0:
                 raise ValueError(f"qtype_weights must be non-negative with a positive sum: {self.qtype_weights}")
         if self.image_position not in ("first", "last"):
@@ -142,8 +150,18 @@ class SynthConfig:
         return cls(**{k: (dict(v) if isinstance(v, Mapping) else v) for k, v in dict(cfg).items()})
 
 
-_V2_FIELDS = ("families", "ocr_wide_min_len", "ocr_wide_max_len", "ocr_wide_aspect", "ocr_wide_font_frac",
-              "video_min_frames", "video_max_frames", "video_min_shift", "video_fps", "video_format")
+_V2_FIELDS = (
+    "families",
+    "ocr_wide_min_len",
+    "ocr_wide_max_len",
+    "ocr_wide_aspect",
+    "ocr_wide_font_frac",
+    "video_min_frames",
+    "video_max_frames",
+    "video_min_shift",
+    "video_fps",
+    "video_format",
+)
 
 
 @functools.cache

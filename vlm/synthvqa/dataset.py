@@ -100,7 +100,9 @@ def ensure_synthvqa(
     splits: dict[str, dict] = {}
     texts: list[str] = []
     for split, (n, s, c) in plan.items():
-        print(f"[{NAME}] writing {split}: {n} samples, canvas {c.canvas}, turns {c.turns} -> {root / split}", flush=True)
+        print(
+            f"[{NAME}] writing {split}: {n} samples, canvas {c.canvas}, turns {c.turns} -> {root / split}", flush=True
+        )
         paths = write_split(root, split, n, s, c, shard_size=shard_size, workers=workers)
         stats = [scan_shard(p) for p in paths]
         if split == "train":

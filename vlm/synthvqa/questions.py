@@ -52,7 +52,12 @@ def question_bank(scene: ShapesScene) -> dict[str, list[tuple[str, str]]]:
     kinds = Counter(s.shape for s in scene.shapes)
     combos = Counter((s.color, s.shape) for s in scene.shapes)
     bank: dict[str, list[tuple[str, str]]] = {
-        "color": [(Q_COLOR.format(shape=s.shape), s.color) for k in SHAPES for s in scene.shapes if s.shape == k and kinds[k] == 1],
+        "color": [
+            (Q_COLOR.format(shape=s.shape), s.color)
+            for k in SHAPES
+            for s in scene.shapes
+            if s.shape == k and kinds[k] == 1
+        ],
         "count_shape": [(Q_COUNT_SHAPE.format(shape=k), str(kinds[k])) for k in SHAPES],
         "count_all": [(Q_COUNT_ALL, str(len(scene.shapes)))],
         "exists_yes": [],
@@ -62,7 +67,9 @@ def question_bank(scene: ShapesScene) -> dict[str, list[tuple[str, str]]]:
     }
     for k in SHAPES:
         for col in COLOR_NAMES:
-            bank["exists_yes" if combos[(col, k)] else "exists_no"].append((Q_EXISTS.format(color=col, shape=k), "yes" if combos[(col, k)] else "no"))
+            bank["exists_yes" if combos[(col, k)] else "exists_no"].append(
+                (Q_EXISTS.format(color=col, shape=k), "yes" if combos[(col, k)] else "no")
+            )
             if combos[(col, k)] == 1:
                 s = next(s for s in scene.shapes if (s.color, s.shape) == (col, k))
                 answer = side(s, scene.canvas)
@@ -71,14 +78,18 @@ def question_bank(scene: ShapesScene) -> dict[str, list[tuple[str, str]]]:
     return bank
 
 
-def remaining_questions(bank: dict[str, list[tuple[str, str]]], qtype: str, asked: set[str]) -> list[list[tuple[str, str]]]:
+def remaining_questions(
+    bank: dict[str, list[tuple[str, str]]], qtype: str, asked: set[str]
+) -> list[list[tuple[str, str]]]:
     """The not yet ``asked`` (question, answer) pairs of ``qtype`` in ``bank``: one list, or for
     ``exists`` two (the ``yes`` and the ``no`` pool)."""
     keys = ("exists_yes", "exists_no") if qtype == "exists" else (qtype,)
     return [[qa for qa in bank[k] if qa[0] not in asked] for k in keys]
 
 
-def pick_question(rng: random.Random, bank: dict[str, list[tuple[str, str]]], qtype: str, asked: set[str]) -> tuple[str, str] | None:
+def pick_question(
+    rng: random.Random, bank: dict[str, list[tuple[str, str]]], qtype: str, asked: set[str]
+) -> tuple[str, str] | None:
     """A random unasked (question, answer) of ``qtype``, or None when none is left."""
     pools = [p for p in remaining_questions(bank, qtype, asked) if p]
     if not pools:

@@ -43,7 +43,12 @@ def make_sample(rng: random.Random, cfg: SynthConfig) -> dict:
     if qtype == "ocr":
         scene = sample_ocr_scene(rng, cfg)
         messages = [_chat(True, Q_OCR, cfg.image_position), _answer(scene.text)]
-        return {"image": render(scene), "messages": messages, "meta": {"family": "ocr", "qtypes": ["ocr"]}, "scene": scene}
+        return {
+            "image": render(scene),
+            "messages": messages,
+            "meta": {"family": "ocr", "qtypes": ["ocr"]},
+            "scene": scene,
+        }
 
     for _ in range(MAX_TRIES):
         scene = sample_shapes_scene(rng, cfg)
@@ -64,7 +69,12 @@ def make_sample(rng: random.Random, cfg: SynthConfig) -> dict:
         if len(qtypes) < cfg.turns:
             open_q = [q for q in SHAPE_QTYPES if any(remaining_questions(bank, q, asked))]
             qtype = draw_qtype(rng, weights, open_q)
-    return {"image": render(scene), "messages": messages, "meta": {"family": "shapes", "qtypes": qtypes}, "scene": scene}
+    return {
+        "image": render(scene),
+        "messages": messages,
+        "meta": {"family": "shapes", "qtypes": qtypes},
+        "scene": scene,
+    }
 
 
 def _chat_media(items: list[dict], question: str, image_position: str = "first") -> dict:

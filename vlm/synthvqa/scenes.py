@@ -25,9 +25,17 @@ class Shape:
         """Polygon vertices (square, triangle)."""
         if self.shape == "square":
             h = self.r / math.sqrt(2)
-            return [(self.cx - h, self.cy - h), (self.cx + h, self.cy - h), (self.cx + h, self.cy + h), (self.cx - h, self.cy + h)]
+            return [
+                (self.cx - h, self.cy - h),
+                (self.cx + h, self.cy - h),
+                (self.cx + h, self.cy + h),
+                (self.cx - h, self.cy + h),
+            ]
         if self.shape == "triangle":
-            return [(self.cx + self.r * math.cos(a), self.cy + self.r * math.sin(a)) for a in (-math.pi / 2, math.pi / 6, 5 * math.pi / 6)]
+            return [
+                (self.cx + self.r * math.cos(a), self.cy + self.r * math.sin(a))
+                for a in (-math.pi / 2, math.pi / 6, 5 * math.pi / 6)
+            ]
         raise ValueError(f"{self.shape} is not a polygon")
 
 
