@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Issue 5's GPU measurement as one prepared command: MFU of the ~0.5B configuration with fsdp +
-# bf16 + compile (goal: at least 45%), plus the card, the versions and a profile-free table.
-# Written for the lent GPU machine (the `device` tool: 15 minutes of device time per session,
-# machine start included), so it is sized to finish in ~5 minutes:
+# The GPU throughput measurement as one prepared command: MFU of the ~0.5B configuration with
+# fsdp + bf16 + compile (goal: at least 45%), plus the card, the versions and a profile-free table.
+# Written for an offline GPU machine reached through a short-lived remote runner, so it is sized
+# to finish in ~5 minutes:
 #
 #   bash bench/gpu_wheels.sh                                     # here, once: .whl/ (git-ignored)
 #   run(command="bash bench/gpu_check.sh", carry=[".whl"], timeout_s=540)

@@ -1,6 +1,6 @@
 """Batch processed samples: pad text, pack media.
 
-Batch contract (DESIGN.md): `input_ids [B, L]`, `labels [B, L]` (-100 = no loss),
+Batch contract: `input_ids [B, L]`, `labels [B, L]` (-100 = no loss),
 `attention_mask [B, L]` (1 = real token), `position_ids [B, L]` or `[3, B, L]`,
 `pixel_patches [Σn, C·P·P]`, `grid_thw [M, 3]` and `media_per_sample [B]`, media in sample order.
 Training pads on the right; generation pads on the left so every row ends at its prompt's end.

@@ -1,4 +1,4 @@
-"""Image → normalised patches + grid, the "processed media" contract of DESIGN.md.
+"""Image → normalised patches + grid, the "processed media" contract (data/README.md).
 
 An image becomes ``patches [n, C*P*P]`` (float32) and ``grid (t, h, w)`` in patch units, with
 ``t = 1`` and ``n = h * w``. Patch ``(i, j)`` of the resized, normalised image ``x [C, H, W]`` is

@@ -3,7 +3,7 @@
 Used by the training loader, the evaluation loader and inference, so preprocessing cannot drift
 between them.
 
-Media members (DESIGN.md): `KEY.N.ext` is media item N. Whether it is an image or a video is
+Media members (data/README.md): `KEY.N.ext` is media item N. Whether it is an image or a video is
 decided by the content item that references it (`{"type": "image", "media": N}` or
 `{"type": "video", "media": N}`), never by the file name; the bytes are sniffed by the decoders.
 Images: jpg, jpeg, png, webp, gif, bmp, tif, tiff. Videos: mp4, mov, webm, mkv, avi, apng, gif,
