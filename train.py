@@ -15,4 +15,12 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    import sys
+
+    from vlm.spec import check_overrides
+
+    problem = check_overrides(sys.argv[1:])
+    if problem:  # before Hydra, whose "Key 'patch_size' is not in struct" does not say where it went
+        print(f"error: {problem}", file=sys.stderr)
+        sys.exit(2)
     main()

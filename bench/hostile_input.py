@@ -96,7 +96,11 @@ def tiny_export(out: Path) -> Path:
             ],
         )
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
-    processor = build_processor(OmegaConf.to_container(cfg.data.processor, resolve=True))
+    from vlm.spec import Geometry
+
+    processor = build_processor(
+        OmegaConf.to_container(cfg.data.processor, resolve=True), geometry=Geometry.from_model_config(cfg.model)
+    )
     template = OmegaConf.to_container(cfg.data.template, resolve=True)
     model = build_model(model_cfg, tok)
     return export_folder(

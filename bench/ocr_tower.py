@@ -32,6 +32,7 @@ def run_arm(name: str, args, probe_steps: int, vlm_steps: int) -> dict:
     from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
 
+    from vlm.datamodule import build_datamodule
     from vlm.train import build_callbacks, build_module
 
     out = Path(args.out) / "".join(c if c.isalnum() else "_" for c in name)
@@ -57,7 +58,7 @@ def run_arm(name: str, args, probe_steps: int, vlm_steps: int) -> dict:
         )
     torch.set_num_threads(args.threads)
     L.seed_everything(0)
-    dm = instantiate(cfg.data, _convert_="all")
+    dm = build_datamodule(cfg)
     dm.setup("fit")
     module = build_module(cfg, dm)
     probe_acc, probe_s = (None, 0.0)

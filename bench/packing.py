@@ -31,6 +31,7 @@ def real_lengths(root: Path, n: int) -> list[int]:
     from vlm.build import build_processor, build_template
     from vlm.data.sample import SampleProcessor
     from vlm.data.webdataset import ShardDataset
+    from vlm.spec import Geometry
     from vlm.tokenizer import TextTokenizer
 
     data = "synthvqa_v2" if root.name == "synthvqa_v2" else "synthvqa"
@@ -38,7 +39,11 @@ def real_lengths(root: Path, n: int) -> list[int]:
         ov = [f"data={data}"] + (["experiment=synthvqa_v2_dynamic"] if data == "synthvqa_v2" else [])
         cfg = compose("train", overrides=ov)
     tok = TextTokenizer.from_file(root / "tokenizer.json")
-    proc = SampleProcessor(build_processor(dict(cfg.data.processor)), build_template(dict(cfg.data.template), tok))
+    geo = Geometry.from_model_config(cfg.model)
+    proc = SampleProcessor(
+        build_processor(dict(cfg.data.processor), geometry=geo),
+        build_template(dict(cfg.data.template), tok, geometry=geo),
+    )
     ds = ShardDataset(str(root / "train"), proc, train=False)
     return [s.input_ids.numel() for _, s in zip(range(n), ds)], int(cfg.data.template.max_length)
 

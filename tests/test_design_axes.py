@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from tests.test_multimodal import WORDS, moving, png
-from vlm.build import build_model, build_processor, build_template, check_template_fits
+from vlm.build import build_model, build_processor, build_template
 from vlm.data.collate import collate
 from vlm.data.sample import SampleProcessor
 from vlm.data.template import IGNORE
@@ -21,6 +21,7 @@ from vlm.data.video import encode_video
 from vlm.generate import generate
 from vlm.model.projector import token_grid
 from vlm.prune import prune_visual_tokens
+from vlm.spec import Geometry
 from vlm.tokenizer import train_tokenizer
 
 av = pytest.importorskip("av")
@@ -69,31 +70,24 @@ def model_cfg(
     }
 
 
-def template_cfg(cfg: dict, rope="mrope") -> dict:
-    p = cfg["projector"]
-    return {
-        "max_length": 1024,
-        "rope": rope,
-        "merge_size": p.get("merge_size", 1),
-        "queries": p.get("queries"),
-        "fusion": cfg["fusion"],
-    }
-
-
-def sample_processor(tok, cfg, T=2, mode="train"):
+def sample_processor(tok, cfg, mode="train"):
+    """Processor and template of the model config `cfg`: its geometry (vlm.spec) gives the patch,
+    merge, temporal patch, token layout and rope; the data keys are the rest."""
+    geo = Geometry.from_model_config(cfg)
     proc = build_processor(
         dict(
-            patch_size=4,
-            merge_size=cfg["projector"].get("merge_size", 1),
             resolution="dynamic",
             image_size=32,
             min_pixels=64,
             max_pixels=48 * 48,
-            video={"temporal_patch": T, "max_frames": 8, "max_video_tokens": 64},
-        )
+            video={"max_frames": 8, "max_video_tokens": 64},
+        ),
+        geometry=geo,
     )
     # eval mode here builds prompts to generate from (some without an answer), not scored samples
-    return SampleProcessor(proc, build_template(template_cfg(cfg), tok), mode=mode, require_reference=False)
+    return SampleProcessor(
+        proc, build_template({"max_length": 1024}, tok, geometry=geo), mode=mode, require_reference=False
+    )
 
 
 def mixed_sample(tok, sp, key="mix", prompt_only=False):
@@ -139,7 +133,9 @@ def test_every_switch_forward_backward_and_token_counts(tok, name):
     torch.manual_seed(0)
     model = build_model(cfg, tok)
     sp = sample_processor(tok, cfg)
-    check_template_fits(model, sp.template)
+    geo = Geometry.from_model_config(cfg)
+    for grid in ((1, 4, 8), (2, 8, 4)):  # one source: the spec's layout is the built model's
+        assert geo.token_grid(grid) == tuple(model.token_grid(grid)) == tuple(sp.template.token_grid(grid))
     s = mixed_sample(tok, sp)
     b = collate([s, mixed_sample(tok, sp, "mix2")], tok.pad_id)
     # the template's spans hold exactly the model's token count for every media item
@@ -188,12 +184,18 @@ def test_every_switch_forward_backward_and_token_counts(tok, name):
 
 
 def test_template_and_model_layouts_must_agree(tok):
-    model = build_model(model_cfg(projector={"kind": "qformer", "queries": 8, "merge_size": 1}), tok)
-    wrong = build_template({"max_length": 512, "rope": "mrope", "merge_size": 1}, tok)
-    with pytest.raises(ValueError, match="queries / fusion"):
-        check_template_fits(model, wrong)
+    cfg = model_cfg(projector={"kind": "qformer", "queries": 8, "merge_size": 1})
+    geo = Geometry.from_model_config(cfg)
+    assert (geo.queries, geo.merge_size, geo.fusion, geo.rope) == (8, 1, "interleave", "mrope")
+    template = build_template({"max_length": 512}, tok, geometry=geo)
+    assert template.token_grid((1, 4, 4)) == build_model(cfg, tok).token_grid((1, 4, 4)) == (1, 1, 8)
+    # a stored template key (older checkpoints) that disagrees with the model's geometry: both named
+    with pytest.raises(ValueError, match=r"template.queries=None disagrees with the model's model.projector.queries=8"):
+        build_template({"max_length": 512, "queries": None}, tok, geometry=geo)
     with pytest.raises(Exception, match="queries is for kind=qformer"):
         build_model(model_cfg(projector={"kind": "mlp", "queries": 8}), tok)
+    with pytest.raises(ValueError, match="queries is for kind=qformer"):
+        Geometry.from_model_config(model_cfg(projector={"kind": "mlp", "queries": 8}))
     with pytest.raises(ValueError, match="encoder emits 64"):
         build_model(model_cfg(projector={"in_dim": 32}, encoder={"feature_layers": [-1, -2]}), tok)
     with pytest.raises(Exception, match="feature_layer 5 out of range"):

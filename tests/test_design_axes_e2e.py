@@ -58,13 +58,12 @@ def test_stages_freeze_and_init_from(tmp_path, synth_dir):
     init = {k: v for k, v in stage1.items()}
 
     # the stage-2 run, stopped before its first step, holds exactly stage 1's weights
-    from hydra.utils import instantiate
-
+    from vlm.datamodule import build_datamodule
     from vlm.train import build_module as bm
 
     s2 = tmp_path / "s2"
     cfg2 = compose_train(["logger=none", "experiment=stage2_finetune", f"init_from={s1 / 'export'}"], s2, synth_dir)
-    dm = instantiate(cfg2.data, _convert_="all")
+    dm = build_datamodule(cfg2)
     dm.setup("fit")
     module = bm(cfg2, dm)
     from vlm.train import _init_weights
@@ -98,8 +97,7 @@ def test_init_from_a_different_layout_names_the_keys(tmp_path, synth_dir):
 def test_init_from_another_tokenizer_copies_rows_by_token(tmp_path, synth_dir):
     """A stage whose data folder trained another tokenizer: every token both vocabularies hold keeps
     its stage-1 embedding row under its new id, new tokens keep their fresh rows, the rest is stage 1's."""
-    from hydra.utils import instantiate
-
+    from vlm.datamodule import build_datamodule
     from vlm.train import _init_weights, build_module
 
     s1 = tmp_path / "s1"
@@ -116,7 +114,7 @@ def test_init_from_another_tokenizer_copies_rows_by_token(tmp_path, synth_dir):
         tmp_path / "s2",
         tmp_path / "d2",
     )
-    dm = instantiate(cfg2.data, _convert_="all")
+    dm = build_datamodule(cfg2)
     dm.prepare_data()
     dm.setup("fit")
     module = build_module(cfg2, dm)

@@ -84,16 +84,15 @@ class StepStream(torch.utils.data.IterableDataset):
 
 
 def tiny_module(out: Path, data_dir: Path, overrides=(), meta_init: bool = False):
-    from hydra.utils import instantiate
-
     from tests.conftest import compose_train
+    from vlm.datamodule import build_datamodule
     from vlm.train import build_module
 
     cfg = compose_train(["logger=none", *overrides], out, data_dir)
     import lightning as L
 
     L.seed_everything(0, workers=True)
-    dm = instantiate(cfg.data, _convert_="all")
+    dm = build_datamodule(cfg)
     dm.setup("fit")
     return cfg, dm, build_module(cfg, dm, meta_init=meta_init)
 

@@ -165,9 +165,9 @@ def test_every_malformed_sample_is_skipped_and_counted_in_training_and_evaluatio
 
     shard = hostile_shard(tmp_path / "train" / "h-000000.tar", synth_dir)
     cfg = compose_shards(shard, tmp_path, synth_dir, ["data.shuffle_buffer=1"])
-    from hydra.utils import instantiate
+    from vlm.datamodule import build_datamodule
 
-    dm: VLMDataModule = instantiate(cfg.data, _convert_="all")
+    dm: VLMDataModule = build_datamodule(cfg)
     dm.setup("fit")
     raw = list(read_samples(str(shard), ShardErrors(), 2**30, 2**30))
     n_unique = len(raw)

@@ -74,7 +74,7 @@ def test_caption_task_builds_chat_samples(tmp_path):
 
 
 def test_weighted_mixture_through_the_loader(tmp_path, synth_dir):
-    from hydra.utils import instantiate
+    from vlm.datamodule import build_datamodule
 
     img2dataset_shard(tmp_path / "laion-000000.tar", bad=(3,))
     caps = our_caption_shard(tmp_path)
@@ -98,7 +98,7 @@ def test_weighted_mixture_through_the_loader(tmp_path, synth_dir):
     cfg = compose_train(["data.batch_size=16", "data.num_workers=1"], tmp_path, synth_dir)
     cfg.data.sources = sources
     cfg.data.train_shards = None
-    dm = instantiate(cfg.data, _convert_="all")
+    dm = build_datamodule(cfg)
     dm.setup("fit")
     counts, skipped, prompts = Counter(), Counter(), Counter()
     tok = dm.tokenizer
@@ -142,9 +142,8 @@ def test_mixture_trains_and_logs_per_source_counts(tmp_path, synth_dir):
 
 
 def test_mixture_config_errors(tmp_path, synth_dir):
-    from hydra.utils import instantiate
-
     from vlm.data.mixture import MixtureDataset
+    from vlm.datamodule import build_datamodule
 
     base = str(synth_dir / "synthvqa" / "train")
     for sources, match in (
@@ -158,6 +157,6 @@ def test_mixture_config_errors(tmp_path, synth_dir):
             MixtureDataset(sources, processor=None)
     cfg = compose_train([], tmp_path, synth_dir)
     cfg.data.sources = [{"name": "gone", "shards": str(tmp_path / "missing-{000000..000001}.tar")}]
-    dm = instantiate(cfg.data, _convert_="all")
+    dm = build_datamodule(cfg)
     with pytest.raises(FileNotFoundError, match=r"data.sources\[gone\].shards"):
         dm.setup("fit")

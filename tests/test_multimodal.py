@@ -17,7 +17,7 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from vlm.build import build_model, build_processor, build_template, check_processor_fits
+from vlm.build import build_model, build_processor, build_template
 from vlm.data.collate import Collator, collate
 from vlm.data.sample import SampleError, SampleProcessor
 from vlm.data.template import IGNORE
@@ -27,6 +27,7 @@ from vlm.generate import generate
 from vlm.model.projector import visual_token_count
 from vlm.model.rope import apply_rope
 from vlm.model.vision import PatchEmbed, VisionEncoder
+from vlm.spec import Geometry
 from vlm.tokenizer import train_tokenizer
 
 av = pytest.importorskip("av")
@@ -483,10 +484,16 @@ def real_cfg(tmp_path_factory):
 def test_two_images_and_a_video_through_the_real_model(real_cfg, tok):
     torch.manual_seed(0)
     model = build_model(real_cfg["model"], tok)
-    proc = build_processor(real_cfg["data"]["processor"])
+    geo = Geometry.from_model_config(real_cfg["model"])
+    proc = build_processor(real_cfg["data"]["processor"], geometry=geo)
     assert proc.temporal_patch == 2 and model.encoder.pos == "rope2d" and model.decoder.rope == "mrope"
-    check_processor_fits(model, proc)
-    template = build_template(real_cfg["data"]["template"], tok)
+    assert (proc.patch_size, proc.temporal_patch, proc.merge_size) == (
+        model.encoder.patch_size,
+        model.encoder.temporal_patch,
+        model.projector.merge_size,
+    )
+    template = build_template(real_cfg["data"]["template"], tok, geometry=geo)
+    assert template.rope == "mrope" and template.token_grid((2, 8, 4)) == tuple(model.token_grid((2, 8, 4)))
     frames = moving(6, size=(64, 48))
     content = [
         {"type": "image", "media": 0},
@@ -559,21 +566,24 @@ def test_processor_config_round_trip_and_old_configs():
         build_processor({"patch_size": 8, "video": {"temporal_pach": 2}})
     with pytest.raises(ValueError, match="differs"):
         build_processor({"patch_size": 8, "video": {"patch_size": 14}})
-    # patches from a T=2 processor reach a T=1 model only with a clear error naming both keys
-    tok_ = train_tokenizer(["a b c"] * 5, vocab_size=300)
-    p4 = build_processor(
-        {
-            "patch_size": 4,
-            "merge_size": 2,
-            "resolution": "dynamic",
-            "min_pixels": 64,
-            "max_pixels": 4096,
-            "video": {"temporal_patch": 2},
-        }
-    )
-    with pytest.raises(ValueError, match=r"temporal_patch=2 do not fit.*data.processor.video.temporal_patch"):
-        check_processor_fits(tiny_model(tok_, T=1, pos="learned"), p4)
-    check_processor_fits(tiny_model(tok_, T=2), p4)
+    # a stored processor config (an older checkpoint's) whose temporal patch is not the model's:
+    # a clear error naming both values; one that agrees is built with the model's geometry
+    stored = {
+        "patch_size": 4,
+        "merge_size": 2,
+        "resolution": "dynamic",
+        "min_pixels": 64,
+        "max_pixels": 4096,
+        "video": {"temporal_patch": 2},
+    }
+    t1 = Geometry(patch_size=4, temporal_patch=1, merge_size=2)
+    with pytest.raises(
+        ValueError, match=r"processor.video.temporal_patch=2 disagrees with the model's model.encoder.temporal_patch=1"
+    ):
+        build_processor(stored, geometry=t1)
+    p4 = build_processor(stored, geometry=Geometry(patch_size=4, temporal_patch=2, merge_size=2))
+    assert (p4.patch_size, p4.merge_size, p4.temporal_patch) == (4, 2, 2)
+    assert build_processor({"resolution": "fixed", "image_size": 32}, geometry=t1).temporal_patch == 1
 
 
 def test_token_caps_and_make_synthetic_families(tmp_path):

@@ -31,10 +31,10 @@ def test_packers_place_every_item_once_within_capacity(packer):
 
 
 def _setup(tmp_path, synth_dir, overrides=()):
-    from hydra.utils import instantiate
+    from vlm.datamodule import build_datamodule
 
     cfg = compose_train(list(overrides), tmp_path, synth_dir)
-    dm = instantiate(cfg.data, _convert_="all")
+    dm = build_datamodule(cfg)
     dm.setup("fit")
     from vlm.build import build_model
 

@@ -97,11 +97,16 @@ def test_stream_resume_across_blocks_and_workers(tmp_path, synth_dir):
     from vlm.data.collate import Collator
     from vlm.data.sample import SampleProcessor
     from vlm.data.webdataset import ShardDataset, StreamTracker
+    from vlm.spec import Geometry
     from vlm.tokenizer import TextTokenizer
 
     cfg = compose_train([], tmp_path, synth_dir)
     tok = TextTokenizer.from_file(synth_dir / "synthvqa" / "tokenizer.json")
-    proc = SampleProcessor(build_processor(dict(cfg.data.processor)), build_template(dict(cfg.data.template), tok))
+    geo = Geometry.from_model_config(cfg.model)
+    proc = SampleProcessor(
+        build_processor(dict(cfg.data.processor), geometry=geo),
+        build_template(dict(cfg.data.template), tok, geometry=geo),
+    )
 
     def loader(resume=None):
         ds = ShardDataset(

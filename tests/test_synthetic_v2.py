@@ -251,9 +251,8 @@ def test_v2_shard_round_trip(tmp_path, fmt):
 def test_strips_data_config_is_one_curriculum_stage(tmp_path):
     """`data=synthvqa_strips` with a length range: its own data folder, only ocr_wide questions in
     training with answers of those lengths, and the tower warm-up's strips follow the same lengths."""
-    from hydra.utils import instantiate
-
     from tests.conftest import compose_train
+    from vlm.datamodule import build_datamodule
     from vlm.warmup import with_data_strips
 
     cfg = compose_train(
@@ -274,7 +273,7 @@ def test_strips_data_config_is_one_curriculum_stage(tmp_path):
     warm = with_data_strips(dict(cfg.tower_warmup), dict(cfg.data.synthetic))
     assert warm["wide_options"] == {"ocr_wide_min_len": 3, "ocr_wide_max_len": 6, "ocr_wide_font_frac": 0.40625}
 
-    dm = instantiate(cfg.data, _convert_="all")
+    dm = build_datamodule(cfg)
     dm.prepare_data()
     shards = sorted((Path(cfg.data.synthetic.root) / "train").glob("*.tar"))
     docs = []

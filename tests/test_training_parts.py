@@ -7,14 +7,14 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from hydra.utils import instantiate
 
 from tests.conftest import compose_train
+from vlm.datamodule import build_datamodule
 from vlm.gradient_step import GradientStep, NonFiniteError
 
 
 def _datamodule(tmp_path, synth_dir, overrides=()):
-    dm = instantiate(compose_train(list(overrides), tmp_path, synth_dir).data, _convert_="all")
+    dm = build_datamodule(compose_train(list(overrides), tmp_path, synth_dir))
     dm.setup("fit")
     return dm
 

@@ -33,6 +33,7 @@ from vlm.model.decoder import Decoder
 from vlm.model.projector import Projector, token_grid, visual_token_count
 from vlm.model.vision import VisionEncoder
 from vlm.model.vlm import VLM
+from vlm.spec import Geometry
 from vlm.tokenizer import TextTokenizer
 
 COMPONENTS = ("encoder", "projector", "decoder")
@@ -328,12 +329,17 @@ def self_contained_config(model_cfg: dict, model: VLM) -> dict:
     return out
 
 
-def build_processor(processor_cfg: dict, trusted: bool = True) -> MediaProcessor:
+def build_processor(processor_cfg: dict, trusted: bool = True, geometry: Geometry | None = None) -> MediaProcessor:
     """The image processor config, with the video processor's keys under `video` (optional; see
     :class:`~vlm.data.sample.MediaProcessor`). The result is an `ImageProcessor` whose `.video` is
     the `VideoProcessor` and whose `to_config()` round-trips both. `pretrained: FOLDER` takes the
     folder's `preprocessor_config.json` (`vlm.data.hf_processor`) over the other keys (a training
-    config only: a checkpoint records the resolved keys, `trusted=False` refuses it)."""
+    config only: a checkpoint records the resolved keys, `trusted=False` refuses it).
+
+    geometry: the model's (`vlm.spec.Geometry`): patch_size, merge_size and video.temporal_patch
+    come from it. A `patch_size` / `merge_size` / `video.temporal_patch` in the config (a
+    checkpoint's record, a folder's preprocessor_config.json) that disagrees with it is an error
+    naming both values. Without it the config's own keys are used (a standalone processor)."""
     cfg = _plain(processor_cfg)
     if not isinstance(cfg, dict):
         raise ValueError(f"processor is not a mapping (got {type(cfg).__name__})")
@@ -351,6 +357,8 @@ def build_processor(processor_cfg: dict, trusted: bool = True) -> MediaProcessor
         from vlm.data.hf_processor import processor_config_from_hf
 
         hf_cfg = processor_config_from_hf(pretrained)
+        if geometry is not None:
+            geometry.check_stored(hf_cfg, None, where=f"{pretrained}/preprocessor_config.json: ")
         video = {**dict(cfg.get("video") or {}), **hf_cfg.pop("video", {})}
         cfg.update(hf_cfg)
         if video:
@@ -358,6 +366,13 @@ def build_processor(processor_cfg: dict, trusted: bool = True) -> MediaProcessor
         for k in ("min_tokens", "max_tokens"):  # the folder gives pixel caps
             if "min_pixels" in hf_cfg:
                 cfg[k] = None
+    if geometry is not None:
+        geometry.check_stored(cfg, None)
+        video = cfg.get("video")
+        if video is not None and not isinstance(video, dict):
+            raise ValueError(f"processor.video={_short(video)} is not a mapping")
+        cfg.update(patch_size=geometry.patch_size, merge_size=geometry.merge_size)
+        cfg["video"] = {**dict(video or {}), "temporal_patch": geometry.temporal_patch}
     return MediaProcessor.from_config(cfg)
 
 
@@ -385,27 +400,14 @@ def _check_untrusted_processor(cfg: dict) -> None:
                 raise ValueError(f"{where}.{k}={d[k]} is out of range (at most {cap})")
 
 
-def check_processor_fits(model: VLM, processor) -> None:
-    """Fail early, with both config keys named, when the processor's patches cannot feed the
-    model's vision encoder (patch size or temporal patch) or its merge differs from the projector's."""
-    enc = model.encoder
-    T = getattr(processor, "temporal_patch", 1)
-    if processor.patch_size != enc.patch_size or getattr(enc, "temporal_patch", 1) != T:
-        raise ValueError(
-            f"processor patch_size={processor.patch_size}, temporal_patch={T} do not fit the vision encoder "
-            f"(patch_size={enc.patch_size}, temporal_patch={getattr(enc, 'temporal_patch', 1)}); "
-            "set data.processor.patch_size / data.processor.video.temporal_patch to the encoder's"
-        )
-    if processor.merge_size != model.projector.merge_size:
-        raise ValueError(
-            f"processor merge_size={processor.merge_size} differs from the projector's {model.projector.merge_size}: "
-            "placeholder spans would not match the visual tokens"
-        )
-
-
-def build_template(template_cfg: dict, tokenizer: TextTokenizer, trusted: bool = True) -> ChatTemplate:
-    """template_cfg: ChatTemplate kwargs plus the token layout keys `merge_size`, `queries`
-    (qformer) and `fusion` (see `vlm.model.projector.token_grid`).
+def build_template(
+    template_cfg: dict, tokenizer: TextTokenizer, trusted: bool = True, geometry: Geometry | None = None
+) -> ChatTemplate:
+    """template_cfg: ChatTemplate kwargs (max_length, image_position, …). geometry: the model's
+    (`vlm.spec.Geometry`): the token layout (`merge_size`, `queries`, `fusion`, see
+    `vlm.model.projector.token_grid`) and `rope` come from it; the same keys in the config (older
+    checkpoints carry them) must agree with it and are otherwise ignored. Without it the config's
+    own layout keys are used (a standalone template).
 
     `jinja`: the model's own chat template, run in Jinja's sandbox (`vlm.data.jinja_template`). In a
     training config it may be a path (a model folder, a `.jinja` / `.json` file) or the text; a
@@ -417,11 +419,18 @@ def build_template(template_cfg: dict, tokenizer: TextTokenizer, trusted: bool =
     cfg = dict(cfg)
     if not trusted:
         _check_untrusted_template(cfg)
-    layout = dict(
-        merge_size=int(cfg.pop("merge_size", 1) or 1),
-        queries=cfg.pop("queries", None),
-        fusion=cfg.pop("fusion", None) or "interleave",
-    )
+    if geometry is not None:
+        geometry.check_stored(None, cfg)
+        for k in ("merge_size", "queries", "fusion", "rope"):
+            cfg.pop(k, None)
+        layout = geometry.layout
+        cfg["rope"] = geometry.rope
+    else:
+        layout = dict(
+            merge_size=int(cfg.pop("merge_size", 1) or 1),
+            queries=cfg.pop("queries", None),
+            fusion=cfg.pop("fusion", None) or "interleave",
+        )
     jinja = cfg.pop("jinja", None)
     specials = cfg.pop("specials", None)
     markers = cfg.pop("media_markers", None)
@@ -502,19 +511,6 @@ def resolve_template_config(template_cfg: dict) -> dict:
         if not cfg.get("stop_token_ids"):
             cfg["stop_token_ids"] = generation_stop_ids(source)
     return cfg
-
-
-def check_template_fits(model: VLM, template: ChatTemplate) -> None:
-    """Fail early when the template's media spans would not match the model's visual tokens
-    (projector kind / merge / queries or fusion differ between the data and model configs)."""
-    m = model.projector.merge_size
-    for grid in ((1, 2 * m, 4 * m), (2, 4 * m, 2 * m)):
-        ours, theirs = template.token_grid(grid), model.token_grid(grid)
-        if tuple(ours) != tuple(theirs):
-            raise ValueError(
-                f"the template lays out a {grid} media item as tokens {tuple(ours)} but the model as {tuple(theirs)}: "
-                "data.template.merge_size / queries / fusion must follow model.projector and model.fusion"
-            )
 
 
 def stop_ids(tokenizer: TextTokenizer, template_cfg: dict | None = None) -> list[int]:

@@ -53,14 +53,13 @@ from vlm.build import (
     build_template,
     check_config_keys,
     check_model_config,
-    check_processor_fits,
-    check_template_fits,
     stop_ids,
 )
 from vlm.data.sample import MediaProcessor
 from vlm.data.template import ChatTemplate
 from vlm.files import FileRefused, checked_stat, kind_of, read_regular_file
 from vlm.model.vlm import VLM
+from vlm.spec import Geometry
 from vlm.tokenizer import TextTokenizer
 
 FORMAT_VERSION = 1
@@ -426,11 +425,14 @@ def build_checked(
     -> shape, from `weights_where`) fit the model it describes, on a meta-device copy first."""
     check_checkpoint_config(config, where)
     try:
-        processor = build_processor(config["processor"], trusted=False)
-        template = build_template(config["template"], tokenizer, trusted=False)
-        stop_ids(tokenizer, config["template"])  # the stop tokens are the tokenizer's
         with torch.device("meta"):
             skeleton = build_model(config["model"], tokenizer, trusted=False)
+        # Processor and template follow the model's geometry; keys they still carry (older
+        # checkpoints wrote them) must agree with it.
+        geometry = Geometry.from_model_config(config["model"], trusted=False)
+        processor = build_processor(config["processor"], trusted=False, geometry=geometry)
+        template = build_template(config["template"], tokenizer, trusted=False, geometry=geometry)
+        stop_ids(tokenizer, config["template"])  # the stop tokens are the tokenizer's
     except Exception as e:  # noqa: BLE001 (a hostile config may make any constructor fail)
         raise _build_error(where, e) from None
     check_weights(skeleton, weights, weights_where)
@@ -440,8 +442,6 @@ def build_checked(
         raise CheckpointError(f"{where}: the model's tables would take {extra} elements beyond its weights")
     try:
         model = build_model(config["model"], tokenizer, trusted=False)
-        check_processor_fits(model, processor)
-        check_template_fits(model, template)
     except Exception as e:  # noqa: BLE001
         raise _build_error(where, e) from None
     return LoadedVLM(model, tokenizer, processor, template, config)

@@ -28,6 +28,7 @@ from vlm.data.webdataset import (
     seed_worker,
 )
 from vlm.resume import gather_ranks, my_rank
+from vlm.spec import PROCESSOR_KEYS, SOURCES, TEMPLATE_KEYS, VIDEO_KEYS, Geometry
 from vlm.tokenizer import TextTokenizer
 
 
@@ -39,7 +40,11 @@ class VLMDataModule(L.LightningDataModule):
         (temporal_patch, target_fps, max_frames, max_video_tokens, …); built into one
         `MediaProcessor` (`self.image_processor`, whose `to_config()` is what checkpoints store,
         `video` included; `self.video_processor` is its video half).
-    template: ChatTemplate config (max_length, rope, merge_size…).
+    template: ChatTemplate config (max_length, image_position, jinja, …).
+    geometry: the model's media geometry (`vlm.spec.Geometry`, or its dict; or `attach` it before
+        `setup`): patch_size, merge_size, temporal_patch, the token layout and rope come from the
+        model config, never from these data keys (`build_datamodule` does both from a training
+        config). Without one, `processor` / `template` must carry those keys themselves.
     synthetic: when set, synthvqa is generated under `synthetic.root` on first use.
     sources: a mixture (`data=mix`, `vlm.data.mixture`): `[{name, shards, weight, task, prompts?}]`;
         replaces `train_shards` for training.
@@ -77,8 +82,12 @@ class VLMDataModule(L.LightningDataModule):
         bad_window: int = 1000,
         max_member_bytes: int = MAX_MEMBER_BYTES,
         max_sample_bytes: int = MAX_SAMPLE_BYTES,
+        geometry: Geometry | dict | None = None,
     ):
         super().__init__()
+        self.geometry: Geometry | None = None
+        if geometry is not None:
+            self.attach(geometry)
         self.cfg = dict(
             train_shards=train_shards,
             val_shards=val_shards,
@@ -115,6 +124,24 @@ class VLMDataModule(L.LightningDataModule):
         # a checkpoint's data position, from `load_state_dict` until `train_dataloader` takes it
         self.pending_resume: dict | None = None
 
+    def attach(self, geometry: Geometry | dict) -> VLMDataModule:
+        """Use the model's geometry (before `setup`). The data config may not repeat it: a
+        `processor.patch_size`, `template.merge_size`, … there is refused, naming the model key."""
+        g = geometry if isinstance(geometry, Geometry) else Geometry(**dict(geometry))
+        for section, cfg, keys in (
+            ("processor", self.processor_cfg, PROCESSOR_KEYS),
+            ("processor.video", self.processor_cfg.get("video") or {}, VIDEO_KEYS),
+            ("template", self.template_cfg, TEMPLATE_KEYS),
+        ):
+            for key, field in keys.items():
+                if key in cfg:
+                    raise ValueError(
+                        f"data.{section}.{key}={cfg[key]!r}: the media geometry comes from the model config, "
+                        f"not the data config; set {SOURCES[field]} instead (it is {getattr(g, field)!r})"
+                    )
+        self.geometry = g
+        return self
+
     def prepare_data(self) -> None:
         if self.synthetic:
             from vlm.synthvqa import SynthConfig, ensure_synthvqa
@@ -134,12 +161,12 @@ class VLMDataModule(L.LightningDataModule):
         if not tok_path.is_file():
             raise FileNotFoundError(f"data.tokenizer: no tokenizer.json at {tok_path}")
         self.tokenizer = TextTokenizer.from_file(tok_path)
-        self.image_processor = build_processor(self.processor_cfg)
+        self.image_processor = build_processor(self.processor_cfg, geometry=self.geometry)
         self.video_processor = self.image_processor.video
         from vlm.build import resolve_template_config
 
         self.template_cfg = resolve_template_config(self.template_cfg)  # a jinja path -> its text (checkpoints)
-        self.template = build_template(self.template_cfg, self.tokenizer)
+        self.template = build_template(self.template_cfg, self.tokenizer, geometry=self.geometry)
         # Fail now, with the path in the message, not minutes later inside the Trainer.
         if self.sources:
             for src in self.sources:
@@ -234,3 +261,12 @@ class VLMDataModule(L.LightningDataModule):
 
     def teardown(self, stage: str) -> None:
         self.pending_resume = None  # a position no training dataset took must not reach a later fit
+
+
+def build_datamodule(cfg, geometry: Geometry | None = None) -> VLMDataModule:
+    """The datamodule of a composed training config (`cfg.data`), with the geometry of its model
+    (`cfg.model`, or `geometry` when the caller already derived it)."""
+    from hydra.utils import instantiate
+
+    dm = instantiate(cfg.data, _convert_="all")
+    return dm.attach(geometry if geometry is not None else Geometry.from_model_config(cfg.model))

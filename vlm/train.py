@@ -10,9 +10,10 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from vlm.build import check_template_fits
+from vlm.datamodule import build_datamodule
 from vlm.module import VLMModule
 from vlm.parallel import ParallelConfig, is_sharded_strategy
+from vlm.spec import Geometry
 
 log = logging.getLogger("vlm.train")
 
@@ -153,7 +154,9 @@ def run(cfg: DictConfig) -> dict[str, float]:
     L.seed_everything(cfg.seed, workers=True)
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
-    datamodule = instantiate(cfg.data, _convert_="all")
+    # The model's media geometry, derived once from its config: the data side follows it.
+    geometry = Geometry.from_model_config(cfg.model)
+    datamodule = build_datamodule(cfg, geometry)
     datamodule.setup("fit")
     logger = build_logger(cfg)
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=build_callbacks(cfg, bool(logger)), logger=logger)
@@ -169,7 +172,6 @@ def run(cfg: DictConfig) -> dict[str, float]:
         and parallel.init == "rank0"
     )
     module = build_module(cfg, datamodule, meta_init=meta_init)
-    check_template_fits(module.model, datamodule.template)
     if cfg.get("init_from") and not meta_init:  # rank 0's weights reach the others by broadcast
         _init_weights(module, cfg.init_from)
     warm = OmegaConf.to_container(cfg.tower_warmup, resolve=True) if cfg.get("tower_warmup") else {}
