@@ -343,7 +343,7 @@ def build_processor(processor_cfg: dict, trusted: bool = True, geometry: Geometr
     cfg = _plain(processor_cfg)
     if not isinstance(cfg, dict):
         raise ValueError(f"processor is not a mapping (got {type(cfg).__name__})")
-    cfg = dict(cfg)
+    cfg = {k: _plain(v) for k, v in cfg.items()}
     if not trusted:
         check_config_keys(cfg, "processor")
         if cfg.get("pretrained") is not None:
@@ -416,7 +416,7 @@ def build_template(
     cfg = _plain(template_cfg)
     if not isinstance(cfg, dict):
         raise ValueError(f"template is not a mapping (got {type(cfg).__name__})")
-    cfg = dict(cfg)
+    cfg = {k: _plain(v) for k, v in cfg.items()}
     if not trusted:
         _check_untrusted_template(cfg)
     if geometry is not None:

@@ -85,9 +85,6 @@ class VLMDataModule(L.LightningDataModule):
         geometry: Geometry | dict | None = None,
     ):
         super().__init__()
-        self.geometry: Geometry | None = None
-        if geometry is not None:
-            self.attach(geometry)
         self.cfg = dict(
             train_shards=train_shards,
             val_shards=val_shards,
@@ -123,6 +120,9 @@ class VLMDataModule(L.LightningDataModule):
         self.tracker = StreamTracker()  # the training batches consumed, per DataLoader worker
         # a checkpoint's data position, from `load_state_dict` until `train_dataloader` takes it
         self.pending_resume: dict | None = None
+        self.geometry: Geometry | None = None
+        if geometry is not None:
+            self.attach(geometry)
 
     def attach(self, geometry: Geometry | dict) -> VLMDataModule:
         """Use the model's geometry (before `setup`). The data config may not repeat it: a
