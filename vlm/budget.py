@@ -13,7 +13,9 @@ Arguments are ``key=value`` (repeat ``image=``, ``video=``, ``size=``, ``video_s
 ``video_size=WxHxN``   a hypothetical video: N frames of W x H, optionally ``@FPS`` (default 30)
 ``config=PATH``        an export folder, its ``config.yaml``, or a YAML/JSON file with a
                        ``processor`` mapping (ImageProcessor keys; video keys under
-                       ``processor.video`` or ``video``); its ``template.max_length`` is the context
+                       ``processor.video`` or ``video``); its ``template.max_length`` is the context;
+                       with a ``model`` mapping (an export's), P, m and T are the model's geometry
+                       (``vlm.spec``)
 ``patch_size``         ViT patch P (default 14)
 ``merge_size``         projector merge m (default 2): tokens = t·(h/m)·(w/m)
 ``context``            context length for the share column (default 4096)
@@ -144,6 +146,12 @@ def build_processors(opts: dict[str, Any]) -> tuple[ImageProcessor, VideoProcess
         vid_cfg.update(proc.pop("video", None) or cfg.get("video") or {})
         img_cfg.update({k: v for k, v in proc.items() if k in ImageProcessor().to_config()})
         context = int((cfg.get("template") or {}).get("max_length", context))
+        if isinstance(cfg.get("model"), dict):  # the model's geometry is the one source (vlm/spec.py)
+            from vlm.spec import Geometry
+
+            geo = Geometry.from_model_config(cfg["model"], trusted=False)
+            img_cfg.update(patch_size=geo.patch_size, merge_size=geo.merge_size)
+            vid_cfg["temporal_patch"] = geo.temporal_patch
     img_cfg.setdefault("patch_size", 14)
     img_cfg.setdefault("merge_size", 2)
     img_cfg.setdefault("resolution", "dynamic")
