@@ -79,8 +79,8 @@ class PatchEmbed(nn.Module):
             T, P = self.temporal_patch, self.patch_size
             raise ValueError(
                 f"vision encoder expects patches [N, C*T*P*P] = [N, {self.channels}*{T}*{P}*{P}] = [N, {self.in_dim}], "
-                f"got {tuple(patches.shape)}: the processor's patch_size / temporal_patch "
-                f"(data.processor.video.temporal_patch) must match the encoder's (model.encoder.temporal_patch={T})"
+                f"got {tuple(patches.shape)}: the processor's patch_size / temporal_patch must be the encoder's "
+                f"(model.encoder.patch_size={P}, model.encoder.temporal_patch={T}; vlm.spec.Geometry)"
             )
         if self.kind == "conv":
             P = self.patch_size
