@@ -46,7 +46,7 @@ from typing import Any
 
 from PIL import Image
 
-from vlm.data.media import ALLOWED_FORMATS, MediaError, _strict_pillow, load_image
+from vlm.data.media import ALLOWED_FORMATS, MediaError, load_image, strict_pillow
 from vlm.data.processor import ImageProcessor
 from vlm.data.video import VideoProcessor, probe_video
 from vlm.model.projector import visual_token_count
@@ -197,7 +197,7 @@ def _wxh(s: str) -> tuple[int, int]:
 def image_header_size(path: str) -> tuple[int, int]:
     """(width, height) an image decodes to, from its header only (EXIF rotation applied)."""
     try:
-        with _strict_pillow(), Image.open(path, formats=list(ALLOWED_FORMATS)) as img:
+        with strict_pillow(), Image.open(path, formats=list(ALLOWED_FORMATS)) as img:
             w, h = img.size
             try:
                 if img.getexif().get(0x0112) in (5, 6, 7, 8):  # rotated by 90 degrees

@@ -638,13 +638,26 @@ def safe_dcp_reader(path: str | Path):
 
 
 class ExportCallback(L.Callback):
-    """Write the export folder at the end of training (rank 0)."""
+    """Write the export folder at the end of training (rank 0).
+
+    A sharded (FSDP2) model is gathered first: every rank takes part in the collective, rank 0
+    rebuilds an unsharded model from the full weights and writes the folder, then all ranks meet."""
 
     def __init__(self, out_dir: str):
         self.out_dir = out_dir
 
     def on_train_end(self, trainer: L.Trainer, pl_module) -> None:
+        from vlm.parallel import full_state_dict, is_sharded
+
+        model = pl_module.model
+        if is_sharded(model):
+            state = full_state_dict(model)  # collective: every rank calls it
+            if trainer.is_global_zero:
+                model = build_model(pl_module.hparams["model"], pl_module.tokenizer)
+                model.load_state_dict(state, strict=False)
         if trainer.is_global_zero:
-            out = export_folder(pl_module.model, pl_module.tokenizer, dict(pl_module.hparams), self.out_dir)
+            out = export_folder(model, pl_module.tokenizer, dict(pl_module.hparams), self.out_dir)
             log.info("exported model to %s", out)
             print(f"exported model to {out}")
+        if trainer.world_size > 1:
+            trainer.strategy.barrier("export")

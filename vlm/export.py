@@ -23,7 +23,6 @@ from pathlib import Path
 
 from vlm.checkpoint import (
     CheckpointError,
-    ExportCallback,
     build_checked,
     checkpoint_hparams,
     export_folder,
@@ -112,24 +111,6 @@ def export(ckpt: str | Path, out: str | Path, fmt: str = "vlm") -> Path:
         return export_hf(model, tokenizer, out, fmt)
     model, tokenizer, hp = load_training_checkpoint(ckpt)
     return export_folder(model, tokenizer, dict(hp), out)
-
-
-class ShardedExportCallback(ExportCallback):
-    """`ExportCallback` for a sharded (FSDP2) model: every rank takes part in gathering the full
-    weights, rank 0 writes the export folder. `VLMModule.configure_callbacks` swaps it in."""
-
-    def on_train_end(self, trainer, pl_module) -> None:
-        from vlm.build import build_model
-        from vlm.parallel import full_state_dict
-
-        state = full_state_dict(pl_module.model)  # collective
-        if trainer.is_global_zero:
-            model = build_model(pl_module.hparams["model"], pl_module.tokenizer)
-            model.load_state_dict(state, strict=False)
-            out = export_folder(model, pl_module.tokenizer, dict(pl_module.hparams), self.out_dir)
-            log.info("exported model to %s", out)
-            print(f"exported model to {out}")
-        trainer.strategy.barrier("export")
 
 
 def main(argv: list[str]) -> int:

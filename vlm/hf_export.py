@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from vlm.model.hf import _LLAMA_LAYER, _QKV_BIAS, _QWEN2VL_BLOCK, _QWEN2VL_MERGER, _SIGLIP_LAYER, expand
+from vlm.model.hf import LLAMA_LAYER, QKV_BIAS, QWEN2VL_BLOCK, QWEN2VL_MERGER, SIGLIP_LAYER, expand
 from vlm.model.vlm import VLM
 from vlm.tokenizer import TextTokenizer
 
@@ -42,7 +42,7 @@ def _need(ok: bool, what: str, fmt: str) -> None:
 
 def _decoder_state(dec, body: str, head: str) -> dict[str, torch.Tensor]:
     table = expand(
-        {**_LLAMA_LAYER, **(_QKV_BIAS if dec.layers[0].self_attn.q_proj.bias is not None else {})},
+        {**LLAMA_LAYER, **(QKV_BIAS if dec.layers[0].self_attn.q_proj.bias is not None else {})},
         dec.n_layers,
         {"model.embed_tokens.weight": "embed_tokens.weight", "model.norm.weight": "norm.weight"},
     )
@@ -107,7 +107,7 @@ def qwen2vl_state_and_config(model: VLM, tok: TextTokenizer) -> tuple[dict, dict
     D = enc.dim
     sd = {}
     es = enc.state_dict()
-    for k, v in _QWEN2VL_BLOCK.items():
+    for k, v in QWEN2VL_BLOCK.items():
         for i in range(len(enc.blocks)):
             sd["visual." + k.format(i)] = es[v.format(i)]
     for i in range(len(enc.blocks)):
@@ -118,7 +118,7 @@ def qwen2vl_state_and_config(model: VLM, tok: TextTokenizer) -> tuple[dict, dict
     T, P, C = enc.temporal_patch, enc.patch_size, enc.channels
     sd["visual.patch_embed.proj.weight"] = es["patch_embed.proj.weight"].reshape(D, C, T, P, P)
     ps = proj.state_dict()
-    for k, v in _QWEN2VL_MERGER.items():
+    for k, v in QWEN2VL_MERGER.items():
         sd["visual." + k] = ps[v]
     tied = dec.lm_head.weight is dec.embed_tokens.weight
     sd.update(_decoder_state(dec, "model.", ""))
@@ -187,7 +187,7 @@ def llava_state_and_config(model: VLM, tok: TextTokenizer) -> tuple[dict, dict]:
     n = len(enc.blocks)  # the features are the last built layer's: written as the tower's last layer
     es = enc.state_dict()
     pre = "vision_tower.vision_model."
-    sd = {pre + k.removeprefix("vision_model."): es[v] for k, v in expand(_SIGLIP_LAYER, n, {}).items()}
+    sd = {pre + k.removeprefix("vision_model."): es[v] for k, v in expand(SIGLIP_LAYER, n, {}).items()}
     sd[pre + "embeddings.patch_embedding.weight"] = es["patch_embed.proj.weight"].reshape(D, C, P, P)
     sd[pre + "embeddings.class_embedding"] = es["cls"]
     g = enc.pos_embed.shape[0]

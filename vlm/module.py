@@ -184,21 +184,6 @@ class VLMModule(L.LightningModule):
         mesh = self.device_mesh["data_parallel"] if self.device_mesh is not None else None
         self._model_set_up = setup_model(self.model, self.parallel_cfg, mesh, precision, self.device)
 
-    def configure_callbacks(self):
-        """A sharded model needs a collective to export: swap in the sharding-aware export callback."""
-        from vlm.parallel import is_sharded_strategy
-
-        if self._trainer is None or not is_sharded_strategy(self.trainer.strategy):
-            return []
-        from vlm.checkpoint import ExportCallback
-        from vlm.export import ShardedExportCallback
-
-        return [
-            ShardedExportCallback(c.out_dir)
-            for c in self.trainer.callbacks
-            if isinstance(c, ExportCallback) and not isinstance(c, ShardedExportCallback)
-        ]
-
     # ---- exact resume: per-rank state ----------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         mine = {

@@ -138,7 +138,7 @@ _guard_saved_truncated = False
 
 
 @contextmanager
-def _strict_pillow() -> Iterator[None]:
+def strict_pillow() -> Iterator[None]:
     """Refuse truncated files and silence Pillow's bomb warning for the duration of one decode."""
     global _guard_depth, _guard_saved_truncated
     with _guard_lock:
@@ -228,7 +228,7 @@ def decode_image(
     if max_pixels <= 0:
         raise ValueError(f"max_pixels must be positive, got {max_pixels}")
     try:
-        with _strict_pillow():
+        with strict_pillow():
             return _decode(data, max_pixels=max_pixels, key=key, formats=formats, draft=draft)
     except MediaError:
         raise

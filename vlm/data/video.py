@@ -73,7 +73,7 @@ from typing import Any
 import torch
 from PIL import Image, ImageSequence
 
-from vlm.data.media import MediaError, _strict_pillow, decode_image, read_file, to_rgb
+from vlm.data.media import MediaError, decode_image, read_file, strict_pillow, to_rgb
 from vlm.data.processor import INTERPOLATIONS, ImageProcessor, smart_resize
 from vlm.model.projector import visual_token_count
 
@@ -228,7 +228,7 @@ def probe_video(data: bytes | bytearray | memoryview | str | os.PathLike, *, key
     _check_bytes(data, key)
     kind, fmt = _identify(data, key)
     if kind == "pillow":
-        with _strict_pillow():
+        with strict_pillow():
             try:
                 img = Image.open(io.BytesIO(bytes(data)), formats=[fmt])
             except Exception as e:
@@ -278,7 +278,7 @@ def decode_video(
     kind, fmt = _identify(data, key)
     try:
         if kind == "pillow":
-            with _strict_pillow():
+            with strict_pillow():
                 return _decode_pillow(data, fmt, key, max_pixels, max_frames_decoded, max_total_pixels, indices)
         with _open_pyav(data, fmt, key, threads) as (container, stream, info):
             return _decode_pyav(container, stream, info, key, max_pixels, max_frames_decoded, max_total_pixels, indices)

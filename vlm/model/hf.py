@@ -34,7 +34,7 @@ class PretrainedError(ValueError):
 
 
 # ---- key maps: HF name -> ours; "{}" = layer index ----------------------------------------------
-_LLAMA_LAYER = {
+LLAMA_LAYER = {
     "model.layers.{}.input_layernorm.weight": "layers.{}.input_layernorm.weight",
     "model.layers.{}.self_attn.q_proj.weight": "layers.{}.self_attn.q_proj.weight",
     "model.layers.{}.self_attn.k_proj.weight": "layers.{}.self_attn.k_proj.weight",
@@ -45,16 +45,16 @@ _LLAMA_LAYER = {
     "model.layers.{}.mlp.up_proj.weight": "layers.{}.mlp.up_proj.weight",
     "model.layers.{}.mlp.down_proj.weight": "layers.{}.mlp.down_proj.weight",
 }
-_QKV_BIAS = {
+QKV_BIAS = {
     "model.layers.{}.self_attn.q_proj.bias": "layers.{}.self_attn.q_proj.bias",
     "model.layers.{}.self_attn.k_proj.bias": "layers.{}.self_attn.k_proj.bias",
     "model.layers.{}.self_attn.v_proj.bias": "layers.{}.self_attn.v_proj.bias",
 }
 _DECODER_GLOBAL = {"model.embed_tokens.weight": "embed_tokens.weight", "model.norm.weight": "norm.weight"}
 DECODER_FAMILIES = {
-    "llama": {"layer": _LLAMA_LAYER, "qkv_bias": False},
-    "mistral": {"layer": _LLAMA_LAYER, "qkv_bias": False},
-    "qwen2": {"layer": {**_LLAMA_LAYER, **_QKV_BIAS}, "qkv_bias": True},
+    "llama": {"layer": LLAMA_LAYER, "qkv_bias": False},
+    "mistral": {"layer": LLAMA_LAYER, "qkv_bias": False},
+    "qwen2": {"layer": {**LLAMA_LAYER, **QKV_BIAS}, "qkv_bias": True},
 }
 
 
@@ -331,7 +331,7 @@ def pretrained_decoder(pretrained: str, device: str | torch.device | None = None
 
 
 # ---- vision towers --------------------------------------------------------------------------------
-_SIGLIP_LAYER = {
+SIGLIP_LAYER = {
     "vision_model.encoder.layers.{}.layer_norm1.weight": "blocks.{}.norm1.weight",
     "vision_model.encoder.layers.{}.layer_norm1.bias": "blocks.{}.norm1.bias",
     "vision_model.encoder.layers.{}.self_attn.q_proj.weight": "blocks.{}.attn.q_proj.weight",
@@ -449,7 +449,7 @@ def pretrained_vision_encoder(
         glob.update(
             {"vision_model.pre_layrnorm.weight": "pre_norm.weight", "vision_model.pre_layrnorm.bias": "pre_norm.bias"}
         )
-    mapping = expand(re(_SIGLIP_LAYER), n_built, re(glob))
+    mapping = expand(re(SIGLIP_LAYER), n_built, re(glob))
     unused = tuple(
         k
         for k in src.keys()
@@ -519,7 +519,7 @@ class _Without(nn.Module):
 
 
 # ---- Qwen2-VL vision tower and merger ---------------------------------------------------------------
-_QWEN2VL_BLOCK = {
+QWEN2VL_BLOCK = {
     "blocks.{}.norm1.weight": "blocks.{}.norm1.weight",
     "blocks.{}.norm1.bias": "blocks.{}.norm1.bias",
     "blocks.{}.norm2.weight": "blocks.{}.norm2.weight",
@@ -536,7 +536,7 @@ _QWEN2VL_FUSED = {
     "blocks.{}.attn.qkv.weight": ("blocks.{}.attn.{}_proj.weight", 0),
     "blocks.{}.attn.qkv.bias": ("blocks.{}.attn.{}_proj.bias", 0),
 }
-_QWEN2VL_MERGER = {
+QWEN2VL_MERGER = {
     "merger.ln_q.weight": "norm.weight",
     "merger.ln_q.bias": "norm.bias",
     "merger.mlp.0.weight": "proj.0.weight",
@@ -633,7 +633,7 @@ def pretrained_qwen2vl_vision(
     n_built = len(enc.blocks)
     fused = {pre + k.format(i) for k in _QWEN2VL_FUSED for i in range(n_built)}
     src = _Split(raw, fused)
-    mapping = expand({pre + k: v for k, v in _QWEN2VL_BLOCK.items()}, n_built, {})
+    mapping = expand({pre + k: v for k, v in QWEN2VL_BLOCK.items()}, n_built, {})
     for i in range(n_built):
         for k, (ours, _) in _QWEN2VL_FUSED.items():
             for p in ("q", "k", "v"):
@@ -673,7 +673,7 @@ def pretrained_qwen2vl_merger(pretrained: str, device: str | torch.device | None
         return proj
     src = SafetensorsFolder(pretrained)
     pre = _qwen2vl_prefix(src)
-    mapping = {pre + k: v for k, v in _QWEN2VL_MERGER.items()}
+    mapping = {pre + k: v for k, v in QWEN2VL_MERGER.items()}
     check_and_load(
         proj,
         _Remapped(src, drop={k for k in src.keys() if not k.startswith(pre + "merger.")}),
