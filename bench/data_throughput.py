@@ -126,7 +126,7 @@ def loader_rate(shards: Path, caps: list[str], workers: int, batch_size: int) ->
 
     from vlm.data.collate import Collator
     from vlm.data.processor import ImageProcessor
-    from vlm.data.sample import SampleProcessor
+    from vlm.data.sample import SampleTransform
     from vlm.data.template import ChatTemplate
     from vlm.data.webdataset import ShardDataset, seed_worker
     from vlm.model.projector import visual_token_count
@@ -135,7 +135,7 @@ def loader_rate(shards: Path, caps: list[str], workers: int, batch_size: int) ->
     tok = train_tokenizer(caps + list(DEFAULT_CAPTION_PROMPTS) + ["user\n", "assistant\n"])
     template = ChatTemplate(tok, lambda g: visual_token_count(g, 1), max_length=256)
     # the default config's processor: fixed 64 px, patch 8, jpeg_draft on
-    proc = SampleProcessor(ImageProcessor(jpeg_draft=True), template, mode="train")
+    proc = SampleTransform(ImageProcessor(jpeg_draft=True), template, mode="train")
     ds = ShardDataset(str(shards), proc, train=False)
     dl = DataLoader(
         ds,

@@ -33,13 +33,13 @@ CHILD_LOADER = r"""
 import json, resource, sys, time
 from collections import Counter
 from vlm.build import build_processor, build_template
-from vlm.data.sample import SampleProcessor
+from vlm.data.sample import SampleTransform
 from vlm.data.webdataset import ShardDataset
 from vlm.tokenizer import TextTokenizer
 bomb, good, tok, mode = sys.argv[1:5]
 t0 = time.perf_counter()
 tok = TextTokenizer.from_file(tok)
-proc = SampleProcessor(build_processor({"patch_size": 8, "image_size": 32}), build_template({"max_length": 256}, tok),
+proc = SampleTransform(build_processor({"patch_size": 8, "image_size": 32}), build_template({"max_length": 256}, tok),
                        mode="eval" if mode == "eval" else "train")
 counts = Counter()
 if mode == "eval":

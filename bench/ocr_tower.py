@@ -67,7 +67,7 @@ def run_arm(name: str, args, probe_steps: int, vlm_steps: int) -> dict:
 
         res = warm_up_tower(
             module.model.encoder,
-            dm.image_processor,
+            dm.media_processor,
             {"steps": probe_steps, "task": args.task, "max_len": max(args.max_len, 1)},
         )
         probe_acc, probe_s = res["accuracy"], res["seconds"]

@@ -3,7 +3,7 @@
     python bench/packing.py                      # synthvqa v1 (and v2 if generated) + a long-tailed mix
     python bench/packing.py --samples 4096 --batch 16
 
-Lengths come from the real pipeline (shards -> SampleProcessor -> template), the same numbers the
+Lengths come from the real pipeline (shards -> SampleTransform -> template), the same numbers the
 trainer sees. "Unpacked" right-pads each batch of `--batch` samples to its longest sample;
 "packed" packs windows of `--window` samples into rows of `--length` tokens and right-pads each
 batch of rows to its longest row (rows per batch = batch · mean length / length, at least 1). The
@@ -29,7 +29,7 @@ def real_lengths(root: Path, n: int) -> list[int]:
     from hydra import compose, initialize_config_dir
 
     from vlm.build import build_processor, build_template
-    from vlm.data.sample import SampleProcessor
+    from vlm.data.sample import SampleTransform
     from vlm.data.webdataset import ShardDataset
     from vlm.spec import Geometry
     from vlm.tokenizer import TextTokenizer
@@ -40,7 +40,7 @@ def real_lengths(root: Path, n: int) -> list[int]:
         cfg = compose("train", overrides=ov)
     tok = TextTokenizer.from_file(root / "tokenizer.json")
     geo = Geometry.from_model_config(cfg.model)
-    proc = SampleProcessor(
+    proc = SampleTransform(
         build_processor(dict(cfg.data.processor), geometry=geo),
         build_template(dict(cfg.data.template), tok, geometry=geo),
     )

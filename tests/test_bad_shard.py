@@ -18,7 +18,7 @@ import webdataset as wds
 from PIL import Image
 
 from vlm.data.processor import ImageProcessor
-from vlm.data.sample import SampleProcessor
+from vlm.data.sample import SampleTransform
 from vlm.data.template import ChatTemplate
 from vlm.data.webdataset import ShardDataset
 from vlm.model.projector import visual_token_count
@@ -120,7 +120,7 @@ def bad_samples() -> list[tuple[dict, str]]:
 
 def processor(tok):
     template = ChatTemplate(tok, lambda g: visual_token_count(g, 2), max_length=256, merge_size=2)
-    return SampleProcessor(
+    return SampleTransform(
         ImageProcessor(patch_size=8, merge_size=2, image_size=32), template, mode="train", max_pixels=50_000_000
     )
 

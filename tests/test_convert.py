@@ -16,7 +16,7 @@ from PIL import Image
 
 from vlm import convert as C
 from vlm.data.processor import ImageProcessor
-from vlm.data.sample import SampleProcessor
+from vlm.data.sample import SampleTransform
 from vlm.data.template import IGNORE, ChatTemplate
 from vlm.data.webdataset import ShardDataset
 from vlm.model.projector import visual_token_count
@@ -50,7 +50,7 @@ def make_images(root: Path) -> Path:
 def loader_parts(texts: list[str]):
     tok = train_tokenizer(texts * 3 + ["user\n", "assistant\n", "system\n"] * 3)
     template = ChatTemplate(tok, lambda g: visual_token_count(g, 1))
-    proc = SampleProcessor(ImageProcessor(patch_size=8, image_size=32), template, mode="train")
+    proc = SampleTransform(ImageProcessor(patch_size=8, image_size=32), template, mode="train")
     return tok, proc
 
 

@@ -15,7 +15,7 @@ import torch
 from tests.test_multimodal import WORDS, moving, png
 from vlm.build import build_model, build_processor, build_template
 from vlm.data.collate import collate
-from vlm.data.sample import SampleProcessor
+from vlm.data.sample import SampleTransform
 from vlm.data.template import IGNORE
 from vlm.data.video import encode_video
 from vlm.generate import generate
@@ -85,7 +85,7 @@ def sample_processor(tok, cfg, mode="train"):
         geometry=geo,
     )
     # eval mode here builds prompts to generate from (some without an answer), not scored samples
-    return SampleProcessor(
+    return SampleTransform(
         proc, build_template({"max_length": 1024}, tok, geometry=geo), mode=mode, require_reference=False
     )
 

@@ -35,11 +35,11 @@ GROUP_SIZES = {1: [8], 2: [3, 5], 4: [1, 3, 2, 2]}
 # ---------------------------------------------------------------- shared helpers (also used in-process)
 def fixed_samples(dm, n: int):
     """The first n training samples of the shards, in shard order (no shuffling)."""
-    from vlm.data.sample import SampleProcessor
+    from vlm.data.sample import SampleTransform
     from vlm.data.tar_reader import ShardErrors
     from vlm.data.webdataset import ShardDataset
 
-    proc = SampleProcessor(dm.image_processor, dm.template, mode="train")
+    proc = SampleTransform(dm.media_processor, dm.template, mode="train")
     ds = ShardDataset(dm.cfg["train_shards"], proc, train=False)
     out = []
     for raw in ds._raw(iter(ds.urls), ShardErrors()):  # every rank reads the same samples

@@ -15,7 +15,7 @@ from PIL import Image
 from tests.conftest import ROOT, compose_infer, compose_train
 from vlm.checkpoint import CheckpointError, load_checkpoint
 from vlm.data.collate import collate
-from vlm.data.sample import SampleProcessor
+from vlm.data.sample import SampleTransform
 from vlm.data.webdataset import ShardDataset
 
 
@@ -45,7 +45,7 @@ def test_train_writes_checkpoints_export_and_metrics(trained):
 
 
 def _heldout_batch(loaded, synth_dir, n=6):
-    proc = SampleProcessor(loaded.processor, loaded.template, mode="eval")
+    proc = SampleTransform(loaded.processor, loaded.template, mode="eval")
     ds = ShardDataset(str(synth_dir / "synthvqa" / "heldout"), proc, train=False)
     samples = [s for _, s in zip(range(n), ds)]
     return collate(samples, loaded.tokenizer.pad_id, "left")

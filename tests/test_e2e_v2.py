@@ -14,7 +14,7 @@ from PIL import Image
 from tests.conftest import compose_infer, compose_train
 from vlm.checkpoint import load_checkpoint
 from vlm.data.collate import collate
-from vlm.data.sample import SampleProcessor
+from vlm.data.sample import SampleTransform
 from vlm.data.video import encode_video
 from vlm.data.webdataset import ShardDataset
 from vlm.synthvqa import QTYPES_V2
@@ -49,7 +49,7 @@ def test_v2_train_export_and_config(trained_v2):
         assert set(QTYPES_V2) <= set(loaded.config["val_qtypes"])
     assert exp.processor == ckpt.processor
     # the same heldout batch (images, multi-image, videos) gives identical logits from both
-    proc = SampleProcessor(exp.processor, exp.template, mode="eval")
+    proc = SampleTransform(exp.processor, exp.template, mode="eval")
     ds = ShardDataset(str(data / "synthvqa_v2" / "heldout"), proc, train=False)
     samples = list(ds)
     kinds = {tuple(s.kinds) for s in samples}

@@ -292,7 +292,7 @@ def test_train_cli_on_shards_that_yield_nothing_stops_with_one_line(synth_dir, t
 
 def test_shards_mixing_good_and_empty_train_and_read_bad_ones_once(synth_dir, tmp_path):
     """A good shard beside unreadable ones: training goes on; each bad shard is read (and logged) once."""
-    from vlm.data.sample import SampleProcessor
+    from vlm.data.sample import SampleTransform
     from vlm.data.webdataset import ShardDataset
     from vlm.datamodule import VLMDataModule
 
@@ -309,7 +309,7 @@ def test_shards_mixing_good_and_empty_train_and_read_bad_ones_once(synth_dir, tm
         {"max_length": 256},
     )
     dm.setup()
-    ds = ShardDataset(str(bad), SampleProcessor(dm.image_processor, dm.template), train=True, shuffle_buffer=1)
+    ds = ShardDataset(str(bad), SampleTransform(dm.media_processor, dm.template), train=True, shuffle_buffer=1)
     counts: Counter = Counter()
     for _, s in zip(range(300), ds):
         counts.update(s.skipped or {})

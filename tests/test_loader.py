@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 
 from vlm.data.collate import Collator
 from vlm.data.processor import ImageProcessor
-from vlm.data.sample import SampleProcessor
+from vlm.data.sample import SampleTransform
 from vlm.data.template import ChatTemplate
 from vlm.data.webdataset import ShardDataset, expand_urls
 from vlm.model.projector import visual_token_count
@@ -53,7 +53,7 @@ def write_shard(path, samples):
 
 def processor(tok, max_length=128, mode="train"):
     template = ChatTemplate(tok, lambda g: visual_token_count(g, 2), max_length=max_length, merge_size=2)
-    return SampleProcessor(ImageProcessor(patch_size=8, merge_size=2, image_size=32), template, mode=mode)
+    return SampleTransform(ImageProcessor(patch_size=8, merge_size=2, image_size=32), template, mode=mode)
 
 
 def test_bad_samples_are_skipped_and_counted(tmp_path, tok):

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from vlm.build import build_processor, build_template
-from vlm.data.sample import SampleProcessor
+from vlm.data.sample import SampleTransform
 from vlm.data.webdataset import DataError, ShardDataset
 from vlm.tokenizer import TextTokenizer
 
@@ -193,13 +193,13 @@ def test_arbitrary_samples_are_accepted_or_counted(parts, tmp_path_factory, samp
     shard = tmp_path_factory.mktemp("fuzz") / "s.tar"
     n = write_shard(shard, samples)
     with time_limit(60):
-        ds = ShardDataset(str(shard), SampleProcessor(processor, template, mode="eval"), train=False)
+        ds = ShardDataset(str(shard), SampleTransform(processor, template, mode="eval"), train=False)
         good, skipped = eval_pass(ds)
         assert len(good) + sum(skipped.values()) == n, (len(good), skipped)
         assert all(isinstance(s.answer, str) and s.answer.strip() for s in good)
         assert all(reason and " " not in reason for reason in skipped)
 
-        ds = ShardDataset(str(shard), SampleProcessor(processor, template, mode="train"), train=True, shuffle_buffer=1)
+        ds = ShardDataset(str(shard), SampleTransform(processor, template, mode="train"), train=True, shuffle_buffer=1)
         good, skipped = train_pass(ds, n)
         assert len(good) + sum(skipped.values()) == n, (len(good), skipped)
         assert all((s.labels >= 0).any() for s in good)
@@ -218,13 +218,13 @@ def test_arbitrary_bytes_as_a_shard(parts, tmp_path_factory, data, prefix):
     bad = d / "bad.tar"
     bad.write_bytes(good.read_bytes()[: len(data)] if prefix is None else prefix + data)
     with time_limit(60):
-        ds = ShardDataset(str(bad), SampleProcessor(processor, template, mode="eval"), train=False)
+        ds = ShardDataset(str(bad), SampleTransform(processor, template, mode="eval"), train=False)
         accepted, skipped = eval_pass(ds)
         assert all(s.answer for s in accepted)
-        ds = ShardDataset([str(bad), str(good)], SampleProcessor(processor, template), train=True, shuffle_buffer=1)
+        ds = ShardDataset([str(bad), str(good)], SampleTransform(processor, template), train=True, shuffle_buffer=1)
         accepted = [s for _, s in zip(range(20), ds)]
         assert len(accepted) == 20 and all((s.labels >= 0).any() for s in accepted)
-        ds = ShardDataset(str(bad), SampleProcessor(processor, template), train=True, shuffle_buffer=1)
+        ds = ShardDataset(str(bad), SampleTransform(processor, template), train=True, shuffle_buffer=1)
         try:
             for _ in zip(range(20), ds):
                 pass

@@ -1,5 +1,5 @@
 """Multi-image, video and dynamic resolution through the whole stack: the media router
-(`SampleProcessor` + `MediaProcessor`), the vision encoder's temporal patches and 2D RoPE, token
+(`SampleTransform` + `MediaProcessor`), the vision encoder's temporal patches and 2D RoPE, token
 counts between template and model, M-RoPE, extreme inputs through the loader, and checkpoint configs."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 
 from vlm.build import build_model, build_processor, build_template
 from vlm.data.collate import Collator, collate
-from vlm.data.sample import SampleError, SampleProcessor
+from vlm.data.sample import SampleError, SampleTransform
 from vlm.data.template import IGNORE
 from vlm.data.video import VideoProcessor, encode_video
 from vlm.data.webdataset import ShardDataset
@@ -122,7 +122,7 @@ def processor(tok, T=2, merge=2, resolution="dynamic", rope="mrope", max_length=
         )
     )
     template = build_template({"max_length": max_length, "rope": rope, "merge_size": merge}, tok)
-    return SampleProcessor(proc, template, mode=mode)
+    return SampleTransform(proc, template, mode=mode)
 
 
 def tiny_model(tok, T=2, pos="rope2d", merge=2, rope="mrope", seed=0):
@@ -298,7 +298,7 @@ def test_token_counts_agree_for_every_media_kind(tok):
     x = s.patches[0].view(-1, 3, 2, 16)
     assert torch.equal(x[:, :, 0], x[:, :, 1])
     # and the example-table path (MediaProcessor.to_pil) undoes it: the first frame, as resized
-    shown = sp.image_processor.to_pil(s.patches[0], s.grids[0])
+    shown = sp.media_processor.to_pil(s.patches[0], s.grids[0])
     assert shown.size == (32, 32) and shown.getpixel((5, 5)) == (200, 30, 30)
 
 
@@ -329,7 +329,7 @@ def test_multi_image_order_and_any_turn(tok):
     msgs[1]["content"] = [{"type": "image", "media": 1}, {"type": "text", "text": "first"}]
     msgs[2]["content"] = [{"type": "text", "text": "What is shown?"}]
     s = sp({"__key__": "k", "json": json.dumps({"messages": msgs}).encode(), **media})
-    alone = [sp.image_processor.process_image(Image.open(io.BytesIO(media[f"{i}.png"]))) for i in range(3)]
+    alone = [sp.media_processor.process_image(Image.open(io.BytesIO(media[f"{i}.png"]))) for i in range(3)]
     assert s.grids == [alone[i][1] for i in (2, 0, 1)]
     for k, i in enumerate((2, 0, 1)):
         assert torch.equal(s.patches[k], alone[i][0])
@@ -508,7 +508,7 @@ def test_two_images_and_a_video_through_the_real_model(real_cfg, tok):
         {"0.png": png((64, 64)), "1.png": png((128, 32), (30, 70, 220)), "2.mp4": encode_video(frames)},
         answer="right",
     )
-    train = SampleProcessor(proc, template, mode="train")(raw)
+    train = SampleTransform(proc, template, mode="train")(raw)
     assert train.kinds == ["image", "image", "video"] and train.grids[2][0] == 3
     assert train.position_ids.dim() == 2 and train.position_ids.shape[0] == 3
     b = collate([train, train], tok.pad_id)
@@ -531,9 +531,9 @@ def test_two_images_and_a_video_through_the_real_model(real_cfg, tok):
         assert g is not None and torch.isfinite(g).all() and g.abs().sum() > 0, name
     # generation: the KV cache gives exactly the tokens of a full re-forward (M-RoPE positions)
     model.eval()
-    ev = SampleProcessor(proc, template, mode="eval")(raw)
+    ev = SampleTransform(proc, template, mode="eval")(raw)
     batch = collate(
-        [ev, SampleProcessor(proc, template, mode="eval")(_raw("1img", content[:2], {"0.png": png()}))],
+        [ev, SampleTransform(proc, template, mode="eval")(_raw("1img", content[:2], {"0.png": png()}))],
         tok.pad_id,
         padding_side="left",
     )

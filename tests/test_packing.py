@@ -55,11 +55,11 @@ def _setup(tmp_path, synth_dir, overrides=()):
 def test_packed_forward_equals_unpacked(tmp_path, synth_dir, overrides):
     """Every sample's logits in a packed row equal its logits alone in an unpacked batch, and the
     loss sums and label counts agree."""
-    from vlm.data.sample import SampleProcessor
+    from vlm.data.sample import SampleTransform
     from vlm.data.webdataset import ShardDataset
 
     _, dm, model = _setup(tmp_path, synth_dir, ["model.decoder.n_layers=2", *overrides])
-    proc = SampleProcessor(dm.image_processor, dm.template, mode="train")
+    proc = SampleTransform(dm.media_processor, dm.template, mode="train")
     ds = ShardDataset(str(synth_dir / "synthvqa" / "train"), proc, train=False)
     samples = [s for _, s in zip(range(9), ds)]
     rows = pack(samples, 3 * max(s.input_ids.numel() for s in samples), "best_fit")
@@ -105,11 +105,11 @@ def test_packed_forward_equals_unpacked(tmp_path, synth_dir, overrides):
 def test_packed_stream_resumes_exactly(tmp_path, synth_dir):
     """Packed rows from a DataLoader with 2 workers: stopping after k batches and resuming from the
     tracker's state continues with exactly the rows an uninterrupted stream gives."""
-    from vlm.data.sample import SampleProcessor
+    from vlm.data.sample import SampleTransform
     from vlm.data.webdataset import ShardDataset, StreamTracker
 
     _, dm, _ = _setup(tmp_path, synth_dir)
-    proc = SampleProcessor(dm.image_processor, dm.template, mode="train")
+    proc = SampleTransform(dm.media_processor, dm.template, mode="train")
     packing = {"length": 256, "method": "best_fit", "window": 10}
 
     def loader(resume=None):

@@ -95,7 +95,7 @@ def test_stream_resume_across_blocks_and_workers(tmp_path, synth_dir):
     continue every worker's stream exactly, also across stream blocks."""
     from vlm.build import build_processor, build_template
     from vlm.data.collate import Collator
-    from vlm.data.sample import SampleProcessor
+    from vlm.data.sample import SampleTransform
     from vlm.data.webdataset import ShardDataset, StreamTracker
     from vlm.spec import Geometry
     from vlm.tokenizer import TextTokenizer
@@ -103,7 +103,7 @@ def test_stream_resume_across_blocks_and_workers(tmp_path, synth_dir):
     cfg = compose_train([], tmp_path, synth_dir)
     tok = TextTokenizer.from_file(synth_dir / "synthvqa" / "tokenizer.json")
     geo = Geometry.from_model_config(cfg.model)
-    proc = SampleProcessor(
+    proc = SampleTransform(
         build_processor(dict(cfg.data.processor), geometry=geo),
         build_template(dict(cfg.data.template), tok, geometry=geo),
     )

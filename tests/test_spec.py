@@ -152,7 +152,7 @@ def test_the_data_config_may_not_repeat_the_geometry(tmp_path, synth_dir):
         geometry={"patch_size": 4, "merge_size": 2, "rope": "mrope"},
     )
     dm.setup()
-    assert (dm.image_processor.patch_size, dm.image_processor.merge_size, dm.template.rope) == (4, 2, "mrope")
+    assert (dm.media_processor.patch_size, dm.media_processor.merge_size, dm.template.rope) == (4, 2, "mrope")
 
 
 @pytest.mark.parametrize(

@@ -74,7 +74,7 @@ def test_example_table_logs_the_first_validation_samples(tmp_path, synth_dir, mo
     logged = []
     monkeypatch.setattr(type(logger), "experiment", property(lambda self: SimpleNamespace(log=logged.append)))
     trainer = SimpleNamespace(loggers=[logger], sanity_checking=False, global_step=7)
-    module = SimpleNamespace(hparams={"processor": dm.image_processor.to_config()})
+    module = SimpleNamespace(hparams={"processor": dm.media_processor.to_config()})
     table = ExampleTable(n=3)
     table.on_validation_epoch_start(trainer, module)
     table.on_validation_batch_end(trainer, module, None, batch, 0)  # a batch with nothing scored

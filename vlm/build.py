@@ -25,7 +25,7 @@ import typing
 from functools import partial
 from typing import Any
 
-from vlm.data.sample import MediaProcessor
+from vlm.data.media_processor import MediaProcessor
 from vlm.data.template import ChatTemplate
 from vlm.model import hf
 from vlm.model.cross_attention import CrossAttentionFusion

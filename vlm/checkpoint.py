@@ -55,7 +55,7 @@ from vlm.build import (
     check_model_config,
     stop_ids,
 )
-from vlm.data.sample import MediaProcessor
+from vlm.data.media_processor import MediaProcessor
 from vlm.data.template import ChatTemplate
 from vlm.files import FileRefused, checked_stat, kind_of, read_regular_file
 from vlm.model.vlm import VLM

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 
 from vlm.build import build_processor, build_template
 from vlm.data.collate import Collator
-from vlm.data.sample import SampleProcessor
+from vlm.data.sample import SampleTransform
 from vlm.data.webdataset import (
     MAX_MEMBER_BYTES,
     MAX_SAMPLE_BYTES,
@@ -38,7 +38,7 @@ class VLMDataModule(L.LightningDataModule):
     tokenizer: path to `tokenizer.json`.
     processor: ImageProcessor config, with the VideoProcessor keys under `processor.video`
         (temporal_patch, target_fps, max_frames, max_video_tokens, …); built into one
-        `MediaProcessor` (`self.image_processor`, whose `to_config()` is what checkpoints store,
+        `MediaProcessor` (`self.media_processor`, whose `to_config()` is what checkpoints store,
         `video` included; `self.video_processor` is its video half).
     template: ChatTemplate config (max_length, image_position, jinja, …).
     geometry: the model's media geometry (`vlm.spec.Geometry`, or its dict; or `attach` it before
@@ -161,8 +161,8 @@ class VLMDataModule(L.LightningDataModule):
         if not tok_path.is_file():
             raise FileNotFoundError(f"data.tokenizer: no tokenizer.json at {tok_path}")
         self.tokenizer = TextTokenizer.from_file(tok_path)
-        self.image_processor = build_processor(self.processor_cfg, geometry=self.geometry)
-        self.video_processor = self.image_processor.video
+        self.media_processor = build_processor(self.processor_cfg, geometry=self.geometry)
+        self.video_processor = self.media_processor.video
         from vlm.build import resolve_template_config
 
         self.template_cfg = resolve_template_config(self.template_cfg)  # a jinja path -> its text (checkpoints)
@@ -181,8 +181,8 @@ class VLMDataModule(L.LightningDataModule):
     def _loader(self, shards, train: bool, resume: dict | None = None) -> DataLoader:
         c = self.cfg
         limits = {k: c[k] for k in ("max_member_bytes", "max_sample_bytes")}
-        proc = SampleProcessor(
-            self.image_processor, self.template, mode="train" if train else "eval", max_pixels=c["max_image_pixels"]
+        proc = SampleTransform(
+            self.media_processor, self.template, mode="train" if train else "eval", max_pixels=c["max_image_pixels"]
         )
         if train and self.sources:
             from vlm.data.mixture import MixtureDataset

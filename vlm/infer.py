@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader
 from vlm.checkpoint import LoadedVLM, load_checkpoint
 from vlm.data.collate import Collator, collate
 from vlm.data.media import MediaError, decode_image, read_file
-from vlm.data.sample import SampleProcessor, format_skips
+from vlm.data.sample import SampleTransform, format_skips
 from vlm.data.video import probe_video
 from vlm.data.webdataset import ShardDataset
 from vlm.evaluate import Evaluator
@@ -54,7 +54,7 @@ def prompt_batch(loaded: LoadedVLM, images: list[bytes], prompt: str, videos: li
                 raw[f"{i}.{f}.png"] = b
         else:
             raw[f"{i}.mp4"] = v
-    sample = SampleProcessor(loaded.processor, loaded.template, mode="eval", require_reference=False)(raw)
+    sample = SampleTransform(loaded.processor, loaded.template, mode="eval", require_reference=False)(raw)
     return collate([sample], loaded.tokenizer.pad_id, padding_side="left")
 
 
@@ -148,7 +148,7 @@ def evaluate(
     returns {'table': str, 'metrics': exact match per type (and 'mean', 'overall'), 'cer': character
     error rate per type, 'n': int, 'seconds': float, 'skipped': {...}, 'visual_tokens': mean visual
     tokens per sample the decoder saw}."""
-    proc = SampleProcessor(loaded.processor, loaded.template, mode="eval")
+    proc = SampleTransform(loaded.processor, loaded.template, mode="eval")
     ds = ShardDataset(shards, proc, train=False)
     loader = DataLoader(
         ds,

@@ -39,7 +39,7 @@ def build_module(cfg: DictConfig, datamodule, meta_init: bool = False) -> VLMMod
         meta_init=meta_init,
         model=OmegaConf.to_container(cfg.model, resolve=True),
         tokenizer_json=datamodule.tokenizer.to_str(),
-        processor=datamodule.image_processor.to_config(),
+        processor=datamodule.media_processor.to_config(),
         template=datamodule.template_cfg,
         optimizer=instantiate(cfg.optimizer),
         scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
@@ -140,7 +140,7 @@ def _warm_up_tower(module: VLMModule, datamodule, warm: dict, trainer: L.Trainer
             "tower_warmup.steps > 0 trains the encoder, but it is frozen (model.freeze.encoder=true); "
             "set tower_warmup.steps=0"
         )
-    res = warm_up_tower(module.model.encoder, datamodule.image_processor, wcfg, str(trainer.precision))
+    res = warm_up_tower(module.model.encoder, datamodule.media_processor, wcfg, str(trainer.precision))
     log.info(
         "tower warm-up: %d steps in %.0f s, character accuracy %.2f", res["steps"], res["seconds"], res["accuracy"]
     )

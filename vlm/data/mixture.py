@@ -32,7 +32,7 @@ from collections.abc import Iterator
 
 from torch.utils.data import IterableDataset, get_worker_info
 
-from vlm.data.sample import SampleError, SampleProcessor
+from vlm.data.sample import SampleError, SampleTransform
 from vlm.data.webdataset import ShardDataset, rank_world
 
 TASKS = ("chat", "document", "caption")
@@ -111,7 +111,7 @@ class MixtureDataset(IterableDataset):
     def __init__(
         self,
         sources: list[dict],
-        processor: SampleProcessor,
+        processor: SampleTransform,
         seed: int = 0,
         shuffle_buffer: int = 1000,
         max_consecutive_failures: int = 50,

@@ -46,79 +46,6 @@ _MEDIA_MEMBER = re.compile(r"^(\d+)\.(" + "|".join(sorted(set(IMAGE_EXTS + VIDEO
 _FRAME_MEMBER = re.compile(r"^(\d+)\.(\d+)\.(" + "|".join(IMAGE_EXTS) + r")$")
 
 
-class MediaProcessor(ImageProcessor):
-    """The image processor plus the video processor that shares its geometry and normalisation.
-
-    Its config is the image config with one more key, `video`: the `VideoProcessor` keys
-    (`temporal_patch`, `target_fps`, `max_frames`, `max_video_tokens`, ...; image keys there
-    override the image value for video frames, e.g. a lower per-frame `max_pixels`, or
-    `min_tokens` / `max_tokens`). `patch_size` and `merge_size` are always the image's. A config
-    without `video` (checkpoints made before video support) gets `temporal_patch=1`, the only
-    encoder layout that existed then. `temporal_patch` is also what images are repeated to
-    (`process_image`).
-
-    `min_tokens` / `max_tokens` (here and under `video`): the dynamic-resolution caps in LLM
-    tokens per image (per frame), instead of `min_pixels` / `max_pixels`:
-    `pixels = tokens * (patch_size * merge_size)^2`, so the caps keep their meaning when the merge
-    changes. Give one or the other, not both; `to_config()` records the resulting pixels.
-    """
-
-    def __init__(
-        self, video: dict | None = None, min_tokens: int | None = None, max_tokens: int | None = None, **image_kw: Any
-    ) -> None:
-        f2 = (int(image_kw.get("patch_size", 8)) * int(image_kw.get("merge_size", 1))) ** 2
-        _tokens_to_pixels(image_kw, min_tokens, max_tokens, f2, "processor")
-        super().__init__(**image_kw)
-        video = dict(video or {})
-        video.pop("_target_", None)
-        for k in ("patch_size", "merge_size"):
-            if k in video and int(video[k]) != getattr(self, k):
-                raise ValueError(f"processor.video.{k}={video[k]} differs from processor.{k}={getattr(self, k)}")
-        video.setdefault("temporal_patch", 1)
-        _tokens_to_pixels(
-            video, video.pop("min_tokens", None), video.pop("max_tokens", None), self.factor**2, "processor.video"
-        )
-        image_cfg = ImageProcessor.to_config(self)
-        known = set(VideoProcessor().to_config())
-        unknown = set(video) - known
-        if unknown:
-            raise ValueError(f"unknown processor.video keys: {sorted(unknown)}")
-        if "mean" in video or "std" in video:
-            video = {**video, **{k: tuple(float(v) for v in video[k]) for k in ("mean", "std") if k in video}}
-        self.video = VideoProcessor(**{**image_cfg, **video})
-
-    @property
-    def temporal_patch(self) -> int:
-        return self.video.temporal_patch
-
-    def process_image(self, image) -> tuple[torch.Tensor, tuple[int, int, int]]:
-        """An image as the vision encoder takes it: `patches [h*w, C*T*P*P]`, grid `(1, h, w)`."""
-        p = self(image)
-        patches = p.patches if self.temporal_patch == 1 else repeat_temporal(p.patches, self.temporal_patch)
-        return patches, p.grid
-
-    def to_pil(self, patches: torch.Tensor, grid: tuple[int, int, int]):
-        """The first frame of an image or video as the model saw it (``[n, C·T·P·P]`` + grid)."""
-        T, P = self.temporal_patch, self.patch_size
-        if T > 1 and patches.shape[-1] == 3 * T * P * P:
-            _, h, w = (int(v) for v in grid)
-            patches = patches[: h * w].reshape(h * w, 3, T, P * P)[:, :, 0].reshape(h * w, 3 * P * P)
-        return super().to_pil(patches, grid)
-
-    def to_config(self) -> dict[str, Any]:
-        cfg = ImageProcessor.to_config(self)
-        vid = self.video.to_config()
-        cfg["video"] = {k: v for k, v in vid.items() if k in VideoProcessor._VIDEO_KEYS or v != cfg.get(k)}
-        return cfg
-
-    @classmethod
-    def from_config(cls, d: Any) -> MediaProcessor:
-        d = dict(d)
-        video = d.pop("video", None)
-        d = ImageProcessor.config_kwargs(d, extra_keys={"min_tokens", "max_tokens"})
-        return cls(video=dict(video) if video is not None else None, **d)
-
-
 class SampleError(ValueError):
     """A sample that cannot be used. `reason` is a short code for counting."""
 
@@ -220,18 +147,6 @@ def question_type(meta: Any) -> str | None:
     return q if isinstance(q, str) else None
 
 
-def _tokens_to_pixels(cfg: dict, min_tokens, max_tokens, factor_sq: int, where: str) -> None:
-    """Write `min_pixels` / `max_pixels` into `cfg` from token caps (in place)."""
-    for name, tokens in (("min", min_tokens), ("max", max_tokens)):
-        if tokens is None:
-            continue
-        if cfg.get(f"{name}_pixels") is not None:
-            raise ValueError(f"{where}: give {name}_tokens or {name}_pixels, not both")
-        if isinstance(tokens, bool) or not isinstance(tokens, (int, float)) or tokens <= 0 or int(tokens) != tokens:
-            raise ValueError(f"{where}.{name}_tokens must be a positive integer, got {tokens!r}")
-        cfg[f"{name}_pixels"] = int(tokens) * factor_sq
-
-
 def media_items(sample: dict) -> list[dict]:
     """Every content item of a chat (`messages`) or `document` sample, in order (malformed parts
     are skipped here; the template reports them)."""
@@ -246,7 +161,7 @@ def media_items(sample: dict) -> list[dict]:
     return out
 
 
-class SampleProcessor:
+class SampleTransform:
     """Decode, check and render one raw sample.
 
     mode="train": the whole conversation (or document) with labels. mode="eval": the conversation
@@ -254,15 +169,15 @@ class SampleProcessor:
     kept, and a sample without a reference is refused (`no_reference`) unless
     `require_reference=False` (a bare prompt to answer, as `infer.py` builds).
 
-    image_processor: an `ImageProcessor`; a `MediaProcessor` (what `vlm.build.build_processor`
+    media_processor: an `ImageProcessor`; a `MediaProcessor` (what `vlm.build.build_processor`
     returns) also brings its video processor and `temporal_patch`. video_processor: overrides it.
-    Without either, videos get `VideoProcessor.from_image_processor(image_processor,
+    Without either, videos get `VideoProcessor.from_image_processor(media_processor,
     temporal_patch=1)` (made on the first video).
     """
 
     def __init__(
         self,
-        image_processor: ImageProcessor,
+        media_processor: ImageProcessor,
         template: ChatTemplate,
         mode: str = "train",
         max_pixels: int = 50_000_000,
@@ -271,21 +186,21 @@ class SampleProcessor:
     ):
         if mode not in ("train", "eval"):
             raise ValueError(f"mode must be 'train' or 'eval', got {mode!r}")
-        self.image_processor, self.template, self.mode, self.max_pixels = image_processor, template, mode, max_pixels
+        self.media_processor, self.template, self.mode, self.max_pixels = media_processor, template, mode, max_pixels
         self.require_reference = require_reference  # eval: a sample without an answer cannot be scored
-        self._video = video_processor if video_processor is not None else getattr(image_processor, "video", None)
+        self._video = video_processor if video_processor is not None else getattr(media_processor, "video", None)
         if self._video is not None:
             for k in ("patch_size", "merge_size"):
-                if getattr(self._video, k) != getattr(image_processor, k):
+                if getattr(self._video, k) != getattr(media_processor, k):
                     raise ValueError(
                         f"video processor {k}={getattr(self._video, k)} differs from the image processor's "
-                        f"{getattr(image_processor, k)}"
+                        f"{getattr(media_processor, k)}"
                     )
 
     @property
     def video_processor(self) -> VideoProcessor:
         if self._video is None:
-            self._video = VideoProcessor.from_image_processor(self.image_processor, temporal_patch=1)
+            self._video = VideoProcessor.from_image_processor(self.media_processor, temporal_patch=1)
         return self._video
 
     @property
@@ -294,7 +209,7 @@ class SampleProcessor:
 
     # ---- media ---------------------------------------------------------------------------------
     def _image(self, data, key: str) -> tuple[torch.Tensor, tuple[int, int, int]]:
-        ip = self.image_processor
+        ip = self.media_processor
         draft = ip.draft_size if getattr(ip, "jpeg_draft", False) else None
         p = ip(decode_image(data, max_pixels=self.max_pixels, key=key, draft=draft))
         T = self.temporal_patch

@@ -46,7 +46,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import IterableDataset, get_worker_info
 
-from vlm.data.sample import SampleError, SampleProcessor, skip_report
+from vlm.data.sample import SampleError, SampleTransform, skip_report
 from vlm.data.tar_reader import ShardErrors, read_samples
 
 log = logging.getLogger("vlm.data")
@@ -100,7 +100,7 @@ class ShardDataset(IterableDataset):
     def __init__(
         self,
         urls: str | list[str],
-        processor: SampleProcessor,
+        processor: SampleTransform,
         train: bool,
         shuffle_buffer: int = 1000,
         seed: int = 0,
