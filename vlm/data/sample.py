@@ -51,7 +51,7 @@ class SampleError(ValueError):
 
     def __init__(self, reason: str, key: str, message: str):
         super().__init__(f"sample {key!r}: {reason}: {message}")
-        self.reason, self.key = reason, key
+        self.reason, self.key, self.message = reason, key, message
 
 
 @dataclass
@@ -167,7 +167,8 @@ class SampleTransform:
     mode="train": the whole conversation (or document) with labels. mode="eval": the conversation
     up to the first assistant turn plus the generation prompt; the reference answer and qtype are
     kept, and a sample without a reference is refused (`no_reference`) unless
-    `require_reference=False` (a bare prompt to answer, as `infer.py` builds).
+    `require_reference=False` (a bare prompt to answer, as `infer.py` builds). mode="chat": the
+    whole conversation, whatever its turns, plus the generation prompt (serving: `vlm.serve.prompt`).
 
     media_processor: an `ImageProcessor`; a `MediaProcessor` (what `vlm.build.build_processor`
     returns) also brings its video processor and `temporal_patch`. video_processor: overrides it.
@@ -184,8 +185,8 @@ class SampleTransform:
         video_processor: VideoProcessor | None = None,
         require_reference: bool = True,
     ):
-        if mode not in ("train", "eval"):
-            raise ValueError(f"mode must be 'train' or 'eval', got {mode!r}")
+        if mode not in ("train", "eval", "chat"):
+            raise ValueError(f"mode must be 'train', 'eval' or 'chat', got {mode!r}")
         self.media_processor, self.template, self.mode, self.max_pixels = media_processor, template, mode, max_pixels
         self.require_reference = require_reference  # eval: a sample without an answer cannot be scored
         self._video = video_processor if video_processor is not None else getattr(media_processor, "video", None)
@@ -336,7 +337,7 @@ class SampleTransform:
         grids = [g for _, g in processed]
         kind_list = [kinds[i] for i in range(len(media))]
         try:
-            r = self.template.render(sample, grids, media_kinds=kind_list, add_generation_prompt=self.mode == "eval")
+            r = self.template.render(sample, grids, media_kinds=kind_list, add_generation_prompt=self.mode != "train")
         except SampleTooLong as e:
             raise SampleError("too_long", key, str(e)) from None
         except TemplateError as e:
