@@ -1,4 +1,7 @@
-"""Train a VLM: `python train.py [hydra overrides]` (see README)."""
+"""Train a VLM: `python train.py [hydra overrides]` (see README).
+
+An experiment with a `pipeline` block (`python train.py experiment=NAME`) runs its stages in
+order, and the same command resumes it after an interruption (vlm/pipeline.py)."""
 
 import hydra
 from omegaconf import DictConfig
@@ -6,11 +9,19 @@ from omegaconf import DictConfig
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
+    from hydra.core.hydra_config import HydraConfig
+
     from vlm.errors import user_errors
-    from vlm.train import run
 
     with user_errors():
-        metrics = run(cfg)
+        if cfg.get("pipeline"):
+            from vlm.pipeline import run_pipeline
+
+            metrics = run_pipeline(cfg, list(HydraConfig.get().overrides.task))
+        else:
+            from vlm.train import run
+
+            metrics = run(cfg)
     return metrics.get(cfg.get("optimized_metric", "val/accuracy"))
 
 

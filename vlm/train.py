@@ -130,7 +130,7 @@ def check_resume_checkpoint(path) -> None:
             raise CheckpointError(f"ckpt_path={p}: not a Lightning checkpoint (no state_dict)")
 
 
-def _warm_up_tower(module: VLMModule, datamodule, warm: dict, trainer: L.Trainer) -> None:
+def _warm_up_tower(module: VLMModule, datamodule, warm: dict, precision: str) -> dict:
     """`tower_warmup.steps=N`: train the encoder alone on character naming first (vlm/warmup.py)."""
     from vlm.warmup import WarmupConfig, warm_up_tower, with_data_strips
 
@@ -140,10 +140,33 @@ def _warm_up_tower(module: VLMModule, datamodule, warm: dict, trainer: L.Trainer
             "tower_warmup.steps > 0 trains the encoder, but it is frozen (model.freeze.encoder=true); "
             "set tower_warmup.steps=0"
         )
-    res = warm_up_tower(module.model.encoder, datamodule.media_processor, wcfg, str(trainer.precision))
+    res = warm_up_tower(module.model.encoder, datamodule.media_processor, wcfg, precision)
     log.info(
         "tower warm-up: %d steps in %.0f s, character accuracy %.2f", res["steps"], res["seconds"], res["accuracy"]
     )
+    return res
+
+
+def warm_up_only(cfg: DictConfig) -> dict[str, float]:
+    """A pipeline stage with `objective: tower_warmup`: build the model (from `init_from` if given),
+    train its encoder alone (`tower_warmup.*`), and export the whole model to
+    `paths.output_dir/export` for the next stage. Returns the warm-up's metrics."""
+    from vlm.checkpoint import export_folder
+
+    L.seed_everything(cfg.seed, workers=True)
+    if cfg.get("threads"):
+        torch.set_num_threads(int(cfg.threads))
+    datamodule = build_datamodule(cfg, Geometry.from_model_config(cfg.model))
+    datamodule.setup("fit")
+    module = build_module(cfg, datamodule)
+    if cfg.get("init_from"):
+        _init_weights(module, cfg.init_from)
+    warm = OmegaConf.to_container(cfg.tower_warmup, resolve=True) if cfg.get("tower_warmup") else {}
+    if not warm.get("steps"):
+        raise ValueError("a tower_warmup stage needs tower_warmup.steps > 0 in its overrides")
+    res = _warm_up_tower(module, datamodule, warm, str(cfg.trainer.get("precision") or "32-true"))
+    export_folder(module.model, module.tokenizer, dict(module.hparams), os.path.join(cfg.paths.output_dir, "export"))
+    return {"tower_warmup/accuracy": float(res["accuracy"]), "tower_warmup/steps": float(res["steps"])}
 
 
 def run(cfg: DictConfig) -> dict[str, float]:
@@ -176,7 +199,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
         _init_weights(module, cfg.init_from)
     warm = OmegaConf.to_container(cfg.tower_warmup, resolve=True) if cfg.get("tower_warmup") else {}
     if warm.get("steps") and not meta_init:  # (FSDP: rank 0 warms up, the others get its tower by broadcast)
-        _warm_up_tower(module, datamodule, warm, trainer)
+        _warm_up_tower(module, datamodule, warm, str(trainer.precision))
     if logger:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     n_params = sum(p.numel() for p in module.parameters())
