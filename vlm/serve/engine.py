@@ -34,7 +34,6 @@ import logging
 import threading
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -42,6 +41,7 @@ import torch
 from vlm.generate import never_generate, sample_next
 from vlm.serve.api import ChatRequest, Finished, Overloaded, RequestError, Usage
 from vlm.serve.embed_cache import EmbedCache
+from vlm.serve.engine_config import EngineConfig, check_sampling, default_dtype
 from vlm.serve.handle import RequestHandle, TextStream
 from vlm.serve.kv_slots import DecodeCache, KVSlots, RowCache
 from vlm.serve.media import row_inputs
@@ -51,47 +51,7 @@ from vlm.serve.row import Row
 from vlm.serve.scheduling import chunk_end, stack_cross
 
 log = logging.getLogger("vlm.serve.engine")
-
-
-def default_dtype(device: str = "cpu") -> str:
-    """bf16 on CUDA and on CPUs with AVX-512 whose bf16 matmul works; fp32 elsewhere (AVX2 CPUs
-    emulate bf16 matmuls, slower than fp32)."""
-    if str(device).startswith("cuda"):
-        return "bf16"
-    if "AVX512" not in torch.backends.cpu.get_cpu_capability():
-        return "fp32"
-    try:
-        a = torch.ones(4, 4, dtype=torch.bfloat16)
-        return "bf16" if bool(((a @ a) == 4).all()) else "fp32"
-    except RuntimeError:
-        return "fp32"
-
-
-@dataclass
-class EngineConfig:
-    """max_batch: KV slots = requests running at once (prefilling or decoding).
-    max_context: longest prompt + max_tokens (None: the decoder's `max_seq_len`); a slot holds
-    this many positions. prefill_chunk: prompt tokens prefilled per engine step (a chunk never
-    cuts a bidirectional media span, so one span may exceed it). embed_cache_mb / prefix_cache_mb:
-    budgets of the image-embedding and prefix KV caches (0 turns one off). max_queue: requests
-    submitted but not yet in a slot; beyond it `submit` raises `Overloaded`. preprocess_workers:
-    threads building prompts. dtype: "bf16" | "fp32" | None (`default_dtype`). prune_keep_ratio:
-    < 1 drops visual tokens (`vlm.prune`, `prune_method`) before prefill (the prefix cache is then
-    off: what is kept depends on the whole prompt). model_name: None = the checkpoint folder's name.
-    """
-
-    max_batch: int = 16
-    max_context: int | None = None
-    prefill_chunk: int = 512
-    embed_cache_mb: float = 256.0
-    prefix_cache_mb: float = 512.0
-    max_queue: int = 256
-    preprocess_workers: int = 2
-    dtype: str | None = None
-    prune_keep_ratio: float = 1.0
-    prune_method: str = "attention"
-    device: str = "cpu"
-    model_name: str | None = None
+__all__ = ["Engine", "EngineConfig", "default_dtype"]
 
 
 class Engine:
@@ -131,6 +91,7 @@ class Engine:
         self._lock = threading.Condition()
         self._ready: deque[Row] = deque()  # admitted, waiting for a slot
         self._waiting = 0  # submitted, not yet in a slot (preprocessing or ready)
+        self._preprocessing: set[RequestHandle] = set()  # submitted, prompt not being built yet
         self.prefilling: list[Row] = []
         self.decoding: list[Row] = []  # decoding[i].slot == i
         self._cross_cache: tuple[tuple, dict | None] | None = None
@@ -158,8 +119,13 @@ class Engine:
         with self._lock:
             rows = [*self._ready, *self.prefilling, *self.decoding]
             self._ready.clear()
+            never_built = list(self._preprocessing)  # their futures were cancelled before running
+            self._preprocessing.clear()
+            self._waiting = 0
         for r in rows:
             self._end(r, "cancelled")
+        for h in never_built:
+            h.finish(Finished("cancelled", "", [], Usage()))
 
     def __enter__(self) -> Engine:
         return self.start()
@@ -178,13 +144,16 @@ class Engine:
             if self._waiting >= self.config.max_queue:
                 raise Overloaded(f"the engine's queue is full ({self.config.max_queue} requests waiting)")
             self._waiting += 1
+            self._preprocessing.add(handle)
         self.pool.submit(self._preprocess, request, handle)
         return handle
 
     def _preprocess(self, request: ChatRequest, handle: RequestHandle) -> None:
+        with self._lock:
+            self._preprocessing.discard(handle)
         try:
             sp = request.sampling
-            _check_sampling(sp)
+            check_sampling(sp)
             prompt = self.builder(request.messages, sp.max_tokens)
             entry, cached = None, 0
             if self.prefix_cache is not None:
@@ -242,6 +211,7 @@ class Engine:
             gone = [r for r in self._ready if r.handle.cancelled]
             for r in gone:
                 self._ready.remove(r)
+                self._waiting -= 1
         for r in gone:
             self._end(r, "cancelled")
         for r in [*self.prefilling, *self.decoding]:
@@ -415,12 +385,3 @@ class Engine:
             "embed_cache": self.embed_cache.stats() if self.embed_cache else None,
             "prefix_cache": self.prefix_cache.stats() if self.prefix_cache else None,
         }
-
-
-def _check_sampling(sp) -> None:
-    if not isinstance(sp.max_tokens, int) or sp.max_tokens < 1:
-        raise RequestError(f"max_tokens must be a positive integer, got {sp.max_tokens!r}", param="max_tokens")
-    if sp.temperature < 0:
-        raise RequestError(f"temperature must be >= 0, got {sp.temperature}", param="temperature")
-    if not 0.0 < sp.top_p <= 1.0:
-        raise RequestError(f"top_p must be in (0, 1], got {sp.top_p}", param="top_p")

@@ -55,6 +55,7 @@ class Row:
         self.out.append(tok)
         if self.first_token_at is None:
             self.first_token_at = time.perf_counter()
+            self.handle.first_token_at = self.first_token_at  # a metric for benchmarks and servers
         if tok in eos:
             return "stop"
         self.pending.append(tok)
