@@ -1,0 +1,364 @@
+"""The serving engine (`vlm.serve.engine`): greedy answers equal `vlm.generate.generate` run on each
+request alone, whatever the arrival schedule, concurrency, cache state and mix of images, videos
+and text; plus seeded sampling, cancel, back-pressure, refusals, cache budgets and multi-turn reuse.
+
+Tiny random models built from configs (as the design-axes tests do), fp32, 2 decoder layers."""
+
+from __future__ import annotations
+
+import io
+import random
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from vlm.build import build_model, build_processor, build_template, stop_ids
+from vlm.checkpoint import LoadedVLM
+from vlm.generate import generate
+from vlm.serve.api import ChatRequest, Delta, Finished, Overloaded, RequestError, SamplingParams
+from vlm.serve.engine import Engine, EngineConfig
+from vlm.serve.prompt import PromptBuilder
+from vlm.spec import Geometry
+from vlm.tokenizer import train_tokenizer
+
+WORDS = [
+    "What is shown?",
+    "Which image has more shapes, the first or the second?",
+    "first",
+    "second",
+    "Which way is the red circle moving?",
+    "left",
+    "right",
+    "and then",
+    "a red square",
+    "Describe the picture in detail, then count the shapes.",
+    "user\n",
+    "assistant\n",
+    "system\n",
+]
+CTX = 512
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return train_tokenizer(WORDS * 10, vocab_size=300)
+
+
+def png(w: int, h: int, seed: int) -> bytes:
+    a = np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def tiny(tok, fusion="interleave", rope="mrope", image_attention="causal", projector=None) -> LoadedVLM:
+    cfg = {
+        "encoder": {
+            "_target_": "vlm.model.vision.VisionEncoder",
+            "patch_size": 4,
+            "dim": 32,
+            "n_layers": 1,
+            "n_heads": 2,
+            "pos_grid": 4,
+            "patch_embed": "conv",
+            "conv_channels": 8,
+            "temporal_patch": 2,
+            "pos": "rope2d",
+        },
+        "projector": {
+            "_target_": "vlm.model.projector.Projector",
+            "in_dim": None,
+            "out_dim": 32,
+            "merge_size": 2,
+            **(projector or {}),
+        },
+        "decoder": {
+            "_target_": "vlm.model.decoder.Decoder",
+            "dim": 32,
+            "n_layers": 2,
+            "n_heads": 4,
+            "n_kv_heads": 2,
+            "rope": rope,
+            "max_seq_len": CTX,
+        },
+        "fusion": fusion,
+        "cross_attn": {"every": 1, "media": "all"},
+        "image_attention": image_attention,
+    }
+    torch.manual_seed(0)
+    model = build_model(cfg, tok).eval()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("_gate"):
+                p.fill_(0.5)  # open the cross-attention gates so the media matter
+        model.decoder.lm_head.weight.mul_(20)  # sharper logits: answers depend on the input, few near-ties
+    geo = Geometry.from_model_config(cfg)
+    pcfg = dict(
+        resolution="dynamic",
+        image_size=32,
+        min_pixels=64,
+        max_pixels=48 * 48,
+        video={"max_frames": 8, "max_video_tokens": 64},
+    )
+    tcfg = {"max_length": CTX}
+    proc = build_processor(pcfg, geometry=geo)
+    return LoadedVLM(model, tok, proc, build_template(tcfg, tok, geometry=geo), {"template": tcfg})
+
+
+def conversation(i: int, video: bool = True) -> list[dict]:
+    """Mixed requests: image sizes, two images, a video (frames), text only; images repeat."""
+    kind = i % 5
+    q = {"type": "text", "text": WORDS[i % 10]}
+    if kind == 0:
+        content = [{"type": "image", "image": png(16 + 8 * (i % 4), 32, i % 3)}, q]
+    elif kind == 1:
+        content = [{"type": "image", "image": png(32, 16, 7)}, q, {"type": "image", "image": png(40, 24, i)}]
+    elif kind == 2 and video:
+        frames = [png(32, 24, 50 + f) for f in range(4)]
+        content = [{"type": "video", "video": frames}, q]
+    elif kind == 3:
+        content = [q]
+    else:
+        content = [{"type": "image", "image": png(48, 48, i)}, q]
+    return [{"role": "user", "content": content}]
+
+
+def reference(loaded: LoadedVLM, messages, max_tokens: int, prune=None) -> list[int]:
+    p = PromptBuilder(loaded.processor, loaded.template, loaded.tokenizer, CTX)(messages, max_tokens)
+    eos = stop_ids(loaded.tokenizer, loaded.config["template"])
+    batch = p.batch(loaded.tokenizer.pad_id)
+    return generate(loaded.model, batch, max_tokens, eos, suppress_ids=loaded.tokenizer.structural_ids, prune=prune)[0]
+
+
+def submit_randomly(engine: Engine, requests: list[ChatRequest], seed: int, threads: int = 3) -> list:
+    """Submit from several threads with random delays; returns the handles in request order."""
+    handles: list = [None] * len(requests)
+    order = list(range(len(requests)))
+    random.Random(seed).shuffle(order)
+    parts = [order[t::threads] for t in range(threads)]
+
+    def worker(t: int) -> None:
+        rng = random.Random(seed * 100 + t)
+        for i in parts[t]:
+            time.sleep(rng.uniform(0, 0.03))
+            handles[i] = engine.submit(requests[i])
+
+    ts = [threading.Thread(target=worker, args=(t,)) for t in range(threads)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    return handles
+
+
+VARIANTS = {
+    "interleave_mrope_video": dict(),
+    "cross_attn": dict(fusion="cross_attn"),
+    "bidirectional": dict(image_attention="bidirectional"),
+    "rope1d_qformer": dict(rope="rope", projector={"kind": "qformer", "queries": 4, "merge_size": 1, "blocks": 1}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_greedy_equals_generate_under_random_arrivals(tok, name):
+    loaded = tiny(tok, **VARIANTS[name])
+    n = 12
+    lengths = [4 + (7 * i) % 9 for i in range(n)]
+    msgs = [conversation(i) for i in range(n)]
+    want = [reference(loaded, m, k) for m, k in zip(msgs, lengths)]
+    for seed, cfg in enumerate(
+        [
+            EngineConfig(max_batch=3, prefill_chunk=16, max_context=CTX, dtype="fp32"),
+            EngineConfig(max_batch=8, prefill_chunk=7, max_context=CTX, dtype="fp32", preprocess_workers=3),
+        ]
+    ):
+        reqs = [ChatRequest(m, SamplingParams(max_tokens=k)) for m, k in zip(msgs, lengths)]
+        with Engine(loaded, cfg) as engine:
+            got = [h.result(120) for h in submit_randomly(engine, reqs, seed)]
+            again = [h.result(120) for h in submit_randomly(engine, reqs, seed + 10)]  # warm caches
+            stats = engine.stats()
+        for i in range(n):
+            assert got[i].token_ids == want[i], (name, seed, i)
+            assert again[i].token_ids == want[i], (name, seed, i, "cached")
+            assert got[i].usage.completion_tokens == len(want[i])
+        assert stats["embed_cache"]["hits"] > 0
+        assert stats["prefix_cache"]["hits"] > 0
+        assert stats["running"] == stats["prefilling"] == stats["queue_depth"] == 0
+        assert stats["free_slots"] == cfg.max_batch
+
+
+def test_events_stream_text_then_finished(tok):
+    loaded = tiny(tok)
+    with Engine(loaded, EngineConfig(max_batch=2, max_context=CTX, dtype="fp32")) as engine:
+        h = engine.submit(ChatRequest(conversation(0), SamplingParams(max_tokens=10)))
+        usage = h.admitted(30)
+        events = list(h)
+    assert usage.prompt_tokens > usage.visual_tokens > 0 and usage.cached_tokens == 0
+    fin = events[-1]
+    assert isinstance(fin, Finished) and all(isinstance(e, Delta) for e in events[:-1])
+    assert "".join(e.text for e in events[:-1]) == fin.text
+    assert fin.finish_reason in ("stop", "length") and fin.usage.completion_tokens == len(fin.token_ids)
+
+
+def test_seeded_sampling_is_reproducible_whatever_runs_beside(tok):
+    loaded = tiny(tok)
+    sp = SamplingParams(max_tokens=12, temperature=1.0, top_p=0.9, seed=1234)
+    p = PromptBuilder(loaded.processor, loaded.template, tok, CTX)(conversation(1), 12)
+    eos = stop_ids(tok, loaded.config["template"])
+    want = generate(
+        loaded.model,
+        p.batch(tok.pad_id),
+        12,
+        eos,
+        1.0,
+        0.9,
+        tok.structural_ids,
+        generator=torch.Generator().manual_seed(1234),
+    )[0]
+    with Engine(loaded, EngineConfig(max_batch=6, prefill_chunk=16, max_context=CTX, dtype="fp32")) as engine:
+        alone = engine.submit(ChatRequest(conversation(1), sp)).result(60)
+        crowd = [ChatRequest(conversation(i), SamplingParams(max_tokens=9, temperature=0.8)) for i in range(8)]
+        hs = submit_randomly(engine, [*crowd[:4], ChatRequest(conversation(1), sp), *crowd[4:]], seed=3)
+        beside = hs[4].result(60)
+        for h in hs[:4] + hs[5:]:
+            h.result(60)
+    assert alone.token_ids == beside.token_ids == want
+
+
+def test_cancel_frees_the_slot(tok):
+    loaded = tiny(tok)
+    eos = set(stop_ids(tok, {}))
+    with torch.no_grad():  # never end on its own
+        loaded.model.decoder.lm_head.weight[sorted(eos)] = 0
+    with Engine(loaded, EngineConfig(max_batch=2, max_context=CTX, dtype="fp32")) as engine:
+        h = engine.submit(ChatRequest(conversation(3), SamplingParams(max_tokens=400)))
+        h.admitted(30)
+        for _ in range(60):
+            if engine.stats()["running"] == 1:
+                break
+            time.sleep(0.05)
+        assert engine.stats()["running"] == 1 and engine.stats()["free_slots"] == 1
+        h.cancel()
+        fin = h.result(30)
+        for _ in range(60):
+            if engine.stats()["free_slots"] == 2:
+                break
+            time.sleep(0.05)
+        stats = engine.stats()
+    assert fin.finish_reason == "cancelled" and len(fin.token_ids) < 400
+    assert stats["running"] == 0 and stats["free_slots"] == 2 and stats["cancelled"] == 1
+    assert stats["prefix_cache"]["pinned"] == 0
+
+
+def test_full_queue_is_overloaded_and_long_prompts_are_refused(tok):
+    loaded = tiny(tok)
+    engine = Engine(loaded, EngineConfig(max_batch=1, max_queue=2, max_context=CTX, dtype="fp32"))
+    a = engine.submit(ChatRequest(conversation(3)))
+    engine.submit(ChatRequest(conversation(3)))
+    with pytest.raises(Overloaded):
+        engine.submit(ChatRequest(conversation(3)))  # not started: nothing leaves the queue
+    a.admitted(30)
+    engine.start()
+    assert a.result(60).finish_reason in ("stop", "length")
+    too_long = engine.submit(ChatRequest(conversation(0), SamplingParams(max_tokens=CTX)))
+    with pytest.raises(RequestError) as e:
+        too_long.admitted(30)
+    assert e.value.code == "context_length_exceeded"
+    assert too_long.result(5).finish_reason == "error"
+    bad = engine.submit(ChatRequest(conversation(3), SamplingParams(max_tokens=0)))
+    with pytest.raises(RequestError):
+        bad.admitted(30)
+    engine.close()
+
+
+def test_cache_budgets_hold_and_evictions_are_counted(tok):
+    loaded = tiny(tok)
+    cfg = EngineConfig(max_batch=4, max_context=CTX, dtype="fp32", embed_cache_mb=0.02, prefix_cache_mb=0.1)
+    budgets = (int(0.02 * (1 << 20)), int(0.1 * (1 << 20)))
+    msgs = [
+        [{"role": "user", "content": [{"type": "image", "image": png(48, 48, 1000 + i)}, WORDS[0]]}] for i in range(30)
+    ]
+    for m in msgs:
+        m[0]["content"][1] = {"type": "text", "text": WORDS[0]}
+    with Engine(loaded, cfg) as engine:
+        peak = [0, 0]
+        for h in [engine.submit(ChatRequest(m, SamplingParams(max_tokens=6))) for m in msgs]:
+            h.result(60)
+            s = engine.stats()
+            peak = [max(peak[0], s["embed_cache"]["bytes"]), max(peak[1], s["prefix_cache"]["bytes"])]
+        stats = engine.stats()
+    assert peak[0] <= budgets[0] and peak[1] <= budgets[1]
+    assert stats["embed_cache"]["evictions"] > 0 and stats["prefix_cache"]["evictions"] > 0
+
+
+def test_repeated_image_hits_the_embedding_cache(tok):
+    loaded = tiny(tok)
+    img = png(40, 32, 9)
+    ask = [
+        [{"role": "user", "content": [{"type": "image", "image": img}, {"type": "text", "text": w}]}] for w in WORDS[:3]
+    ]
+    with Engine(loaded, EngineConfig(max_batch=2, max_context=CTX, dtype="fp32", prefix_cache_mb=0)) as engine:
+        got = [engine.submit(ChatRequest(m, SamplingParams(max_tokens=6))).result(60) for m in ask]
+        stats = engine.stats()["embed_cache"]
+    assert stats["misses"] == 1 and stats["hits"] == 2
+    assert [g.token_ids for g in got] == [reference(loaded, m, 6) for m in ask]
+
+
+@pytest.mark.parametrize("attention", ["causal", "bidirectional"])
+def test_second_chat_turn_reuses_the_first_turns_kv(tok, attention):
+    loaded = tiny(tok, image_attention=attention)
+    turn1 = [
+        {"role": "user", "content": [{"type": "image", "image": png(48, 40, 5)}, {"type": "text", "text": WORDS[1]}]}
+    ]
+    with Engine(loaded, EngineConfig(max_batch=2, max_context=CTX, dtype="fp32", prefill_chunk=32)) as engine:
+        first = engine.submit(ChatRequest(turn1, SamplingParams(max_tokens=8))).result(60)
+        turn2 = [
+            *turn1,
+            {"role": "assistant", "content": [{"type": "text", "text": first.text or "left"}]},
+            {"role": "user", "content": [{"type": "text", "text": WORDS[4]}]},
+        ]
+        h = engine.submit(ChatRequest(turn2, SamplingParams(max_tokens=8)))
+        usage = h.admitted(30)
+        second = h.result(60)
+    assert usage.cached_tokens > usage.visual_tokens > 0
+    assert first.token_ids == reference(loaded, turn1, 8)
+    assert second.token_ids == reference(loaded, turn2, 8)
+
+
+def test_pruning_equals_generate_with_pruning(tok):
+    loaded = tiny(tok)
+    prune = {"keep_ratio": 0.5, "method": "attention"}
+    msgs = [conversation(i, video=False) for i in (0, 1, 4)]
+    cfg = EngineConfig(max_batch=3, max_context=CTX, dtype="fp32", prune_keep_ratio=0.5, prefill_chunk=8)
+    with Engine(loaded, cfg) as engine:
+        got = [h.result(60) for h in [engine.submit(ChatRequest(m, SamplingParams(max_tokens=8))) for m in msgs]]
+    assert [g.token_ids for g in got] == [reference(loaded, m, 8, prune) for m in msgs]
+
+
+def test_stop_strings_cut_the_answer(tok):
+    loaded = tiny(tok)
+    with Engine(loaded, EngineConfig(max_batch=2, max_context=CTX, dtype="fp32")) as engine:
+        full = engine.submit(ChatRequest(conversation(0), SamplingParams(max_tokens=12))).result(60)
+        stop = full.text[3:5] if len(full.text) > 5 else None
+        if stop:
+            cut = engine.submit(ChatRequest(conversation(0), SamplingParams(max_tokens=12, stop=[stop]))).result(60)
+            assert cut.finish_reason == "stop" and cut.text == full.text[: full.text.find(stop)]
+
+
+def test_generate_never_emits_media_tokens_and_bf16_answers(tok):
+    loaded = tiny(tok)
+    p = PromptBuilder(loaded.processor, loaded.template, tok, CTX)(conversation(0), 8)
+    with torch.no_grad():  # a model whose top token is <|image_pad|> everywhere
+        loaded.model.decoder.lm_head.weight[tok.image_pad_id] = loaded.model.decoder.norm.weight * 50
+    out = generate(loaded.model, p.batch(tok.pad_id), 8, [])[0]  # no suppress_ids given
+    assert tok.image_pad_id not in out and tok.video_pad_id not in out
+    loaded.model.to(torch.bfloat16)
+    out16 = generate(loaded.model, p.batch(tok.pad_id), 8, [])[0]  # fp32 patches into a bf16 model
+    assert len(out16) == 8
+    with Engine(loaded, EngineConfig(max_batch=2, max_context=CTX, dtype="bf16")) as engine:
+        fin = engine.submit(ChatRequest(conversation(0), SamplingParams(max_tokens=8))).result(60)
+    assert len(fin.token_ids) >= 1 and tok.image_pad_id not in fin.token_ids
