@@ -11,6 +11,7 @@ from vlm.data.media import MediaError
 from vlm.data.sample import SampleError
 from vlm.data.webdataset import DataError
 from vlm.gradient_step import NonFiniteError
+from vlm.serve.engines import ServeConfigError
 
 # NonFiniteError: the numerics guard halted training (numerics.on_nonfinite=halt); its message
 # says which value went non-finite at which step. DataError: the shards cannot feed training.
@@ -23,6 +24,7 @@ USER_ERRORS = (
     SampleError,
     NonFiniteError,
     DataError,
+    ServeConfigError,
 )
 
 
