@@ -32,6 +32,14 @@ def sample_next(
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def never_generate(model: VLM, suppress_ids: Sequence[int] = ()) -> Tensor:
+    """Token ids `[K]` a model must never emit: `suppress_ids` plus the model's media placeholder
+    ids (a generated `<|image_pad|>` would claim visual tokens that do not exist, and the next
+    forward would refuse the row), whoever calls."""
+    ids = set(int(t) for t in suppress_ids) | set(model.media_token_ids.tolist())
+    return torch.tensor(sorted(ids), dtype=torch.long)
+
+
 @torch.no_grad()
 def generate(
     model: VLM,
@@ -48,7 +56,8 @@ def generate(
 ) -> list[list[int]]:
     """Generate up to `max_new_tokens` per row; a row stops at its first EOS (kept in its output).
 
-    suppress_ids: tokens never generated (structural tokens such as media placeholders).
+    suppress_ids: tokens never generated (structural tokens such as turn starts); the model's media
+    placeholder ids are always suppressed (`never_generate`).
     on_token: called with the `[B]` new tokens after every step (streaming).
     prune: `{keep_ratio, method}` drops visual tokens before the prompt's forward (`vlm.prune`;
     needs the KV cache). Returns the new token ids per row.
@@ -65,7 +74,7 @@ def generate(
         keys=batch.get("keys"),
     )
     eos = torch.tensor(list(eos_ids), device=device)
-    suppress = torch.tensor(list(suppress_ids), device=device, dtype=torch.long)
+    suppress = never_generate(model, suppress_ids).to(device)
     # next position per row: one past the largest used (pad positions are 0, never the max)
     next_pos = (pos.amax(0) if pos.dim() == 3 else pos).amax(-1) + 1  # [B]
     cache = None

@@ -70,7 +70,8 @@ def token_scores(
 
 @torch.no_grad()
 def prune_visual_tokens(model: VLM, batch: dict, keep_ratio: float, method: str = "attention", seed: int = 0) -> dict:
-    """A left-padded batch (`input_ids`, `position_ids`, `attention_mask`, media) -> the same keys
+    """A left-padded batch (`input_ids`, `position_ids`, `attention_mask`, and media or their
+    `inputs_embeds` already made, e.g. by the serving engine's embedding cache) -> the same keys
     with pruned rows, plus `inputs_embeds` `[B, L', D]` for `VLM.forward(inputs_embeds=…)` and
     `visual_kept` / `visual_total` counts."""
     if not 0.0 < keep_ratio <= 1.0:
@@ -78,9 +79,11 @@ def prune_visual_tokens(model: VLM, batch: dict, keep_ratio: float, method: str 
     if model.fusion != "interleave":
         raise ValueError(f"visual-token pruning needs fusion=interleave (the model uses {model.fusion!r})")
     ids, pos, am = batch["input_ids"], batch["position_ids"], batch["attention_mask"]
-    embeds = model.embed(
-        ids, batch.get("pixel_patches"), batch.get("grid_thw"), batch.get("media_per_sample"), batch.get("keys")
-    )
+    embeds = batch.get("inputs_embeds")
+    if embeds is None:
+        embeds = model.embed(
+            ids, batch.get("pixel_patches"), batch.get("grid_thw"), batch.get("media_per_sample"), batch.get("keys")
+        )
     spans = media_span_ids(model.is_media(ids))  # [B, L], k > 0 on the k-th span
     keep = spans == 0
     if keep_ratio < 1.0 and bool((spans > 0).any()):

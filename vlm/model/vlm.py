@@ -78,7 +78,13 @@ class VLM(nn.Module):
         return t * h * w
 
     def encode_media(self, pixel_patches: Tensor, grid_thw: Tensor) -> Tensor:
-        """`[N, C·P·P]` patches of M items -> `[Σ token_count, D_llm]` visual tokens, item order."""
+        """`[N, C·P·P]` patches of M items -> `[Σ token_count, D_llm]` visual tokens, item order.
+
+        Patches come from the processor in float32; they are cast to the encoder's dtype here, so
+        a model cast to bf16 for inference takes the same batches."""
+        param = next(self.encoder.parameters(), None)
+        if param is not None and pixel_patches.is_floating_point() and pixel_patches.dtype != param.dtype:
+            pixel_patches = pixel_patches.to(param.dtype)
         return self.projector(self.encoder(pixel_patches, grid_thw), grid_thw)
 
     def is_media(self, input_ids: Tensor) -> Tensor:

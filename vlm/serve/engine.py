@@ -1,0 +1,426 @@
+"""The serving engine: continuous batching over one model, with chunked prefill and two caches.
+
+    engine = Engine(load_checkpoint(path), EngineConfig(max_batch=16))
+    with engine:
+        handle = engine.submit(ChatRequest(messages, SamplingParams(max_tokens=64)))
+        usage = handle.admitted(timeout=30)      # the prompt is built (or its RequestError)
+        for ev in handle: ...                    # Delta ... Finished
+
+Request path: `submit` (any thread) -> a preprocessing pool builds the prompt (decode, resize,
+template: `PromptBuilder`) and looks the prefix cache up -> `admitted()` returns -> the engine
+thread gives it a KV slot when one is free -> prefill in chunks -> decode until an end token, a
+stop string, max_tokens or `cancel()`.
+
+Each engine step (`Engine.step`): drop cancelled rows; give free slots to admitted requests (copy
+a cached prefix in); prefill at most `prefill_chunk` prompt tokens (several requests' chunks, one
+forward each); then one decode step for every decoding row at once. A request joins the decode
+batch the step its prefill ends and leaves it the step it finishes: nobody waits for a batch to
+drain, and a long prompt costs the running rows one chunk of latency per step, not its whole
+prefill. Rows keep their own (M-)RoPE next position, so images of any size, several images and
+videos decode together.
+
+The engine thread owns the model; the pool never touches it. The model is cast in place to the
+engine's dtype and device (the engine owns it from then on).
+
+Greedy outputs equal `vlm.generate.generate` run on each request alone (fp32), whatever runs
+beside it: the same masks and positions, per-row sampling with the request's own generator, the
+same suppressed tokens (`vlm.generate.never_generate`).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from vlm.generate import never_generate, sample_next
+from vlm.serve.api import ChatRequest, Finished, Overloaded, RequestError, Usage
+from vlm.serve.embed_cache import EmbedCache
+from vlm.serve.handle import RequestHandle, TextStream
+from vlm.serve.kv_slots import DecodeCache, KVSlots, RowCache
+from vlm.serve.media import row_inputs
+from vlm.serve.prefix_cache import PrefixCache
+from vlm.serve.prompt import PromptBuilder
+from vlm.serve.row import Row
+from vlm.serve.scheduling import chunk_end, stack_cross
+
+log = logging.getLogger("vlm.serve.engine")
+
+
+def default_dtype(device: str = "cpu") -> str:
+    """bf16 on CUDA and on CPUs with AVX-512 whose bf16 matmul works; fp32 elsewhere (AVX2 CPUs
+    emulate bf16 matmuls, slower than fp32)."""
+    if str(device).startswith("cuda"):
+        return "bf16"
+    if "AVX512" not in torch.backends.cpu.get_cpu_capability():
+        return "fp32"
+    try:
+        a = torch.ones(4, 4, dtype=torch.bfloat16)
+        return "bf16" if bool(((a @ a) == 4).all()) else "fp32"
+    except RuntimeError:
+        return "fp32"
+
+
+@dataclass
+class EngineConfig:
+    """max_batch: KV slots = requests running at once (prefilling or decoding).
+    max_context: longest prompt + max_tokens (None: the decoder's `max_seq_len`); a slot holds
+    this many positions. prefill_chunk: prompt tokens prefilled per engine step (a chunk never
+    cuts a bidirectional media span, so one span may exceed it). embed_cache_mb / prefix_cache_mb:
+    budgets of the image-embedding and prefix KV caches (0 turns one off). max_queue: requests
+    submitted but not yet in a slot; beyond it `submit` raises `Overloaded`. preprocess_workers:
+    threads building prompts. dtype: "bf16" | "fp32" | None (`default_dtype`). prune_keep_ratio:
+    < 1 drops visual tokens (`vlm.prune`, `prune_method`) before prefill (the prefix cache is then
+    off: what is kept depends on the whole prompt). model_name: None = the checkpoint folder's name.
+    """
+
+    max_batch: int = 16
+    max_context: int | None = None
+    prefill_chunk: int = 512
+    embed_cache_mb: float = 256.0
+    prefix_cache_mb: float = 512.0
+    max_queue: int = 256
+    preprocess_workers: int = 2
+    dtype: str | None = None
+    prune_keep_ratio: float = 1.0
+    prune_method: str = "attention"
+    device: str = "cpu"
+    model_name: str | None = None
+
+
+class Engine:
+    def __init__(self, loaded, config: EngineConfig | None = None):
+        from vlm.build import stop_ids
+
+        self.config = cfg = config or EngineConfig()
+        self.dtype_name = cfg.dtype or default_dtype(cfg.device)
+        if self.dtype_name not in ("bf16", "fp32"):
+            raise ValueError(f"EngineConfig.dtype must be 'bf16' or 'fp32', got {cfg.dtype!r}")
+        self.dtype = torch.bfloat16 if self.dtype_name == "bf16" else torch.float32
+        self.device = torch.device(cfg.device)
+        self.model = loaded.model.to(device=self.device, dtype=self.dtype).eval()
+        self.tokenizer = loaded.tokenizer
+        dec = self.model.decoder
+        self.max_context = int(cfg.max_context or dec.max_seq_len)
+        path = getattr(loaded, "path", None)
+        self.model_name = cfg.model_name or (Path(path).name if path else "vlm")
+        self.builder = PromptBuilder(loaded.processor, loaded.template, loaded.tokenizer, self.max_context)
+        self.eos = set(stop_ids(loaded.tokenizer, (loaded.config or {}).get("template")))
+        self.suppress = never_generate(self.model, loaded.tokenizer.structural_ids).to(self.device)
+        self.slots = KVSlots(
+            dec.n_layers, cfg.max_batch, dec.n_kv_heads, self.max_context, dec.head_dim, self.dtype, self.device
+        )
+        self.prune = (
+            {"keep_ratio": cfg.prune_keep_ratio, "method": cfg.prune_method} if cfg.prune_keep_ratio < 1.0 else None
+        )
+        mb = 1 << 20
+        self.embed_cache = EmbedCache(int(cfg.embed_cache_mb * mb)) if cfg.embed_cache_mb > 0 else None
+        self.bidir = self.model.image_attention == "bidirectional"
+        self.prefix_cache = (
+            PrefixCache(int(cfg.prefix_cache_mb * mb), self.bidir)
+            if cfg.prefix_cache_mb > 0 and self.prune is None
+            else None
+        )
+        self.pool = ThreadPoolExecutor(max(1, cfg.preprocess_workers), thread_name_prefix="vlm-preprocess")
+        self._lock = threading.Condition()
+        self._ready: deque[Row] = deque()  # admitted, waiting for a slot
+        self._waiting = 0  # submitted, not yet in a slot (preprocessing or ready)
+        self.prefilling: list[Row] = []
+        self.decoding: list[Row] = []  # decoding[i].slot == i
+        self._cross_cache: tuple[tuple, dict | None] | None = None
+        self._ids = itertools.count()
+        self._thread: threading.Thread | None = None
+        self._closing = False
+        self.counters = dict(steps=0, prefill_tokens=0, generated_tokens=0, finished=0, cancelled=0, errors=0)
+
+    # ---- lifecycle -------------------------------------------------------------------------------
+    def start(self) -> Engine:
+        if self._thread is None:
+            self._closing = False
+            self._thread = threading.Thread(target=self._loop, name="vlm-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def close(self) -> None:
+        with self._lock:
+            self._closing = True
+            self._lock.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        with self._lock:
+            rows = [*self._ready, *self.prefilling, *self.decoding]
+            self._ready.clear()
+        for r in rows:
+            self._end(r, "cancelled")
+
+    def __enter__(self) -> Engine:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ---- submission (any thread) -----------------------------------------------------------------
+    def submit(self, request: ChatRequest) -> RequestHandle:
+        """A handle at once; the prompt is built in the pool. Raises `Overloaded` when the queue is full."""
+        rid = request.request_id or f"req-{next(self._ids)}"
+        handle = RequestHandle(rid)
+        with self._lock:
+            if self._closing:
+                raise Overloaded("the engine is shutting down")
+            if self._waiting >= self.config.max_queue:
+                raise Overloaded(f"the engine's queue is full ({self.config.max_queue} requests waiting)")
+            self._waiting += 1
+        self.pool.submit(self._preprocess, request, handle)
+        return handle
+
+    def _preprocess(self, request: ChatRequest, handle: RequestHandle) -> None:
+        try:
+            sp = request.sampling
+            _check_sampling(sp)
+            prompt = self.builder(request.messages, sp.max_tokens)
+            entry, cached = None, 0
+            if self.prefix_cache is not None:
+                entry, cached = self.prefix_cache.lookup(prompt.prefix_keys, prompt.position_ids, len(prompt) - 1)
+            usage = Usage(prompt_tokens=len(prompt), visual_tokens=prompt.visual_tokens, cached_tokens=cached)
+            gen = None
+            if sp.temperature > 0:
+                gen = torch.Generator(self.device)
+                gen.manual_seed(sp.seed if sp.seed is not None else int(torch.randint(0, 2**62, ()).item()))
+            row = Row(request, handle, prompt, usage, TextStream(self.tokenizer, sp.stop), gen, entry, cached)
+        except RequestError as e:
+            self._fail(handle, e)
+            return
+        except Exception as e:  # noqa: BLE001 - a server answers 500 and keeps serving
+            log.exception("preprocessing %s failed", handle.request_id)
+            self._fail(handle, RequestError(f"preprocessing failed: {e}", status=500, code="internal_error"))
+            return
+        handle.admit(usage)
+        with self._lock:
+            self._ready.append(row)
+            self._lock.notify_all()
+
+    def _fail(self, handle: RequestHandle, error: RequestError) -> None:
+        with self._lock:
+            self._waiting -= 1
+            self.counters["errors"] += 1
+        handle.finish(Finished("error", "", [], Usage(), error=error))
+
+    # ---- the engine thread ------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self._closing and not (self._ready or self.prefilling or self.decoding):
+                    self._lock.wait()
+                if self._closing:
+                    return
+            try:
+                self.step()
+            except Exception:  # noqa: BLE001 - fail the running rows, keep serving the next ones
+                log.exception("engine step failed")
+                for r in [*self.prefilling, *self.decoding]:
+                    self._end(r, "error", RequestError("internal error in the engine", status=500))
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """One engine step: cancellations, admissions, one prefill budget, one decode step."""
+        self._reap()
+        self._admit()
+        self._prefill()
+        self._decode()
+        self.counters["steps"] += 1
+
+    def _reap(self) -> None:
+        with self._lock:
+            gone = [r for r in self._ready if r.handle.cancelled]
+            for r in gone:
+                self._ready.remove(r)
+        for r in gone:
+            self._end(r, "cancelled")
+        for r in [*self.prefilling, *self.decoding]:
+            if r.handle.cancelled:
+                self._end(r, "cancelled")
+
+    def _admit(self) -> None:
+        while self.slots.free:
+            with self._lock:
+                if not self._ready:
+                    return
+                row = self._ready.popleft()
+                self._waiting -= 1
+            row.slot = self.slots.take_top()
+            if row.prefix is not None:
+                self.slots.write(row.slot, row.prefix.k[:, :, : row.cached], row.prefix.v[:, :, : row.cached])
+                self.prefix_cache.release(row.prefix)
+                row.prefix = None
+            row.length = row.cached
+            self.prefilling.append(row)
+
+    def _prefill(self) -> None:
+        budget = self.config.prefill_chunk
+        for row in list(self.prefilling):
+            if budget <= 0:
+                break
+            if row.inputs is None:
+                try:
+                    row.inputs = row_inputs(self.model, row.prompt, self.embed_cache, self.device, self.prune)
+                except RequestError as e:
+                    self._end(row, "error", e)
+                    continue
+                pos = row.inputs.position_ids
+                row.next_pos = int((pos.amax(0) if pos.dim() == 2 else pos).max()) + 1
+                if row.inputs.cross is not None:
+                    row.inputs.cross["markers"] += int(self.model.is_media(row.inputs.input_ids[: row.length]).sum())
+            start = row.length
+            end = chunk_end(row.inputs.input_ids, self.model, start, budget, self.bidir)
+            inp = row.inputs
+            ids = inp.input_ids[start:end][None]
+            pos = inp.position_ids[..., start:end]
+            pos = pos[:, None] if pos.dim() == 2 else pos[None]
+            cache = RowCache(self.slots, row.slot, start, inp.cross)
+            hidden = self.model(ids, pos, cache=cache, inputs_embeds=inp.embeds[start:end][None])
+            row.length = end
+            budget -= end - start
+            self.counters["prefill_tokens"] += end - start
+            if end == row.prompt_len:
+                logits = self.model.logits(hidden[:, -1]).float()
+                reason = self._sample_and_push(row, logits)
+                if reason is not None:
+                    self._end(row, reason)
+                else:
+                    self.prefilling.remove(row)
+                    self._place_decoding(row)
+
+    def _place_decoding(self, row: Row) -> None:
+        """Move a row whose prefill ended into slot `len(decoding)` (the decode batch is a view)."""
+        target = len(self.decoding)
+        if row.slot != target:
+            other = next((r for r in self.prefilling if r.slot == target), None)
+            if other is not None:
+                self.slots.swap(row.slot, row.length, other.slot, other.length)
+                other.slot = row.slot
+            else:
+                self.slots.move(row.slot, target, row.length)
+                self.slots.release(row.slot)
+                self.slots.free.discard(target)
+            row.slot = target
+        self.decoding.append(row)
+
+    def _decode(self) -> None:
+        rows = self.decoding
+        if not rows:
+            return
+        n = len(rows)
+        dev = self.device
+        tokens = torch.tensor([[r.last] for r in rows], device=dev)
+        lengths = torch.tensor([r.length for r in rows], device=dev)
+        pos = torch.tensor([[r.next_pos] for r in rows], device=dev)
+        if self.model.decoder.rope == "mrope":
+            pos = pos[None].expand(3, n, 1)
+        cache = DecodeCache(self.slots, lengths, self._decode_cross())
+        hidden = self.model(tokens, pos, cache.key_valid(), cache=cache)
+        logits = self.model.logits(hidden[:, -1]).float()
+        for r in rows:
+            r.length += 1
+            r.next_pos += 1
+        self.counters["generated_tokens"] += n
+        greedy = logits.masked_fill(self._suppress_mask(logits), float("-inf")).argmax(-1).tolist()
+        finished = []
+        for b, r in enumerate(list(rows)):
+            if r.generator is None:
+                reason = r.push(greedy[b], self.eos)
+            else:
+                reason = self._sample_and_push(r, logits[b : b + 1])
+            if reason is not None:
+                finished.append(r)
+        for r in finished:
+            self._end(r, r.reason)
+
+    def _suppress_mask(self, logits: torch.Tensor) -> torch.Tensor:
+        m = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
+        m[self.suppress] = True
+        return m
+
+    def _decode_cross(self) -> dict | None:
+        """fusion=cross_attn: the decoding rows' media keys/values stacked (rebuilt when they change)."""
+        if self.model.cross_attn is None:
+            return None
+        key = tuple(id(r) for r in self.decoding)
+        if self._cross_cache is None or self._cross_cache[0] != key:
+            self._cross_cache = (key, stack_cross([r.inputs.cross for r in self.decoding], self.model))
+        return self._cross_cache[1]
+
+    def _sample_and_push(self, row: Row, logits: torch.Tensor) -> str | None:
+        """logits `[1, V]` -> the row's next token (its own sampling parameters and generator)."""
+        logits[:, self.suppress] = float("-inf")
+        sp = row.sampling
+        tok = int(sample_next(logits, sp.temperature, sp.top_p, row.generator)[0])
+        return row.push(tok, self.eos)
+
+    # ---- the end of a row -------------------------------------------------------------------------
+    def _end(self, row: Row, reason: str | None, error: RequestError | None = None) -> None:
+        """Finish `row` (reason None: its own finish reason) and give back its slot and pins."""
+        if row.done:
+            return
+        if row.slot >= 0 and self.prefix_cache is not None and error is None and row.inputs is not None:
+            keys, pos = row.kv_keys()
+            if len(keys) > row.cached:
+                k, v = self.slots.read(row.slot, row.length)
+                self.prefix_cache.insert(keys, pos, k, v)
+        if error is not None:
+            row.done = True
+            row.handle.finish(Finished("error", row.stream.sent, list(row.out), row.usage, error=error))
+            self.counters["errors"] += 1
+        else:
+            row.finish(reason or row.reason or "stop")
+            self.counters["cancelled" if reason == "cancelled" else "finished"] += 1
+        if row.prefix is not None and self.prefix_cache is not None:
+            self.prefix_cache.release(row.prefix)
+            row.prefix = None
+        if row in self.prefilling:
+            self.prefilling.remove(row)
+            self.slots.release(row.slot)
+        elif row in self.decoding:
+            i = row.slot
+            last = self.decoding[-1]
+            if last is not row:
+                self.slots.move(last.slot, i, last.length)
+                last.slot = i
+                self.decoding[i] = last
+            self.decoding.pop()
+            self.slots.release(len(self.decoding))
+        row.slot = -1
+
+    def stats(self) -> dict:
+        with self._lock:
+            queue = self._waiting
+            ready = len(self._ready)
+        return {
+            **self.counters,
+            "queue_depth": queue,
+            "ready": ready,
+            "running": len(self.decoding),
+            "prefilling": len(self.prefilling),
+            "free_slots": len(self.slots.free),
+            "max_batch": self.config.max_batch,
+            "kv_slots_bytes": self.slots.nbytes,
+            "dtype": self.dtype_name,
+            "embed_cache": self.embed_cache.stats() if self.embed_cache else None,
+            "prefix_cache": self.prefix_cache.stats() if self.prefix_cache else None,
+        }
+
+
+def _check_sampling(sp) -> None:
+    if not isinstance(sp.max_tokens, int) or sp.max_tokens < 1:
+        raise RequestError(f"max_tokens must be a positive integer, got {sp.max_tokens!r}", param="max_tokens")
+    if sp.temperature < 0:
+        raise RequestError(f"temperature must be >= 0, got {sp.temperature}", param="temperature")
+    if not 0.0 < sp.top_p <= 1.0:
+        raise RequestError(f"top_p must be in (0, 1], got {sp.top_p}", param="top_p")

@@ -1,0 +1,110 @@
+"""The engine's KV memory: one preallocated slot per running request.
+
+Buffers: keys and values `[n_layers, max_batch, H_kv, max_context, Dh]`. A request owns one slot
+(`max_batch` slots) from admission to its end and writes its positions `[0, length)` there.
+
+Slotted, not paged: on a CPU (and for the model sizes this project trains) the decode step's cost
+is the attention read and the weights, not memory fragmentation, and a slot makes the decode
+batch a plain *view*. The engine keeps the decoding rows in slots `[0, n)`, so a step attends over
+`k[layer][:n, :, :S]` (S = the longest row + 1) with a key-validity mask, without gathering
+anything; the new token's keys/values are written with one indexed store per layer. Prefilling
+rows live at the top of the slot range and move down (one copy of their KV) when they start
+decoding; a finished row's slot is filled by the last decoding row. Paging would save memory for
+short requests at a large `max_context`; here a slot costs `max_context` positions whatever the
+request's length, which `EngineConfig.max_batch x max_context` bounds up front.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+class KVSlots:
+    """Per-slot KV buffers and the slot bookkeeping (which slots are free)."""
+
+    def __init__(self, n_layers: int, max_batch: int, n_kv_heads: int, max_context: int, head_dim: int, dtype, device):
+        shape = (n_layers, max_batch, n_kv_heads, max_context, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.max_batch, self.max_context = max_batch, max_context
+        self.free: set[int] = set(range(max_batch))
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
+
+    def take_top(self) -> int:
+        """A free slot from the top of the range (prefilling rows stay clear of the decode rows)."""
+        s = max(self.free)
+        self.free.discard(s)
+        return s
+
+    def release(self, slot: int) -> None:
+        self.free.add(slot)
+
+    def move(self, src: int, dst: int, length: int) -> None:
+        """Copy positions `[0, length)` of slot `src` into slot `dst` (all layers: two copies)."""
+        if src != dst and length:
+            self.k[:, dst, :, :length] = self.k[:, src, :, :length]
+            self.v[:, dst, :, :length] = self.v[:, src, :, :length]
+
+    def swap(self, a: int, la: int, b: int, lb: int) -> None:
+        """Exchange the contents of slots a (length la) and b (length lb)."""
+        ka, va = self.k[:, a, :, :la].clone(), self.v[:, a, :, :la].clone()
+        self.move(b, a, lb)
+        self.k[:, b, :, :la], self.v[:, b, :, :la] = ka, va
+
+    def read(self, slot: int, length: int) -> tuple[Tensor, Tensor]:
+        """Copies of positions `[0, length)`: keys, values `[n_layers, H_kv, length, Dh]`."""
+        return self.k[:, slot, :, :length].clone(), self.v[:, slot, :, :length].clone()
+
+    def write(self, slot: int, k: Tensor, v: Tensor) -> None:
+        """Fill positions `[0, m)` from `[n_layers, H_kv, m, Dh]` keys/values (a cached prefix)."""
+        m = k.shape[2]
+        self.k[:, slot, :, :m] = k
+        self.v[:, slot, :, :m] = v
+
+
+class RowCache:
+    """The `KVCache` interface over one slot, for a prefill chunk at positions `[start, start + L)`.
+
+    `cross`: fusion=cross_attn, the row's media keys/values (`CrossAttentionFusion.state`)."""
+
+    def __init__(self, slots: KVSlots, slot: int, start: int, cross: dict | None = None):
+        self.slots, self.slot, self.length, self.cross = slots, slot, start, cross
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """k, v `[1, H_kv, L, Dh]` -> all keys/values of the row so far `[1, H_kv, start + L, Dh]`."""
+        end = self.length + k.shape[2]
+        s = self.slot
+        self.slots.k[layer, s, :, self.length : end] = k[0]
+        self.slots.v[layer, s, :, self.length : end] = v[0]
+        return self.slots.k[layer, s : s + 1, :, :end], self.slots.v[layer, s : s + 1, :, :end]
+
+
+class DecodeCache:
+    """The `KVCache` interface over the decoding rows (slots `[0, n)`) for one decode step.
+
+    lengths: `[n]` positions already written per row; the step writes each row's new token at its
+    own length and attends over `S = max(lengths) + 1` keys (the caller masks each row's tail).
+    `length` is what the model sees as the past (`S - 1`: queries are the last position)."""
+
+    def __init__(self, slots: KVSlots, lengths: Tensor, cross: dict | None = None):
+        self.slots, self.lengths, self.cross = slots, lengths, cross
+        self.n = int(lengths.shape[0])
+        self.rows = torch.arange(self.n, device=lengths.device)
+        self.length = int(lengths.max())
+
+    def key_valid(self) -> Tensor:
+        """`[n, S]` bool: row b's keys `[0, lengths[b]]` (its new token included)."""
+        S = self.length + 1
+        return torch.arange(S, device=self.lengths.device)[None, :] <= self.lengths[:, None]
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """k, v `[n, H_kv, 1, Dh]` -> views `[n, H_kv, S, Dh]` of the decoding slots."""
+        S = self.length + 1
+        kl, vl = self.slots.k[layer], self.slots.v[layer]
+        kl[self.rows, :, self.lengths] = k[:, :, 0]
+        vl[self.rows, :, self.lengths] = v[:, :, 0]
+        return kl[: self.n, :, :S], vl[: self.n, :, :S]

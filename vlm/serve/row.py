@@ -1,0 +1,94 @@
+"""One request inside the engine: its prompt, where its prefill stands, what it generated, and how a
+new token turns into `Delta`s and the final `Finished` (end tokens, stop strings, max_tokens)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from vlm.serve.api import ChatRequest, Delta, Finished, Usage
+from vlm.serve.handle import RequestHandle, TextStream
+from vlm.serve.media import RowInputs
+from vlm.serve.prefix_cache import Entry
+from vlm.serve.prompt import Prompt
+
+
+@dataclass(eq=False)
+class Row:
+    request: ChatRequest
+    handle: RequestHandle
+    prompt: Prompt
+    usage: Usage
+    stream: TextStream
+    generator: torch.Generator | None
+    prefix: Entry | None = None  # pinned prefix-cache entry to copy in at admission
+    cached: int = 0  # positions reused from it
+    submitted: float = field(default_factory=time.perf_counter)
+    inputs: RowInputs | None = None  # made on the engine thread before the first chunk
+    slot: int = -1
+    length: int = 0  # positions written in the slot (prefill cursor, then decode)
+    next_pos: int = 0  # the (M-)RoPE position of the next fed token
+    last: int = -1  # the token to feed at the next decode step
+    out: list[int] = field(default_factory=list)
+    pending: list[int] = field(default_factory=list)  # token ids whose text is not released yet
+    first_token_at: float | None = None
+    done: bool = False
+    reason: str | None = None  # why generation ended, once it has
+
+    @property
+    def sampling(self):
+        return self.request.sampling
+
+    @property
+    def prompt_len(self) -> int:
+        return int(self.inputs.input_ids.numel()) if self.inputs is not None else len(self.prompt)
+
+    def push(self, tok: int, eos: set[int]) -> str | None:
+        """Record a generated token; emit its text. Returns the finish reason, or None to go on."""
+        self.reason = self._push(tok, eos)
+        return self.reason
+
+    def _push(self, tok: int, eos: set[int]) -> str | None:
+        self.out.append(tok)
+        if self.first_token_at is None:
+            self.first_token_at = time.perf_counter()
+        if tok in eos:
+            return "stop"
+        self.pending.append(tok)
+        text = self.stream.push(tok)
+        if text:
+            self.handle.emit(Delta(text, self.pending))
+            self.pending = []
+        if self.stream.stopped:
+            return "stop"
+        if len(self.out) >= self.sampling.max_tokens:
+            return "length"
+        self.last = tok
+        return None
+
+    def finish(self, reason: str) -> None:
+        """Release the held-back text and end the request with `reason`."""
+        if self.done:
+            return
+        self.done = True
+        tail = self.stream.flush()
+        if tail or self.pending:
+            if tail:
+                self.handle.emit(Delta(tail, self.pending))
+            self.pending = []
+        self.usage.completion_tokens = len(self.out)
+        self.handle.finish(Finished(reason, self.stream.sent, list(self.out), self.usage))
+
+    def kv_keys(self) -> tuple[list[int], Tensor]:
+        """prefix keys and positions of the `length` positions in the slot (prompt + fed tokens)."""
+        n_fed = self.length - self.prompt_len
+        pos = self.inputs.position_ids.cpu()
+        if n_fed <= 0:  # ended during its prefill
+            return list(self.prompt.prefix_keys[: self.length]), pos[..., : self.length]
+        keys = list(self.prompt.prefix_keys) + self.out[:n_fed]
+        gen = torch.arange(n_fed, dtype=pos.dtype) + self.next_pos - n_fed
+        pos = torch.cat([pos, gen.expand(*pos.shape[:-1], n_fed)], -1)
+        return keys, pos
