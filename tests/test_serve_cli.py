@@ -40,9 +40,10 @@ def test_chat_with_piped_stdin_keeps_the_conversation(tmp_path):
     assert p.returncode == 0, p.stderr
     turns = [tuple(map(int, m.groups())) for m in STATUS.finditer(p.stderr)]
     assert len(turns) == 2, p.stderr
-    (p1, v1, _, n1), (p2, v2, _, n2) = turns
+    (p1, v1, c1, n1), (p2, v2, c2, n2) = turns
     assert v1 == v2 == 16  # the image of the first turn is still in the conversation
     assert p2 > p1 + n1  # the second prompt holds the first question, its answer and the new one
+    assert c1 == 0 and c2 > v1  # the follow-up reuses the first turn's KV, image included (prefix cache)
     assert "error: media 'missing.png' refused [missing]" in p.stderr
     assert "unknown command /frobnicate" in p.stderr
     assert "Traceback" not in p.stderr
