@@ -311,3 +311,23 @@ def test_a_full_queue_answers_429(server):
 
 def _internal_messages() -> list[dict]:
     return [{"role": "user", "content": [{"type": "image", "image": PNG}, {"type": "text", "text": PROMPT}]}]
+
+
+# ---- the config -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", _kinds())
+def test_serve_config_builds_the_engine_and_options(kind, loaded, tmp_path):
+    from hydra import compose, initialize_config_dir
+
+    from tests.conftest import CONF
+    from vlm.serve.engines import ServeConfigError
+    from vlm.serve.server import options_from
+
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose("serve", overrides=[f"ckpt={FIXTURE / 'export'}", f"engine={kind}", "media.max_images=3"])
+        bad = compose("serve", overrides=[f"engine={kind}", "+engine.bogus=1"])
+    opts = options_from(cfg)
+    assert opts.media.max_images == 3 and opts.max_body_bytes == 64 << 20 and opts.default_temperature == 1.0
+    engine = build_engine(loaded, cfg.engine, dtype="fp32", model_name=cfg.model_name, ckpt=cfg.ckpt)
+    assert engine.model_name == "export" and engine.max_context == 512
+    with pytest.raises(ServeConfigError, match="bogus"):
+        build_engine(loaded, bad.engine)

@@ -210,7 +210,7 @@ def run(cfg: DictConfig) -> dict:
         return res
     if cfg.get("prompt") is None:
         raise FileNotFoundError('nothing to do: pass image=PATH (or video=PATH) prompt="…" or data=synthvqa_heldout')
-    images, videos = _paths(cfg.get("image")), _paths(cfg.get("video"))
+    images, videos = path_list(cfg.get("image")), path_list(cfg.get("video"))
     text = answer(
         loaded,
         images,
@@ -225,11 +225,11 @@ def run(cfg: DictConfig) -> dict:
     return {"answer": text}
 
 
-def _paths(v) -> list[str]:
+def path_list(v) -> list[str]:
     """`image=a.png`, `image=[a.png,b.png]` or null -> a list of paths."""
     if v is None:
         return []
     return [str(v)] if isinstance(v, (str, Path)) else [str(x) for x in v]
 
 
-__all__ = ["MediaError", "answer", "evaluate", "prompt_batch", "read_video", "run"]
+__all__ = ["MediaError", "answer", "checked_image", "evaluate", "path_list", "prompt_batch", "read_video", "run"]

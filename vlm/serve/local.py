@@ -15,11 +15,11 @@ def _engine(loaded, cfg):
 
 
 def chat(loaded, cfg) -> dict:
-    from vlm.infer import _paths
+    from vlm.infer import path_list
     from vlm.serve.chat import ChatSession, run_chat
 
     sampling = SamplingParams(int(cfg.max_new_tokens), float(cfg.temperature), float(cfg.top_p), [], int(cfg.seed))
-    first = [("image", p) for p in _paths(cfg.get("image"))] + [("video", p) for p in _paths(cfg.get("video"))]
+    first = [("image", p) for p in path_list(cfg.get("image"))] + [("video", p) for p in path_list(cfg.get("video"))]
     with _engine(loaded, cfg) as engine:
         session = ChatSession(engine, sampling, media_first=loaded.template.image_position == "first")
         turns = run_chat(engine, session, verbose=bool(cfg.get("verbose")), first_media=first)
