@@ -47,6 +47,15 @@ class _Stop(Exception):
     """Raised from the token callback to end decoding early (cancel or stop string)."""
 
 
+def _check_sampling(sp) -> None:
+    if isinstance(sp.max_tokens, bool) or not isinstance(sp.max_tokens, int) or sp.max_tokens < 1:
+        raise RequestError(f"max_tokens must be a positive integer, got {sp.max_tokens!r}", param="max_tokens")
+    if not sp.temperature >= 0:
+        raise RequestError(f"temperature must be >= 0, got {sp.temperature}", param="temperature")
+    if not 0.0 < sp.top_p <= 1.0:
+        raise RequestError(f"top_p must be in (0, 1], got {sp.top_p}", param="top_p")
+
+
 def default_max_context(loaded) -> int:
     return int(getattr(loaded.model.decoder, "max_seq_len", 0) or 4096)
 
@@ -74,7 +83,7 @@ class SerialEngine:
         self._ids = itertools.count()
         self._thread: threading.Thread | None = None
         self._closed = threading.Event()
-        self._running = 0
+        self._current: RequestHandle | None = None
         self._counts = {"finished": 0, "cancelled": 0, "errors": 0}  # the continuous engine's names
 
     # ---- lifecycle -----------------------------------------------------------------------------
@@ -85,8 +94,11 @@ class SerialEngine:
         return self
 
     def close(self) -> None:
-        """Stop the worker; requests still queued end as cancelled."""
+        """Stop the worker; the running request and those still queued end as cancelled."""
         self._closed.set()
+        current = self._current
+        if current is not None:
+            current.cancel()
         try:
             self._queue.put_nowait(None)  # wake the worker
         except queue.Full:
@@ -122,7 +134,7 @@ class SerialEngine:
         return {
             **self._counts,
             "queue_depth": self._queue.qsize(),
-            "running": self._running,
+            "running": int(self._current is not None),
             "max_batch": 1,
             "dtype": self.dtype_name,
         }
@@ -134,14 +146,14 @@ class SerialEngine:
             if item is None:
                 continue
             request, handle = item
-            self._running = 1
+            self._current = handle
             try:
                 finished = self._run(request, handle)
             except Exception as e:  # a bug or an out-of-memory: fail this request, keep serving
                 log.exception("request %s failed", handle.request_id)
                 err = RequestError(f"internal error: {type(e).__name__}: {e}", status=500, code="internal_error")
                 finished = Finished("error", "", [], Usage(), err)
-            self._running = 0
+            self._current = None
             key = {"stop": "finished", "length": "finished", "cancelled": "cancelled"}.get(finished.finish_reason)
             self._counts[key or "errors"] += 1
             handle.finish(finished)
@@ -151,6 +163,7 @@ class SerialEngine:
         if handle.cancelled:
             return Finished("cancelled", "", [], Usage())
         try:
+            _check_sampling(sp)
             prompt = self.builder(request.messages, sp.max_tokens)
         except RequestError as e:
             return Finished("error", "", [], Usage(), e)

@@ -122,27 +122,35 @@ def create_app(engine, options: ServerOptions | None = None) -> FastAPI:
         except Overloaded as e:
             return _error(429, str(e), code="rate_limit_exceeded", headers={"Retry-After": "1"})
         pump = EventPump(handle)
-        first = await pump.next(request, opts.poll_s)  # admitted: the prompt is built and fits
-        if first is None:
-            return Response(status_code=499)  # the client is gone: nobody reads this
-        if first[0] == ERROR:
-            raise first[1]
-        rid, created = parsed.request.request_id, int(time.time())
-        if parsed.stream:
-            return StreamingResponse(
-                _stream(request, pump, rid, created, parsed.include_usage),
-                media_type="text/event-stream",
-                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-            )
-        while True:
-            item = await pump.next(request, opts.poll_s)
-            if item is None:
-                return Response(status_code=499)
-            ev = item[1]
-            if isinstance(ev, Finished):
-                if ev.finish_reason == "error":
-                    raise ev.error or RequestError("the request failed", 500, None, "internal_error")
-                return completion_body(rid, model, ev, created)
+        handed_over = False  # to the stream, or the request ended: otherwise cancel it on the way out
+        try:
+            first = await pump.next(request, opts.poll_s)  # admitted: the prompt is built and fits
+            if first is None:
+                return Response(status_code=499)  # the client is gone: nobody reads this
+            if first[0] == ERROR:
+                handed_over = True
+                raise first[1]
+            rid, created = parsed.request.request_id, int(time.time())
+            if parsed.stream:
+                handed_over = True
+                return StreamingResponse(
+                    _stream(request, pump, rid, created, parsed.include_usage),
+                    media_type="text/event-stream",
+                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+                )
+            while True:
+                item = await pump.next(request, opts.poll_s)
+                if item is None:
+                    return Response(status_code=499)
+                ev = item[1]
+                if isinstance(ev, Finished):
+                    handed_over = True
+                    if ev.finish_reason == "error":
+                        raise ev.error or RequestError("the request failed", 500, None, "internal_error")
+                    return completion_body(rid, model, ev, created)
+        finally:
+            if not handed_over:
+                handle.cancel()
 
     async def _stream(request: Request, pump: EventPump, rid: str, created: int, include_usage: bool):
         done = False
