@@ -56,7 +56,8 @@ def _number(body: dict, name: str, default, lo: float, hi: float, integer: bool 
     ok = isinstance(v, int) if integer else isinstance(v, (int, float))
     if isinstance(v, bool) or not ok or not (lo < v if lo_open else lo <= v) or not v <= hi:
         kind = "an integer" if integer else "a number"
-        rng = f"{'(' if lo_open else '['}{lo:g}, {hi:g}]"
+        fmt = (lambda x: str(int(x))) if integer else (lambda x: f"{x:g}")
+        rng = f"{'(' if lo_open else '['}{fmt(lo)}, {fmt(hi)}]"
         raise _bad(f"{name} must be {kind} in {rng}, got {v!r}", name)
     return v
 
