@@ -12,6 +12,7 @@ from vlm.data.sample import SampleError
 from vlm.data.webdataset import DataError
 from vlm.gradient_step import NonFiniteError
 from vlm.pipeline import PipelineError
+from vlm.serve.engines import ServeConfigError
 
 # NonFiniteError: the numerics guard halted training (numerics.on_nonfinite=halt); its message
 # says which value went non-finite at which step. DataError: the shards cannot feed training.
@@ -25,6 +26,7 @@ USER_ERRORS = (
     NonFiniteError,
     DataError,
     PipelineError,
+    ServeConfigError,
 )
 
 

@@ -1,9 +1,12 @@
-"""`python infer.py ckpt=PATH …`: answer one prompt (streamed), or evaluate on held-out shards.
+"""`python infer.py ckpt=PATH …`: answer one prompt (streamed), chat, answer a file of requests,
+or evaluate on held-out shards.
 
     python infer.py ckpt=PATH image=a.png prompt="…"
     python infer.py ckpt=PATH 'image=[a.png,b.png]' prompt="Which image has more shapes, the first or the second?"
     python infer.py ckpt=PATH video=clip.mp4 prompt="Which way is the red circle moving?"
     python infer.py ckpt=PATH video=frames/ prompt="…"          # a folder of frames (sorted by name)
+    python infer.py ckpt=PATH chat=true [image=a.png]           # a terminal chat (vlm/serve/chat.py)
+    python infer.py ckpt=PATH requests=in.jsonl out=answers.jsonl   # OpenAI request bodies (vlm/serve/batch.py)
 
 Images come first (media 0, 1, …), then videos, placed before or after the prompt as in training
 (`template.image_position`).
@@ -68,13 +71,13 @@ def read_video(path: str) -> bytes | list[bytes]:
         frames = sorted(f for f in p.iterdir() if f.suffix.lower() in _FRAME_SUFFIXES)
         if not frames:
             raise FileNotFoundError(f"video folder {p} holds no frame images ({', '.join(_FRAME_SUFFIXES)})")
-        return [_checked_image(f) for f in frames]
+        return [checked_image(f) for f in frames]
     data = read_file(p)  # a regular file within its cap: never a pipe or a device
     probe_video(data, key=str(p))  # fail early with one clear line (not a video, too large…)
     return data
 
 
-def _checked_image(path) -> bytes:
+def checked_image(path) -> bytes:
     """An image file's bytes, read once within its cap and checked to decode (one clear line if not)."""
     data = read_file(path)
     decode_image(data, key=str(path))
@@ -97,7 +100,7 @@ def answer(
     silent) and return it. Images are media 0…n-1, videos follow."""
     if isinstance(stream, str) and stream == "stdout":
         stream = sys.stdout
-    images = [_checked_image(p) for p in image_paths]  # fail early with one clear line (missing, bomb…)
+    images = [checked_image(p) for p in image_paths]  # fail early with one clear line (missing, bomb…)
     videos = [read_video(p) for p in (video_paths or [])]
     batch = prompt_batch(loaded, images, prompt, videos)
     tok = loaded.tokenizer
@@ -177,6 +180,13 @@ def run(cfg: DictConfig) -> dict:
     if not cfg.get("ckpt"):
         raise FileNotFoundError("no checkpoint given: pass ckpt=PATH (a .ckpt file or an export folder)")
     loaded = load_checkpoint(cfg.ckpt)
+    if cfg.get("chat") or cfg.get("requests"):
+        from vlm.serve import local
+
+        torch.manual_seed(cfg.seed)
+        if cfg.get("threads"):
+            torch.set_num_threads(int(cfg.threads))
+        return local.chat(loaded, cfg) if cfg.get("chat") else local.batch(loaded, cfg)
     prune = dict(cfg.get("infer", {}).get("prune") or {}) or None
     torch.manual_seed(cfg.seed)
     if cfg.get("threads"):
@@ -200,7 +210,7 @@ def run(cfg: DictConfig) -> dict:
         return res
     if cfg.get("prompt") is None:
         raise FileNotFoundError('nothing to do: pass image=PATH (or video=PATH) prompt="…" or data=synthvqa_heldout')
-    images, videos = _paths(cfg.get("image")), _paths(cfg.get("video"))
+    images, videos = path_list(cfg.get("image")), path_list(cfg.get("video"))
     text = answer(
         loaded,
         images,
@@ -215,11 +225,11 @@ def run(cfg: DictConfig) -> dict:
     return {"answer": text}
 
 
-def _paths(v) -> list[str]:
+def path_list(v) -> list[str]:
     """`image=a.png`, `image=[a.png,b.png]` or null -> a list of paths."""
     if v is None:
         return []
     return [str(v)] if isinstance(v, (str, Path)) else [str(x) for x in v]
 
 
-__all__ = ["MediaError", "answer", "evaluate", "prompt_batch", "read_video", "run"]
+__all__ = ["MediaError", "answer", "checked_image", "evaluate", "path_list", "prompt_batch", "read_video", "run"]

@@ -1,0 +1,50 @@
+"""A request handle's events, awaited from asyncio without holding the event loop.
+
+`RequestHandle` blocks (thread queues): one small thread per request waits on it and hands each
+event to the loop. The loop side waits with a timeout, so a client that went away is noticed
+within `poll` seconds even while the engine is still busy with other requests, and the request
+is cancelled at once (its slot and cache pins are freed at the engine's next step).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+from vlm.serve.handle import RequestHandle
+
+ADMITTED, EVENT, ERROR = "admitted", "event", "error"
+
+
+class EventPump:
+    def __init__(self, handle: RequestHandle):
+        self.handle = handle
+        self._loop = asyncio.get_running_loop()
+        self._queue: asyncio.Queue = asyncio.Queue()
+        threading.Thread(target=self._run, name=f"pump-{handle.request_id}", daemon=True).start()
+
+    def _put(self, item) -> None:
+        try:
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+        except RuntimeError:  # the loop is closed: the server is shutting down
+            pass
+
+    def _run(self) -> None:
+        try:
+            self._put((ADMITTED, self.handle.admitted()))
+        except Exception as e:  # the request's RequestError: nothing else will come
+            self._put((ERROR, e))
+            return
+        for ev in self.handle:
+            self._put((EVENT, ev))
+
+    async def next(self, request, poll: float = 0.5):
+        """(kind, value): (ADMITTED, Usage), (EVENT, Delta | Finished) or (ERROR, RequestError).
+        None when the client disconnected while waiting; the request is then cancelled."""
+        while True:
+            try:
+                return await asyncio.wait_for(self._queue.get(), poll)
+            except asyncio.TimeoutError:
+                if await request.is_disconnected():
+                    self.handle.cancel()
+                    return None

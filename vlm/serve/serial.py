@@ -1,0 +1,218 @@
+"""The reference engine: one request at a time, with plain `vlm.generate.generate`.
+
+Same interface as the continuous-batching `vlm.serve.engine.Engine` (submit -> RequestHandle,
+admitted / events / cancel, stats, close), so every front end runs on either. It has no batching
+and no caches: a request waits in a bounded queue, its prompt is built by `PromptBuilder`, then it
+decodes alone until an end token, a stop string, `max_tokens` or a cancel. Use it to check the
+batching engine's answers against, or where one request at a time is all there is (`engine=serial`).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import secrets
+import threading
+from dataclasses import dataclass, replace
+
+import torch
+
+from vlm.generate import generate
+from vlm.serve.api import ChatRequest, Delta, Finished, Overloaded, RequestError, Usage
+from vlm.serve.handle import RequestHandle, TextStream
+from vlm.serve.prompt import PromptBuilder
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+@dataclass
+class SerialConfig:
+    """max_context: prompt + new tokens at most (None: the decoder's max_seq_len). max_queue: requests
+    waiting beyond the running one before `submit` raises `Overloaded`. device: None picks CUDA when
+    there is one. dtype: "fp32" | "bf16" | None (bf16 on CUDA, fp32 on CPU). prune_keep_ratio < 1
+    drops visual tokens before the decoder (`vlm.prune`)."""
+
+    max_context: int | None = None
+    max_queue: int = 64
+    dtype: str | None = None
+    device: str | None = None
+    prune_keep_ratio: float = 1.0
+    model_name: str | None = None
+
+
+class _Stop(Exception):
+    """Raised from the token callback to end decoding early (cancel or stop string)."""
+
+
+def _check_sampling(sp) -> None:
+    if isinstance(sp.max_tokens, bool) or not isinstance(sp.max_tokens, int) or sp.max_tokens < 1:
+        raise RequestError(f"max_tokens must be a positive integer, got {sp.max_tokens!r}", param="max_tokens")
+    if not sp.temperature >= 0:
+        raise RequestError(f"temperature must be >= 0, got {sp.temperature}", param="temperature")
+    if not 0.0 < sp.top_p <= 1.0:
+        raise RequestError(f"top_p must be in (0, 1], got {sp.top_p}", param="top_p")
+
+
+def default_max_context(loaded) -> int:
+    return int(getattr(loaded.model.decoder, "max_seq_len", 0) or 4096)
+
+
+class SerialEngine:
+    def __init__(self, loaded, config: SerialConfig | None = None):
+        from vlm.build import stop_ids
+
+        cfg = config or SerialConfig()
+        self.device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.dtype_name = cfg.dtype or ("bf16" if self.device.type == "cuda" else "fp32")
+        if self.dtype_name not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {cfg.dtype!r}")
+        if cfg.max_queue < 1:
+            raise ValueError(f"max_queue must be at least 1, got {cfg.max_queue}")
+        self.config = cfg
+        self.model = loaded.model.to(self.device, DTYPES[self.dtype_name]).eval()
+        self.tokenizer = loaded.tokenizer
+        self.max_context = int(cfg.max_context or default_max_context(loaded))
+        self.model_name = cfg.model_name or "vlm"
+        self.builder = PromptBuilder(loaded.processor, loaded.template, loaded.tokenizer, self.max_context)
+        self.eos = set(stop_ids(loaded.tokenizer, loaded.config.get("template")))
+        self.prune = {"keep_ratio": cfg.prune_keep_ratio, "method": "attention"} if cfg.prune_keep_ratio < 1 else None
+        self._queue: queue.Queue = queue.Queue(maxsize=cfg.max_queue)
+        self._ids = itertools.count()
+        self._thread: threading.Thread | None = None
+        self._closed = threading.Event()
+        self._current: RequestHandle | None = None
+        self._counts = {"finished": 0, "cancelled": 0, "errors": 0}  # the continuous engine's names
+
+    # ---- lifecycle -----------------------------------------------------------------------------
+    def start(self) -> SerialEngine:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="serial-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def close(self) -> None:
+        """Stop the worker; the running request and those still queued end as cancelled."""
+        self._closed.set()
+        current = self._current
+        if current is not None:
+            current.cancel()
+        try:
+            self._queue.put_nowait(None)  # wake the worker
+        except queue.Full:
+            pass
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is not None:
+                item[1].finish(Finished("cancelled", "", [], Usage()))
+
+    def __enter__(self) -> SerialEngine:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ---- requests ------------------------------------------------------------------------------
+    def submit(self, request: ChatRequest) -> RequestHandle:
+        if self._closed.is_set():
+            raise Overloaded("the engine is shut down")
+        handle = RequestHandle(request.request_id or f"req-{next(self._ids)}")
+        try:
+            self._queue.put_nowait((request, handle))
+        except queue.Full:
+            raise Overloaded(f"{self._queue.maxsize} requests are already waiting; try again later") from None
+        return handle
+
+    def stats(self) -> dict:
+        return {
+            **self._counts,
+            "queue_depth": self._queue.qsize(),
+            "running": int(self._current is not None),
+            "max_batch": 1,
+            "dtype": self.dtype_name,
+        }
+
+    # ---- the worker ----------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while not self._closed.is_set():
+            item = self._queue.get()
+            if item is None:
+                continue
+            request, handle = item
+            self._current = handle
+            try:
+                finished = self._run(request, handle)
+            except Exception as e:  # a bug or an out-of-memory: fail this request, keep serving
+                log.exception("request %s failed", handle.request_id)
+                err = RequestError(f"internal error: {type(e).__name__}: {e}", status=500, code="internal_error")
+                finished = Finished("error", "", [], Usage(), err)
+            self._current = None
+            key = {"stop": "finished", "length": "finished", "cancelled": "cancelled"}.get(finished.finish_reason)
+            self._counts[key or "errors"] += 1
+            handle.finish(finished)
+
+    def _run(self, request: ChatRequest, handle: RequestHandle) -> Finished:
+        sp = request.sampling
+        if handle.cancelled:
+            return Finished("cancelled", "", [], Usage())
+        try:
+            _check_sampling(sp)
+            prompt = self.builder(request.messages, sp.max_tokens)
+        except RequestError as e:
+            return Finished("error", "", [], Usage(), e)
+        usage = Usage(prompt_tokens=len(prompt), visual_tokens=prompt.visual_tokens)
+        handle.admit(replace(usage))  # a copy: the caller reads it while this one counts on
+        batch = {
+            k: v.to(self.device) if torch.is_tensor(v) else v for k, v in prompt.batch(self.tokenizer.pad_id).items()
+        }
+        if torch.is_tensor(batch.get("pixel_patches")):
+            batch["pixel_patches"] = batch["pixel_patches"].to(next(self.model.parameters()).dtype)
+        gen = torch.Generator(self.device).manual_seed(sp.seed if sp.seed is not None else secrets.randbits(63))
+        stream = TextStream(self.tokenizer, sp.stop)
+        reason = "length"
+
+        def on_token(t: torch.Tensor) -> None:
+            nonlocal reason
+            tok = int(t[0])
+            usage.completion_tokens += 1
+            if tok in self.eos:
+                reason = "stop"
+                raise _Stop
+            text = stream.push(tok)
+            if text:
+                handle.emit(Delta(text, [tok]))
+            if stream.stopped:
+                reason = "stop"
+                raise _Stop
+            if handle.cancelled:
+                reason = "cancelled"
+                raise _Stop
+
+        try:
+            generate(
+                self.model,
+                batch,
+                sp.max_tokens,
+                sorted(self.eos),
+                sp.temperature,
+                sp.top_p,
+                self.tokenizer.structural_ids,
+                generator=gen,
+                on_token=on_token,
+                prune=self.prune,
+            )
+        except _Stop:
+            pass
+        tail = stream.flush() if reason != "cancelled" else ""
+        if tail:
+            handle.emit(Delta(tail, []))
+        text = stream.sent
+        ids = [t for t in stream.ids if t not in self.eos]
+        return Finished(reason, text, ids, usage)
