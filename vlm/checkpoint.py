@@ -47,14 +47,8 @@ import yaml
 from omegaconf import OmegaConf
 from safetensors.torch import load_model, save_model
 
-from vlm.build import (
-    build_model,
-    build_processor,
-    build_template,
-    check_config_keys,
-    check_model_config,
-    stop_ids,
-)
+from vlm.build import build_model, build_processor, build_template, check_model_config, stop_ids
+from vlm.config_checks import check_config_keys
 from vlm.data.media_processor import MediaProcessor
 from vlm.data.template import ChatTemplate
 from vlm.files import FileRefused, checked_stat, kind_of, read_regular_file
