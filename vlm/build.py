@@ -82,18 +82,18 @@ def component(part: str, cfg: Any, trusted: bool, where: str = "model") -> tuple
     path = f"{where}.{part}"
     cfg = plain(cfg)
     if not isinstance(cfg, dict):
-        raise ValueError(f"{path} is not a mapping (got {type(cfg).__name__})")
+        raise SpecError(f"{path} is not a mapping (got {type(cfg).__name__})")
     allowed = registry(part, trusted)
     target = cfg.get("_target_", next(iter(NATIVE_COMPONENTS[part])) if trusted else None)
     if not isinstance(target, str) or target not in allowed:
         if target is None:
-            raise ValueError(f"refusing to build {path}: no _target_ (allowed: {', '.join(allowed)})")
+            raise SpecError(f"refusing to build {path}: no _target_ (allowed: {', '.join(allowed)})")
         why = (
             "a pretrained loader, which only a training config may name (a checkpoint records the native class)"
             if not trusted and isinstance(target, str) and target in PRETRAINED_LOADERS[part]
             else "not a registered class"
         )
-        raise ValueError(f"refusing to build {path}._target_={short(target)}: {why} (allowed: {', '.join(allowed)})")
+        raise SpecError(f"refusing to build {path}._target_={short(target)}: {why} (allowed: {', '.join(allowed)})")
     check_config_keys(cfg, path, targets=(path,))
     return allowed[target], {k: v for k, v in cfg.items() if k != "_target_"}
 
@@ -104,10 +104,10 @@ def check_model_config(model_cfg: Any, trusted: bool = False, where: str = "mode
     (which reads no folder), every field of the spec."""
     model_cfg = plain(model_cfg)
     if not isinstance(model_cfg, dict):
-        raise ValueError(f"{where} is not a mapping (got {type(model_cfg).__name__})")
+        raise SpecError(f"{where} is not a mapping (got {type(model_cfg).__name__})")
     for part in COMPONENTS:
         if part not in model_cfg:
-            raise ValueError(f"{where}.{part} is missing")
+            raise SpecError(f"{where}.{part} is missing")
         component(part, model_cfg[part], trusted, where)
     check_config_keys(model_cfg, where, targets=tuple(f"{where}.{p}" for p in COMPONENTS))
     if not trusted:
@@ -148,11 +148,11 @@ def model_spec(
     `vocab_size: null` follows it, and a pretrained decoder grows to it."""
     cfg = plain(model_cfg)
     if not isinstance(cfg, dict):
-        raise ValueError(f"model is not a mapping (got {type(cfg).__name__})")
+        raise SpecError(f"model is not a mapping (got {type(cfg).__name__})")
     parts, pretrained = {}, {}
     for part in COMPONENTS:
         if part not in cfg:
-            raise ValueError(f"model.{part} is missing")
+            raise SpecError(f"model.{part} is missing")
         fn, kw = component(part, cfg[part], trusted)
         parts[part], p = _part_spec(part, fn, kw)
         if p is not None:

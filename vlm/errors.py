@@ -11,9 +11,11 @@ from vlm.data.media import MediaError
 from vlm.data.sample import SampleError
 from vlm.data.webdataset import DataError
 from vlm.gradient_step import NonFiniteError
+from vlm.model.fields import SpecError
 
 # NonFiniteError: the numerics guard halted training (numerics.on_nonfinite=halt); its message
 # says which value went non-finite at which step. DataError: the shards cannot feed training.
+# SpecError: a model config key that is unknown, of the wrong type or inconsistent.
 USER_ERRORS = (
     FileNotFoundError,
     NotADirectoryError,
@@ -23,6 +25,7 @@ USER_ERRORS = (
     SampleError,
     NonFiniteError,
     DataError,
+    SpecError,
 )
 
 
