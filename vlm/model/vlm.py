@@ -73,21 +73,6 @@ class VLM(nn.Module):
                 d.dim, d.n_heads, d.kv_heads, d.mlp_width, d.n_layers, every=c.every, media=c.media, norm_eps=c.norm_eps
             )
 
-    @classmethod
-    def from_spec(cls, spec: ModelSpec, media_token_ids: Sequence[int]) -> VLM:
-        """Fresh modules from `spec` (native classes; pretrained weights are `vlm.build`'s)."""
-        return cls(
-            VisionEncoder.from_config(spec.encoder),
-            Projector.from_config(spec.projector),
-            Decoder.from_config(spec.decoder),
-            media_token_ids,
-            image_attention=spec.image_attention,
-            fusion=spec.fusion,
-            cross_attn=spec.cross_attn,
-            packed_attention=spec.packed_attention,
-            freeze=spec.freeze,
-        )
-
     @property
     def spec(self) -> ModelSpec:
         """The model's spec, read from its parts (a grown vocabulary included): what checkpoints store."""
