@@ -149,6 +149,7 @@ def model_spec(
     cfg = plain(model_cfg)
     if not isinstance(cfg, dict):
         raise SpecError(f"model is not a mapping (got {type(cfg).__name__})")
+    cfg = {k: plain(v) for k, v in cfg.items()}  # a plain dict may still hold OmegaConf values
     parts, pretrained = {}, {}
     for part in COMPONENTS:
         if part not in cfg:
