@@ -38,9 +38,9 @@ from vlm.build import (
     build_model,
     build_processor,
     component,
-    self_contained_config,
 )
 from vlm.checkpoint import CheckpointError, check_checkpoint_config, export_folder, load_checkpoint
+from vlm.model.config import COMPONENTS
 from vlm.tokenizer import train_tokenizer
 
 WORDS = ["What is shown?", "a red square", "a blue circle", "hi", "user\n", "assistant\n", "system\n"]
@@ -84,7 +84,7 @@ def hparams(tok):
     torch.manual_seed(0)
     model = build_model(MODEL, tok)
     return model, {
-        "model": self_contained_config(MODEL, model),
+        "model": model.spec.to_dict(),
         "tokenizer_json": tok.to_str(),
         "processor": build_processor(PROCESSOR).to_config(),
         "template": TEMPLATE,
@@ -158,8 +158,8 @@ def test_good_export_and_ckpt_load_the_same_weights(export, ckpt, hparams):
             assert torch.equal(loaded.model.state_dict()[k], v), (path, k)
 
 
-def test_registry_is_what_self_contained_checkpoints_record():
-    """Every native class is registered under the `_target_` that `vlm.model.hf` records for it,
+def test_registry_is_what_checkpoints_record():
+    """Every native class is registered under the `_target_` that `ModelSpec.to_dict` records for it,
     and every pretrained loader a training config names (conf/model/**) is registered."""
     for part, classes in NATIVE_COMPONENTS.items():
         for target, cls in classes.items():
@@ -168,6 +168,8 @@ def test_registry_is_what_self_contained_checkpoints_record():
     in_conf = {yaml.safe_load(f.read_text()).get("_target_") for f in (ROOT / "conf" / "model").rglob("*.yaml")}
     natives = {t for d in NATIVE_COMPONENTS.values() for t in d}
     assert in_conf - {None} <= natives | loaders, in_conf - natives - loaders
+    for part, cfg_cls in COMPONENTS.items():
+        assert {cfg_cls.TARGET} == set(NATIVE_COMPONENTS[part]), part
 
 
 # --------------------------------------------------------------------- part 1: no code is run
@@ -594,15 +596,17 @@ def _damage_cases(export: Path, tmp: Path, hparams) -> dict:
         "dim_huge": ("dim", 2**20, "shape mismatch"),
         "dim_overflow": ("dim", 2**30, "Storage size calculation overflowed"),
         "theta_nan": ("rope_theta", float("nan"), "model.decoder.rope_theta=nan is not a finite number"),
-        "unknown_arg": ("evil", 1, "model.decoder.evil is not an argument of vlm.model.decoder.Decoder"),
+        "unknown_arg": ("evil", 1, "model.decoder.evil is not a field of DecoderConfig"),
         "vocab_small": ("vocab_size", 3, "decoder.vocab_size 3 < tokenizer vocabulary"),
         "tie_str": ("tie_embeddings", "yes", "model.decoder.tie_embeddings='yes' is not of type bool"),
     }.items():
+        # the stored spec records the projector's width: a consistent change of the decoder's moves it too
+        proj = {**base["model"]["projector"], **({"out_dim": v} if k == "dim" and isinstance(v, int) else {})}
         case(
             f"config_{name}",
             "config.yaml" if needle != "shape mismatch" else "model.safetensors",
             needle,
-            cfg={**base, "model": {**base["model"], "decoder": {**dec, k: v}}},
+            cfg={**base, "model": {**base["model"], "projector": proj, "decoder": {**dec, k: v}}},
         )
     case(
         "config_encoder_str",

@@ -145,5 +145,5 @@ def test_export_round_trips_through_transformers(tmp_path):
             atol=1e-4,
             rtol=1e-4,
         )
-    with pytest.raises(ExportError, match="format=hf_qwen2vl: needs a linear patch embedding"):
+    with pytest.raises(ExportError, match="format=hf_qwen2vl: model.encoder.pos=.learned., the format needs .rope2d."):
         export_hf(model, tok, tmp_path / "bad", "hf_qwen2vl")

@@ -128,7 +128,7 @@ def _load_config(path: str) -> dict:
         raise ValueError(f"config {path!r}: no such file (an export folder, config.yaml, or a JSON/YAML file)")
     if p.suffix == ".json":
         return json.loads(p.read_text())
-    from vlm.checkpoint import read_config_file  # a checkpoint's config: capped, no aliases, no interpolation
+    from vlm.checkpoint_files import read_config_file  # a checkpoint's config: capped, no aliases, no interpolation
 
     return read_config_file(p)
 

@@ -11,11 +11,13 @@ from vlm.data.media import MediaError
 from vlm.data.sample import SampleError
 from vlm.data.webdataset import DataError
 from vlm.gradient_step import NonFiniteError
+from vlm.model.fields import SpecError
 from vlm.pipeline import PipelineError
 from vlm.serve.engines import ServeConfigError
 
 # NonFiniteError: the numerics guard halted training (numerics.on_nonfinite=halt); its message
 # says which value went non-finite at which step. DataError: the shards cannot feed training.
+# SpecError: a model config key that is unknown, of the wrong type or inconsistent.
 USER_ERRORS = (
     FileNotFoundError,
     NotADirectoryError,
@@ -27,6 +29,7 @@ USER_ERRORS = (
     DataError,
     PipelineError,
     ServeConfigError,
+    SpecError,
 )
 
 

@@ -26,11 +26,10 @@ from vlm.checkpoint import (
     build_checked,
     checkpoint_hparams,
     export_folder,
-    one_line,
     read_lightning_checkpoint,
-    read_torch_file,
-    safe_dcp_reader,
 )
+from vlm.checkpoint_dcp import safe_dcp_reader
+from vlm.checkpoint_files import one_line, read_torch_file
 
 log = logging.getLogger("vlm.export")
 META = "meta.pt"  # Lightning's metadata file inside a sharded checkpoint

@@ -7,19 +7,23 @@ holds `config.json`, `model.safetensors` (the hub checkpoints' key layout, which
 and 5 and serving engines read) and `tokenizer.json`, so a model trained here can be served by
 any engine that reads those layouts.
 
-Only a model whose architecture *is* the target's can be written: a mismatch (a conv patch stem,
-learned positions where Qwen2-VL has 2D RoPE, an M-RoPE split that differs, …) is an error that
-names the option, never a silently different model.
+Only a model whose architecture *is* the target's can be written. The model's spec
+(`VLM.spec`, `vlm.model.config`) is compared with what the format requires (`REQUIRES`: spec field
+-> value); the first field that differs is an error naming it and both values
+(`format=hf_qwen2vl: model.encoder.pos='learned', the format needs 'rope2d'`), never a silently
+different model.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
 
+from vlm.model.config import DecoderConfig, ModelSpec
 from vlm.model.hf import LLAMA_LAYER, QKV_BIAS, QWEN2VL_BLOCK, QWEN2VL_MERGER, SIGLIP_LAYER, expand
 from vlm.model.vlm import VLM
 from vlm.tokenizer import TextTokenizer
@@ -35,14 +39,66 @@ def _num(x: float):
     return int(x) if float(x).is_integer() else x
 
 
-def _need(ok: bool, what: str, fmt: str) -> None:
-    if not ok:
-        raise ExportError(f"format={fmt}: {what}")
+# What each format requires of the spec: "part.field" (or a model-level field) -> value.
+_COMMON = {"fusion": "interleave", "encoder.patch_embed": "linear", "decoder.qk_norm": False}
+REQUIRES: dict[str, dict[str, Any]] = {
+    "hf_qwen2vl": {
+        **_COMMON,
+        "encoder.pos": "rope2d",
+        "encoder.patch_bias": False,
+        "encoder.cls_token": False,
+        "encoder.pre_norm": False,
+        "encoder.final_norm": False,
+        "encoder.attention": "frame",
+        "encoder.act": "quick_gelu",
+        "encoder.norm_eps": 1e-6,
+        "projector.kind": "merge",
+        "projector.merge_size": 2,
+        "projector.norm_eps": 1e-6,
+        "decoder.rope": "mrope",
+        "decoder.qkv_bias": True,
+    },
+    "hf_llava": {
+        **_COMMON,
+        "encoder.pos": "learned",
+        "encoder.patch_bias": False,
+        "encoder.cls_token": True,
+        "encoder.pre_norm": True,
+        "encoder.final_norm": False,
+        "encoder.temporal_patch": 1,
+        "encoder.act": "quick_gelu",
+        "projector.kind": "mlp",
+        "projector.merge_size": 1,
+        "decoder.rope": "rope",
+        "decoder.qkv_bias": False,
+    },
+}
+# the presets that give each part the format's layout, for the message
+PRESETS = {
+    "hf_qwen2vl": {"encoder": "model/encoder=qwen2vl_vit", "projector": "model/projector=merge", "decoder": "qwen2"},
+    "hf_llava": {"encoder": "model/encoder=clip_vit", "projector": "model/projector=mlp", "decoder": "llama"},
+}
+
+
+def check_spec(spec: ModelSpec, fmt: str) -> None:
+    """ExportError naming the first spec field whose value is not what `fmt` requires."""
+    for key, want in REQUIRES[fmt].items():
+        part, _, name = key.rpartition(".")
+        have = getattr(getattr(spec, part), name) if part else getattr(spec, name)
+        if have != want:
+            hint = f" ({PRESETS[fmt][part]})" if part else ""
+            raise ExportError(f"format={fmt}: model.{key}={have!r}, the format needs {want!r}{hint}")
+    enc, proj = spec.encoder, spec.projector
+    if len(enc.feature_indices) != 1:
+        raise ExportError(f"format={fmt}: model.encoder.feature_layers={enc.feature_layers!r}, the format reads one")
+    default = proj.merged_dim if proj.kind == "merge" else proj.out_dim  # the format's hidden width
+    if proj.hidden not in (None, default):
+        raise ExportError(f"format={fmt}: model.projector.hidden={proj.hidden!r}, the format needs {default}")
 
 
 def _decoder_state(dec, body: str, head: str) -> dict[str, torch.Tensor]:
     table = expand(
-        {**LLAMA_LAYER, **(QKV_BIAS if dec.layers[0].self_attn.q_proj.bias is not None else {})},
+        {**LLAMA_LAYER, **(QKV_BIAS if dec.config.qkv_bias else {})},
         dec.n_layers,
         {"model.embed_tokens.weight": "embed_tokens.weight", "model.norm.weight": "norm.weight"},
     )
@@ -54,56 +110,25 @@ def _decoder_state(dec, body: str, head: str) -> dict[str, torch.Tensor]:
     return out
 
 
-def _text_config(dec, tied: bool) -> dict:
+def _text_config(c: DecoderConfig, tied: bool) -> dict:
     return {
-        "vocab_size": dec.vocab_size,
-        "hidden_size": dec.dim,
-        "intermediate_size": dec.layers[0].mlp.down_proj.in_features,
-        "num_hidden_layers": dec.n_layers,
-        "num_attention_heads": dec.n_heads,
-        "num_key_value_heads": dec.n_kv_heads,
-        "rms_norm_eps": dec.layers[0].input_layernorm.eps,
-        "max_position_embeddings": dec.max_seq_len,
+        "vocab_size": c.vocab_size,
+        "hidden_size": c.dim,
+        "intermediate_size": c.mlp_width,
+        "num_hidden_layers": c.n_layers,
+        "num_attention_heads": c.n_heads,
+        "num_key_value_heads": c.kv_heads,
+        "rms_norm_eps": c.norm_eps,
+        "max_position_embeddings": c.max_seq_len,
         "hidden_act": "silu",
         "tie_word_embeddings": tied,
-        "rope_theta": dec.rope_theta,
+        "rope_theta": c.rope_theta,
     }
 
 
 def qwen2vl_state_and_config(model: VLM, tok: TextTokenizer) -> tuple[dict, dict]:
-    fmt = "hf_qwen2vl"
+    check_spec(model.spec, "hf_qwen2vl")
     enc, proj, dec = model.encoder, model.projector, model.decoder
-    _need(model.fusion == "interleave", "needs fusion=interleave", fmt)
-    _need(
-        enc.pos == "rope2d" and enc.patch_embed.kind == "linear" and enc.patch_embed.proj.bias is None,
-        "needs a linear patch embedding without bias and pos=rope2d (model/encoder=qwen2vl_vit)",
-        fmt,
-    )
-    _need(
-        enc.cls is None and not enc.final_norm and enc.pre_norm is None and enc.attention == "frame",
-        "needs no CLS token, no final norm, no pre-norm and attention=frame",
-        fmt,
-    )
-    _need(
-        len(enc.blocks) == max(enc.feature_layers) + 1 and len(enc.feature_layers) == 1,
-        "needs the last built layer as the only feature layer",
-        fmt,
-    )
-    _need(
-        enc.blocks[0].mlp.act_name == "quick_gelu" and enc.blocks[0].norm1.eps == 1e-6,
-        "needs QuickGELU and LayerNorm eps 1e-6 in the vision blocks",
-        fmt,
-    )
-    _need(
-        proj.kind == "merge" and proj.merge_size == 2,
-        "needs model/projector=merge with merge_size 2 (Qwen2-VL's merger)",
-        fmt,
-    )
-    _need(
-        dec.rope == "mrope" and dec.layers[0].self_attn.q_proj.bias is not None,
-        "needs a Qwen2 decoder (q/k/v biases) with rope=mrope",
-        fmt,
-    )
     D = enc.dim
     sd = {}
     es = enc.state_dict()
@@ -123,7 +148,7 @@ def qwen2vl_state_and_config(model: VLM, tok: TextTokenizer) -> tuple[dict, dict
     tied = dec.lm_head.weight is dec.embed_tokens.weight
     sd.update(_decoder_state(dec, "model.", ""))
     text = {
-        **_text_config(dec, tied),
+        **_text_config(dec.config, tied),
         "model_type": "qwen2_vl_text",
         "rope_scaling": {"type": "mrope", "mrope_section": list(dec.mrope_section)},
     }
@@ -132,8 +157,8 @@ def qwen2vl_state_and_config(model: VLM, tok: TextTokenizer) -> tuple[dict, dict
         "depth": len(enc.blocks),
         "embed_dim": D,
         "hidden_size": dec.dim,
-        "num_heads": enc.blocks[0].attn.n_heads,
-        "mlp_ratio": _num(enc.blocks[0].mlp.fc1.out_features / D),
+        "num_heads": enc.config.n_heads,
+        "mlp_ratio": _num(enc.config.mlp_width / D),
         "patch_size": P,
         "spatial_merge_size": 2,
         "temporal_patch_size": T,
@@ -157,32 +182,8 @@ def qwen2vl_state_and_config(model: VLM, tok: TextTokenizer) -> tuple[dict, dict
 
 
 def llava_state_and_config(model: VLM, tok: TextTokenizer) -> tuple[dict, dict]:
-    fmt = "hf_llava"
+    check_spec(model.spec, "hf_llava")
     enc, proj, dec = model.encoder, model.projector, model.decoder
-    _need(model.fusion == "interleave", "needs fusion=interleave", fmt)
-    _need(
-        enc.cls is not None
-        and enc.pre_norm is not None
-        and not enc.final_norm
-        and enc.pos == "learned"
-        and enc.patch_embed.kind == "linear"
-        and enc.patch_embed.proj.bias is None
-        and enc.temporal_patch == 1,
-        "needs a CLIP-style tower (model/encoder=clip_vit: CLS, pre-norm, no final norm, linear patches without bias)",
-        fmt,
-    )
-    _need(enc.blocks[0].mlp.act_name == "quick_gelu", "needs QuickGELU in the vision blocks (CLIP's)", fmt)
-    _need(len(enc.feature_layers) == 1, "needs one feature layer", fmt)
-    _need(
-        proj.kind == "mlp" and proj.merge_size == 1,
-        "needs model/projector=mlp without merge (LLaVA-1.5's projector)",
-        fmt,
-    )
-    _need(
-        dec.rope == "rope" and dec.layers[0].self_attn.q_proj.bias is None,
-        "needs a Llama decoder (no q/k/v bias, 1D RoPE)",
-        fmt,
-    )
     D, P, C = enc.dim, enc.patch_size, enc.channels
     n = len(enc.blocks)  # the features are the last built layer's: written as the tower's last layer
     es = enc.state_dict()
@@ -206,20 +207,20 @@ def llava_state_and_config(model: VLM, tok: TextTokenizer) -> tuple[dict, dict]:
     vision = {
         "model_type": "clip_vision_model",
         "hidden_size": D,
-        "intermediate_size": enc.blocks[0].mlp.fc1.out_features,
+        "intermediate_size": enc.config.mlp_width,
         "num_hidden_layers": n,
-        "num_attention_heads": enc.blocks[0].attn.n_heads,
+        "num_attention_heads": enc.config.n_heads,
         "image_size": g * P,
         "patch_size": P,
         "num_channels": C,
         "hidden_act": "quick_gelu",
-        "layer_norm_eps": enc.blocks[0].norm1.eps,
+        "layer_norm_eps": enc.config.norm_eps,
     }
     cfg = {
         "architectures": ["LlavaForConditionalGeneration"],
         "model_type": "llava",
         "vision_config": vision,
-        "text_config": {**_text_config(dec, tied), "model_type": "llama"},
+        "text_config": {**_text_config(dec.config, tied), "model_type": "llama"},
         "vision_feature_layer": -1,
         "vision_feature_select_strategy": "default",
         "projector_hidden_act": "gelu",

@@ -22,7 +22,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
-from vlm.build import build_model, self_contained_config, stop_ids
+from vlm.build import build_model, stop_ids
 from vlm.data.sample import format_skips
 from vlm.data.template import IGNORE
 from vlm.evaluate import Evaluator, Scored
@@ -75,9 +75,10 @@ class VLMModule(L.LightningModule):
             log.info("model built on the meta device (parallel.init=rank0): its shards come from rank 0")
         else:
             self.model = build_model(model, self.tokenizer)
-        # pretrained parts (vlm.model.hf) -> their native classes: the checkpoint needs no model folders
-        self.hparams["model"] = self_contained_config(model, self.model)
-        self.freeze_spec = dict(model.get("freeze") or {})
+        # the resolved spec (pretrained parts as their native configs, a grown vocabulary): the
+        # checkpoint rebuilds the model without the original model folders
+        self.hparams["model"] = self.model.spec.to_dict()
+        self.freeze_spec = self.model.freeze.to_dict()
         apply_freeze(self.model, self.freeze_spec)
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.component_lr = dict(component_lr or {})

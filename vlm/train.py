@@ -107,10 +107,11 @@ def check_resume_checkpoint(path) -> None:
     loadable checkpoint before Lightning reads it. A `.ckpt` must pass `torch.load(weights_only=True)`
     (memory-mapped here: the tensors are not read), so a pickled object is refused, never run; a
     sharded (DCP) directory's `meta.pt` likewise, and its `.metadata` pickle must hold only DCP's
-    own classes (`vlm.checkpoint.read_dcp_metadata`: Lightning then unpickles it with plain pickle)."""
+    own classes (`vlm.checkpoint_dcp.read_dcp_metadata`: Lightning then unpickles it with plain pickle)."""
     from pathlib import Path
 
-    from vlm.checkpoint import CheckpointError, read_dcp_metadata, read_torch_file
+    from vlm.checkpoint_dcp import read_dcp_metadata
+    from vlm.checkpoint_files import CheckpointError, read_torch_file
 
     if str(path) in RESUME_KEYWORDS or "://" in str(path) or str(path).startswith("registry:"):
         return  # resolved by Lightning, then read with weights_only=True (`run`)

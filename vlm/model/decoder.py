@@ -12,6 +12,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vlm.model.attention import KVCache, SelfAttention
+from vlm.model.config import DecoderConfig
+from vlm.model.fields import SpecError
 from vlm.model.rope import inv_frequencies, rope_cos_sin
 
 
@@ -71,45 +73,33 @@ class Decoder(nn.Module):
     splits the rotary pairs by `mrope_section` (t, h, w); `None` gives an even split.
     """
 
-    def __init__(
-        self,
-        vocab_size: int,
-        dim: int = 256,
-        n_layers: int = 4,
-        n_heads: int = 4,
-        n_kv_heads: int | None = None,
-        mlp_hidden: int | None = None,
-        rope: str = "rope",
-        rope_theta: float = 10000.0,
-        mrope_section: list[int] | None = None,
-        max_seq_len: int = 2048,
-        norm_eps: float = 1e-6,
-        qkv_bias: bool = False,
-        qk_norm: bool = False,
-        tie_embeddings: bool = True,
-    ):
+    def __init__(self, *args, **kwargs):
+        """The fields of `DecoderConfig` (positionally or by name), or one `DecoderConfig`;
+        `vocab_size` must be set."""
         super().__init__()
-        if rope not in ("rope", "mrope"):
-            raise ValueError(f"decoder.rope must be 'rope' or 'mrope', got {rope!r}")
-        n_kv_heads = n_kv_heads or n_heads
-        mlp_hidden = mlp_hidden or 64 * -(-int(8 * dim / 3) // 64)
-        self.vocab_size, self.dim, self.n_layers = vocab_size, dim, n_layers
-        self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, dim // n_heads
-        self.rope, self.max_seq_len, self.rope_theta = rope, max_seq_len, float(rope_theta)
-        half = self.head_dim // 2
-        if rope == "mrope" and mrope_section is None:
-            mrope_section = [half - 2 * (half // 3), half // 3, half // 3]
-        self.mrope_section = list(mrope_section) if mrope_section is not None else None
-        self.embed_tokens = nn.Embedding(vocab_size, dim)
+        c = args[0] if len(args) == 1 and not kwargs and isinstance(args[0], DecoderConfig) else None
+        self.config = c = c or DecoderConfig(*args, **kwargs)  # validated there
+        if c.vocab_size is None:
+            raise SpecError("model.decoder.vocab_size is not set (null follows the tokenizer: vlm.build)")
+        self.vocab_size, self.dim, self.n_layers = c.vocab_size, c.dim, c.n_layers
+        self.n_heads, self.n_kv_heads, self.head_dim = c.n_heads, c.kv_heads, c.head_dim
+        self.rope, self.max_seq_len, self.rope_theta = c.rope, c.max_seq_len, float(c.rope_theta)
+        self.mrope_section = c.mrope_sections
+        self.embed_tokens = nn.Embedding(c.vocab_size, c.dim)
         self.layers = nn.ModuleList(
-            DecoderBlock(dim, n_heads, n_kv_heads, mlp_hidden, norm_eps, qkv_bias, qk_norm) for _ in range(n_layers)
+            DecoderBlock(c.dim, c.n_heads, c.kv_heads, c.mlp_width, c.norm_eps, c.qkv_bias, c.qk_norm)
+            for _ in range(c.n_layers)
         )
-        self.norm = RMSNorm(dim, norm_eps)
-        self.lm_head = nn.Linear(dim, vocab_size, bias=False)
-        if tie_embeddings:
+        self.norm = RMSNorm(c.dim, c.norm_eps)
+        self.lm_head = nn.Linear(c.dim, c.vocab_size, bias=False)
+        if c.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        self.register_buffer("inv_freq", inv_frequencies(self.head_dim, rope_theta), persistent=False)
+        self.register_buffer("inv_freq", inv_frequencies(c.head_dim, c.rope_theta), persistent=False)
         self.reset_parameters()
+
+    @classmethod
+    def from_config(cls, config: DecoderConfig) -> Decoder:
+        return cls(config)
 
     def reset_parameters(self) -> None:
         std = 0.02
@@ -164,6 +154,7 @@ class Decoder(nn.Module):
             head.weight[: old.shape[0]] = self.lm_head.weight
             head.weight[old.shape[0] :] = self.lm_head.weight.mean(0)
         self.embed_tokens, self.lm_head, self.vocab_size = emb, head, n
+        self.config = self.config.replace(vocab_size=n)  # the stored spec follows
 
     def new_cache(self, batch: int, max_len: int, dtype, device) -> KVCache:
         return KVCache(self.n_layers, batch, self.n_kv_heads, max_len, self.head_dim, dtype, device)

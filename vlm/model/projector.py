@@ -23,8 +23,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-KINDS = ("linear", "mlp", "merge", "pixel_shuffle", "qformer")
-SPATIAL_KINDS = ("linear", "mlp", "merge", "pixel_shuffle")
+from vlm.model.config import PROJECTOR_KINDS as KINDS
+from vlm.model.config import ProjectorConfig
+from vlm.model.fields import SpecError
+
+SPATIAL_KINDS = tuple(k for k in KINDS if k != "qformer")
 
 
 def token_grid(
@@ -145,44 +148,39 @@ class Projector(nn.Module):
     `merge`: m²·in_dim by default). queries / blocks / n_heads / dim: the `qformer`'s.
     """
 
-    def __init__(
-        self,
-        in_dim: int,
-        out_dim: int,
-        kind: str = "mlp",
-        merge_size: int = 1,
-        hidden: int | None = None,
-        queries: int | None = None,
-        blocks: int = 2,
-        n_heads: int = 4,
-        dim: int | None = None,
-        norm_eps: float = 1e-5,
-    ):
+    def __init__(self, *args, **kwargs):
+        """The fields of `ProjectorConfig` (positionally or by name), or one `ProjectorConfig`;
+        `in_dim` and `out_dim` must be set."""
         super().__init__()
-        if kind not in KINDS:
-            raise ValueError(f"projector.kind must be one of {KINDS}, got {kind!r}")
-        if (kind == "qformer") != bool(queries):
-            raise ValueError(f"projector.queries is for kind=qformer only (kind={kind!r}, queries={queries!r})")
-        self.kind, self.merge_size = kind, int(merge_size)
-        self.queries = int(queries) if queries else None
-        m2 = self.merge_size**2
-        d = in_dim * m2
+        c = args[0] if len(args) == 1 and not kwargs and isinstance(args[0], ProjectorConfig) else None
+        self.config = c = c or ProjectorConfig(*args, **kwargs)  # validated there
+        for key in ("in_dim", "out_dim"):
+            if getattr(c, key) is None:
+                raise SpecError(f"model.projector.{key} is not set (ModelSpec fills it from the encoder / decoder)")
+        kind, in_dim, out_dim, m = c.kind, c.in_dim, c.out_dim, c.merge_size
+        self.kind, self.merge_size = kind, m
+        self.queries = c.queries or None
+        d = c.merged_dim
         self.norm: nn.Module = nn.Identity()
         if kind in ("linear", "mlp"):
-            self.norm = nn.LayerNorm(d, eps=norm_eps) if merge_size > 1 else nn.Identity()
+            self.norm = nn.LayerNorm(d, eps=c.norm_eps) if m > 1 else nn.Identity()
             if kind == "linear":
                 self.proj = nn.Linear(d, out_dim)
             else:
-                hidden = hidden or out_dim
+                hidden = c.hidden or out_dim
                 self.proj = nn.Sequential(nn.Linear(d, hidden), nn.GELU(), nn.Linear(hidden, out_dim))
         elif kind == "merge":
-            self.norm = nn.LayerNorm(in_dim, eps=norm_eps)  # per patch, before the concat (Qwen2-VL's ln_q)
-            hidden = hidden or d
+            self.norm = nn.LayerNorm(in_dim, eps=c.norm_eps)  # per patch, before the concat (Qwen2-VL's ln_q)
+            hidden = c.hidden or d
             self.proj = nn.Sequential(nn.Linear(d, hidden), nn.GELU(), nn.Linear(hidden, out_dim))
         elif kind == "pixel_shuffle":
             self.proj = nn.Linear(d, out_dim, bias=False)
         else:
-            self.proj = QFormer(in_dim, out_dim, self.queries, blocks, n_heads, dim)
+            self.proj = QFormer(in_dim, out_dim, self.queries, c.blocks, c.n_heads, c.dim)
+
+    @classmethod
+    def from_config(cls, config: ProjectorConfig) -> Projector:
+        return cls(config)
 
     def token_grid(self, grid_thw) -> tuple[int, int, int]:
         return token_grid(grid_thw, self.merge_size, self.queries)

@@ -25,9 +25,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vlm.model.attention import SelfAttention
+from vlm.model.config import EncoderConfig
 from vlm.model.rope import grid_hw, rope2d_cos_sin, rope2d_inv_frequencies
-
-POSITIONS = ("learned", "rope2d")
 
 
 class PatchEmbed(nn.Module):
@@ -177,76 +176,40 @@ class VisionEncoder(nn.Module):
     feature dimension (`out_dim = k·dim`, as multi-layer LLaVA variants / Cambrian) or `mean`.
     """
 
-    def __init__(
-        self,
-        patch_size: int = 8,
-        dim: int = 128,
-        n_layers: int = 4,
-        n_heads: int = 4,
-        mlp_ratio: float = 4.0,
-        channels: int = 3,
-        pos_grid: int = 8,
-        patch_embed: str = "linear",
-        conv_channels: int = 32,
-        feature_layer: int = -1,
-        temporal_patch: int = 1,
-        pos: str = "learned",
-        rope_theta: float = 10000.0,
-        feature_layers: list[int] | None = None,
-        feature_combine: str = "concat",
-        act: str = "gelu",
-        norm_eps: float = 1e-5,
-        mlp_hidden: int | None = None,
-        cls_token: bool = False,
-        pre_norm: bool = False,
-        final_norm: bool = True,
-        patch_bias: bool = True,
-        attention: str = "item",
-    ):
+    def __init__(self, *args, **kwargs):
+        """The fields of `EncoderConfig` (positionally or by name), or one `EncoderConfig`."""
         super().__init__()
-        layers = [feature_layer] if feature_layers is None else list(feature_layers)
-        if not layers:
-            raise ValueError("encoder.feature_layers is empty")
-        for i in layers:
-            if not -n_layers <= int(i) < n_layers:
-                raise ValueError(f"encoder.feature_layer {i} out of range for {n_layers} layers")
-        if feature_combine not in ("concat", "mean"):
-            raise ValueError(f"encoder.feature_combine must be 'concat' or 'mean', got {feature_combine!r}")
-        if pos not in POSITIONS:
-            raise ValueError(f"encoder.pos must be one of {POSITIONS}, got {pos!r}")
-        if dim % n_heads:
-            raise ValueError(f"encoder.dim {dim} is not divisible by n_heads {n_heads}")
-        self.patch_size, self.dim, self.channels = patch_size, dim, channels
-        self.temporal_patch, self.pos = int(temporal_patch), pos
-        self.feature_layers = sorted({int(i) % n_layers for i in layers})
+        c = args[0] if len(args) == 1 and not kwargs and isinstance(args[0], EncoderConfig) else None
+        self.config = c = c or EncoderConfig(*args, **kwargs)  # validated there
+        self.patch_size, self.dim, self.channels = c.patch_size, c.dim, c.channels
+        self.temporal_patch, self.pos = c.temporal_patch, c.pos
+        self.feature_layers = c.feature_indices
         self.feature_layer = self.feature_layers[-1]
-        self.feature_combine = feature_combine
-        self.patch_embed = PatchEmbed(patch_size, dim, channels, patch_embed, conv_channels, self.temporal_patch)
-        if not patch_bias:
+        self.feature_combine = c.feature_combine
+        self.patch_embed = PatchEmbed(c.patch_size, c.dim, c.channels, c.patch_embed, c.conv_channels, c.temporal_patch)
+        if not c.patch_bias:
             self.patch_embed.proj.bias = None
-        if cls_token and pos != "learned":
-            raise ValueError("encoder.cls_token needs pos=learned")
-        self.cls = nn.Parameter(torch.randn(dim) * 0.02) if cls_token else None
-        self.cls_pos = nn.Parameter(torch.zeros(dim)) if cls_token else None
-        self.pre_norm = nn.LayerNorm(dim, eps=norm_eps) if pre_norm else None
-        self.final_norm = bool(final_norm)
-        if attention not in ("item", "frame"):
-            raise ValueError(f"encoder.attention must be 'item' or 'frame', got {attention!r}")
-        self.attention = attention
-        if pos == "learned":
-            self.pos_embed = nn.Parameter(torch.randn(pos_grid, pos_grid, dim) * 0.02)
+        self.cls = nn.Parameter(torch.randn(c.dim) * 0.02) if c.cls_token else None
+        self.cls_pos = nn.Parameter(torch.zeros(c.dim)) if c.cls_token else None
+        self.pre_norm = nn.LayerNorm(c.dim, eps=c.norm_eps) if c.pre_norm else None
+        self.final_norm = c.final_norm
+        self.attention = c.attention
+        if c.pos == "learned":
+            self.pos_embed = nn.Parameter(torch.randn(c.pos_grid, c.pos_grid, c.dim) * 0.02)
         else:
-            head_dim = dim // n_heads
             # Not a parameter and not saved: derived from the config, like the decoder's.
-            self.register_buffer("rope_inv_freq", rope2d_inv_frequencies(head_dim, rope_theta), persistent=False)
+            self.register_buffer("rope_inv_freq", rope2d_inv_frequencies(c.head_dim, c.rope_theta), persistent=False)
         # Only the blocks up to the feature layer are ever used; don't build dead ones.
         self.blocks = nn.ModuleList(
-            ViTBlock(dim, n_heads, mlp_ratio, act, norm_eps, mlp_hidden) for _ in range(self.feature_layer + 1)
+            ViTBlock(c.dim, c.n_heads, c.mlp_ratio, c.act, c.norm_eps, c.mlp_hidden) for _ in range(c.built_layers)
         )
-        self.norm = nn.LayerNorm(dim, eps=norm_eps) if final_norm else nn.Identity()
-        k = len(self.feature_layers)
-        self.out_dim = dim * k if feature_combine == "concat" else dim
+        self.norm = nn.LayerNorm(c.dim, eps=c.norm_eps) if c.final_norm else nn.Identity()
+        self.out_dim = c.out_dim
         self.reset_parameters()
+
+    @classmethod
+    def from_config(cls, config: EncoderConfig) -> VisionEncoder:
+        return cls(config)
 
     def reset_parameters(self) -> None:
         """Transformer blocks: N(0, 0.02) weights, zero biases, residual-branch outputs scaled down

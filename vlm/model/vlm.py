@@ -17,12 +17,11 @@ import torch
 from torch import Tensor, nn
 
 from vlm.model.attention import KVCache, causal_mask, packed_block_mask
+from vlm.model.config import CrossAttnConfig, FreezeConfig, ModelSpec
 from vlm.model.cross_attention import CrossAttentionFusion, pad_media
 from vlm.model.decoder import Decoder
 from vlm.model.projector import Projector, token_grid
 from vlm.model.vision import VisionEncoder
-
-FUSIONS = ("interleave", "cross_attn")
 
 
 class VisualTokenMismatch(ValueError):
@@ -44,30 +43,49 @@ class VLM(nn.Module):
         media_token_ids: Sequence[int],
         image_attention: str = "causal",
         fusion: str = "interleave",
-        cross_attn: dict | None = None,
+        cross_attn: dict | CrossAttnConfig | None = None,
         packed_attention: str = "sdpa",
+        freeze: dict | FreezeConfig | None = None,
     ):
+        """cross_attn: `CrossAttnConfig` fields (fusion=cross_attn). freeze: `FreezeConfig`
+        fields, recorded in `spec` (`vlm.optim.apply_freeze` applies them)."""
         super().__init__()
-        if image_attention not in ("causal", "bidirectional"):
-            raise ValueError(f"image_attention must be 'causal' or 'bidirectional', got {image_attention!r}")
-        if fusion not in FUSIONS:
-            raise ValueError(f"model.fusion must be one of {FUSIONS}, got {fusion!r}")
+        # validated together, as one spec (vlm.model.config)
+        spec = ModelSpec(
+            encoder.config,
+            projector.config,
+            decoder.config,
+            image_attention=image_attention,
+            fusion=fusion,
+            packed_attention=packed_attention,
+            cross_attn=cross_attn if isinstance(cross_attn, CrossAttnConfig) else CrossAttnConfig(**(cross_attn or {})),
+            freeze=freeze if isinstance(freeze, FreezeConfig) else FreezeConfig(**(freeze or {})),
+        )
         self.encoder, self.projector, self.decoder = encoder, projector, decoder
         self.register_buffer("media_token_ids", torch.tensor(list(media_token_ids)), persistent=False)
-        if packed_attention not in ("sdpa", "flex"):
-            raise ValueError(f"model.packed_attention must be 'sdpa' or 'flex', got {packed_attention!r}")
         self.image_attention, self.fusion, self.packed_attention = image_attention, fusion, packed_attention
+        self.cross_attn_config, self.freeze = spec.cross_attn, spec.freeze
         self.cross_attn: CrossAttentionFusion | None = None
         if fusion == "cross_attn":
-            d = decoder
+            d = decoder.config
+            c = spec.cross_attn
             self.cross_attn = CrossAttentionFusion(
-                d.dim,
-                d.n_heads,
-                d.n_kv_heads,
-                d.layers[0].mlp.down_proj.in_features,
-                d.n_layers,
-                **dict(cross_attn or {}),
+                d.dim, d.n_heads, d.kv_heads, d.mlp_width, d.n_layers, every=c.every, media=c.media, norm_eps=c.norm_eps
             )
+
+    @property
+    def spec(self) -> ModelSpec:
+        """The model's spec, read from its parts (a grown vocabulary included): what checkpoints store."""
+        return ModelSpec(
+            self.encoder.config,
+            self.projector.config,
+            self.decoder.config,
+            image_attention=self.image_attention,
+            fusion=self.fusion,
+            packed_attention=self.packed_attention,
+            cross_attn=self.cross_attn_config,
+            freeze=self.freeze,
+        )
 
     def token_grid(self, grid_thw) -> tuple[int, int, int]:
         """The LLM-side token grid of one media item: what the template lays out in the text."""
