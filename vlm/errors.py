@@ -12,6 +12,7 @@ from vlm.data.sample import SampleError
 from vlm.data.webdataset import DataError
 from vlm.gradient_step import NonFiniteError
 from vlm.model.fields import SpecError
+from vlm.model.hf.folder import PretrainedError
 from vlm.pipeline import PipelineError
 from vlm.serve.engines import ServeConfigError
 
@@ -30,6 +31,7 @@ USER_ERRORS = (
     PipelineError,
     ServeConfigError,
     SpecError,
+    PretrainedError,
 )
 
 
