@@ -116,6 +116,15 @@ class Evaluator:
             "visual_tokens": self.visual_tokens / max(self.n, 1),
         }
 
+    @staticmethod
+    def log_items(res: dict) -> dict[str, float]:
+        """`compute()`'s result as logged values: val/accuracy (the mean over types), val/acc_<type>,
+        val/cer_<type> (partial reading shows here) and val/skipped_<reason>."""
+        out = {"val/accuracy" if k == "mean" else f"val/acc_{k}": v for k, v in res["metrics"].items()}
+        out.update({f"val/cer_{k}": v for k, v in res["cer"].items()})
+        out.update({f"val/skipped_{r}": float(c) for r, c in res["skipped"].items()})
+        return out
+
     def table(self, res: dict | None = None) -> str:
         """A Markdown table: samples, exact match and CER per question type, and the mean."""
         res = res or self.compute()

@@ -29,7 +29,7 @@ from vlm.evaluate import Evaluator, Scored
 from vlm.gradient_step import GradientStep, batch_stats
 from vlm.model.vlm import VLM
 from vlm.optim import apply_freeze, build_optimizer, frozen_parts
-from vlm.resume import gather_ranks, my_rank, rng_state, set_rng_state
+from vlm.resume import gather_ranks, legacy_data_state, my_rank, rng_state, set_rng_state
 from vlm.tokenizer import TextTokenizer
 
 log = logging.getLogger("vlm.module")
@@ -51,10 +51,8 @@ class VLMModule(L.LightningModule):
         numerics: dict | None = None,
         meta_init: bool = False,
     ):
-        """meta_init: build the model on the meta device (no weights read or allocated) and take
-        rank 0's in `configure_model` — set by `vlm.train` on ranks other than 0 under a sharded
-        strategy with `parallel.init=rank0`; rank 0 passes False and keeps its full weights until
-        they are broadcast."""
+        """meta_init: build on the meta device and take rank 0's weights in `configure_model` (ranks
+        other than 0 under a sharded strategy with `parallel.init=rank0`, set by `vlm.train`)."""
         super().__init__()
         # Only plain, rebuildable data goes into the checkpoint (loadable with weights_only=True).
         self.save_hyperparameters(
@@ -127,11 +125,6 @@ class VLMModule(L.LightningModule):
             return hidden.sum() * 0.0, 0
         logits = self.model.logits(hidden[:, :-1][sel]).float()
         return F.cross_entropy(logits, targets[sel], reduction="sum"), n
-
-    def loss(self, batch: dict) -> tuple[torch.Tensor, int]:
-        """Mean token cross-entropy of one batch `[]` and its number of label tokens."""
-        total, n = self.loss_sum(batch)
-        return total / max(n, 1), n
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss_sum, n_label = self.loss_sum(batch)
@@ -216,12 +209,8 @@ class VLMModule(L.LightningModule):
                 mine.get("gradient_step") or {"skipped_steps": mine.get("skipped_steps", 0)}
             )
         dm = self.trainer.datamodule
-        if dm is not None and type(dm).__qualname__ not in checkpoint:
-            # Written before the datamodule saved its own state: the positions are each rank's
-            # `data` here (Lightning calls `load_state_dict` only when the datamodule's entry exists).
-            dm.load_state_dict(
-                {"step": step, "world_size": res["world_size"], "ranks": [r.get("data") for r in res["ranks"]]}
-            )
+        if dm is not None and type(dm).__qualname__ not in checkpoint:  # written before the datamodule had state
+            dm.load_state_dict(legacy_data_state(res, step))
 
     def on_train_start(self) -> None:
         # After the train DataLoader has started (its start draws from the RNG in both runs).
@@ -254,12 +243,7 @@ class VLMModule(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         self.val_model = None
         res = self.evaluator.compute()
-        for k, v in res["metrics"].items():
-            name = "val/accuracy" if k == "mean" else f"val/acc_{k}"
-            self.log(name, v, prog_bar=k == "mean", sync_dist=False)
-        for k, v in res["cer"].items():  # character error rate: partial reading shows here
-            self.log(f"val/cer_{k}", v, sync_dist=False)
-        for reason, c in res["skipped"].items():
-            self.log(f"val/skipped_{reason}", float(c), sync_dist=False)
+        for name, v in self.evaluator.log_items(res).items():
+            self.log(name, v, prog_bar=name == "val/accuracy", sync_dist=False)
         if res["skipped"] and not self.trainer.sanity_checking:
             print(format_skips(res["skipped"], "validation"))

@@ -54,3 +54,10 @@ def set_rng_state(state: dict) -> None:
     random.setstate((py[0], tuple(py[1]), py[2]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def legacy_data_state(res: dict, step: int) -> dict:
+    """The datamodule state of a checkpoint written before the datamodule saved its own: each
+    rank's data position was its `data` entry in `vlm_resume` (Lightning calls the datamodule's
+    `load_state_dict` only when the datamodule's own entry exists)."""
+    return {"step": step, "world_size": res["world_size"], "ranks": [r.get("data") for r in res["ranks"]]}
