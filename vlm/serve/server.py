@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException
 
 from vlm.serve.api import Delta, Finished, Overloaded, RequestError
@@ -137,6 +138,9 @@ def create_app(engine, options: ServerOptions | None = None) -> FastAPI:
                     _stream(request, pump, rid, created, parsed.include_usage),
                     media_type="text/event-stream",
                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+                    # runs however the response ends, also when the client left before the stream
+                    # started (the generator's own `finally` never runs then); a no-op once finished
+                    background=BackgroundTask(handle.cancel),
                 )
             while True:
                 item = await pump.next(request, opts.poll_s)
