@@ -95,9 +95,13 @@ class DecodeCache:
         self.n = int(lengths.shape[0])
         self.rows = torch.arange(self.n, device=lengths.device)
         self.length = int(lengths.max())
+        self.uniform = bool((lengths == self.length).all())  # every row at the same position
 
-    def key_valid(self) -> Tensor:
-        """`[n, S]` bool: row b's keys `[0, lengths[b]]` (its new token included)."""
+    def key_valid(self) -> Tensor | None:
+        """`[n, S]` bool: row b's keys `[0, lengths[b]]` (its new token included); None when every
+        row has the same length (nothing to mask: attention without a mask is exact and faster)."""
+        if self.uniform:
+            return None
         S = self.length + 1
         return torch.arange(S, device=self.lengths.device)[None, :] <= self.lengths[:, None]
 
@@ -105,6 +109,10 @@ class DecodeCache:
         """k, v `[n, H_kv, 1, Dh]` -> views `[n, H_kv, S, Dh]` of the decoding slots."""
         S = self.length + 1
         kl, vl = self.slots.k[layer], self.slots.v[layer]
-        kl[self.rows, :, self.lengths] = k[:, :, 0]
-        vl[self.rows, :, self.lengths] = v[:, :, 0]
+        if self.uniform:  # a slice store: cheaper than the indexed one
+            kl[: self.n, :, self.length] = k[:, :, 0]
+            vl[: self.n, :, self.length] = v[:, :, 0]
+        else:
+            kl[self.rows, :, self.lengths] = k[:, :, 0]
+            vl[self.rows, :, self.lengths] = v[:, :, 0]
         return kl[: self.n, :, :S], vl[: self.n, :, :S]
