@@ -6,6 +6,8 @@ order, and the same command resumes it after an interruption (vlm/pipeline.py)."
 import hydra
 from omegaconf import DictConfig
 
+import vlm  # noqa: F401 - registers the config resolvers (`${vlm.cpu_precision:}`)
+
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:

@@ -4,23 +4,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
+from vlm.precision import fast_bf16_cpu
 from vlm.serve.api import RequestError, SamplingParams
 
 
 def default_dtype(device: str = "cpu") -> str:
-    """bf16 on CUDA and on CPUs with AVX-512 whose bf16 matmul works; fp32 elsewhere (AVX2 CPUs
-    emulate bf16 matmuls, slower than fp32)."""
+    """bf16 on CUDA and on CPUs with native bf16 matmuls (`vlm.precision.fast_bf16_cpu`); fp32
+    elsewhere (other CPUs emulate bf16 matmuls, far slower than fp32)."""
     if str(device).startswith("cuda"):
         return "bf16"
-    if "AVX512" not in torch.backends.cpu.get_cpu_capability():
-        return "fp32"
-    try:
-        a = torch.ones(4, 4, dtype=torch.bfloat16)
-        return "bf16" if bool(((a @ a) == 4).all()) else "fp32"
-    except RuntimeError:
-        return "fp32"
+    return "bf16" if fast_bf16_cpu() else "fp32"
 
 
 @dataclass
