@@ -58,9 +58,18 @@ class SynthConfig:
     video_min_shift: float = 0.3  # total displacement, fraction of the canvas side
     video_fps: float = 2.0
     video_format: str = "mp4"
+    # What draws the held-out split: "pil" (render.py, as the train split) or "raster" (the
+    # independent rasteriser of render_raster.py). Left out of to_dict() while "pil", like the v2
+    # options, so existing datasets keep their recorded options.
+    heldout_renderer: str = "pil"
 
     def __post_init__(self) -> None:
         self.families = _normalize_families(self.families)
+        if self.heldout_renderer not in HELDOUT_RENDERERS:
+            raise ValueError(
+                f"heldout_renderer must be one of {HELDOUT_RENDERERS}, got {self.heldout_renderer!r} "
+                "(pil: render.py, as the train split; raster: render_raster.py)"
+            )
         if "ocr_wide" in self.families:
             if not 1 <= self.ocr_wide_min_len <= self.ocr_wide_max_len:
                 raise ValueError(
@@ -135,7 +144,7 @@ class SynthConfig:
 
     def to_dict(self) -> dict[str, Any]:
         d = json.loads(json.dumps(dataclasses.asdict(self)))
-        for k, default in _v2_defaults().items():  # v2 options only when they differ (v1 records unchanged)
+        for k, default in _v2_defaults().items():  # v2 and later options only when they differ (v1 records unchanged)
             if d[k] == default:
                 del d[k]
         return d
@@ -161,7 +170,11 @@ _V2_FIELDS = (
     "video_min_shift",
     "video_fps",
     "video_format",
+    "heldout_renderer",  # not v2, but recorded the same way: only when it is not the default
 )
+
+#: ``SynthConfig.heldout_renderer`` values: ``render.py`` (PIL ``ImageDraw``) or ``render_raster.py``.
+HELDOUT_RENDERERS = ("pil", "raster")
 
 
 @functools.cache

@@ -69,8 +69,9 @@ def ensure_synthvqa(
 ) -> Path:
     """Make synthvqa v1 under ``root`` unless ``root/dataset.json`` already records these options.
 
-    Writes ``root/train/`` (``cfg`` as given), ``root/heldout/`` (``cfg`` with one turn and uniform
-    qtype weights, seeded by ``heldout_seed``), ``root/tokenizer.json`` (BPE trained on the train
+    Writes ``root/train/`` (``cfg`` as given, drawn by ``render.py``), ``root/heldout/`` (``cfg`` with
+    one turn and uniform qtype weights, seeded by ``heldout_seed``, drawn by the renderer
+    ``cfg.heldout_renderer`` names), ``root/tokenizer.json`` (BPE trained on the train
     split's texts plus every word the generator can produce) and, last, ``root/dataset.json``.
     Interrupted runs resume (``root/options.json`` marks which options the partial files belong
     to; files from other options are removed first). Returns ``root``.
@@ -96,14 +97,19 @@ def ensure_synthvqa(
 
     t0 = time.perf_counter()
     heldout_cfg = dataclasses.replace(cfg, turns=1, qtype_weights=None)
-    plan = {"train": (train_samples, seed, cfg), "heldout": (heldout_samples, heldout_seed, heldout_cfg)}
+    plan = {
+        "train": (train_samples, seed, cfg, "pil"),
+        "heldout": (heldout_samples, heldout_seed, heldout_cfg, cfg.heldout_renderer),
+    }
     splits: dict[str, dict] = {}
     texts: list[str] = []
-    for split, (n, s, c) in plan.items():
+    for split, (n, s, c, renderer) in plan.items():
         print(
-            f"[{NAME}] writing {split}: {n} samples, canvas {c.canvas}, turns {c.turns} -> {root / split}", flush=True
+            f"[{NAME}] writing {split}: {n} samples, canvas {c.canvas}, turns {c.turns}, renderer {renderer} "
+            f"-> {root / split}",
+            flush=True,
         )
-        paths = write_split(root, split, n, s, c, shard_size=shard_size, workers=workers)
+        paths = write_split(root, split, n, s, c, shard_size=shard_size, workers=workers, renderer=renderer)
         stats = [scan_shard(p) for p in paths]
         if split == "train":
             texts = [t for st in stats for t in st["texts"]]

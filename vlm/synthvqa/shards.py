@@ -14,6 +14,7 @@ import math
 import multiprocessing
 import os
 import random
+import sys
 import tarfile
 import time
 from collections import Counter
@@ -23,7 +24,7 @@ from pathlib import Path
 from PIL import Image
 
 from vlm.synthvqa.config import SynthConfig
-from vlm.synthvqa.samples import make_sample, sample_texts
+from vlm.synthvqa.samples import get_renderer, make_sample, sample_texts
 from vlm.synthvqa.spec import NAME, VERSION, VIDEO_FORMATS
 
 
@@ -57,17 +58,27 @@ def _v2_members(key: str, doc: dict, media: list, cfg: SynthConfig) -> dict:
     return sample
 
 
+def _init_worker() -> None:
+    """Start of a pool worker: torch (when the parent had imported it, e.g. for the rasteriser)
+    gets one intra-op thread. A forked child cannot use the OpenMP thread pool its parent started
+    (it hangs), and the rasteriser's tensors are too small to gain from threads anyway."""
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.set_num_threads(1)
+
+
 def _write_shard(task: tuple) -> str:
     """Write one shard (a pool task). Writes ``*.tar.tmp`` then renames: a complete ``.tar`` is
     never partial. Returns the path."""
-    path, split, index, count, seed, cfg = task
+    path, split, index, count, seed, cfg, renderer_name = task
     from webdataset import TarWriter
 
     tmp = path + ".tmp"
     rng = shard_rng(seed, split, index)
+    renderer = get_renderer(renderer_name)
     with open(tmp, "wb") as f, TarWriter(f, encoder=False, mtime=0, user=NAME, group=NAME, mode=0o444) as sink:
         for i in range(count):
-            s = make_sample(rng, cfg)
+            s = make_sample(rng, cfg, renderer)
             doc = {"messages": s["messages"], "meta": s["meta"]}
             if "media" in s:  # v2 samples: any number of images / videos
                 sink.write(_v2_members(f"{split}-{index:06d}-{i:06d}", doc, s["media"], cfg))
@@ -91,10 +102,13 @@ def write_split(
     cfg: SynthConfig | Mapping | None = None,
     shard_size: int = 5000,
     workers: int = 1,
+    renderer: str = "pil",
 ) -> list[str]:
     """Write ``out_dir/split/synthvqa-{split}-%06d.tar`` (``ceil(n_samples / shard_size)`` shards,
     one pool task each) and return their paths in order. Shards that already exist are kept
-    (they were renamed into place only once complete), so an interrupted run resumes."""
+    (they were renamed into place only once complete), so an interrupted run resumes.
+    ``renderer`` names what draws the images (``samples.get_renderer``: ``"pil"`` or ``"raster"``)."""
+    get_renderer(renderer)  # an unknown name fails here, not in a worker
     if "." in split or "/" in split:
         raise ValueError(f"split name must not contain '.' or '/': {split!r}")
     if shard_size < 1 or n_samples < 0:
@@ -114,7 +128,7 @@ def write_split(
     n_shards = math.ceil(n_samples / shard_size)
     paths = [str(d / shard_name(split, i)) for i in range(n_shards)]
     tasks = [
-        (paths[i], split, i, min(shard_size, n_samples - i * shard_size), seed, cfg)
+        (paths[i], split, i, min(shard_size, n_samples - i * shard_size), seed, cfg, renderer)
         for i in range(n_shards)
         if not os.path.exists(paths[i])
     ]
@@ -127,9 +141,10 @@ def write_split(
         pool = None
     else:
         # fork, not spawn: spawn re-runs the caller's main script in every worker, which loops
-        # forever when that script (unguarded) is what asked for the data. Workers only use PIL.
+        # forever when that script (unguarded) is what asked for the data. Workers use PIL (and
+        # torch for the rasteriser: _init_worker).
         ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
-        pool = ctx.Pool(min(workers, len(tasks)))
+        pool = ctx.Pool(min(workers, len(tasks)), initializer=_init_worker)
         results = pool.imap_unordered(_write_shard, tasks)
     try:
         for _ in results:
