@@ -39,6 +39,7 @@ TINY = [
     "scheduler.warmup_steps=2",
     "val_max_new_tokens=6",
     "trainer.precision=32-true",
+    "pipeline=none",  # one plain training run, not the default recipe's stages
 ]
 
 

@@ -355,10 +355,10 @@ def test_hostile_targets_through_export_folders(export, targets, tmp_path, monke
 
 def test_hostile_targets_through_ckpt_export_cli_and_init_from(ckpt, targets, tmp_path, tok, monkeypatch, capsys):
     """The same through a pickle-free `.ckpt`'s hyper_parameters: `load_checkpoint`,
-    `python -m vlm.export` (its `main`) and `init_from` (`vlm.train._init_weights`)."""
+    `python -m vlm.export` (its `main`) and `init_from` (`vlm.train.init_weights`)."""
     from vlm.export import main as export_main
     from vlm.module import VLMModule
-    from vlm.train import _init_weights
+    from vlm.train import init_weights
 
     called = []
     monkeypatch.setattr(vlm.build, "sentinel", lambda *a, **k: called.append(a), raising=False)
@@ -382,9 +382,9 @@ def test_hostile_targets_through_ckpt_export_cli_and_init_from(ckpt, targets, tm
         assert export_main([f"ckpt={path}", f"out={tmp_path / 'out'}"]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and "\n" not in err and key in err, err
-        refused(path, key, loader=lambda p: _init_weights(module, str(p)))
+        refused(path, key, loader=lambda p: init_weights(module, str(p)))
     assert not pwned.exists() and not called and not (tmp_path / "out").exists()
-    _init_weights(module, str(ckpt))  # the good one initialises
+    init_weights(module, str(ckpt))  # the good one initialises
     for k, v in good["state_dict"].items():
         assert torch.equal(module.model.state_dict()[k.removeprefix("model.")], v)
 

@@ -66,9 +66,9 @@ def test_stages_freeze_and_init_from(tmp_path, synth_dir):
     dm = build_datamodule(cfg2)
     dm.setup("fit")
     module = bm(cfg2, dm)
-    from vlm.train import _init_weights
+    from vlm.train import init_weights
 
-    _init_weights(module, cfg2.init_from)
+    init_weights(module, cfg2.init_from)
     for k, v in module.model.state_dict().items():
         assert torch.equal(v, init[k]), k
     trainable = {n.split(".", 1)[0] for n, p in module.model.named_parameters() if p.requires_grad}
@@ -98,7 +98,7 @@ def test_init_from_another_tokenizer_copies_rows_by_token(tmp_path, synth_dir):
     """A stage whose data folder trained another tokenizer: every token both vocabularies hold keeps
     its stage-1 embedding row under its new id, new tokens keep their fresh rows, the rest is stage 1's."""
     from vlm.datamodule import build_datamodule
-    from vlm.train import _init_weights, build_module
+    from vlm.train import init_weights, build_module
 
     s1 = tmp_path / "s1"
     _train([], s1, synth_dir)
@@ -119,7 +119,7 @@ def test_init_from_another_tokenizer_copies_rows_by_token(tmp_path, synth_dir):
     dm.setup("fit")
     module = build_module(cfg2, dm)
     fresh = module.model.decoder.embed_tokens.weight.detach().clone()
-    _init_weights(module, cfg2.init_from)
+    init_weights(module, cfg2.init_from)
     stage1 = load_checkpoint(s1 / "export")
     old = stage1.tokenizer.tok.get_vocab(with_added_tokens=True)
     new = module.tokenizer.tok.get_vocab(with_added_tokens=True)

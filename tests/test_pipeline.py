@@ -30,7 +30,7 @@ RECIPE = [
 
 def _command(data_dir: Path, run_dir: Path, extra: list[str] = ()) -> list[str]:
     shards = data_dir / "synthvqa" / "train"
-    tiny = [o for o in TINY if not o.startswith("trainer.max_steps")]
+    tiny = [o for o in TINY if not o.startswith(("trainer.max_steps", "pipeline="))]
     return [
         sys.executable,
         str(ROOT / "train.py"),
@@ -100,7 +100,7 @@ def _pipeline_cfg(overrides: list[str], data_dir: Path, run_dir: Path):
     return [
         f"paths.data_dir={data_dir}",
         f"pipeline.dir={run_dir}",
-        *[o for o in TINY if not o.startswith("trainer.max_steps")],
+        *[o for o in TINY if not o.startswith(("trainer.max_steps", "pipeline="))],
         *RECIPE,
         f"recipe.align_shards={shards}",
         f"recipe.finetune_shards={shards}",
@@ -135,3 +135,32 @@ def test_pipeline_refuses_what_it_cannot_run(synth_dir, tmp_path):
         cfg.pipeline.stages = [{"name": "x"}, {"name": "x"}]
         with pytest.raises(PipelineError, match="stage names repeat"):
             run_pipeline(cfg, [])
+
+
+def test_the_default_command_is_the_warmup_then_train_recipe(synth_dir, tmp_path):
+    """`python train.py` (here with a tiny model) runs two stages in the run folder: the tower warms
+    up alone, then the VLM trains from that tower; its encoder starts where the warm-up ended."""
+    import torch
+
+    run_dir = tmp_path / "run"
+    tiny = [o for o in TINY if not o.startswith("pipeline=")]
+    cmd = [sys.executable, str(ROOT / "train.py"), f"paths.data_dir={synth_dir}", f"hydra.run.dir={run_dir}"]
+    cmd += [
+        *tiny,
+        "logger=none",
+        "recipe.warmup_steps=2",
+        "tower_warmup.batch_size=4",
+        "trainer.val_check_interval=100",
+    ]
+    r = _run(cmd, tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "stage 1/2: warmup (tower_warmup)" in r.stdout and "stage 2/2: train (train)" in r.stdout
+    assert f"init_from: {run_dir / '01-warmup' / 'export'}" in (run_dir / "02-train" / "config.yaml").read_text()
+    warm, trained = _weights(run_dir / "01-warmup" / "export"), _weights(run_dir / "02-train" / "export")
+    key = next(k for k in warm if k.startswith("encoder."))
+    assert warm.keys() == trained.keys() and not torch.equal(warm[key], trained[key])
+    # a plain training run still exists: one stage, no run-folder layout
+    plain = tmp_path / "plain"
+    r = _run([*cmd[:3], f"hydra.run.dir={plain}", *tiny, "logger=none", "pipeline=none"], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (plain / "export" / "model.safetensors").is_file() and not (plain / "01-warmup").exists()

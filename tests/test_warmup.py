@@ -108,29 +108,35 @@ def test_a_string_too_long_for_the_canvas_is_refused_by_name():
         warm_up_tower(enc, proc, {"steps": 1, "canvas": 32, "max_len": 6})
 
 
-def test_train_runs_the_warm_up_first_and_refuses_a_frozen_tower(tmp_path, synth_dir, caplog):
-    from vlm.train import run
+def test_the_warmup_stage_trains_the_tower_alone_and_exports_the_whole_model(tmp_path, synth_dir):
+    """`objective: tower_warmup`: the encoder's weights change, the decoder's do not, and the
+    export is a model the next stage can start from; a frozen tower and a plain training run
+    with `tower_warmup.steps` are refused by name."""
+    from safetensors.torch import load_file
 
-    cfg = compose_train(
-        [
-            "logger=none",
-            "tower_warmup.steps=4",
-            "tower_warmup.batch_size=4",
-            "trainer.max_steps=2",
-            "trainer.limit_val_batches=0",
-            "callbacks.model_checkpoint.monitor=null",
-        ],
-        tmp_path,
-        synth_dir,
-    )
-    with caplog.at_level("INFO", logger="vlm.train"):
-        run(cfg)
-    assert any("tower warm-up: 4 steps" in r.getMessage() for r in caplog.records)
-    frozen = compose_train(
-        ["logger=none", "tower_warmup.steps=4", "model.freeze.encoder=true"], tmp_path / "f", synth_dir
-    )
+    from vlm.train import build_module, run
+    from vlm.warmup_stage import run_warmup_stage
+
+    overrides = ["logger=none", "tower_warmup.steps=4", "tower_warmup.batch_size=4", "tower_warmup.task=shapes"]
+    cfg = compose_train(overrides, tmp_path, synth_dir)
+    metrics = run_warmup_stage(cfg)
+    assert metrics["tower_warmup/steps"] == 4.0 and 0.0 <= metrics["tower_warmup/accuracy_shapes"] <= 1.0
+    warm = load_file(str(tmp_path / "export" / "model.safetensors"))
+    import lightning as L
+
+    from vlm.datamodule import build_datamodule
+    from vlm.spec import Geometry
+
+    L.seed_everything(cfg.seed, workers=True)
+    dm = build_datamodule(cfg, Geometry.from_model_config(cfg.model))
+    dm.setup("fit")
+    fresh = build_module(cfg, dm).model.state_dict()  # the same seed: the weights before the warm-up
+    changed = {k.split(".")[0] for k in warm if not torch.equal(warm[k], fresh[k])}
+    assert changed == {"encoder"}, changed
     with pytest.raises(ValueError, match="frozen"):
-        run(frozen)
+        run_warmup_stage(compose_train([*overrides, "model.freeze.encoder=true"], tmp_path / "f", synth_dir))
+    with pytest.raises(ValueError, match="recipe stage"):
+        run(compose_train(overrides, tmp_path / "r", synth_dir))
 
 
 @pytest.mark.parametrize("resolution,wide", [("fixed", 0.0), ("dynamic", 0.0), ("dynamic", 1.0)])

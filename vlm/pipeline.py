@@ -195,9 +195,9 @@ def run_pipeline(cfg: DictConfig, cli_overrides: list[str]) -> dict[str, Any]:
 
 def run_stage(cfg: DictConfig, stage: Stage) -> dict[str, Any]:
     if stage.objective == "tower_warmup":
-        from vlm.train import warm_up_only
+        from vlm.warmup_stage import run_warmup_stage
 
-        return warm_up_only(cfg)
+        return run_warmup_stage(cfg)
     from vlm.train import run
 
     return run(cfg)

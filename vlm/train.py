@@ -60,7 +60,7 @@ def _token_rows(src: dict[str, int], dst: dict[str, int]) -> tuple[list[int], li
     return [d for d, _ in pairs], [s for _, s in pairs]
 
 
-def _init_weights(module: VLMModule, path: str) -> None:
+def init_weights(module: VLMModule, path: str) -> None:
     """`init_from=PATH`: this model's weights from a .ckpt or export folder (a previous stage),
     with a fresh optimizer and schedule. Every key must fit; a mismatch names the keys.
 
@@ -131,47 +131,15 @@ def check_resume_checkpoint(path) -> None:
             raise CheckpointError(f"ckpt_path={p}: not a Lightning checkpoint (no state_dict)")
 
 
-def _warm_up_tower(module: VLMModule, datamodule, warm: dict, precision: str) -> dict:
-    """`tower_warmup.steps=N`: train the encoder alone on character naming first (vlm/warmup.py)."""
-    from vlm.warmup import WarmupConfig, warm_up_tower, with_data_strips
-
-    wcfg = WarmupConfig(**with_data_strips(warm, getattr(datamodule, "synthetic", None)))
-    if module.freeze_spec.get("encoder"):
-        raise ValueError(
-            "tower_warmup.steps > 0 trains the encoder, but it is frozen (model.freeze.encoder=true); "
-            "set tower_warmup.steps=0"
-        )
-    res = warm_up_tower(module.model.encoder, datamodule.media_processor, wcfg, precision)
-    log.info(
-        "tower warm-up: %d steps in %.0f s, character accuracy %.2f", res["steps"], res["seconds"], res["accuracy"]
-    )
-    return res
-
-
-def warm_up_only(cfg: DictConfig) -> dict[str, float]:
-    """A pipeline stage with `objective: tower_warmup`: build the model (from `init_from` if given),
-    train its encoder alone (`tower_warmup.*`), and export the whole model to
-    `paths.output_dir/export` for the next stage. Returns the warm-up's metrics."""
-    from vlm.checkpoint import export_folder
-
-    L.seed_everything(cfg.seed, workers=True)
-    if cfg.get("threads"):
-        torch.set_num_threads(int(cfg.threads))
-    datamodule = build_datamodule(cfg, Geometry.from_model_config(cfg.model))
-    datamodule.setup("fit")
-    module = build_module(cfg, datamodule)
-    if cfg.get("init_from"):
-        _init_weights(module, cfg.init_from)
-    warm = OmegaConf.to_container(cfg.tower_warmup, resolve=True) if cfg.get("tower_warmup") else {}
-    if not warm.get("steps"):
-        raise ValueError("a tower_warmup stage needs tower_warmup.steps > 0 in its overrides")
-    res = _warm_up_tower(module, datamodule, warm, str(cfg.trainer.get("precision") or "32-true"))
-    export_folder(module.model, module.tokenizer, dict(module.hparams), os.path.join(cfg.paths.output_dir, "export"))
-    return {"tower_warmup/accuracy": float(res["accuracy"]), "tower_warmup/steps": float(res["steps"])}
-
-
 def run(cfg: DictConfig) -> dict[str, float]:
     """Train. Returns the final logged metrics (floats)."""
+    if (cfg.get("tower_warmup") or {}).get("steps"):
+        from vlm.pipeline import PipelineError
+
+        raise PipelineError(
+            "tower_warmup.steps trains the tower alone, which is a recipe stage (objective: tower_warmup), "
+            "not part of one training run: python train.py experiment=default recipe.warmup_steps=N (docs/recipes.md)"
+        )
     ckpt_path = cfg.get("ckpt_path")
     if ckpt_path:  # one clear line for a file that is not a checkpoint, before any work
         check_resume_checkpoint(ckpt_path)
@@ -197,10 +165,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     )
     module = build_module(cfg, datamodule, meta_init=meta_init)
     if cfg.get("init_from") and not meta_init:  # rank 0's weights reach the others by broadcast
-        _init_weights(module, cfg.init_from)
-    warm = OmegaConf.to_container(cfg.tower_warmup, resolve=True) if cfg.get("tower_warmup") else {}
-    if warm.get("steps") and not meta_init:  # (FSDP: rank 0 warms up, the others get its tower by broadcast)
-        _warm_up_tower(module, datamodule, warm, str(trainer.precision))
+        init_weights(module, cfg.init_from)
     if logger:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     n_params = sum(p.numel() for p in module.parameters())
