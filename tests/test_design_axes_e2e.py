@@ -98,7 +98,7 @@ def test_init_from_another_tokenizer_copies_rows_by_token(tmp_path, synth_dir):
     """A stage whose data folder trained another tokenizer: every token both vocabularies hold keeps
     its stage-1 embedding row under its new id, new tokens keep their fresh rows, the rest is stage 1's."""
     from vlm.datamodule import build_datamodule
-    from vlm.train import init_weights, build_module
+    from vlm.train import build_module, init_weights
 
     s1 = tmp_path / "s1"
     _train([], s1, synth_dir)
