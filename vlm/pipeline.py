@@ -139,6 +139,8 @@ def stage_config(base_overrides: list[str], stage: Stage, folder: Path, init_fro
     from hydra import compose
 
     overrides = [*base_overrides, *stage.overrides, f"paths.output_dir={folder}"]
+    if stage.objective == "train":  # tower_warmup.* belong to warm-up stages (a training run refuses them)
+        overrides.append("tower_warmup.steps=0")
     if init_from is not None:
         overrides.append(f"init_from={init_from}")
     last = resume_point(folder / "checkpoints") if stage.objective == "train" else None

@@ -1,8 +1,9 @@
-"""Tower warm-up: teach a from-scratch vision encoder to read before the VLM stage.
+"""Tower warm-up: teach a from-scratch vision encoder to see before the VLM stage.
 
-`python train.py tower_warmup.steps=1000` first trains `model.encoder` alone on a supervised task
-whose labels are free, through a linear head that is thrown away afterwards. Then the usual
-training starts from that tower. Two tasks:
+A recipe stage with `objective: tower_warmup` (vlm/warmup_stage.py; the default `python train.py`
+has one) trains `model.encoder` alone on a supervised task whose labels are free, through a
+linear head that is thrown away afterwards; the next stage starts from that tower. Tasks (several
+take turns, one batch each: `glyphs+shapes`):
 
 - `glyphs` (default): synthvqa OCR strings of 1..`max_len` characters (and, with `wide > 0`,
   synthvqa v2 `ocr_wide` strips). Every visual token predicts, for the left and the right half of
@@ -10,6 +11,8 @@ training starts from that tower. Two tasks:
   string, and the character that follows it (or END). The last two make reading in order a
   one-hop lookup for the decoder: find the glyph that matches the character just written, copy
   its "next" (see docs/recipe.md).
+- `shapes`: synthvqa shapes scenes; every visual token names the (shape, colour) whose centre
+  lies in it, or none.
 - `char`: name the one character drawn anywhere on the canvas (max-pool over tokens + linear).
 
 Why: a from-scratch tower does not learn glyphs through the language-model loss within a CPU
