@@ -274,6 +274,7 @@ def test_train_cli_on_shards_that_yield_nothing_stops_with_one_line(synth_dir, t
             f"hydra.run.dir={tmp_path / 'h'}",
             f"paths.output_dir={tmp_path / 'o'}",
             "logger=none",
+            "pipeline=none",
             "model.encoder.dim=32",
             "model.encoder.n_layers=1",
             "model.encoder.n_heads=2",
