@@ -137,6 +137,10 @@ def test_the_warmup_stage_trains_the_tower_alone_and_exports_the_whole_model(tmp
         run_warmup_stage(compose_train([*overrides, "model.freeze.encoder=true"], tmp_path / "f", synth_dir))
     with pytest.raises(ValueError, match="recipe stage"):
         run(compose_train(overrides, tmp_path / "r", synth_dir))
+    from vlm.pipeline import PipelineError  # a user error: one line from train.py, no traceback
+
+    with pytest.raises(PipelineError, match="tower_warmup.task must be one of"):
+        run_warmup_stage(compose_train([*overrides, "tower_warmup.task=ctc"], tmp_path / "t", synth_dir))
 
 
 @pytest.mark.parametrize("resolution,wide", [("fixed", 0.0), ("dynamic", 0.0), ("dynamic", 1.0)])

@@ -47,7 +47,10 @@ def run_warmup_stage(cfg: DictConfig) -> dict[str, float]:
     module = build_module(cfg, datamodule)
     if cfg.get("init_from"):
         init_weights(module, cfg.init_from)
-    wcfg = WarmupConfig(**with_data_strips(warm, getattr(datamodule, "synthetic", None)))
+    try:
+        wcfg = WarmupConfig(**with_data_strips(warm, getattr(datamodule, "synthetic", None)))
+    except (TypeError, ValueError) as e:  # a misspelt or out-of-range tower_warmup.* setting
+        raise PipelineError(str(e)) from None
     precision = str(cfg.trainer.get("precision") or "32-true")
     res = warm_up_tower(module.model.encoder, datamodule.media_processor, wcfg, precision)
     log.info(
