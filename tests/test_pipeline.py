@@ -3,6 +3,7 @@ command resumes and ends with the weights of an uninterrupted run, bit for bit."
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -164,3 +165,67 @@ def test_the_default_command_is_the_warmup_then_train_recipe(synth_dir, tmp_path
     r = _run([*cmd[:3], f"hydra.run.dir={plain}", *tiny, "logger=none", "pipeline=none"], tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert (plain / "export" / "model.safetensors").is_file() and not (plain / "01-warmup").exists()
+
+
+def test_under_torchrun_rank_0_warms_the_tower_up_and_every_rank_trains(synth_dir, tmp_path):
+    """`torchrun --nproc_per_node=2 train.py trainer=ddp …`: every rank walks the default recipe;
+    the warm-up runs once (rank 1 waits for rank 0's done.json) and both ranks train stage 2 as
+    one DDP run from the warm tower."""
+    run_dir = tmp_path / "run"
+    tiny = [o for o in TINY if not o.startswith("pipeline=")]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    cmd += [str(ROOT / "train.py"), f"paths.data_dir={synth_dir}", f"hydra.run.dir={run_dir}", *tiny, "logger=none"]
+    cmd += ["recipe.warmup_steps=20", "tower_warmup.batch_size=4", "trainer.val_check_interval=100"]
+    cmd += ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true"]
+    r = _run(cmd, tmp_path)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-3000:]
+    # rank 1 waits for the warm-up, or (on a busy machine) starts after it finished and skips it
+    assert out.count("stage 1/2: warmup (tower_warmup)") == 1
+    assert "waiting for rank 0 to finish stage warmup" in out or "stage 1/2: warmup finished earlier" in out
+    assert out.count("stage 2/2: train (train)") == 2 and "GLOBAL_RANK: 1, MEMBER: 2/2" in out
+    assert json.loads((run_dir / "01-warmup" / "done.json").read_text())["metrics"]["tower_warmup/steps"] == 20
+    assert json.loads((run_dir / "02-train" / "done.json").read_text())["stage"] == "train"
+    assert (run_dir / "02-train" / "export" / "model.safetensors").is_file()
+    assert not list(run_dir.rglob(".done.json.*")) and not list(run_dir.rglob(".pipeline.json.*"))
+
+
+def test_which_process_is_rank_zero(monkeypatch):
+    from vlm.pipeline import is_rank_zero
+
+    for key in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"):
+        monkeypatch.delenv(key, raising=False)
+    assert is_rank_zero()
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert is_rank_zero()
+    monkeypatch.setenv("LOCAL_RANK", "1")  # a child of Lightning's launcher inherits SLURM_PROCID=0
+    assert not is_rank_zero()
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("RANK", "8")  # torchrun: local rank 0 of the second node
+    assert not is_rank_zero()
+
+
+def test_a_waiting_rank_stops_when_its_launcher_is_gone(tmp_path):
+    """A rank waiting for rank 0's stage must not wait forever once the launcher that started it
+    has ended: it notices it was orphaned and stops with one line."""
+    result = tmp_path / "result.txt"
+    waiter = (
+        "import sys; from pathlib import Path; from vlm.pipeline import PipelineError, wait_for_stage\n"
+        "try:\n"
+        f"    wait_for_stage(Path({str(tmp_path / 'never' / 'done.json')!r}), 'warmup', poll_s=0.1)\n"
+        f"    Path({str(result)!r}).write_text('returned')\n"
+        "except PipelineError as e:\n"
+        f"    Path({str(result)!r}).write_text(str(e))\n"
+    )
+    # the launcher ends once its child has said it is waiting
+    launcher = (
+        "import subprocess, sys\n"
+        f"child = subprocess.Popen([sys.executable, '-c', {waiter!r}], stdout=subprocess.PIPE, text=True)\n"
+        "child.stdout.readline()\n"
+    )
+    subprocess.run([sys.executable, "-c", launcher], env=_env(), timeout=60, check=True)
+    deadline = time.time() + 30
+    while not result.is_file() and time.time() < deadline:
+        time.sleep(0.2)
+    assert result.read_text() == "stage warmup: the launcher ended while this rank waited for rank 0"

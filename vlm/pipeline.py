@@ -25,11 +25,17 @@ one stage alone (it starts from the previous stage's export, which must exist).
 A stage's `objective` is `train` (the default: a `python train.py` run) or `tower_warmup`: the
 vision encoder alone learns to read (`vlm.warmup`, settings under `tower_warmup.*`), and the
 whole model is exported for the next stage.
+
+Several processes (trainer=ddp|fsdp, torchrun, SLURM) each walk the recipe: train stages run in
+all of them (Lightning joins them into one run); a warm-up stage runs on rank 0 while the other
+ranks wait for its `done.json`.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -110,7 +116,15 @@ def _check_recipe(folder: Path, record: dict) -> None:
             )
     else:
         folder.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(record, indent=1))
+        _write_whole(path, record)
+
+
+def _write_whole(path: Path, record: dict) -> None:
+    """Write JSON to a file of this process, then rename it into place: the other ranks of a run
+    read the old file or the whole new one, never half of it."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(json.dumps(record, indent=1))
+    os.replace(tmp, path)
 
 
 def _is_wandb(cfg: DictConfig) -> bool:
@@ -185,14 +199,38 @@ def run_pipeline(cfg: DictConfig, cli_overrides: list[str]) -> dict[str, Any]:
             raise PipelineError(
                 f"stage {stage.name} starts from {prev_export}, which does not exist: run the earlier stages"
             )
+        if stage.objective == "tower_warmup" and not is_rank_zero():  # one process trains the tower
+            wait_for_stage(done, stage.name)
+            metrics = json.loads(done.read_text()).get("metrics", {})
+            prev_export = sdir / "export"
+            continue
         sdir.mkdir(parents=True, exist_ok=True)
         scfg = stage_config(base, stage, sdir, prev_export, group)
         (sdir / "config.yaml").write_text(OmegaConf.to_yaml(scfg, resolve=False))
         print(f"stage {i + 1}/{len(stages)}: {stage.name} ({stage.objective}) -> {sdir}", flush=True)
         metrics = run_stage(scfg, stage)
-        done.write_text(json.dumps({"stage": stage.name, "metrics": metrics}, indent=1))
+        if is_rank_zero():
+            _write_whole(done, {"stage": stage.name, "metrics": metrics})
         prev_export = sdir / "export"
     return metrics
+
+
+def is_rank_zero() -> bool:
+    """True in the first (or only) process a launcher started: torchrun's RANK and LOCAL_RANK,
+    SLURM's SLURM_PROCID, and Lightning's own launcher's NODE_RANK and LOCAL_RANK are 0 or unset."""
+    keys = ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID")
+    return not any(os.environ.get(k, "").isdigit() and int(os.environ[k]) > 0 for k in keys)
+
+
+def wait_for_stage(done: Path, name: str, poll_s: float = 1.0) -> None:
+    """Block a rank > 0 until rank 0 writes `done` (a stage that runs on one process). Stops with a
+    PipelineError if the process that started this one is gone (the launcher ended the run)."""
+    parent = os.getppid()
+    print(f"waiting for rank 0 to finish stage {name} ({done})", flush=True)
+    while not done.is_file():
+        if os.getppid() != parent:
+            raise PipelineError(f"stage {name}: the launcher ended while this rank waited for rank 0")
+        time.sleep(poll_s)
 
 
 def run_stage(cfg: DictConfig, stage: Stage) -> dict[str, Any]:

@@ -10,6 +10,10 @@ task whose labels are free (`vlm.warmup`), then the whole model is exported for 
 
 Settings live under `tower_warmup.*` (conf/train.yaml); the model, the processor geometry and
 normalisation are the run's own, so the next stage sees the tower exactly as it was trained.
+
+The warm-up trains on one device: this process's GPU when the trainer would use one, else the
+CPU. Under several processes (trainer=ddp|fsdp, torchrun, SLURM) rank 0 runs it and the other
+ranks wait for its `done.json` (vlm.pipeline).
 """
 
 from __future__ import annotations
@@ -22,6 +26,16 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger("vlm.warmup")
+
+
+def warmup_device(accelerator: str) -> torch.device:
+    """The device a warm-up trains on, for the trainer's `accelerator` (auto, cpu, gpu, cuda, mps):
+    this process's GPU (LOCAL_RANK) when the trainer would train on one, else the CPU."""
+    if accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
+    if accelerator in ("auto", "mps") and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
 
 
 def run_warmup_stage(cfg: DictConfig) -> dict[str, float]:
@@ -52,7 +66,9 @@ def run_warmup_stage(cfg: DictConfig) -> dict[str, float]:
     except (TypeError, ValueError) as e:  # a misspelt or out-of-range tower_warmup.* setting
         raise PipelineError(str(e)) from None
     precision = str(cfg.trainer.get("precision") or "32-true")
-    res = warm_up_tower(module.model.encoder, datamodule.media_processor, wcfg, precision)
+    device = warmup_device(str(cfg.trainer.get("accelerator") or "auto"))
+    res = warm_up_tower(module.model.encoder.to(device), datamodule.media_processor, wcfg, precision)
+    module.model.encoder.cpu()
     log.info(
         "tower warm-up: %d steps in %.0f s, accuracy %s",
         res["steps"],
