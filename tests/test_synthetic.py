@@ -211,6 +211,19 @@ def test_exists_is_balanced_and_weights_select_qtypes():
         SynthConfig(qtype_weights={"ocr": 0})
 
 
+def test_describe_alone_keeps_captions_out_of_dialogues():
+    """With describe_alone a caption is never a turn of a dialogue (it would give the later answers
+    away); without it, it is; the option is recorded only when on."""
+    rng = random.Random(3)
+    on, off = SynthConfig(turns=3, describe_alone=True), SynthConfig(turns=3)
+    samples = [make_sample(rng, on)["meta"]["qtypes"] for _ in range(600)]
+    assert [["describe"]] == [q for q in samples if "describe" in q][:1]
+    assert all(q == ["describe"] for q in samples if "describe" in q)
+    assert sum(len(q) == 3 for q in samples) > 300  # the other samples still have three turns
+    assert any("describe" in q and len(q) > 1 for q in (make_sample(rng, off)["meta"]["qtypes"] for _ in range(300)))
+    assert on.to_dict()["describe_alone"] is True and "describe_alone" not in off.to_dict()
+
+
 def test_ocr_text_fits_the_canvas():
     cfg = SynthConfig()
     size = cfg.font_px

@@ -62,6 +62,10 @@ class SynthConfig:
     # independent rasteriser of render_raster.py). Left out of to_dict() while "pil", like the v2
     # options, so existing datasets keep their recorded options.
     heldout_renderer: str = "pil"
+    # True: "Describe the image." is asked only as the one question of its sample. In a dialogue
+    # the caption gives away every later answer (is there a red circle, how many squares), so the
+    # later turns teach reading the caption's text instead of the image. Recorded only when on.
+    describe_alone: bool = False
 
     def __post_init__(self) -> None:
         self.families = _normalize_families(self.families)
@@ -171,6 +175,7 @@ _V2_FIELDS = (
     "video_fps",
     "video_format",
     "heldout_renderer",  # not v2, but recorded the same way: only when it is not the default
+    "describe_alone",
 )
 
 #: ``SynthConfig.heldout_renderer`` values: ``render.py`` (PIL ``ImageDraw``) or ``render_raster.py``.

@@ -96,8 +96,12 @@ def make_sample(rng: random.Random, cfg: SynthConfig, renderer: Renderer | str =
         asked.add(qa[0])
         messages += [_chat(not messages, qa[0], cfg.image_position), _answer(qa[1])]
         qtypes.append(qtype)
+        if qtype == "describe" and cfg.describe_alone:
+            break
         if len(qtypes) < cfg.turns:
             open_q = [q for q in SHAPE_QTYPES if any(remaining_questions(bank, q, asked))]
+            if cfg.describe_alone:
+                open_q = [q for q in open_q if q != "describe"]
             qtype = draw_qtype(rng, weights, open_q)
     return {
         "image": renderer.render(scene),
