@@ -217,7 +217,7 @@ def test_describe_alone_keeps_captions_out_of_dialogues():
     rng = random.Random(3)
     on, off = SynthConfig(turns=3, describe_alone=True), SynthConfig(turns=3)
     samples = [make_sample(rng, on)["meta"]["qtypes"] for _ in range(600)]
-    assert [["describe"]] == [q for q in samples if "describe" in q][:1]
+    assert any(q == ["describe"] for q in samples)
     assert all(q == ["describe"] for q in samples if "describe" in q)
     assert sum(len(q) == 3 for q in samples) > 300  # the other samples still have three turns
     assert any("describe" in q and len(q) > 1 for q in (make_sample(rng, off)["meta"]["qtypes"] for _ in range(300)))
