@@ -20,6 +20,7 @@ from collections import defaultdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # vlm importable without an install
 
 
 def _run(cmd: list[str]) -> float:
