@@ -141,6 +141,11 @@ def test_the_warmup_stage_trains_the_tower_alone_and_exports_the_whole_model(tmp
 
     with pytest.raises(PipelineError, match="tower_warmup.task must be one of"):
         run_warmup_stage(compose_train([*overrides, "tower_warmup.task=ctc"], tmp_path / "t", synth_dir))
+    # a pretrained tower (python train.py model=llava … under the default recipe) is refused, not overwritten
+    with pytest.raises(PipelineError, match="from-scratch tower .* model.encoder.pretrained is set"):
+        run_warmup_stage(
+            compose_train([*overrides, "+model.encoder.pretrained=/models/clip"], tmp_path / "p", synth_dir)
+        )
 
 
 @pytest.mark.parametrize("resolution,wide", [("fixed", 0.0), ("dynamic", 0.0), ("dynamic", 1.0)])

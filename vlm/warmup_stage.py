@@ -51,6 +51,12 @@ def run_warmup_stage(cfg: DictConfig) -> dict[str, float]:
     warm = OmegaConf.to_container(cfg.tower_warmup, resolve=True) if cfg.get("tower_warmup") else {}
     if not warm.get("steps"):
         raise PipelineError("a tower_warmup stage needs tower_warmup.steps > 0 in its overrides")
+    if (cfg.model.get("encoder") or {}).get("pretrained"):
+        raise PipelineError(
+            "a tower_warmup stage teaches a from-scratch tower glyphs and shapes, but model.encoder.pretrained "
+            "is set: train a pretrained tower as one plain run (pipeline=none) or with a recipe that has no "
+            "warm-up stage (experiment=llava)"
+        )
     if (cfg.model.get("freeze") or {}).get("encoder"):
         raise PipelineError("a tower_warmup stage trains the encoder, but it is frozen (model.freeze.encoder=true)")
     L.seed_everything(cfg.seed, workers=True)
