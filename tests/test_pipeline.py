@@ -162,7 +162,7 @@ def test_the_default_command_is_the_warmup_then_train_recipe(synth_dir, tmp_path
     assert warm.keys() == trained.keys()
     assert all(torch.equal(warm[k], trained[k]) for k in warm if k.startswith("encoder."))
     assert not all(torch.equal(warm[k], trained[k]) for k in warm if k.startswith(("projector.", "decoder.")))
-    assert any(k.endswith("self_attn.q_norm.weight") for k in trained)  # recipe.qk_norm: the tiny decoder's
+    assert any(k.endswith("self_attn.q_norm.weight") for k in trained)  # recipe.qk_norm: q/k norms in the decoder
     # a plain training run still exists: one stage, no run-folder layout
     plain = tmp_path / "plain"
     r = _run([*cmd[:3], f"hydra.run.dir={plain}", *tiny, "logger=none", "pipeline=none"], tmp_path)
