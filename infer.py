@@ -7,7 +7,7 @@ from omegaconf import DictConfig
 @hydra.main(version_base="1.3", config_path="conf", config_name="infer")
 def main(cfg: DictConfig) -> None:
     from vlm.errors import user_errors
-    from vlm.infer import run
+    from vlm.serve.infer import run
 
     with user_errors():
         run(cfg)

@@ -1,7 +1,7 @@
 """Train a VLM: `python train.py [hydra overrides]` (see README).
 
 An experiment with a `pipeline` block (`python train.py experiment=NAME`) runs its stages in
-order, and the same command resumes it after an interruption (vlm/pipeline.py)."""
+order, and the same command resumes it after an interruption (vlm/training/pipeline.py)."""
 
 import hydra
 from omegaconf import DictConfig
@@ -17,11 +17,11 @@ def main(cfg: DictConfig) -> float | None:
 
     with user_errors():
         if cfg.get("pipeline"):
-            from vlm.pipeline import run_pipeline
+            from vlm.training.pipeline import run_pipeline
 
             metrics = run_pipeline(cfg, list(HydraConfig.get().overrides.task))
         else:
-            from vlm.train import run
+            from vlm.training.train import run
 
             metrics = run(cfg)
     return metrics.get(cfg.get("optimized_metric", "val/accuracy"))
@@ -30,7 +30,7 @@ def main(cfg: DictConfig) -> float | None:
 if __name__ == "__main__":
     import sys
 
-    from vlm.spec import check_overrides
+    from vlm.build.overrides import check_overrides
 
     problem = check_overrides(sys.argv[1:])
     if problem:  # before Hydra, whose "Key 'patch_size' is not in struct" does not say where it went

@@ -4,7 +4,7 @@
     python bench/fsdp_load_memory.py --layers 16 --dim 1536
 
 The script writes a random Llama-layout folder with `transformers` (config.json + safetensors), then
-for each init mode runs `vlm.train.run` (the code path of `python train.py trainer=fsdp …`) under
+for each init mode runs `vlm.training.train.run` (the code path of `python train.py trainer=fsdp …`) under
 torchrun with 2 processes for one step, and prints each rank's peak resident memory (ru_maxrss)
 when training starts (model built, loaded and sharded) and after the step.
 With `rank0`, rank 1 builds a meta skeleton and receives only its shards, so its peak stays near
@@ -46,7 +46,7 @@ def worker(spec_path: str) -> None:
     import torch
     from hydra import compose, initialize_config_dir
 
-    from vlm.train import run
+    from vlm.training.train import run
 
     spec = json.loads(Path(spec_path).read_text())
     torch.set_num_threads(1)

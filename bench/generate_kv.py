@@ -18,7 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from vlm.generate import generate  # noqa: E402
+from vlm.model.generate import generate  # noqa: E402
 from vlm.model.projector import visual_token_count  # noqa: E402
 from vlm.model.vlm import VLM  # noqa: E402
 
@@ -77,7 +77,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.ckpt:
-        from vlm.checkpoint import load_checkpoint
+        from vlm.checkpoint.load import load_checkpoint
 
         model = load_checkpoint(args.ckpt).model
     else:

@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 CHILD_LOADER = r"""
 import json, resource, sys, time
 from collections import Counter
-from vlm.build import build_processor, build_template
+from vlm.build.model import build_processor, build_template
 from vlm.data.sample import SampleTransform
 from vlm.data.webdataset import ShardDataset
 from vlm.tokenizer import TextTokenizer
@@ -75,8 +75,8 @@ def tiny_export(out: Path) -> Path:
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from vlm.build import build_model, build_processor
-    from vlm.checkpoint import export_folder
+    from vlm.build.model import build_model, build_processor, geometry_of
+    from vlm.checkpoint.load import export_folder
     from vlm.tokenizer import train_tokenizer
 
     tok = train_tokenizer(["What colour is the circle?", "red", "blue"] * 20)
@@ -96,10 +96,9 @@ def tiny_export(out: Path) -> Path:
             ],
         )
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
-    from vlm.spec import Geometry
 
     processor = build_processor(
-        OmegaConf.to_container(cfg.data.processor, resolve=True), geometry=Geometry.from_model_config(cfg.model)
+        OmegaConf.to_container(cfg.data.processor, resolve=True), geometry=geometry_of(cfg.model)
     )
     template = OmegaConf.to_container(cfg.data.template, resolve=True)
     model = build_model(model_cfg, tok)
@@ -203,7 +202,7 @@ def main() -> None:
         with open(big, "wb") as f:
             f.truncate(2**30)
         base = child(
-            "import torch, vlm.infer, vlm.data.webdataset; import json, resource; "
+            "import torch, vlm.serve.infer, vlm.data.webdataset; import json, resource; "
             "print(json.dumps({'outcome': 'imports only', 'seconds': 0, "
             "'peak_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))",
             [],

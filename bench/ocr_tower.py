@@ -3,14 +3,14 @@
     python bench/ocr_tower.py --task char                                  # 1-character OCR: 1000 + 1000 vs 1600 steps
     python bench/ocr_tower.py --min-len 3 --max-len 6 --vlm-steps 1500     # synthvqa's own 3-6 characters
 
-Arm `tower warmed up`: the default ViT first trains alone on `--task` (`vlm.warmup`, the
+Arm `tower warmed up`: the default ViT first trains alone on `--task` (`vlm.training.warmup`, the
 `tower_warmup` stage of train.py: `glyphs` reads every character of 1..max-len strings in place,
 with its first / next character; `char` names one character), `--probe-steps` at batch 32; then
 the default VLM with that tower trains on the OCR family through the real Trainer
 (`--vlm-steps`). Arm `from scratch`: the same VLM and data, a fresh tower, and `--vlm-steps` plus
 as many steps as the warm-up took in time (at least as much compute). It prints held-out OCR exact
 match (whole strings) and the last training loss per arm. Data are generated under --root (20k
-training images) on first use. Measured numbers: vlm/warmup.py and docs/recipe.md.
+training images) on first use. Measured numbers: vlm/training/warmup.py and docs/recipe.md.
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ def run_arm(name: str, args, probe_steps: int, vlm_steps: int) -> dict:
     from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
 
-    from vlm.datamodule import build_datamodule
-    from vlm.train import build_callbacks, build_module
+    from vlm.training.datamodule import build_datamodule
+    from vlm.training.train import build_callbacks, build_module
 
     out = Path(args.out) / "".join(c if c.isalnum() else "_" for c in name)
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
@@ -62,8 +62,8 @@ def run_arm(name: str, args, probe_steps: int, vlm_steps: int) -> dict:
     dm.setup("fit")
     module = build_module(cfg, dm)
     probe_acc, probe_s = (None, 0.0)
-    if probe_steps:  # the tower warm-up stage of train.py (vlm/warmup.py)
-        from vlm.warmup import warm_up_tower
+    if probe_steps:  # the tower warm-up stage of train.py (vlm/training/warmup.py)
+        from vlm.training.warmup import warm_up_tower
 
         res = warm_up_tower(
             module.model.encoder,
@@ -99,7 +99,9 @@ def main() -> None:
     p.add_argument(
         "--scratch-extra-steps", type=int, default=600, help="extra VLM steps for the scratch arm (~the probe's time)"
     )
-    p.add_argument("--task", default="glyphs", choices=["glyphs", "char"], help="the warm-up task (vlm/warmup.py)")
+    p.add_argument(
+        "--task", default="glyphs", choices=["glyphs", "char"], help="the warm-up task (vlm/training/warmup.py)"
+    )
     p.add_argument("--arms", default="pretrained,scratch", help="which arms to run")
     p.add_argument("--min-len", type=int, default=1)
     p.add_argument("--max-len", type=int, default=1)

@@ -28,10 +28,9 @@ from vlm.data.packing import best_fit_decreasing, greedy, padding_fraction  # no
 def real_lengths(root: Path, n: int) -> list[int]:
     from hydra import compose, initialize_config_dir
 
-    from vlm.build import build_processor, build_template
+    from vlm.build.model import build_processor, build_template, geometry_of
     from vlm.data.sample import SampleTransform
     from vlm.data.webdataset import ShardDataset
-    from vlm.spec import Geometry
     from vlm.tokenizer import TextTokenizer
 
     data = "synthvqa_v2" if root.name == "synthvqa_v2" else "synthvqa"
@@ -39,7 +38,7 @@ def real_lengths(root: Path, n: int) -> list[int]:
         ov = [f"data={data}"] + (["experiment=synthvqa_v2_dynamic"] if data == "synthvqa_v2" else [])
         cfg = compose("train", overrides=ov)
     tok = TextTokenizer.from_file(root / "tokenizer.json")
-    geo = Geometry.from_model_config(cfg.model)
+    geo = geometry_of(cfg.model)
     proc = SampleTransform(
         build_processor(dict(cfg.data.processor), geometry=geo),
         build_template(dict(cfg.data.template), tok, geometry=geo),

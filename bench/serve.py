@@ -33,13 +33,12 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from vlm.build import build_model, build_processor, build_template, stop_ids  # noqa: E402
-from vlm.checkpoint import LoadedVLM  # noqa: E402
-from vlm.generate import generate  # noqa: E402
+from vlm.build.model import build_model, build_processor, build_template, geometry_of, stop_ids  # noqa: E402
+from vlm.checkpoint.load import LoadedVLM  # noqa: E402
+from vlm.model.generate import generate  # noqa: E402
 from vlm.serve.api import ChatRequest, SamplingParams  # noqa: E402
 from vlm.serve.engine import Engine, EngineConfig  # noqa: E402
 from vlm.serve.prompt import PromptBuilder  # noqa: E402
-from vlm.spec import Geometry  # noqa: E402
 from vlm.tokenizer import train_tokenizer  # noqa: E402
 
 WORDS = ["What is shown in the picture?", "How many shapes are there?", "left", "right", "a red square"]
@@ -55,7 +54,7 @@ def png(w: int, h: int, seed: int) -> bytes:
 
 
 def _finish(model, tok, model_cfg, pcfg) -> LoadedVLM:
-    geo = Geometry.from_model_config(model_cfg)
+    geo = geometry_of(model_cfg)
     tcfg = {"max_length": CTX}
     with torch.no_grad():  # end tokens unreachable: every system generates exactly --new-tokens
         for t in stop_ids(tok, tcfg):
@@ -81,7 +80,7 @@ def qwen40m(tok, folder: Path):
     """(our LoadedVLM, transformers model) with the same ~40M random weights."""
     import transformers
 
-    from vlm.hf_export import export_hf
+    from vlm.checkpoint.hf_export import export_hf
 
     vision = dict(depth=4, embed_dim=256, hidden_size=512, num_heads=4, mlp_ratio=4, patch_size=14)
     vision.update(spatial_merge_size=2, temporal_patch_size=2, in_channels=3)

@@ -15,7 +15,7 @@ loop: forward + backward + fused AdamW, no guard, no clipping, no logging. Each 
 
 The modes take turns for `--rounds` rounds of `--steps` steps (the machine may be shared: a
 burst of other work then hits every mode alike). It prints each mode's best per-round median, and
-the step time that would give 50% of the measured bf16 GEMM rate (`vlm.callbacks.measure_gemm_tflops`,
+the step time that would give 50% of the measured bf16 GEMM rate (`vlm.training.callbacks.measure_gemm_tflops`,
 1024³, 2 s, as the bench) for that size's model FLOPs per step.
 """
 
@@ -44,8 +44,8 @@ def _module(size: str, tmp: str):
 
 
 def _step_flops(module, batch) -> float:
-    from vlm.callbacks import FlopModel
-    from vlm.gradient_step import batch_stats
+    from vlm.training.callbacks import FlopModel
+    from vlm.training.gradient_step import batch_stats
 
     st = {k: float(v) for k, v in batch_stats(module.model, batch).items()}
     st["label_tokens"] = float((batch["labels"][:, 1:] != -100).sum())
@@ -98,7 +98,7 @@ def main() -> None:
     import torch
     import train_throughput as tt
 
-    from vlm.callbacks import measure_gemm_tflops
+    from vlm.training.callbacks import measure_gemm_tflops
 
     modes = a.modes.split(",")
     if bad := [s for s in a.sizes.split(",") if s not in tt.SIZES]:

@@ -9,7 +9,7 @@ Every cell is a fresh process (torchrun with `--devices` processes for ddp / fsd
 `VLMModule` built from the real Hydra config (model size overrides below) with Lightning on a
 fixed synthetic batch (random patches and tokens in the synthvqa layout: one image per sample,
 visual tokens first, the last `labels` tokens supervised), so data loading is not measured. After
-`--warmup` steps it reports the median over `--steps` steps of what `vlm.callbacks.Throughput`
+`--warmup` steps it reports the median over `--steps` steps of what `vlm.training.callbacks.Throughput`
 logs in training: samples/s, text and image tokens/s (all ranks), achieved model TFLOP/s per
 device and MFU against the device peak (table for known GPUs; on CPU a bf16 / fp32 GEMM measured
 by each process at start-up, or `--peak-tflops`). On CPU, ddp / fsdp processes share the cores
@@ -158,7 +158,7 @@ def build(size: str, cell: dict, batch: int):
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
-    from vlm.module import VLMModule
+    from vlm.training.module import VLMModule
 
     cfg = _config(size, cell)
     tok = _tokenizer()
@@ -184,7 +184,7 @@ def run_cell(cell: dict) -> None:
     import lightning as L
     import torch
 
-    from vlm.callbacks import Throughput
+    from vlm.training.callbacks import Throughput
 
     world = int(os.environ.get("WORLD_SIZE", 1))
     if cell["device"] == "cpu":
@@ -208,7 +208,7 @@ def run_cell(cell: dict) -> None:
 
         strategy = DDPStrategy(broadcast_buffers=False, gradient_as_bucket_view=True)
     elif cell["strategy"] == "fsdp":
-        from vlm.parallel import FSDP2Strategy
+        from vlm.training.parallel import FSDP2Strategy
 
         strategy = FSDP2Strategy()
     thr = Throughput(peak_tflops=cell.get("peak_tflops"), measure_seconds=cell.get("measure_seconds", 2.0))

@@ -1,4 +1,4 @@
-"""`python -m vlm.budget`: the seed's token-budget numbers, real files, caps, configs and bad input."""
+"""`python -m vlm.cli.budget`: the seed's token-budget numbers, real files, caps, configs and bad input."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import sys
 import numpy as np
 from PIL import Image
 
-from vlm.budget import budget, build_processors, main, parse_args
+from vlm.cli.budget import budget, build_processors, main, parse_args
 from vlm.data.media import decode_image
 from vlm.data.processor import ImageProcessor
 from vlm.data.video import VideoProcessor, encode_video
@@ -43,7 +43,9 @@ def test_cli_prints_the_table(capsys):
 
 
 def test_module_entry_point():
-    r = subprocess.run([sys.executable, "-m", "vlm.budget", "size=224x224"], capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [sys.executable, "-m", "vlm.cli.budget", "size=224x224"], capture_output=True, text=True, timeout=60
+    )
     assert r.returncode == 0 and "(1, 16, 16)" in r.stdout
 
 

@@ -3,8 +3,8 @@
 Part 1: a checkpoint's config (export folder `config.yaml`, a `.ckpt`'s `hyper_parameters`, a
 sharded checkpoint's `meta.pt`) names only the registered native classes: every other callable
 reachable under `vlm.` (each module's attributes and, one level further, theirs: `vlm.data.media.io.open`,
-`vlm.build.torch.load`, …) is refused as any component's `_target_`, nested, with Hydra's keys,
-through `load_checkpoint`, `vlm.export`, `init_from` and `infer.py`, and none is called.
+`vlm.build.model.torch.load`, …) is refused as any component's `_target_`, nested, with Hydra's keys,
+through `load_checkpoint`, `vlm.checkpoint.export`, `init_from` and `infer.py`, and none is called.
 
 Part 2: damaged folders and `.ckpt` files (weights, config, tokenizer, special files) are refused
 before anything is built or read in full, with one line naming the file (`infer.py`: one `error:`
@@ -32,14 +32,14 @@ from safetensors.torch import save_file
 
 import vlm
 from tests.conftest import ROOT
-from vlm.build import (
+from vlm.build.model import (
     NATIVE_COMPONENTS,
     PRETRAINED_LOADERS,
     build_model,
     build_processor,
     component,
 )
-from vlm.checkpoint import CheckpointError, check_checkpoint_config, export_folder, load_checkpoint
+from vlm.checkpoint.load import CheckpointError, check_checkpoint_config, export_folder, load_checkpoint
 from vlm.model.config import COMPONENTS
 from vlm.tokenizer import train_tokenizer
 
@@ -205,21 +205,21 @@ def _vlm_callables() -> list[str]:
 DANGEROUS = [
     "vlm.data.media.io.open",
     "vlm.data.media.os.makedirs",
-    "vlm.build.instantiate",
-    "vlm.build.hf.json.loads",
-    "vlm.checkpoint.torch.load",
-    "vlm.checkpoint.os.system",
-    "vlm.train.os.system",
-    "vlm.export.sys.exit",
-    "vlm.checkpoint.shutil.rmtree",
+    "vlm.build.model.instantiate",
+    "vlm.build.model.hf.json.loads",
+    "vlm.checkpoint.load.torch.load",
+    "vlm.checkpoint.load.os.system",
+    "vlm.training.train.os.system",
+    "vlm.checkpoint.export.sys.exit",
+    "vlm.checkpoint.load.shutil.rmtree",
     "vlm.model.hf.pretrained_decoder",
-    "vlm.build.partial",
+    "vlm.build.model.partial",
     "os.system",
     "builtins.eval",
-    "vlm.checkpoint.pickle.loads",
-    "vlm.infer.run",
-    "vlm.train.run",
-    "vlm.lab.main",
+    "vlm.checkpoint.load.pickle.loads",
+    "vlm.serve.infer.run",
+    "vlm.training.train.run",
+    "vlm.cli.lab.main",
 ]
 
 
@@ -261,12 +261,12 @@ def test_every_vlm_callable_is_refused_as_every_component(export, targets, tmp_p
     naming the key; no file is opened, no process started, no module imported meanwhile. The same
     names are refused in a training config unless they are that component's registered loader."""
     called = []
-    monkeypatch.setattr(vlm.build, "sentinel", lambda *a, **k: called.append(a), raising=False)
+    monkeypatch.setattr(vlm.build.model, "sentinel", lambda *a, **k: called.append(a), raising=False)
     pwned = tmp_path / "pwned"
     base = read_cfg(export)
     natives = {t for d in NATIVE_COMPONENTS.values() for t in d}
-    names = [t for t in targets if t not in natives] + ["vlm.build.sentinel", *DANGEROUS]
-    assert len(names) > 5000 and "vlm.data.media.io.open" in targets and "vlm.build.instantiate" not in natives
+    names = [t for t in targets if t not in natives] + ["vlm.build.model.sentinel", *DANGEROUS]
+    assert len(names) > 5000 and "vlm.data.media.io.open" in targets and "vlm.build.model.instantiate" not in natives
     where = f"checkpoint config {export / 'config.yaml'}"
     _Audit.events.clear()
     _Audit.armed = True
@@ -336,12 +336,12 @@ def test_hostile_targets_through_export_folders(export, targets, tmp_path, monke
     config.yaml, as each component's `_target_` and nested inside one: `load_checkpoint` refuses
     each with one line naming the file and the key; nothing is created or called."""
     called = []
-    monkeypatch.setattr(vlm.build, "sentinel", lambda *a, **k: called.append(a), raising=False)
+    monkeypatch.setattr(vlm.build.model, "sentinel", lambda *a, **k: called.append(a), raising=False)
     pwned = tmp_path / "pwned"
     evil = clone(export, tmp_path / "evil")
     base = read_cfg(export)
     n = 0
-    for t in [*_sample(targets), "vlm.build.sentinel"]:
+    for t in [*_sample(targets), "vlm.build.model.sentinel"]:
         for part in ("encoder", "projector", "decoder"):
             for nested in (False, True):
                 write_cfg(
@@ -355,18 +355,18 @@ def test_hostile_targets_through_export_folders(export, targets, tmp_path, monke
 
 def test_hostile_targets_through_ckpt_export_cli_and_init_from(ckpt, targets, tmp_path, tok, monkeypatch, capsys):
     """The same through a pickle-free `.ckpt`'s hyper_parameters: `load_checkpoint`,
-    `python -m vlm.export` (its `main`) and `init_from` (`vlm.train.init_weights`)."""
-    from vlm.export import main as export_main
-    from vlm.module import VLMModule
-    from vlm.train import init_weights
+    `python -m vlm.checkpoint.export` (its `main`) and `init_from` (`vlm.training.train.init_weights`)."""
+    from vlm.checkpoint.export import main as export_main
+    from vlm.training.module import VLMModule
+    from vlm.training.train import init_weights
 
     called = []
-    monkeypatch.setattr(vlm.build, "sentinel", lambda *a, **k: called.append(a), raising=False)
+    monkeypatch.setattr(vlm.build.model, "sentinel", lambda *a, **k: called.append(a), raising=False)
     pwned = tmp_path / "pwned"
     good = torch.load(ckpt, weights_only=True)
     hp = good["hyper_parameters"]
     module = VLMModule(model=MODEL, tokenizer_json=tok.to_str(), processor=hp["processor"], template=TEMPLATE)
-    for i, t in enumerate([*_sample(targets, 1500), "vlm.build.sentinel"]):
+    for i, t in enumerate([*_sample(targets, 1500), "vlm.build.model.sentinel"]):
         part = ("encoder", "projector", "decoder")[i % 3]
         nested = i % 2 == 1
         path = tmp_path / f"evil{i}.ckpt"
@@ -445,9 +445,9 @@ class _Pwn:
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_sharded_checkpoint_metadata_pickle_is_restricted(tmp_path, hparams, capsys):
     """A sharded (DCP) checkpoint's `.metadata` is a pickle that torch reads with plain
-    `pickle.load`: `vlm.export` and the resume check read it with DCP's classes only."""
-    from vlm.export import main as export_main
-    from vlm.train import check_resume_checkpoint
+    `pickle.load`: `vlm.checkpoint.export` and the resume check read it with DCP's classes only."""
+    from vlm.checkpoint.export import main as export_main
+    from vlm.training.train import check_resume_checkpoint
 
     model, hp = hparams
     good = _sharded(tmp_path / "good", model, hp)
@@ -466,16 +466,16 @@ def test_sharded_checkpoint_metadata_pickle_is_restricted(tmp_path, hparams, cap
     # a hostile target in meta.pt's hyper_parameters
     bad_hp = {
         **hp,
-        "model": {**hp["model"], "decoder": {**hp["model"]["decoder"], "_target_": "vlm.checkpoint.os.system"}},
+        "model": {**hp["model"], "decoder": {**hp["model"]["decoder"], "_target_": "vlm.checkpoint.load.os.system"}},
     }
     evil2 = _sharded(tmp_path / "evil2", model, bad_hp)
     assert export_main([f"ckpt={evil2}", f"out={tmp_path / 'out'}"]) == 2
-    assert "model.decoder._target_='vlm.checkpoint.os.system'" in capsys.readouterr().err
+    assert "model.decoder._target_='vlm.checkpoint.load.os.system'" in capsys.readouterr().err
 
 
 def test_resume_refuses_what_is_not_a_checkpoint(tmp_path, ckpt):
     """`ckpt_path=` is checked (weights_only, memory-mapped) before Lightning reads it."""
-    from vlm.train import check_resume_checkpoint
+    from vlm.training.train import check_resume_checkpoint
 
     check_resume_checkpoint(ckpt)
     pwned = tmp_path / "pwned"
@@ -714,9 +714,9 @@ def test_damaged_export_folders_give_one_line_naming_the_file(damaged):
 
 
 def test_damaged_export_folders_through_infer_run(damaged, tmp_path, synth_dir):
-    """`vlm.infer.run(cfg)` (what infer.py calls) raises the same CheckpointError."""
+    """`vlm.serve.infer.run(cfg)` (what infer.py calls) raises the same CheckpointError."""
     from tests.conftest import compose_infer
-    from vlm.infer import run
+    from vlm.serve.infer import run
 
     for name in ("weights_truncated", "config_not_utf8", "tokenizer_garbage", "config_is_fifo"):
         folder, file, needles = damaged[name]
@@ -820,8 +820,8 @@ def bad_ckpts(ckpt, tmp_path_factory):
 
 
 def test_damaged_ckpts_give_one_line_naming_the_file(bad_ckpts, capsys, tmp_path):
-    """`load_checkpoint` and `python -m vlm.export` (its `main`) refuse each; nothing pickled runs."""
-    from vlm.export import main as export_main
+    """`load_checkpoint` and `python -m vlm.checkpoint.export` (its `main`) refuse each; nothing pickled runs."""
+    from vlm.checkpoint.export import main as export_main
 
     for name, (path, needles) in bad_ckpts.items():
         refused(path, str(path), *needles)
@@ -833,7 +833,7 @@ def test_damaged_ckpts_give_one_line_naming_the_file(bad_ckpts, capsys, tmp_path
 
 # --------------------------------------------------------------------- the real entry points
 def test_the_clis_give_one_error_line_and_exit_2(export, damaged, bad_ckpts, tmp_path):
-    """`python infer.py ckpt=… prompt=hi`, `python -m vlm.export ckpt=… out=…` and `python train.py
+    """`python infer.py ckpt=… prompt=hi`, `python -m vlm.checkpoint.export ckpt=… out=…` and `python train.py
     ckpt_path=…` (run in parallel): a hostile `_target_` (`vlm.data.media.io.open` with `_args_`
     that would create a file), damaged folders (a FIFO or /dev/zero never blocks) and a pickled
     `.ckpt` each give one `error:` line naming the file (and the key), exit 2, nothing created."""
@@ -864,7 +864,7 @@ def test_the_clis_give_one_error_line_and_exit_2(export, damaged, bad_ckpts, tmp
     path, needles = bad_ckpts["pickled_object"]
     runs["infer pickled ckpt"] = (["infer.py", f"ckpt={path}", "prompt=hi"], [str(path), *needles])
     runs["export pickled ckpt"] = (
-        ["-m", "vlm.export", f"ckpt={path}", f"out={tmp_path / 'out'}"],
+        ["-m", "vlm.checkpoint.export", f"ckpt={path}", f"out={tmp_path / 'out'}"],
         [str(path), *needles],
     )
     resume = tmp_path / "resume.ckpt"

@@ -13,15 +13,14 @@ import pytest
 import torch
 
 from tests.test_multimodal import WORDS, moving, png
-from vlm.build import build_model, build_processor, build_template
+from vlm.build.model import build_model, build_processor, build_template, geometry_of
 from vlm.data.collate import collate
 from vlm.data.sample import SampleTransform
 from vlm.data.template import IGNORE
 from vlm.data.video import encode_video
-from vlm.generate import generate
+from vlm.model.generate import generate
 from vlm.model.projector import token_grid
-from vlm.prune import prune_visual_tokens
-from vlm.spec import Geometry
+from vlm.model.prune import prune_visual_tokens
 from vlm.tokenizer import train_tokenizer
 
 av = pytest.importorskip("av")
@@ -71,9 +70,9 @@ def model_cfg(
 
 
 def sample_processor(tok, cfg, mode="train"):
-    """Processor and template of the model config `cfg`: its geometry (vlm.spec) gives the patch,
+    """Processor and template of the model config `cfg`: its geometry (vlm.model.geometry) gives the patch,
     merge, temporal patch, token layout and rope; the data keys are the rest."""
-    geo = Geometry.from_model_config(cfg)
+    geo = geometry_of(cfg)
     proc = build_processor(
         dict(
             resolution="dynamic",
@@ -133,7 +132,7 @@ def test_every_switch_forward_backward_and_token_counts(tok, name):
     torch.manual_seed(0)
     model = build_model(cfg, tok)
     sp = sample_processor(tok, cfg)
-    geo = Geometry.from_model_config(cfg)
+    geo = geometry_of(cfg)
     for grid in ((1, 4, 8), (2, 8, 4)):  # one source: the spec's layout is the built model's
         assert geo.token_grid(grid) == tuple(model.token_grid(grid)) == tuple(sp.template.token_grid(grid))
     s = mixed_sample(tok, sp)
@@ -185,7 +184,7 @@ def test_every_switch_forward_backward_and_token_counts(tok, name):
 
 def test_template_and_model_layouts_must_agree(tok):
     cfg = model_cfg(projector={"kind": "qformer", "queries": 8, "merge_size": 1})
-    geo = Geometry.from_model_config(cfg)
+    geo = geometry_of(cfg)
     assert (geo.queries, geo.merge_size, geo.fusion, geo.rope) == (8, 1, "interleave", "mrope")
     template = build_template({"max_length": 512}, tok, geometry=geo)
     assert template.token_grid((1, 4, 4)) == build_model(cfg, tok).token_grid((1, 4, 4)) == (1, 1, 8)
@@ -195,7 +194,7 @@ def test_template_and_model_layouts_must_agree(tok):
     with pytest.raises(Exception, match="queries is for kind=qformer"):
         build_model(model_cfg(projector={"kind": "mlp", "queries": 8}), tok)
     with pytest.raises(ValueError, match="queries is for kind=qformer"):
-        Geometry.from_model_config(model_cfg(projector={"kind": "mlp", "queries": 8}))
+        geometry_of(model_cfg(projector={"kind": "mlp", "queries": 8}))
     with pytest.raises(ValueError, match="encoder emits 64"):
         build_model(model_cfg(projector={"in_dim": 32}, encoder={"feature_layers": [-1, -2]}), tok)
     with pytest.raises(Exception, match="feature_layer 5 out of range"):

@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from tests.conftest import compose_infer, compose_train
-from vlm.checkpoint import load_checkpoint
+from vlm.checkpoint.load import load_checkpoint
 
 
 def _train(overrides, tmp_path, synth_dir):
-    from vlm.train import run
+    from vlm.training.train import run
 
     cfg = compose_train(
         ["logger=none", "trainer.max_steps=2", "trainer.val_check_interval=null", *overrides], tmp_path, synth_dir
@@ -47,7 +47,7 @@ def test_switches_train_through_hydra(overrides, tmp_path, synth_dir):
 def test_stages_freeze_and_init_from(tmp_path, synth_dir):
     """stage1_align trains the projector only; stage2_finetune starts from its export with
     `init_from` (weights equal, a fresh optimizer at step 0) and also trains the decoder."""
-    from vlm.train import build_module, run  # noqa: F401
+    from vlm.training.train import build_module, run  # noqa: F401
 
     s1 = tmp_path / "s1"
     cfg1, _ = _train(["experiment=stage1_align"], s1, synth_dir)
@@ -58,15 +58,15 @@ def test_stages_freeze_and_init_from(tmp_path, synth_dir):
     init = {k: v for k, v in stage1.items()}
 
     # the stage-2 run, stopped before its first step, holds exactly stage 1's weights
-    from vlm.datamodule import build_datamodule
-    from vlm.train import build_module as bm
+    from vlm.training.datamodule import build_datamodule
+    from vlm.training.train import build_module as bm
 
     s2 = tmp_path / "s2"
     cfg2 = compose_train(["logger=none", "experiment=stage2_finetune", f"init_from={s1 / 'export'}"], s2, synth_dir)
     dm = build_datamodule(cfg2)
     dm.setup("fit")
     module = bm(cfg2, dm)
-    from vlm.train import init_weights
+    from vlm.training.train import init_weights
 
     init_weights(module, cfg2.init_from)
     for k, v in module.model.state_dict().items():
@@ -97,8 +97,8 @@ def test_init_from_a_different_layout_names_the_keys(tmp_path, synth_dir):
 def test_init_from_another_tokenizer_copies_rows_by_token(tmp_path, synth_dir):
     """A stage whose data folder trained another tokenizer: every token both vocabularies hold keeps
     its stage-1 embedding row under its new id, new tokens keep their fresh rows, the rest is stage 1's."""
-    from vlm.datamodule import build_datamodule
-    from vlm.train import build_module, init_weights
+    from vlm.training.datamodule import build_datamodule
+    from vlm.training.train import build_module, init_weights
 
     s1 = tmp_path / "s1"
     _train([], s1, synth_dir)
@@ -138,7 +138,7 @@ def test_init_from_another_tokenizer_copies_rows_by_token(tmp_path, synth_dir):
 
 
 def test_infer_prunes_visual_tokens(tmp_path, synth_dir, capsys):
-    from vlm.infer import run as infer_run
+    from vlm.serve.infer import run as infer_run
 
     _train(["model.projector.merge_size=1"], tmp_path, synth_dir)
     res = {}

@@ -4,7 +4,7 @@
   process on the combined batch (loss normalised by the step's global label tokens);
 - the non-finite guard stops the step on every rank when only one rank sees a NaN;
 - fsdp saves sharded (DCP) checkpoints that resume on 2 ranks (bit-identical losses) and on 1
-  rank (the same losses within tolerance), and `python -m vlm.export` consolidates them into the
+  rank (the same losses within tolerance), and `python -m vlm.checkpoint.export` consolidates them into the
   export folder that `load_checkpoint` reads.
 
 The file is also the worker script (`python tests/test_distributed.py SPEC.json`). Batches are
@@ -85,8 +85,8 @@ class StepStream(torch.utils.data.IterableDataset):
 
 def tiny_module(out: Path, data_dir: Path, overrides=(), meta_init: bool = False):
     from tests.conftest import compose_train
-    from vlm.datamodule import build_datamodule
-    from vlm.train import build_module
+    from vlm.training.datamodule import build_datamodule
+    from vlm.training.train import build_module
 
     cfg = compose_train(["logger=none", *overrides], out, data_dir)
     import lightning as L
@@ -141,7 +141,7 @@ def train_fixed(spec: dict) -> dict:
     resume, ckpt_every, nan_step, nan_rank, on_nonfinite, save_full, export."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    from vlm.checkpoint import ExportCallback
+    from vlm.training.callbacks import ExportCallback
 
     out, data_dir = Path(spec["out"]), Path(spec["data_dir"])
     out.mkdir(parents=True, exist_ok=True)
@@ -156,7 +156,7 @@ def train_fixed(spec: dict) -> dict:
     samples = fixed_samples(dm, SAMPLES_PER_STEP * spec["steps"])
     strategy = {"single": "auto", "ddp": "ddp"}.get(spec.get("strategy", "single"))
     if spec.get("strategy") == "fsdp":
-        from vlm.parallel import FSDP2Strategy
+        from vlm.training.parallel import FSDP2Strategy
 
         strategy = FSDP2Strategy()
     rec = Recorder()
@@ -208,7 +208,7 @@ def train_fixed(spec: dict) -> dict:
     if trainer.is_global_zero:
         torch.save({"grads": rec.grads, "params": rec.params}, out / "tensors.pt")
     if spec.get("save_full"):
-        from vlm.parallel import full_state_dict
+        from vlm.training.parallel import full_state_dict
 
         sd = full_state_dict(module.model)  # collective
         if trainer.is_global_zero:
@@ -303,8 +303,8 @@ def test_ddp_matches_one_process_and_guards_nan_on_every_rank(reference, synth_d
 
 
 def test_fsdp_matches_one_process_saves_resumes_and_exports(reference, synth_dir, tmp_path):
-    from vlm.checkpoint import load_checkpoint
-    from vlm.export import main as export_main
+    from vlm.checkpoint.export import main as export_main
+    from vlm.checkpoint.load import load_checkpoint
 
     a, b, c = tmp_path / "fsdp", tmp_path / "resume2", tmp_path / "resume1"
     common = {"strategy": "fsdp", "steps": 4, "data_dir": str(synth_dir)}
@@ -341,7 +341,10 @@ def test_fsdp_matches_one_process_saves_resumes_and_exports(reference, synth_dir
     # 3. consolidation: the export folder holds exactly the trained weights, and infer's loader reads it
     full = torch.load(a / "full_state.pt", weights_only=True)
     assert export_main([f"ckpt={a / 'ckpt' / 'step4.ckpt'}", f"out={tmp_path / 'export'}"]) == 0
-    for folder in (tmp_path / "export", a / "export"):  # `python -m vlm.export`, and the end-of-training export
+    for folder in (
+        tmp_path / "export",
+        a / "export",
+    ):  # `python -m vlm.checkpoint.export`, and the end-of-training export
         loaded = load_checkpoint(folder)
         sd = loaded.model.state_dict()
         for k, v in full.items():

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from tests.conftest import ROOT, compose_infer, compose_train
-from vlm.checkpoint import CheckpointError, load_checkpoint
+from vlm.checkpoint.load import CheckpointError, load_checkpoint
 from vlm.data.collate import collate
 from vlm.data.sample import SampleTransform
 from vlm.data.webdataset import ShardDataset
@@ -21,7 +21,7 @@ from vlm.data.webdataset import ShardDataset
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, synth_dir):
-    from vlm.train import run
+    from vlm.training.train import run
 
     out = tmp_path_factory.mktemp("run")
     cfg = compose_train(["logger=csv"], out, synth_dir)
@@ -69,7 +69,7 @@ def test_reload_gives_identical_logits(trained, synth_dir):
 
 
 def test_infer_streams_an_answer(trained, synth_dir, tmp_path, capsys):
-    from vlm.infer import run
+    from vlm.serve.infer import run
 
     out, _, _ = trained
     img = tmp_path / "img.png"
@@ -101,7 +101,7 @@ def test_infer_streams_an_answer(trained, synth_dir, tmp_path, capsys):
 
 
 def test_infer_evaluates_heldout(trained, synth_dir, tmp_path, capsys):
-    from vlm.infer import run
+    from vlm.serve.infer import run
 
     out, _, _ = trained
     preds = tmp_path / "preds.jsonl"
@@ -115,7 +115,7 @@ def test_infer_evaluates_heldout(trained, synth_dir, tmp_path, capsys):
     rows = [json.loads(line) for line in preds.read_text().splitlines()]
     assert len(rows) == 40 and {"key", "qtype", "question", "answer", "prediction", "correct"} <= set(rows[0])
     # the CER per type is the written predictions' edits over their reference characters
-    from vlm.metrics import edit_distance, normalize_answer
+    from vlm.evaluation.metrics import edit_distance, normalize_answer
 
     for q in {r["qtype"] for r in rows}:
         mine = [r for r in rows if r["qtype"] == q]

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from tests.conftest import compose_infer, compose_train
-from vlm.checkpoint import load_checkpoint
+from vlm.checkpoint.load import load_checkpoint
 from vlm.data.collate import collate
 from vlm.data.sample import SampleTransform
 from vlm.data.video import encode_video
@@ -24,7 +24,7 @@ av = pytest.importorskip("av")
 
 @pytest.fixture(scope="module")
 def trained_v2(tmp_path_factory):
-    from vlm.train import run
+    from vlm.training.train import run
 
     out = tmp_path_factory.mktemp("run_v2")
     data = tmp_path_factory.mktemp("data_v2")
@@ -63,7 +63,7 @@ def test_v2_train_export_and_config(trained_v2):
 
 
 def test_v2_infer_images_and_video(trained_v2, tmp_path, capsys):
-    from vlm.infer import run
+    from vlm.serve.infer import run
 
     out, data, _ = trained_v2
     a, b = tmp_path / "a.png", tmp_path / "b.png"

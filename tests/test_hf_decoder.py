@@ -195,9 +195,9 @@ def test_pretrained_decoder_trains_through_hydra_with_a_grown_vocabulary(tmp_pat
 
     from tests.conftest import CONF
     from tests.conftest import TINY as TINY_RUN
-    from vlm.checkpoint import load_checkpoint
+    from vlm.checkpoint.load import load_checkpoint
     from vlm.tokenizer import TextTokenizer
-    from vlm.train import run
+    from vlm.training.train import run
 
     tok = TextTokenizer.from_file(synth_dir / "synthvqa" / "tokenizer.json")
     torch.manual_seed(0)
@@ -270,7 +270,7 @@ def test_fsdp_reads_the_pretrained_folder_on_rank_0_only(tmp_path, synth_dir):
     from tests.conftest import ROOT
     from tests.conftest import TINY as TINY_RUN
     from tests.test_jinja_template import QWEN2VL
-    from vlm.checkpoint import load_checkpoint
+    from vlm.checkpoint.load import load_checkpoint
     from vlm.tokenizer import TextTokenizer
 
     tok = TextTokenizer.from_file(synth_dir / "synthvqa" / "tokenizer.json")

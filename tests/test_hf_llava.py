@@ -100,7 +100,7 @@ def test_llava_1_5_7b_key_maps_on_meta(tmp_path):
 
 def test_export_round_trips_through_transformers(tmp_path):
     """HF LLaVA -> our modules -> `format=hf_llava` -> transformers: the same logits."""
-    from vlm.hf_export import ExportError, export_hf
+    from vlm.checkpoint.hf_export import ExportError, export_hf
     from vlm.tokenizer import train_tokenizer
 
     torch.manual_seed(0)

@@ -11,7 +11,7 @@ from PIL import Image
 
 transformers = pytest.importorskip("transformers")
 
-from vlm.build import build_processor  # noqa: E402
+from vlm.build.model import build_processor  # noqa: E402
 from vlm.data.hf_processor import ProcessorConfigError, processor_config_from_hf  # noqa: E402
 
 

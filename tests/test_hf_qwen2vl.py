@@ -154,7 +154,7 @@ def test_whole_qwen2vl_logits_match_transformers(tmp_path):
 
 def test_qwen2vl_export_round_trips_through_transformers(tmp_path):
     """HF Qwen2-VL -> our modules -> `format=hf_qwen2vl` (hub key layout) -> transformers: same logits."""
-    from vlm.hf_export import export_hf
+    from vlm.checkpoint.hf_export import export_hf
     from vlm.model.hf import pretrained_decoder
     from vlm.model.vlm import VLM
     from vlm.tokenizer import train_tokenizer

@@ -161,11 +161,11 @@ def count_train_pass(ds, n_raw: int) -> tuple[list, Counter]:
 
 def test_every_malformed_sample_is_skipped_and_counted_in_training_and_evaluation(synth_dir, tmp_path):
     from vlm.data.processor import ImageProcessor  # noqa: F401  (the synth processor config below)
-    from vlm.datamodule import VLMDataModule
+    from vlm.training.datamodule import VLMDataModule
 
     shard = hostile_shard(tmp_path / "train" / "h-000000.tar", synth_dir)
     cfg = compose_shards(shard, tmp_path, synth_dir, ["data.shuffle_buffer=1"])
-    from vlm.datamodule import build_datamodule
+    from vlm.training.datamodule import build_datamodule
 
     dm: VLMDataModule = build_datamodule(cfg)
     dm.setup("fit")
@@ -186,8 +186,8 @@ def test_every_malformed_sample_is_skipped_and_counted_in_training_and_evaluatio
 
 @pytest.fixture(scope="module")
 def hostile_run(tmp_path_factory, synth_dir):
-    """`vlm.train.run` on the hostile shard with no logger: it trains, and prints the skip summary."""
-    from vlm.train import run
+    """`vlm.training.train.run` on the hostile shard with no logger: it trains, and prints the skip summary."""
+    from vlm.training.train import run
 
     tmp = tmp_path_factory.mktemp("hostile")
     shard = hostile_shard(tmp / "train" / "h-000000.tar", synth_dir)
@@ -208,7 +208,7 @@ def test_training_on_hostile_shard_finishes_and_prints_skip_summary(hostile_run,
 
 
 def test_evaluation_on_hostile_shard_counts_every_reason(hostile_run, synth_dir, capsys):
-    from vlm.infer import run
+    from vlm.serve.infer import run
 
     tmp, shard, _, _ = hostile_run
     export = tmp / "export"
@@ -295,7 +295,7 @@ def test_shards_mixing_good_and_empty_train_and_read_bad_ones_once(synth_dir, tm
     """A good shard beside unreadable ones: training goes on; each bad shard is read (and logged) once."""
     from vlm.data.sample import SampleTransform
     from vlm.data.webdataset import ShardDataset
-    from vlm.datamodule import VLMDataModule
+    from vlm.training.datamodule import VLMDataModule
 
     bad = tmp_path / "mixed"
     bad.mkdir()

@@ -117,7 +117,7 @@ def test_templates_are_sandboxed_and_loaded_from_folders(tok, tmp_path):
 
 
 def test_generation_stops_at_the_template_end_token(tok):
-    from vlm.build import stop_ids
+    from vlm.build.model import stop_ids
 
     eot = tok.tok.token_to_id("<|eot_id|>")
     assert stop_ids(tok, {"jinja": LLAMA3, "specials": {"eos_token": "<|eot_id|>"}}) == [tok.im_end_id, tok.eos_id, eot]
@@ -128,7 +128,7 @@ def test_generation_stops_at_the_template_end_token(tok):
 def test_generation_config_stop_ids_follow_the_template_folder(tok, tmp_path):
     """Llama 3 Instruct: tokenizer_config's eos_token is <|end_of_text|> but a turn ends with
     <|eot_id|>, which only generation_config.json names; it travels in the resolved template config."""
-    from vlm.build import resolve_template_config, stop_ids
+    from vlm.build.model import resolve_template_config, stop_ids
 
     eot = tok.tok.token_to_id("<|eot_id|>")
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": LLAMA3}))

@@ -1,4 +1,4 @@
-"""`python -m vlm.lab` on a two-row grid of the tiny test model: real training runs, real held-out
+"""`python -m vlm.cli.lab` on a two-row grid of the tiny test model: real training runs, real held-out
 evaluation, the pruning block, and the table / CSV / markers it writes."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import csv
 
 from tests.conftest import TINY
-from vlm.lab import BEGIN, END, load_grid, parse_args, run_prune, run_row, table, write_outputs
+from vlm.cli.lab import BEGIN, END, load_grid, parse_args, run_prune, run_row, table, write_outputs
 
 
 def test_lab_grid_end_to_end(tmp_path, synth_dir):

@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from vlm.build import build_processor, build_template
+from vlm.build.model import build_processor, build_template
 from vlm.data.sample import SampleTransform
 from vlm.data.webdataset import DataError, ShardDataset
 from vlm.tokenizer import TextTokenizer

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vlm.metrics import CharErrorRateByType, ExactMatchByType, edit_distance
+from vlm.evaluation.metrics import CharErrorRateByType, ExactMatchByType, edit_distance
 
 
 @pytest.mark.parametrize(

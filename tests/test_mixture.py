@@ -74,7 +74,7 @@ def test_caption_task_builds_chat_samples(tmp_path):
 
 
 def test_weighted_mixture_through_the_loader(tmp_path, synth_dir):
-    from vlm.datamodule import build_datamodule
+    from vlm.training.datamodule import build_datamodule
 
     img2dataset_shard(tmp_path / "laion-000000.tar", bad=(3,))
     caps = our_caption_shard(tmp_path)
@@ -117,7 +117,7 @@ def test_weighted_mixture_through_the_loader(tmp_path, synth_dir):
 
 
 def test_mixture_trains_and_logs_per_source_counts(tmp_path, synth_dir):
-    from vlm.train import run
+    from vlm.training.train import run
 
     img2dataset_shard(tmp_path / "laion-000000.tar")
     cfg = compose_train(
@@ -143,7 +143,7 @@ def test_mixture_trains_and_logs_per_source_counts(tmp_path, synth_dir):
 
 def test_mixture_config_errors(tmp_path, synth_dir):
     from vlm.data.mixture import MixtureDataset
-    from vlm.datamodule import build_datamodule
+    from vlm.training.datamodule import build_datamodule
 
     base = str(synth_dir / "synthvqa" / "train")
     for sources, match in (

@@ -4,9 +4,9 @@ RoPE / M-RoPE, and KV-cache parity of greedy decoding."""
 import pytest
 import torch
 
-from vlm.generate import generate, sample_next
 from vlm.model.attention import causal_mask
 from vlm.model.decoder import Decoder
+from vlm.model.generate import generate, sample_next
 from vlm.model.projector import Projector, spatial_merge, visual_token_count
 from vlm.model.rope import inv_frequencies, rope_cos_sin
 from vlm.model.vision import VisionEncoder

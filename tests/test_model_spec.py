@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vlm.build import build_model, model_spec
-from vlm.hf_export import ExportError, check_spec
+from vlm.build.model import build_model, model_spec
+from vlm.build.overrides import check_overrides
+from vlm.checkpoint.hf_export import ExportError, check_spec
 from vlm.model.config import DecoderConfig, EncoderConfig, ModelSpec, ProjectorConfig
 from vlm.model.decoder import Decoder
 from vlm.model.fields import SpecError
 from vlm.model.vision import VisionEncoder
-from vlm.spec import check_overrides
 from vlm.tokenizer import train_tokenizer
 
 MODEL = {

@@ -17,17 +17,17 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from vlm.build import build_model, build_processor, build_template
+from vlm.build.model import build_model, build_processor, build_template, geometry_of
 from vlm.data.collate import Collator, collate
 from vlm.data.sample import SampleError, SampleTransform
 from vlm.data.template import IGNORE
 from vlm.data.video import VideoProcessor, encode_video
 from vlm.data.webdataset import ShardDataset
-from vlm.generate import generate
+from vlm.model.generate import generate
+from vlm.model.geometry import Geometry
 from vlm.model.projector import visual_token_count
 from vlm.model.rope import apply_rope
 from vlm.model.vision import PatchEmbed, VisionEncoder
-from vlm.spec import Geometry
 from vlm.tokenizer import train_tokenizer
 
 av = pytest.importorskip("av")
@@ -484,7 +484,7 @@ def real_cfg(tmp_path_factory):
 def test_two_images_and_a_video_through_the_real_model(real_cfg, tok):
     torch.manual_seed(0)
     model = build_model(real_cfg["model"], tok)
-    geo = Geometry.from_model_config(real_cfg["model"])
+    geo = geometry_of(real_cfg["model"])
     proc = build_processor(real_cfg["data"]["processor"], geometry=geo)
     assert proc.temporal_patch == 2 and model.encoder.pos == "rope2d" and model.decoder.rope == "mrope"
     assert (proc.patch_size, proc.temporal_patch, proc.merge_size) == (

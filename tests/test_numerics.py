@@ -67,7 +67,7 @@ def test_nonfinite_step_is_skipped(synth_dir, tmp_path):
 
 
 def test_nonfinite_halt_stops_with_a_clear_message(synth_dir, tmp_path):
-    from vlm.gradient_step import NonFiniteError
+    from vlm.training.gradient_step import NonFiniteError
 
     with pytest.raises(NonFiniteError, match=r"step 1: non-finite loss and gradient norm .*numerics.on_nonfinite=halt"):
         train_fixed(
@@ -107,7 +107,7 @@ def test_our_clipping_equals_clip_grad_norm(synth_dir, tmp_path):
 
 def test_parallel_options_are_checked():
     """conf/parallel/default.yaml: a wrong value or an unknown key is one clear error."""
-    from vlm.parallel import ParallelConfig
+    from vlm.training.parallel import ParallelConfig
 
     assert ParallelConfig.from_dict({"init": "all_ranks"}).init == "all_ranks"
     for bad, match in (

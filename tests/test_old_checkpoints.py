@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from vlm.checkpoint import load_checkpoint
-from vlm.infer import answer, prompt_batch
+from vlm.checkpoint.load import load_checkpoint
+from vlm.serve.infer import answer, prompt_batch
 
 FIXTURE = Path(__file__).parent / "fixtures" / "v1_checkpoint"
 PROMPT = "What color is the circle?"

@@ -31,12 +31,12 @@ def test_packers_place_every_item_once_within_capacity(packer):
 
 
 def _setup(tmp_path, synth_dir, overrides=()):
-    from vlm.datamodule import build_datamodule
+    from vlm.training.datamodule import build_datamodule
 
     cfg = compose_train(list(overrides), tmp_path, synth_dir)
     dm = build_datamodule(cfg)
     dm.setup("fit")
-    from vlm.build import build_model
+    from vlm.build.model import build_model
 
     torch.manual_seed(0)
     model = build_model(dict(cfg.model), dm.tokenizer).eval()
@@ -155,7 +155,7 @@ def test_packing_cuts_padding(tmp_path, synth_dir):
 
 
 def test_packing_trains_through_the_real_trainer(tmp_path, synth_dir):
-    from vlm.train import run
+    from vlm.training.train import run
 
     metrics = run(
         compose_train(

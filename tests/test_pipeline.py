@@ -1,4 +1,4 @@
-"""Multi-stage recipes (vlm/pipeline.py): one command runs every stage; killed mid-stage, the same
+"""Multi-stage recipes (vlm/training/pipeline.py): one command runs every stage; killed mid-stage, the same
 command resumes and ends with the weights of an uninterrupted run, bit for bit."""
 
 from __future__ import annotations
@@ -112,7 +112,7 @@ def _pipeline_cfg(overrides: list[str], data_dir: Path, run_dir: Path):
 def test_pipeline_refuses_what_it_cannot_run(synth_dir, tmp_path):
     from hydra import compose, initialize_config_dir
 
-    from vlm.pipeline import PipelineError, run_pipeline
+    from vlm.training.pipeline import PipelineError, run_pipeline
 
     run_dir = tmp_path / "run"
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
@@ -210,7 +210,7 @@ def test_under_torchrun_rank_0_warms_the_tower_up_and_every_rank_trains(synth_di
 
 
 def test_which_process_is_rank_zero(monkeypatch):
-    from vlm.pipeline import is_rank_zero
+    from vlm.training.pipeline import is_rank_zero
 
     for key in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"):
         monkeypatch.delenv(key, raising=False)
@@ -230,7 +230,7 @@ def test_a_waiting_rank_stops_when_its_launcher_is_gone(tmp_path):
     has ended: it notices it was orphaned and stops with one line."""
     result = tmp_path / "result.txt"
     waiter = (
-        "import sys; from pathlib import Path; from vlm.pipeline import PipelineError, wait_for_stage\n"
+        "import sys; from pathlib import Path; from vlm.training.pipeline import PipelineError, wait_for_stage\n"
         "try:\n"
         f"    wait_for_stage(Path({str(tmp_path / 'never' / 'done.json')!r}), 'warmup', poll_s=0.1)\n"
         f"    Path({str(result)!r}).write_text('returned')\n"

@@ -166,7 +166,7 @@ def test_siglip_qwen2_stage1_stage2_recipe_runs_as_documented(tmp_path, synth_di
             continue
         _run(argv, tmp_path)
     # stage 1 trained the projector only; stage 2 started from its weights and trained the LLM too
-    from vlm.checkpoint import load_checkpoint
+    from vlm.checkpoint.load import load_checkpoint
     from vlm.model.hf import pretrained_decoder, pretrained_vision_encoder
 
     s1 = load_checkpoint(tmp_path / "stage1" / "export").model

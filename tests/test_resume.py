@@ -26,7 +26,7 @@ def _losses(out: Path) -> dict[int, str]:
 
 
 def _run(out: Path, synth_dir: Path, steps: int, workers: int, resume: Path | None = None) -> dict[int, str]:
-    from vlm.train import run
+    from vlm.training.train import run
 
     overrides = [
         "logger=csv",
@@ -93,16 +93,15 @@ def test_resume_from_a_checkpoint_in_the_old_layout(tmp_path, synth_dir, straigh
 def test_stream_resume_across_blocks_and_workers(tmp_path, synth_dir):
     """Dataset level: positions taken from what was consumed (not what workers prefetched)
     continue every worker's stream exactly, also across stream blocks."""
-    from vlm.build import build_processor, build_template
+    from vlm.build.model import build_processor, build_template, geometry_of
     from vlm.data.collate import Collator
     from vlm.data.sample import SampleTransform
     from vlm.data.webdataset import ShardDataset, StreamTracker
-    from vlm.spec import Geometry
     from vlm.tokenizer import TextTokenizer
 
     cfg = compose_train([], tmp_path, synth_dir)
     tok = TextTokenizer.from_file(synth_dir / "synthvqa" / "tokenizer.json")
-    geo = Geometry.from_model_config(cfg.model)
+    geo = geometry_of(cfg.model)
     proc = SampleTransform(
         build_processor(dict(cfg.data.processor), geometry=geo),
         build_template(dict(cfg.data.template), tok, geometry=geo),

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ROOT, compose_infer
-from vlm.infer import run
+from vlm.serve.infer import run
 
 FIXTURE = Path(__file__).parent / "fixtures" / "v1_checkpoint"
 EXPORT = FIXTURE / "export"

@@ -1,4 +1,4 @@
-"""The serving engine (`vlm.serve.engine`): greedy answers equal `vlm.generate.generate` run on each
+"""The serving engine (`vlm.serve.engine`): greedy answers equal `vlm.model.generate.generate` run on each
 request alone, whatever the arrival schedule, concurrency, cache state and mix of images, videos
 and text; plus seeded sampling, cancel, back-pressure, refusals, cache budgets and multi-turn reuse.
 
@@ -16,13 +16,12 @@ import pytest
 import torch
 from PIL import Image
 
-from vlm.build import build_model, build_processor, build_template, stop_ids
-from vlm.checkpoint import LoadedVLM
-from vlm.generate import generate
+from vlm.build.model import build_model, build_processor, build_template, geometry_of, stop_ids
+from vlm.checkpoint.load import LoadedVLM
+from vlm.model.generate import generate
 from vlm.serve.api import ChatRequest, Delta, Finished, Overloaded, RequestError, SamplingParams
 from vlm.serve.engine import Engine, EngineConfig
 from vlm.serve.prompt import PromptBuilder
-from vlm.spec import Geometry
 from vlm.tokenizer import train_tokenizer
 
 WORDS = [
@@ -96,7 +95,7 @@ def tiny(tok, fusion="interleave", rope="mrope", image_attention="causal", proje
             if n.endswith("_gate"):
                 p.fill_(0.5)  # open the cross-attention gates so the media matter
         model.decoder.lm_head.weight.mul_(20)  # sharper logits: answers depend on the input, few near-ties
-    geo = Geometry.from_model_config(cfg)
+    geo = geometry_of(cfg)
     pcfg = dict(
         resolution="dynamic",
         image_size=32,

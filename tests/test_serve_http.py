@@ -17,8 +17,8 @@ import httpx
 import pytest
 from PIL import Image
 
-from vlm.checkpoint import load_checkpoint
-from vlm.generate import generate
+from vlm.checkpoint.load import load_checkpoint
+from vlm.model.generate import generate
 from vlm.serve.api import ChatRequest, Overloaded, SamplingParams
 from vlm.serve.engines import build_engine
 from vlm.serve.media_urls import MediaPolicy
@@ -111,7 +111,7 @@ def _messages(url: str = DATA_URL, text: str = PROMPT) -> list[dict]:
 @pytest.fixture(scope="module")
 def expected(loaded):
     """Greedy `generate()` on the prompt PromptBuilder makes for `_messages()`: (answer, prompt)."""
-    from vlm.build import stop_ids
+    from vlm.build.model import stop_ids
 
     builder = PromptBuilder(loaded.processor, loaded.template, loaded.tokenizer, 512)
     prompt = builder([{"role": "user", "content": [{"type": "image", "image": PNG}, {"type": "text", "text": PROMPT}]}])

@@ -1,4 +1,4 @@
-"""vlm.spec: the model's media geometry has one source, the model config; the data side follows it."""
+"""vlm.model.geometry: the model's media geometry has one source, the model config; the data side follows it."""
 
 from __future__ import annotations
 
@@ -12,11 +12,12 @@ import pytest
 import yaml
 
 from tests.conftest import CONF, ROOT, TINY
-from vlm.build import build_model, build_processor, build_template
-from vlm.checkpoint import CheckpointError, load_checkpoint
-from vlm.datamodule import VLMDataModule
-from vlm.spec import Geometry, check_overrides
+from vlm.build.model import build_model, build_processor, build_template, geometry_of
+from vlm.build.overrides import check_overrides
+from vlm.checkpoint.load import CheckpointError, load_checkpoint
+from vlm.model.geometry import Geometry
 from vlm.tokenizer import train_tokenizer
+from vlm.training.datamodule import VLMDataModule
 
 FIXTURE = Path(__file__).parent / "fixtures" / "v1_checkpoint"
 
@@ -50,7 +51,7 @@ def test_overrides_compose_and_both_sides_follow_the_model(overrides, expected, 
         cfg = compose(
             "train", overrides=[f"paths.output_dir={tmp_path}", f"paths.data_dir={tmp_path}", *tiny, *overrides]
         )
-    geo = Geometry.from_model_config(cfg.model)
+    geo = geometry_of(cfg.model)
     for k, v in expected.items():
         assert getattr(geo, k) == v, (k, geo)
     data = {k: cfg.data[k] for k in ("processor", "template")}
@@ -86,11 +87,9 @@ def test_geometry_is_checked_in_one_place():
     dec = {"_target_": "vlm.model.decoder.Decoder"}
     bad = {"encoder": enc, "projector": {"kind": "mlp", "queries": 4}, "decoder": dec}
     with pytest.raises(ValueError, match="queries is for kind=qformer only"):
-        Geometry.from_model_config(bad)
+        geometry_of(bad)
     # a native class's defaults fill what its config leaves out
-    g = Geometry.from_model_config(
-        {"encoder": {"_target_": "vlm.model.vision.VisionEncoder"}, "projector": {}, "decoder": dec}
-    )
+    g = geometry_of({"encoder": {"_target_": "vlm.model.vision.VisionEncoder"}, "projector": {}, "decoder": dec})
     assert (g.patch_size, g.temporal_patch, g.merge_size, g.rope) == (8, 1, 1, "rope")
 
 
@@ -121,12 +120,12 @@ def test_a_pretrained_tower_gives_its_patch_size_from_its_config_json(tmp_path):
             ],
         )
     assert cfg.model.encoder.patch_size is None  # "follow the checkpoint"
-    geo = Geometry.from_model_config(cfg.model)
+    geo = geometry_of(cfg.model)
     assert (geo.patch_size, geo.temporal_patch, geo.merge_size) == (16, 1, 1)
     assert build_processor(dict(cfg.data.processor), geometry=geo).patch_size == 16
     # a checkpoint's config is read as it is: no folder, so no pretrained loader
     with pytest.raises(ValueError, match="model.encoder._target_=.*a pretrained loader"):
-        Geometry.from_model_config(cfg.model, trusted=False)
+        geometry_of(cfg.model, trusted=False)
 
 
 def test_the_data_config_may_not_repeat_the_geometry(tmp_path, synth_dir):

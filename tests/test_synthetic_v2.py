@@ -252,8 +252,8 @@ def test_strips_data_config_is_one_curriculum_stage(tmp_path):
     """`data=synthvqa_strips` with a length range: its own data folder, only ocr_wide questions in
     training with answers of those lengths, and the tower warm-up's strips follow the same lengths."""
     from tests.conftest import compose_train
-    from vlm.datamodule import build_datamodule
-    from vlm.warmup import with_data_strips
+    from vlm.training.datamodule import build_datamodule
+    from vlm.training.warmup import with_data_strips
 
     cfg = compose_train(
         [

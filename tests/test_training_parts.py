@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from tests.conftest import compose_train
-from vlm.datamodule import build_datamodule
-from vlm.gradient_step import GradientStep, NonFiniteError
+from vlm.training.datamodule import build_datamodule
+from vlm.training.gradient_step import GradientStep, NonFiniteError
 
 
 def _datamodule(tmp_path, synth_dir, overrides=()):
@@ -63,8 +63,8 @@ def test_datamodule_resume_state_is_used_once_and_reseeds_on_another_world_size(
 def test_example_table_logs_the_first_validation_samples(tmp_path, synth_dir, monkeypatch):
     from lightning.pytorch.loggers import WandbLogger
 
-    from vlm.callbacks import ExampleTable
-    from vlm.evaluate import Scored
+    from vlm.evaluation.evaluate import Scored
+    from vlm.training.callbacks import ExampleTable
 
     dm = _datamodule(tmp_path, synth_dir)
     batch = next(iter(dm.val_dataloader()))

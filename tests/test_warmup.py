@@ -1,4 +1,4 @@
-"""Tower warm-up (vlm/warmup.py): the encoder trains alone on character naming before the VLM stage."""
+"""Tower warm-up (vlm/training/warmup.py): the encoder trains alone on character naming before the VLM stage."""
 
 from __future__ import annotations
 
@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from tests.conftest import compose_train
+from vlm.build.model import geometry_of
 from vlm.data.processor import ImageProcessor
 from vlm.model.vision import VisionEncoder
-from vlm.warmup import WarmupConfig, warm_up_tower
+from vlm.training.warmup import WarmupConfig, warm_up_tower
 
 
 @pytest.mark.parametrize(
@@ -76,7 +77,7 @@ def test_bad_warmup_options_are_named(bad):
 def test_glyph_loss_reads_the_context_targets(context):
     """Confident right logits give ~0 loss; making the previous-character logits wrong costs only
     under `prev_next` (under `next` that slot is the first-of-string flag)."""
-    from vlm.warmup import _glyph_head_width, _glyph_loss
+    from vlm.training.warmup import _glyph_head_width, _glyph_loss
 
     n = 4  # characters; NONE = END = START = 4
     # two tokens x two halves: "AB" in token 0 (left, right), token 1 empty
@@ -114,8 +115,8 @@ def test_the_warmup_stage_trains_the_tower_alone_and_exports_the_whole_model(tmp
     with `tower_warmup.steps` are refused by name."""
     from safetensors.torch import load_file
 
-    from vlm.train import build_module, run
-    from vlm.warmup_stage import run_warmup_stage
+    from vlm.training.train import build_module, run
+    from vlm.training.warmup_stage import run_warmup_stage
 
     overrides = ["logger=none", "tower_warmup.steps=4", "tower_warmup.batch_size=4", "tower_warmup.task=shapes"]
     cfg = compose_train(overrides, tmp_path, synth_dir)
@@ -124,11 +125,10 @@ def test_the_warmup_stage_trains_the_tower_alone_and_exports_the_whole_model(tmp
     warm = load_file(str(tmp_path / "export" / "model.safetensors"))
     import lightning as L
 
-    from vlm.datamodule import build_datamodule
-    from vlm.spec import Geometry
+    from vlm.training.datamodule import build_datamodule
 
     L.seed_everything(cfg.seed, workers=True)
-    dm = build_datamodule(cfg, Geometry.from_model_config(cfg.model))
+    dm = build_datamodule(cfg, geometry_of(cfg.model))
     dm.setup("fit")
     fresh = build_module(cfg, dm).model.state_dict()  # the same seed: the weights before the warm-up
     changed = {k.split(".")[0] for k in warm if not torch.equal(warm[k], fresh[k])}
@@ -137,7 +137,7 @@ def test_the_warmup_stage_trains_the_tower_alone_and_exports_the_whole_model(tmp
         run_warmup_stage(compose_train([*overrides, "model.freeze.encoder=true"], tmp_path / "f", synth_dir))
     with pytest.raises(ValueError, match="recipe stage"):
         run(compose_train(overrides, tmp_path / "r", synth_dir))
-    from vlm.pipeline import PipelineError  # a user error: one line from train.py, no traceback
+    from vlm.training.pipeline import PipelineError  # a user error: one line from train.py, no traceback
 
     with pytest.raises(PipelineError, match="tower_warmup.task must be one of"):
         run_warmup_stage(compose_train([*overrides, "tower_warmup.task=ctc"], tmp_path / "t", synth_dir))
@@ -164,7 +164,7 @@ def test_glyph_labels_put_each_character_in_the_half_patch_under_its_ink(resolut
         render,
         sample_ocr_scene,
     )
-    from vlm.warmup import _glyph_batch
+    from vlm.training.warmup import _glyph_batch
 
     syn = SynthConfig(canvas=64, ocr_min_len=1, ocr_max_len=6)
     # the centres are where the ink is: each one lies inside its own character's ink box
@@ -232,7 +232,7 @@ def test_shape_labels_mark_each_shape_centre_with_its_shape_and_colour():
     import random
 
     from vlm.synthvqa import COLOR_NAMES, SHAPES, SynthConfig
-    from vlm.warmup import _shapes_batch
+    from vlm.training.warmup import _shapes_batch
 
     class Cfg:
         batch_size = 4
@@ -255,7 +255,7 @@ def test_warm_up_strips_follow_the_run_data():
     import random
 
     from vlm.synthvqa import sample_wide_ocr_scene
-    from vlm.warmup import _task, with_data_strips
+    from vlm.training.warmup import _task, with_data_strips
 
     data = {"root": "x", "canvas": 64, "ocr_wide_min_len": 3, "ocr_wide_max_len": 6, "ocr_wide_font_frac": 0.40625}
     warm = with_data_strips({"steps": 1, "wide": 1.0}, data)

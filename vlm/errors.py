@@ -1,20 +1,73 @@
-"""Turn the errors a user can cause (a wrong path, an unreadable image, a bad checkpoint) into
-one clear line on stderr and exit code 2, instead of a traceback."""
+"""The errors a user can cause, and how an entry point reports them.
+
+This module is the bottom of the package: it imports nothing of `vlm`, so every layer can raise
+these types. `user_errors()` turns any of them (and a missing file) into one clear line on stderr
+and exit code 2, instead of a traceback.
+"""
 
 from __future__ import annotations
 
 import sys
 from contextlib import contextmanager
 
-from vlm.checkpoint import CheckpointError
-from vlm.data.media import MediaError
-from vlm.data.sample import SampleError
-from vlm.data.webdataset import DataError
-from vlm.gradient_step import NonFiniteError
-from vlm.model.fields import SpecError
-from vlm.model.hf.folder import PretrainedError
-from vlm.pipeline import PipelineError
-from vlm.serve.engines import ServeConfigError
+
+class SpecError(ValueError):
+    """A model config key that is unknown, of the wrong type, out of range or inconsistent."""
+
+
+class PretrainedError(ValueError):
+    """A pretrained folder that does not fit: missing files, unsupported options, key mismatches."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint path that is missing, not a checkpoint, or does not fit its config."""
+
+
+class MediaError(ValueError):
+    """A media item that cannot be used. ``reason`` is a short code (`vlm.data.media` lists them)."""
+
+    def __init__(self, reason: str, message: str = "", *, key: str | None = None) -> None:
+        self.reason = str(reason)
+        self.message = " ".join(str(message).split())  # one line, whatever the decoder said
+        self.key = key
+        super().__init__(self.__str__())
+
+    def __str__(self) -> str:
+        where = f" {self.key!r}" if self.key else ""
+        text = f": {self.message}" if self.message else ""
+        return f"media{where} refused [{self.reason}]{text}"
+
+    def __reduce__(self):  # picklable across worker processes despite keyword-only `key`
+        return (_rebuild_media_error, (self.reason, self.message, self.key))
+
+
+def _rebuild_media_error(reason: str, message: str, key: str | None) -> MediaError:
+    return MediaError(reason, message, key=key)
+
+
+class SampleError(ValueError):
+    """A sample that cannot be used. `reason` is a short code for counting."""
+
+    def __init__(self, reason: str, key: str, message: str):
+        super().__init__(f"sample {key!r}: {reason}: {message}")
+        self.reason, self.key, self.message = reason, key, message
+
+
+class DataError(RuntimeError):
+    """The training data cannot go on: every shard is unreadable, or too many samples fail."""
+
+
+class NonFiniteError(RuntimeError):
+    """Training stopped on a non-finite loss or gradient (numerics.on_nonfinite=halt)."""
+
+
+class PipelineError(ValueError):
+    """A recipe that cannot run as written (one line naming the stage or key)."""
+
+
+class ServeConfigError(ValueError):
+    """An engine option that cannot work (an unknown name, a bad value)."""
+
 
 # NonFiniteError: the numerics guard halted training (numerics.on_nonfinite=halt); its message
 # says which value went non-finite at which step. DataError: the shards cannot feed training.

@@ -57,6 +57,7 @@ from contextlib import contextmanager
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
+from vlm.errors import MediaError
 from vlm.files import FileRefused, read_regular_file
 
 # Register the plugins we accept up front: with an explicit `formats=` list Pillow does not import
@@ -106,28 +107,6 @@ _MAGIC: tuple[tuple[bytes, str], ...] = (
 _HIGH_DEPTH_16 = ("I;16", "I;16L", "I;16B", "I;16N")
 _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa")
 _WHITE = (255, 255, 255)
-
-
-class MediaError(ValueError):
-    """A media item that cannot be used. ``reason`` is a short code (see the module docstring)."""
-
-    def __init__(self, reason: str, message: str = "", *, key: str | None = None) -> None:
-        self.reason = str(reason)
-        self.message = " ".join(str(message).split())  # one line, whatever the decoder said
-        self.key = key
-        super().__init__(self.__str__())
-
-    def __str__(self) -> str:
-        where = f" {self.key!r}" if self.key else ""
-        text = f": {self.message}" if self.message else ""
-        return f"media{where} refused [{self.reason}]{text}"
-
-    def __reduce__(self):  # picklable across worker processes despite keyword-only `key`
-        return (_rebuild_media_error, (self.reason, self.message, self.key))
-
-
-def _rebuild_media_error(reason: str, message: str, key: str | None) -> MediaError:
-    return MediaError(reason, message, key=key)
 
 
 # --------------------------------------------------------------------------------------- guards

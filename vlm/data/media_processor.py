@@ -1,6 +1,6 @@
 """The media processor: the image processor plus the video processor that shares its geometry.
 
-`vlm.build.build_processor` returns one; checkpoints store its `to_config()`.
+`vlm.build.model.build_processor` returns one; checkpoints store its `to_config()`.
 """
 
 from __future__ import annotations

@@ -39,19 +39,12 @@ from vlm.data.media import MediaError, decode_image
 from vlm.data.processor import ImageProcessor
 from vlm.data.template import ChatTemplate, SampleTooLong, TemplateError
 from vlm.data.video import VideoProcessor, repeat_temporal
+from vlm.errors import SampleError
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff")
 VIDEO_EXTS = ("mp4", "mov", "webm", "mkv", "avi", "apng", "gif", "webp")
 _MEDIA_MEMBER = re.compile(r"^(\d+)\.(" + "|".join(sorted(set(IMAGE_EXTS + VIDEO_EXTS))) + r")$")
 _FRAME_MEMBER = re.compile(r"^(\d+)\.(\d+)\.(" + "|".join(IMAGE_EXTS) + r")$")
-
-
-class SampleError(ValueError):
-    """A sample that cannot be used. `reason` is a short code for counting."""
-
-    def __init__(self, reason: str, key: str, message: str):
-        super().__init__(f"sample {key!r}: {reason}: {message}")
-        self.reason, self.key, self.message = reason, key, message
 
 
 @dataclass
@@ -170,7 +163,7 @@ class SampleTransform:
     `require_reference=False` (a bare prompt to answer, as `infer.py` builds). mode="chat": the
     whole conversation, whatever its turns, plus the generation prompt (serving: `vlm.serve.prompt`).
 
-    media_processor: an `ImageProcessor`; a `MediaProcessor` (what `vlm.build.build_processor`
+    media_processor: an `ImageProcessor`; a `MediaProcessor` (what `vlm.build.model.build_processor`
     returns) also brings its video processor and `temporal_patch`. video_processor: overrides it.
     Without either, videos get `VideoProcessor.from_image_processor(media_processor,
     temporal_patch=1)` (made on the first video).

@@ -48,6 +48,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from vlm.data.sample import SampleError, SampleTransform, skip_report
 from vlm.data.tar_reader import ShardErrors, read_samples
+from vlm.errors import DataError
 
 log = logging.getLogger("vlm.data")
 
@@ -82,10 +83,6 @@ def rank_world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-
-
-class DataError(RuntimeError):
-    """The training data cannot go on: every shard is unreadable, or too many samples fail."""
 
 
 MAX_MEMBER_BYTES = 128 * 2**20  # one tar member (an image, a video, the json)

@@ -13,7 +13,7 @@ A pretrained part is resolved to its native config before anything is built
 (`ModelSpec.to_dict()`, `_target_` naming the native class of each component) rebuilds the model
 without the original folders. `None` in `ProjectorConfig.in_dim` / `out_dim` and
 `DecoderConfig.vocab_size` means "follow the encoder / the decoder / the tokenizer";
-`ModelSpec` fills the projector's, `vlm.build` the vocabulary.
+`ModelSpec` fills the projector's, `vlm.build.model` the vocabulary.
 """
 
 from __future__ import annotations
@@ -22,13 +22,12 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from vlm.model.fields import Fields, SpecError
+from vlm.model.geometry import FUSIONS, ROPES, Geometry
 
 ACTIVATIONS = ("gelu", "gelu_tanh", "quick_gelu")
 PATCH_EMBEDS = ("linear", "conv", "conv_image")
 POSITIONS = ("learned", "rope2d")
 PROJECTOR_KINDS = ("linear", "mlp", "merge", "pixel_shuffle", "qformer")
-ROPES = ("rope", "mrope")
-FUSIONS = ("interleave", "cross_attn")
 IMAGE_ATTENTION = ("causal", "bidirectional")
 PACKED_ATTENTION = ("sdpa", "flex")
 CROSS_ATTN_MEDIA = ("all", "last")
@@ -318,7 +317,7 @@ class ModelSpec:
     def from_dict(cls, d: dict, parts: dict[str, Fields] | None = None) -> ModelSpec:
         """From `{encoder, projector, decoder, image_attention, …}`: each component a mapping of its
         config's fields (a `_target_`, if there, must name the native class), or given resolved
-        in `parts` (`vlm.build.model_spec`: pretrained parts read from their folders)."""
+        in `parts` (`vlm.build.model.model_spec`: pretrained parts read from their folders)."""
         if not isinstance(d, dict):
             raise SpecError(f"model is not a mapping (got {type(d).__name__})")
         unknown = set(d) - set(COMPONENTS) - set(OPTIONS)
@@ -357,10 +356,8 @@ class ModelSpec:
         return out
 
     @property
-    def geometry(self):
-        """The media geometry the data side follows (`vlm.spec.Geometry`)."""
-        from vlm.spec import Geometry  # vlm.spec imports the projector, which imports this module
-
+    def geometry(self) -> Geometry:
+        """The media geometry the data side follows (`vlm.model.geometry.Geometry`)."""
         return Geometry(
             patch_size=self.encoder.patch_size,
             temporal_patch=self.encoder.temporal_patch,

@@ -80,7 +80,7 @@ class Decoder(nn.Module):
         c = args[0] if len(args) == 1 and not kwargs and isinstance(args[0], DecoderConfig) else None
         self.config = c = c or DecoderConfig(*args, **kwargs)  # validated there
         if c.vocab_size is None:
-            raise SpecError("model.decoder.vocab_size is not set (null follows the tokenizer: vlm.build)")
+            raise SpecError("model.decoder.vocab_size is not set (null follows the tokenizer: vlm.build.model)")
         self.vocab_size, self.dim, self.n_layers = c.vocab_size, c.dim, c.n_layers
         self.n_heads, self.n_kv_heads, self.head_dim = c.n_heads, c.kv_heads, c.head_dim
         self.rope, self.max_seq_len, self.rope_theta = c.rope, c.max_seq_len, float(c.rope_theta)

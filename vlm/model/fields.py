@@ -18,15 +18,13 @@ import types
 import typing
 from typing import Any, ClassVar
 
+from vlm.errors import SpecError
+
 # Layer indices may count from the end; everything else is a size, a count or a rate.
 NEGATIVE_OK = frozenset({"feature_layer", "feature_layers"})
 MODULE_COUNTS = frozenset({"n_layers", "blocks"})
 MAX_MODULE_COUNT = 1024
 MAX_INT = 2**31 - 1
-
-
-class SpecError(ValueError):
-    """A model config key that is unknown, of the wrong type, out of range or inconsistent."""
 
 
 def short(v: Any, n: int = 80) -> str:

@@ -1,6 +1,6 @@
 """Projectors: vision features -> LLM-dimension visual tokens.
 
-`token_grid` / `visual_token_count` are THE functions that say how many LLM tokens a media item
+`token_grid` / `visual_token_count` (`vlm.model.geometry`) are THE functions that say how many LLM tokens a media item
 gets and how they are laid out. The chat template calls them to size placeholder spans (and to
 lay out M-RoPE positions) and the model calls them to check the spans, so the two can never
 disagree silently.
@@ -26,33 +26,9 @@ from torch import Tensor, nn
 from vlm.model.config import PROJECTOR_KINDS as KINDS
 from vlm.model.config import ProjectorConfig
 from vlm.model.fields import SpecError
+from vlm.model.geometry import token_grid, visual_token_count  # noqa: F401 - re-exported
 
 SPATIAL_KINDS = tuple(k for k in KINDS if k != "qformer")
-
-
-def token_grid(
-    grid_thw, merge_size: int = 1, queries: int | None = None, fusion: str = "interleave"
-) -> tuple[int, int, int]:
-    """The LLM-side token grid `(t, h, w)` of one media item with patch grid `grid_thw`.
-
-    Spatial projectors: `(t, h/m, w/m)`. `queries=N` (qformer): `(1, 1, N)` whatever the grid.
-    `fusion="cross_attn"`: `(1, 1, 1)`, one marker token in the text (the visual tokens are read
-    by cross-attention instead). M-RoPE lays the span's positions out on this grid.
-    """
-    t, h, w = (int(v) for v in grid_thw)
-    if fusion == "cross_attn":
-        return (1, 1, 1)
-    if queries:
-        return (1, 1, int(queries))
-    if h % merge_size or w % merge_size:
-        raise ValueError(f"grid {h}x{w} is not divisible by merge_size {merge_size}")
-    return (t, h // merge_size, w // merge_size)
-
-
-def visual_token_count(grid_thw, merge_size: int = 1, queries: int | None = None, fusion: str = "interleave") -> int:
-    """LLM tokens for one media item with grid (t, h, w) in patches (see `token_grid`)."""
-    t, h, w = token_grid(grid_thw, merge_size, queries, fusion)
-    return t * h * w
 
 
 def spatial_merge(features: Tensor, grid_thw: Tensor, m: int) -> Tensor:

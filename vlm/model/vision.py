@@ -79,7 +79,7 @@ class PatchEmbed(nn.Module):
             raise ValueError(
                 f"vision encoder expects patches [N, C*T*P*P] = [N, {self.channels}*{T}*{P}*{P}] = [N, {self.in_dim}], "
                 f"got {tuple(patches.shape)}: the processor's patch_size / temporal_patch must be the encoder's "
-                f"(model.encoder.patch_size={P}, model.encoder.temporal_patch={T}; vlm.spec.Geometry)"
+                f"(model.encoder.patch_size={P}, model.encoder.temporal_patch={T}; vlm.model.geometry.Geometry)"
             )
         if self.kind == "conv":
             P = self.patch_size

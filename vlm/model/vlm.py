@@ -48,7 +48,7 @@ class VLM(nn.Module):
         freeze: dict | FreezeConfig | None = None,
     ):
         """cross_attn: `CrossAttnConfig` fields (fusion=cross_attn). freeze: `FreezeConfig`
-        fields, recorded in `spec` (`vlm.optim.apply_freeze` applies them)."""
+        fields, recorded in `spec` (`vlm.training.optim.apply_freeze` applies them)."""
         super().__init__()
         # validated together, as one spec (vlm.model.config)
         spec = ModelSpec(
@@ -213,7 +213,7 @@ class VLM(nn.Module):
     ) -> Tensor:
         """input_ids: `[B, L]`; position_ids: `[B, L]` or `[3, B, L]`; returns hidden `[B, L, D]`.
         Use `self.logits(hidden)` on the positions that need them. inputs_embeds: precomputed
-        embeddings (e.g. after visual-token pruning, `vlm.prune`), used instead of embedding.
+        embeddings (e.g. after visual-token pruning, `vlm.model.prune`), used instead of embedding.
         seq_ids: `[B, L]` for packed rows (`vlm.data.packing`): block-diagonal attention."""
         if inputs_embeds is not None:
             embeds, visual, counts = inputs_embeds, None, []

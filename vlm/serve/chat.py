@@ -35,7 +35,7 @@ class ChatSession:
         self.turns = 0
 
     def attach(self, kind: str, path: str) -> None:
-        from vlm.infer import checked_image, read_video
+        from vlm.serve.local_media import checked_image, read_video
 
         data = checked_image(path) if kind == "image" else read_video(path)
         self.pending.append({"type": kind, kind: data})

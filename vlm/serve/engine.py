@@ -22,9 +22,9 @@ videos decode together.
 The engine thread owns the model; the pool never touches it. The model is cast in place to the
 engine's dtype and device (the engine owns it from then on).
 
-Greedy outputs equal `vlm.generate.generate` run on each request alone (fp32), whatever runs
+Greedy outputs equal `vlm.model.generate.generate` run on each request alone (fp32), whatever runs
 beside it: the same masks and positions, per-row sampling with the request's own generator, the
-same suppressed tokens (`vlm.generate.never_generate`).
+same suppressed tokens (`vlm.model.generate.never_generate`).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-from vlm.generate import never_generate, sample_next
+from vlm.model.generate import never_generate, sample_next
 from vlm.serve.api import ChatRequest, Finished, Overloaded, RequestError, Usage
 from vlm.serve.embed_cache import EmbedCache
 from vlm.serve.engine_config import EngineConfig, check_sampling, default_dtype
@@ -56,7 +56,7 @@ __all__ = ["Engine", "EngineConfig", "default_dtype"]
 
 class Engine:
     def __init__(self, loaded, config: EngineConfig | None = None):
-        from vlm.build import stop_ids
+        from vlm.build.model import stop_ids
 
         self.config = cfg = config or EngineConfig()
         self.dtype_name = cfg.dtype or default_dtype(cfg.device)

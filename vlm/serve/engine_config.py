@@ -25,7 +25,7 @@ class EngineConfig:
     budgets of the image-embedding and prefix KV caches (0 turns one off). max_queue: requests
     submitted but not yet in a slot; beyond it `submit` raises `Overloaded`. preprocess_workers:
     threads building prompts. dtype: "bf16" | "fp32" | None (`default_dtype`). prune_keep_ratio:
-    < 1 drops visual tokens (`vlm.prune`, `prune_method`) before prefill (the prefix cache is then
+    < 1 drops visual tokens (`vlm.model.prune`, `prune_method`) before prefill (the prefix cache is then
     off: what is kept depends on the whole prompt). model_name: None = the checkpoint folder's name.
     """
 

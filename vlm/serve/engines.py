@@ -10,13 +10,10 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from vlm.errors import ServeConfigError
 from vlm.serve.serial import SerialConfig, SerialEngine
 
 KINDS = ("continuous", "serial")
-
-
-class ServeConfigError(ValueError):
-    """An engine option that cannot work (an unknown name, a bad value)."""
 
 
 def _classes(kind: str):

@@ -15,8 +15,8 @@ def _engine(loaded, cfg):
 
 
 def chat(loaded, cfg) -> dict:
-    from vlm.infer import path_list
     from vlm.serve.chat import ChatSession, run_chat
+    from vlm.serve.local_media import path_list
 
     sampling = SamplingParams(int(cfg.max_new_tokens), float(cfg.temperature), float(cfg.top_p), [], int(cfg.seed))
     first = [("image", p) for p in path_list(cfg.get("image"))] + [("video", p) for p in path_list(cfg.get("video"))]

@@ -85,8 +85,8 @@ def row_inputs(model: VLM, prompt: Prompt, cache: EmbedCache | None, device, pru
 
 
 def _prune(model: VLM, ids: Tensor, pos: Tensor, embeds: Tensor, prune: dict):
-    """`vlm.prune` on this one row, from the embeddings already made (no second encoder pass)."""
-    from vlm.prune import prune_visual_tokens
+    """`vlm.model.prune` on this one row, from the embeddings already made (no second encoder pass)."""
+    from vlm.model.prune import prune_visual_tokens
 
     batch = {
         "input_ids": ids[None],

@@ -52,7 +52,7 @@ class Prompt:
         return int(self.input_ids.numel())
 
     def batch(self, pad_id: int) -> dict:
-        """A one-row batch (`vlm.data.collate` contract) for `vlm.generate.generate`."""
+        """A one-row batch (`vlm.data.collate` contract) for `vlm.model.generate.generate`."""
         s = ProcessedSample(
             key="request",
             input_ids=self.input_ids,

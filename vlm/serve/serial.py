@@ -1,4 +1,4 @@
-"""The reference engine: one request at a time, with plain `vlm.generate.generate`.
+"""The reference engine: one request at a time, with plain `vlm.model.generate.generate`.
 
 Same interface as the continuous-batching `vlm.serve.engine.Engine` (submit -> RequestHandle,
 admitted / events / cancel, stats, close), so every front end runs on either. It has no batching
@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from vlm.generate import generate
+from vlm.model.generate import generate
 from vlm.serve.api import ChatRequest, Delta, Finished, Overloaded, RequestError, Usage
 from vlm.serve.handle import RequestHandle, TextStream
 from vlm.serve.prompt import PromptBuilder
@@ -33,7 +33,7 @@ class SerialConfig:
     """max_context: prompt + new tokens at most (None: the decoder's max_seq_len). max_queue: requests
     waiting beyond the running one before `submit` raises `Overloaded`. device: None picks CUDA when
     there is one. dtype: "fp32" | "bf16" | None (bf16 on CUDA, fp32 on CPU). prune_keep_ratio < 1
-    drops visual tokens before the decoder (`vlm.prune`)."""
+    drops visual tokens before the decoder (`vlm.model.prune`)."""
 
     max_context: int | None = None
     max_queue: int = 64
@@ -62,7 +62,7 @@ def default_max_context(loaded) -> int:
 
 class SerialEngine:
     def __init__(self, loaded, config: SerialConfig | None = None):
-        from vlm.build import stop_ids
+        from vlm.build.model import stop_ids
 
         cfg = config or SerialConfig()
         self.device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))

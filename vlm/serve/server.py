@@ -208,7 +208,7 @@ def run(cfg) -> None:
     import torch
     import uvicorn
 
-    from vlm.checkpoint import load_checkpoint
+    from vlm.checkpoint.load import load_checkpoint
     from vlm.serve.engines import build_engine
 
     if not cfg.get("ckpt"):

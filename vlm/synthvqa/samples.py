@@ -40,9 +40,10 @@ def get_renderer(name: str) -> Renderer:
     if name == "pil":
         return PIL_RENDERER
     if name == "raster":
-        from vlm.synthvqa import render_raster  # torch is only imported when the rasteriser is asked for
+        from vlm.synthvqa.render_raster import render as render_r  # imports torch
+        from vlm.synthvqa.render_raster import render_video as render_video_r
 
-        return Renderer(render_raster.render, render_raster.render_video)
+        return Renderer(render_r, render_video_r)
     raise ValueError(f"unknown synthvqa renderer {name!r}; known: {HELDOUT_RENDERERS}")
 
 

@@ -86,7 +86,7 @@ class WideOcrScene:
 def char_centers(text: str, xy: tuple[int, int], font_size: int) -> list[tuple[float, float]]:
     """Ink-box centre ``(x, y)`` in canvas pixels of each character of ``text`` drawn at ``xy``
     (the BASIC layout engine has no kerning, so each character starts at the advance of the ones
-    before it). The labels of the tower warm-up's per-patch glyph task (vlm/warmup.py)."""
+    before it). The labels of the tower warm-up's per-patch glyph task (vlm/training/warmup.py)."""
     font = get_font(font_size)
     out = []
     for i, ch in enumerate(text):

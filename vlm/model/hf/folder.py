@@ -9,9 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-
-class PretrainedError(ValueError):
-    """A pretrained folder that does not fit: missing files, unsupported options, key mismatches."""
+from vlm.errors import PretrainedError
 
 
 def read_config(folder: str | Path) -> dict:

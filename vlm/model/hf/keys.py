@@ -1,7 +1,7 @@
 """Weight key tables: Hugging Face name -> ours, `{}` standing for the layer index.
 
 One table per family, read forwards by the loaders (`vlm.model.hf.loaders`) and backwards by the
-export (`vlm.hf_export`), so the two can never disagree.
+export (`vlm.checkpoint.hf_export`), so the two can never disagree.
 """
 
 from __future__ import annotations

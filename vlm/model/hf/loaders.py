@@ -20,9 +20,10 @@ from typing import Any
 import torch
 from torch import nn
 
+import vlm.model.hf.keys as keys
+import vlm.model.hf.specs as specs
 from vlm.model.decoder import Decoder
 from vlm.model.fields import Fields
-from vlm.model.hf import keys, specs
 from vlm.model.hf.folder import (
     PretrainedError,
     Remapped,
@@ -44,7 +45,7 @@ def skeleton():
     """Inside this block every pretrained loader builds its module on the meta device and reads no
     weights (config.json only). Ranks other than 0 build this way under FSDP with
     `parallel.init=rank0`; rank 0's weights are then broadcast into their shards
-    (`vlm.parallel.load_from_rank0`)."""
+    (`vlm.training.parallel.load_from_rank0`)."""
     token = _SKELETON.set(True)
     try:
         yield

@@ -10,12 +10,12 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from vlm.datamodule import build_datamodule
-from vlm.module import VLMModule
-from vlm.parallel import ParallelConfig, is_sharded_strategy
-from vlm.spec import Geometry
+from vlm.build.model import geometry_of
+from vlm.training.datamodule import build_datamodule
+from vlm.training.module import VLMModule
+from vlm.training.parallel import ParallelConfig, is_sharded_strategy
 
-log = logging.getLogger("vlm.train")
+log = logging.getLogger("vlm.training.train")
 
 
 def build_callbacks(cfg: DictConfig, has_logger: bool = True) -> list[L.Callback]:
@@ -68,7 +68,7 @@ def init_weights(module: VLMModule, path: str) -> None:
     synthvqa data folder trains its own), the embedding and LM-head rows are copied by token
     string, so a token keeps its row whatever its id, and tokens new to this run keep their
     fresh initialisation. Without this, ids would silently point at other tokens' rows."""
-    from vlm.checkpoint import CheckpointError, load_checkpoint, weight_mismatch
+    from vlm.checkpoint.load import CheckpointError, load_checkpoint, weight_mismatch
 
     loaded = load_checkpoint(path)
     src = loaded.model.state_dict()
@@ -107,11 +107,11 @@ def check_resume_checkpoint(path) -> None:
     loadable checkpoint before Lightning reads it. A `.ckpt` must pass `torch.load(weights_only=True)`
     (memory-mapped here: the tensors are not read), so a pickled object is refused, never run; a
     sharded (DCP) directory's `meta.pt` likewise, and its `.metadata` pickle must hold only DCP's
-    own classes (`vlm.checkpoint_dcp.read_dcp_metadata`: Lightning then unpickles it with plain pickle)."""
+    own classes (`vlm.checkpoint.dcp.read_dcp_metadata`: Lightning then unpickles it with plain pickle)."""
     from pathlib import Path
 
-    from vlm.checkpoint_dcp import read_dcp_metadata
-    from vlm.checkpoint_files import CheckpointError, read_torch_file
+    from vlm.checkpoint.dcp import read_dcp_metadata
+    from vlm.checkpoint.files import CheckpointError, read_torch_file
 
     if str(path) in RESUME_KEYWORDS or "://" in str(path) or str(path).startswith("registry:"):
         return  # resolved by Lightning, then read with weights_only=True (`run`)
@@ -134,7 +134,7 @@ def check_resume_checkpoint(path) -> None:
 def run(cfg: DictConfig) -> dict[str, float]:
     """Train. Returns the final logged metrics (floats)."""
     if (cfg.get("tower_warmup") or {}).get("steps"):
-        from vlm.pipeline import PipelineError
+        from vlm.errors import PipelineError
 
         raise PipelineError(
             "tower_warmup.steps trains the tower alone, which is a recipe stage (objective: tower_warmup), "
@@ -148,13 +148,13 @@ def run(cfg: DictConfig) -> dict[str, float]:
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
     # The model's media geometry, derived once from its config: the data side follows it.
-    geometry = Geometry.from_model_config(cfg.model)
+    geometry = geometry_of(cfg.model)
     datamodule = build_datamodule(cfg, geometry)
     datamodule.setup("fit")
     logger = build_logger(cfg)
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=build_callbacks(cfg, bool(logger)), logger=logger)
     # FSDP with parallel.init=rank0: only rank 0 reads weights; the others build a meta skeleton
-    # and receive their shards in configure_model (vlm.parallel.load_from_rank0).
+    # and receive their shards in configure_model (vlm.training.parallel.load_from_rank0).
     parallel = ParallelConfig.from_dict(
         OmegaConf.to_container(cfg.parallel, resolve=True) if cfg.get("parallel") else None
     )

@@ -23,7 +23,7 @@ from its `checkpoints/last.ckpt` (model, optimizer, schedule, data position). `s
 one stage alone (it starts from the previous stage's export, which must exist).
 
 A stage's `objective` is `train` (the default: a `python train.py` run) or `tower_warmup`: the
-vision encoder alone learns to read (`vlm.warmup`, settings under `tower_warmup.*`), and the
+vision encoder alone learns to read (`vlm.training.warmup`, settings under `tower_warmup.*`), and the
 whole model is exported for the next stage.
 
 Several processes (trainer=ddp|fsdp, torchrun, SLURM) each walk the recipe: train stages run in
@@ -42,6 +42,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from vlm.errors import PipelineError
+
 OBJECTIVES = ("train", "tower_warmup")
 
 
@@ -49,10 +51,6 @@ def _is_stage_override(override: str) -> bool:
     """False for the overrides that steer the pipeline or Hydra itself (`stage=`, `pipeline.*`, `hydra.*`)."""
     key = override.split("=", 1)[0].lstrip("+~")
     return key != "stage" and not key.startswith(("pipeline.", "hydra."))
-
-
-class PipelineError(ValueError):
-    """A recipe that cannot run as written (one line naming the stage or key)."""
 
 
 @dataclass
@@ -135,8 +133,8 @@ def _is_wandb(cfg: DictConfig) -> bool:
 def resume_point(checkpoints: Path) -> Path | None:
     """The checkpoint an interrupted stage resumes from: `last.ckpt`, else the newest other one;
     one that a kill left half-written (it does not load) is passed over for the one before."""
-    from vlm.checkpoint import CheckpointError
-    from vlm.train import check_resume_checkpoint
+    from vlm.checkpoint.load import CheckpointError
+    from vlm.training.train import check_resume_checkpoint
 
     found = sorted(checkpoints.glob("*.ckpt"), key=lambda p: (p.name == "last.ckpt", p.stat().st_mtime), reverse=True)
     for path in found:
@@ -235,9 +233,9 @@ def wait_for_stage(done: Path, name: str, poll_s: float = 1.0) -> None:
 
 def run_stage(cfg: DictConfig, stage: Stage) -> dict[str, Any]:
     if stage.objective == "tower_warmup":
-        from vlm.warmup_stage import run_warmup_stage
+        from vlm.training.warmup_stage import run_warmup_stage
 
         return run_warmup_stage(cfg)
-    from vlm.train import run
+    from vlm.training.train import run
 
     return run(cfg)

@@ -3,7 +3,7 @@
 Everything needed to rebuild the model for inference (model config, tokenizer, image processor
 and template configs) is stored in `hparams`, so a `.ckpt` is self-contained.
 
-A training step returns the *sum* of its label tokens' cross-entropies; `vlm.gradient_step`
+A training step returns the *sum* of its label tokens' cross-entropies; `vlm.training.gradient_step`
 turns the step's accumulated gradient into that of the mean over all its label tokens (across
 micro-batches and ranks), guards it against non-finite values and clips it.
 
@@ -22,17 +22,17 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
-from vlm.build import build_model, stop_ids
+from vlm.build.model import build_model, stop_ids
 from vlm.data.sample import format_skips
 from vlm.data.template import IGNORE
-from vlm.evaluate import Evaluator, Scored
-from vlm.gradient_step import GradientStep, batch_stats
+from vlm.evaluation.evaluate import Evaluator, Scored
 from vlm.model.vlm import VLM
-from vlm.optim import apply_freeze, build_optimizer, frozen_parts
-from vlm.resume import gather_ranks, legacy_data_state, my_rank, rng_state, set_rng_state
 from vlm.tokenizer import TextTokenizer
+from vlm.training.gradient_step import GradientStep, batch_stats
+from vlm.training.optim import apply_freeze, build_optimizer, frozen_parts
+from vlm.training.resume import gather_ranks, legacy_data_state, my_rank, rng_state, set_rng_state
 
-log = logging.getLogger("vlm.module")
+log = logging.getLogger("vlm.training.module")
 
 
 class VLMModule(L.LightningModule):
@@ -52,7 +52,7 @@ class VLMModule(L.LightningModule):
         meta_init: bool = False,
     ):
         """meta_init: build on the meta device and take rank 0's weights in `configure_model` (ranks
-        other than 0 under a sharded strategy with `parallel.init=rank0`, set by `vlm.train`)."""
+        other than 0 under a sharded strategy with `parallel.init=rank0`, set by `vlm.training.train`)."""
         super().__init__()
         # Only plain, rebuildable data goes into the checkpoint (loadable with weights_only=True).
         self.save_hyperparameters(
@@ -168,9 +168,9 @@ class VLMModule(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": self.scheduler_factory(opt), "interval": "step"}}
 
     def configure_model(self) -> None:
-        """`parallel.*` (`vlm.parallel.setup_model`): FSDP2 under a model-parallel strategy
+        """`parallel.*` (`vlm.training.parallel.setup_model`): FSDP2 under a model-parallel strategy
         (`trainer=fsdp`), activation checkpointing and compile when asked for."""
-        from vlm.parallel import setup_model
+        from vlm.training.parallel import setup_model
 
         if self._model_set_up:
             return
@@ -226,7 +226,7 @@ class VLMModule(L.LightningModule):
 
     # ---- validation: generate and score ------------------------------------------------------
     def on_validation_epoch_start(self) -> None:
-        from vlm.parallel import is_sharded, unsharded_copy
+        from vlm.training.parallel import is_sharded, unsharded_copy
 
         self.evaluator.reset()
         self.evaluator.to(self.device)

@@ -1,5 +1,5 @@
 """The `tower_warmup` objective of a recipe stage: the vision encoder alone learns a supervised
-task whose labels are free (`vlm.warmup`), then the whole model is exported for the next stage.
+task whose labels are free (`vlm.training.warmup`), then the whole model is exported for the next stage.
 
     pipeline:
       stages:
@@ -13,7 +13,7 @@ normalisation are the run's own, so the next stage sees the tower exactly as it 
 
 The warm-up trains on one device: this process's GPU when the trainer would use one, else the
 CPU. Under several processes (trainer=ddp|fsdp, torchrun, SLURM) rank 0 runs it and the other
-ranks wait for its `done.json` (vlm.pipeline).
+ranks wait for its `done.json` (vlm.training.pipeline).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-log = logging.getLogger("vlm.warmup")
+log = logging.getLogger("vlm.training.warmup")
 
 
 def warmup_device(accelerator: str) -> torch.device:
@@ -41,12 +41,12 @@ def warmup_device(accelerator: str) -> torch.device:
 def run_warmup_stage(cfg: DictConfig) -> dict[str, float]:
     """Build the model (from `init_from` if given), train its encoder alone on `tower_warmup.*`,
     and export the whole model to `paths.output_dir/export`. Returns the warm-up's metrics."""
-    from vlm.checkpoint import export_folder
-    from vlm.datamodule import build_datamodule
-    from vlm.pipeline import PipelineError
-    from vlm.spec import Geometry
-    from vlm.train import build_module, init_weights
-    from vlm.warmup import WarmupConfig, warm_up_tower, with_data_strips
+    from vlm.build.model import geometry_of
+    from vlm.checkpoint.load import export_folder
+    from vlm.errors import PipelineError
+    from vlm.training.datamodule import build_datamodule
+    from vlm.training.train import build_module, init_weights
+    from vlm.training.warmup import WarmupConfig, warm_up_tower, with_data_strips
 
     warm = OmegaConf.to_container(cfg.tower_warmup, resolve=True) if cfg.get("tower_warmup") else {}
     if not warm.get("steps"):
@@ -62,7 +62,7 @@ def run_warmup_stage(cfg: DictConfig) -> dict[str, float]:
     L.seed_everything(cfg.seed, workers=True)
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
-    datamodule = build_datamodule(cfg, Geometry.from_model_config(cfg.model))
+    datamodule = build_datamodule(cfg, geometry_of(cfg.model))
     datamodule.setup("fit")
     module = build_module(cfg, datamodule)
     if cfg.get("init_from"):

@@ -21,16 +21,13 @@ from typing import Any
 import torch
 import yaml
 
+from vlm.errors import CheckpointError
 from vlm.files import FileRefused, checked_stat, kind_of, read_regular_file
 from vlm.tokenizer import TextTokenizer
 
 MAX_CONFIG_BYTES = 64 << 20  # config.yaml
 MAX_TOKENIZER_BYTES = 64 << 20  # tokenizer.json (a 150k-token BPE is ~10 MiB)
 MAX_SAFETENSORS_HEADER = 100 << 20  # the safetensors library's own limit
-
-
-class CheckpointError(ValueError):
-    """A checkpoint path that is missing, not a checkpoint, or does not fit its config."""
 
 
 def one_line(e: BaseException | str, limit: int = 300) -> str:

@@ -31,7 +31,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-log = logging.getLogger("vlm.gradient_step")
+from vlm.errors import NonFiniteError
+
+log = logging.getLogger("vlm.training.gradient_step")
 
 NONFINITE_MODES = ("skip", "halt")
 # per micro-batch counts summed over the optimizer step and all ranks (one all-reduce)
@@ -48,10 +50,6 @@ STAT_KEYS = (
     "media",
     "capacity",
 )
-
-
-class NonFiniteError(RuntimeError):
-    """Training stopped on a non-finite loss or gradient (numerics.on_nonfinite=halt)."""
 
 
 def batch_stats(model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:

@@ -1,8 +1,8 @@
 """Token budget: how many visual tokens each image / video costs, and what share of the context.
 
-    python -m vlm.budget image=a.png image=b.jpg video=c.mp4 patch_size=14 merge_size=2 context=4096
-    python -m vlm.budget size=896x896 size=1568x784 size=224x224 patch_size=14 merge_size=2
-    python -m vlm.budget config=outputs/run/export image=a.png        # the processor a model trained with
+    python -m vlm.cli.budget image=a.png image=b.jpg video=c.mp4 patch_size=14 merge_size=2 context=4096
+    python -m vlm.cli.budget size=896x896 size=1568x784 size=224x224 patch_size=14 merge_size=2
+    python -m vlm.cli.budget config=outputs/run/export image=a.png        # the processor a model trained with
 
 Arguments are ``key=value`` (repeat ``image=``, ``video=``, ``size=``, ``video_size=``):
 
@@ -15,7 +15,7 @@ Arguments are ``key=value`` (repeat ``image=``, ``video=``, ``size=``, ``video_s
                        ``processor`` mapping (ImageProcessor keys; video keys under
                        ``processor.video`` or ``video``); its ``template.max_length`` is the context;
                        with a ``model`` mapping (an export's), P, m and T are the model's geometry
-                       (``vlm.spec``)
+                       (``vlm.model.geometry``)
 ``patch_size``         ViT patch P (default 14)
 ``merge_size``         projector merge m (default 2): tokens = t·(h/m)·(w/m)
 ``context``            context length for the share column (default 4096)
@@ -46,6 +46,7 @@ from typing import Any
 
 from PIL import Image
 
+from vlm.build.model import geometry_of
 from vlm.data.media import ALLOWED_FORMATS, MediaError, load_image, strict_pillow
 from vlm.data.processor import ImageProcessor
 from vlm.data.video import VideoProcessor, probe_video
@@ -128,7 +129,7 @@ def _load_config(path: str) -> dict:
         raise ValueError(f"config {path!r}: no such file (an export folder, config.yaml, or a JSON/YAML file)")
     if p.suffix == ".json":
         return json.loads(p.read_text())
-    from vlm.checkpoint_files import read_config_file  # a checkpoint's config: capped, no aliases, no interpolation
+    from vlm.checkpoint.files import read_config_file  # a checkpoint's config: capped, no aliases, no interpolation
 
     return read_config_file(p)
 
@@ -146,10 +147,8 @@ def build_processors(opts: dict[str, Any]) -> tuple[ImageProcessor, VideoProcess
         vid_cfg.update(proc.pop("video", None) or cfg.get("video") or {})
         img_cfg.update({k: v for k, v in proc.items() if k in ImageProcessor().to_config()})
         context = int((cfg.get("template") or {}).get("max_length", context))
-        if isinstance(cfg.get("model"), dict):  # the model's geometry is the one source (vlm/spec.py)
-            from vlm.spec import Geometry
-
-            geo = Geometry.from_model_config(cfg["model"], trusted=False)
+        if isinstance(cfg.get("model"), dict):  # the model's geometry is the one source (vlm/model/geometry.py)
+            geo = geometry_of(cfg["model"], trusted=False)
             img_cfg.update(patch_size=geo.patch_size, merge_size=geo.merge_size)
             vid_cfg["temporal_patch"] = geo.temporal_patch
     img_cfg.setdefault("patch_size", 14)
@@ -338,10 +337,10 @@ def main(argv: list[str] | None = None) -> int:
         opts, items = parse_args(argv)
         image, video, context, caps_off = build_processors(opts)
     except (ValueError, MediaError) as e:
-        print(f"vlm.budget: {e}", file=sys.stderr)
+        print(f"vlm.cli.budget: {e}", file=sys.stderr)
         return 2
     if not items:
-        print("vlm.budget: nothing to size; give image=, video=, size=WxH or video_size=WxHxN", file=sys.stderr)
+        print("vlm.cli.budget: nothing to size; give image=, video=, size=WxH or video_size=WxHxN", file=sys.stderr)
         return 2
     rows = budget(items, image, video)
     print(format_table(rows, image, video, context, caps_off))

@@ -59,7 +59,7 @@ def generate(
     suppress_ids: tokens never generated (structural tokens such as turn starts); the model's media
     placeholder ids are always suppressed (`never_generate`).
     on_token: called with the `[B]` new tokens after every step (streaming).
-    prune: `{keep_ratio, method}` drops visual tokens before the prompt's forward (`vlm.prune`;
+    prune: `{keep_ratio, method}` drops visual tokens before the prompt's forward (`vlm.model.prune`;
     needs the KV cache). Returns the new token ids per row.
     """
     ids: Tensor = batch["input_ids"]
@@ -84,7 +84,7 @@ def generate(
     if prune and float(prune.get("keep_ratio", 1.0)) < 1.0 and media["grid_thw"] is not None:
         if cache is None:
             raise ValueError("visual-token pruning needs use_cache=True")
-        from vlm.prune import prune_visual_tokens
+        from vlm.model.prune import prune_visual_tokens
 
         pb = prune_visual_tokens(
             model, batch, float(prune["keep_ratio"]), prune.get("method", "attention"), int(prune.get("seed", 0))

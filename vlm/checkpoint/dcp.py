@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from vlm.checkpoint_files import MAX_CONFIG_BYTES, CheckpointError, one_line, read_capped
+from vlm.checkpoint.files import MAX_CONFIG_BYTES, CheckpointError, one_line, read_capped
 
 _DCP_GLOBALS = {
     ("torch.distributed.checkpoint.metadata", n)

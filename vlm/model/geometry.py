@@ -1,6 +1,6 @@
 """What data preparation needs to know about the model, derived once from the model's spec.
 
-`Geometry.from_model_config(cfg.model)` is `ModelSpec.geometry` (`vlm.model.config`): the
+`vlm.build.model.geometry_of(cfg.model)` is `ModelSpec.geometry` (`vlm.model.config`): the
 encoder's patch size and temporal patch, the projector's merge and queries, the decoder's rope
 and the model's fusion. It is handed to the data side (`VLMDataModule.attach`, `build_processor`,
 `build_template`), which never repeats them in its own config. Pretrained parts whose config
@@ -18,8 +18,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from vlm.model.config import FUSIONS, ROPES
-from vlm.model.projector import token_grid, visual_token_count
+ROPES = ("rope", "mrope")
+FUSIONS = ("interleave", "cross_attn")
 
 # Where each geometry field comes from in the model config (error messages).
 SOURCES = {
@@ -34,6 +34,31 @@ SOURCES = {
 PROCESSOR_KEYS = {"patch_size": "patch_size", "merge_size": "merge_size"}
 VIDEO_KEYS = {"temporal_patch": "temporal_patch"}
 TEMPLATE_KEYS = {"merge_size": "merge_size", "queries": "queries", "fusion": "fusion", "rope": "rope"}
+
+
+def token_grid(
+    grid_thw, merge_size: int = 1, queries: int | None = None, fusion: str = "interleave"
+) -> tuple[int, int, int]:
+    """The LLM-side token grid `(t, h, w)` of one media item with patch grid `grid_thw`.
+
+    Spatial projectors: `(t, h/m, w/m)`. `queries=N` (qformer): `(1, 1, N)` whatever the grid.
+    `fusion="cross_attn"`: `(1, 1, 1)`, one marker token in the text (the visual tokens are read
+    by cross-attention instead). M-RoPE lays the span's positions out on this grid.
+    """
+    t, h, w = (int(v) for v in grid_thw)
+    if fusion == "cross_attn":
+        return (1, 1, 1)
+    if queries:
+        return (1, 1, int(queries))
+    if h % merge_size or w % merge_size:
+        raise ValueError(f"grid {h}x{w} is not divisible by merge_size {merge_size}")
+    return (t, h // merge_size, w // merge_size)
+
+
+def visual_token_count(grid_thw, merge_size: int = 1, queries: int | None = None, fusion: str = "interleave") -> int:
+    """LLM tokens for one media item with grid (t, h, w) in patches (see `token_grid`)."""
+    t, h, w = token_grid(grid_thw, merge_size, queries, fusion)
+    return t * h * w
 
 
 def _is_int(v: Any) -> bool:
@@ -81,20 +106,6 @@ class Geometry:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    # ---- from the model config ---------------------------------------------------------------------
-    @classmethod
-    def from_model_config(cls, model_cfg: Any, trusted: bool = True) -> Geometry:
-        """The geometry of the model `model_cfg` describes ({encoder, projector, decoder, fusion, …}):
-        `ModelSpec.geometry` of its spec (`vlm.build.model_spec`, every field checked).
-
-        trusted: a training config, whose pretrained parts may leave `patch_size` /
-        `temporal_patch` / `merge_size` / `rope` to their folder's `config.json` (read here, config
-        only). False for a checkpoint's config: native components only, no file is read."""
-        from vlm.build import model_spec  # vlm.build builds the data side with this module
-
-        spec, _ = model_spec(model_cfg, trusted)
-        return spec.geometry
-
     # ---- the keys older configs carried ------------------------------------------------------------
     def check_stored(self, processor_cfg: dict | None, template_cfg: dict | None, where: str = "") -> None:
         """ValueError naming both values when a processor / template config carries a geometry key
@@ -128,49 +139,3 @@ def _normal(field: str, v: Any) -> Any:
     if field == "queries" and v == 0:
         return None
     return v
-
-
-# Data-config keys that used to copy the geometry, and the model key that holds it now.
-DATA_KEYS = {
-    **{f"data.processor.{k}": SOURCES[f] for k, f in PROCESSOR_KEYS.items()},
-    **{f"data.processor.video.{k}": SOURCES[f] for k, f in VIDEO_KEYS.items()},
-    **{f"data.template.{k}": SOURCES[f] for k, f in TEMPLATE_KEYS.items()},
-}
-
-
-def check_overrides(overrides: Sequence[str]) -> str | None:
-    """The message for a command-line override that cannot work, else None: a data key the
-    geometry replaced (`data.processor.patch_size=8` -> set model.encoder.patch_size), or a model
-    key that is not a field of its spec (`model.encoder.dimm=3`; `vlm.model.config`)."""
-    for a in overrides:
-        key = a.split("=", 1)[0].lstrip("+~")
-        if key in DATA_KEYS:
-            return (
-                f"{key} is not a data key: the media geometry comes from the model config; set {DATA_KEYS[key]} instead"
-            )
-        problem = model_key_problem(key)
-        if problem:
-            return problem
-    return None
-
-
-def model_key_problem(key: str) -> str | None:
-    """Why `model.<section>.<field>` names no field of the model spec, or None. Hydra's own
-    message for an unknown key ("Key 'dimm' is not in struct") does not say what the keys are."""
-    from vlm.model.config import COMPONENTS, OPTIONS, CrossAttnConfig, FreezeConfig
-    from vlm.model.fields import SpecError
-
-    parts = key.split(".")
-    if parts[0] != "model" or len(parts) < 2 or "/" in key:
-        return None
-    if parts[1] not in (*COMPONENTS, *OPTIONS):
-        return f"{'.'.join(parts[:2])} is not a field of ModelSpec (known: {', '.join([*COMPONENTS, *OPTIONS])})"
-    sections = {**COMPONENTS, "cross_attn": CrossAttnConfig, "freeze": FreezeConfig}
-    if len(parts) < 3 or parts[1] not in sections:
-        return None
-    extra = ("_target_", "pretrained") if parts[1] in COMPONENTS else ()
-    try:  # a pretrained part takes its folder besides the fields
-        sections[parts[1]].check_keys([parts[2]], extra=extra)
-    except SpecError as e:
-        return str(e)
-    return None

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
-from vlm.generate import generate
-from vlm.metrics import CharErrorRateByType, ExactMatchByType, normalize_answer
+from vlm.evaluation.metrics import CharErrorRateByType, ExactMatchByType, normalize_answer
+from vlm.model.generate import generate
 from vlm.model.vlm import VLM, media_span_ids
 from vlm.tokenizer import TextTokenizer
 
@@ -96,7 +96,7 @@ class Evaluator:
         spans = [
             n for row in media_span_ids(model.is_media(batch["input_ids"])) for n in torch.bincount(row)[1:].tolist()
         ]
-        # tokens per media span after pruning: ceil(keep · n), at least one (vlm.prune)
+        # tokens per media span after pruning: ceil(keep · n), at least one (vlm.model.prune)
         self.visual_tokens += sum(max(1, math.ceil(self.keep * s)) for s in spans) if self.keep < 1 else sum(spans)
         self.n += len(preds)
         return Scored(batch["keys"], batch["qtypes"], batch["prompts"], batch["answers"], preds)

@@ -10,7 +10,7 @@ from functools import partial
 import torch
 from torch import nn
 
-log = logging.getLogger("vlm.optim")
+log = logging.getLogger("vlm.training.optim")
 
 COMPONENTS = ("encoder", "projector", "decoder", "cross_attn")  # cross_attn: only with fusion=cross_attn
 

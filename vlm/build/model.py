@@ -10,13 +10,13 @@ A training config (the user's own Hydra config, `trusted=True`) may name the nat
 classes (or leave `_target_` out: the native class) and the pretrained loaders of
 `vlm.model.hf`, whose folder's `config.json` resolves to a native config before building; the
 folder's weights are then loaded into the native module. A checkpoint's config is untrusted
-(`trusted=False`: `vlm.checkpoint.load_checkpoint`, `vlm.export.load_training_checkpoint`,
+(`trusted=False`: `vlm.checkpoint.load.load_checkpoint`, `vlm.checkpoint.export.load_training_checkpoint`,
 `init_from`): every component must name its native class (`NATIVE_COMPONENTS`, what
 `ModelSpec.to_dict` writes), no folder is read. Hydra's special keys (`_args_`, `_partial_`,
 `_recursive_`, `_convert_`, …) and a `_target_` anywhere other than a component's top level are
 refused in both.
 
-The processor and the template are built in `vlm.build_data` (re-exported here).
+The processor and the template are built in `vlm.build.data` (re-exported here).
 """
 
 from __future__ import annotations
@@ -24,18 +24,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from vlm.build_data import (
+from vlm.build.checks import HYDRA_KEYS, check_config_keys, plain
+from vlm.build.data import (
     PROCESSOR_CAPS,
     build_processor,
     build_template,
     resolve_template_config,
     stop_ids,
 )
-from vlm.config_checks import HYDRA_KEYS, check_config_keys, plain
 from vlm.model import hf
 from vlm.model.config import COMPONENTS, ModelSpec
 from vlm.model.decoder import Decoder
 from vlm.model.fields import Fields, SpecError, short
+from vlm.model.geometry import Geometry
 from vlm.model.projector import Projector
 from vlm.model.vision import VisionEncoder
 from vlm.model.vlm import VLM
@@ -52,6 +53,7 @@ __all__ = [
     "build_template",
     "check_model_config",
     "component",
+    "geometry_of",
     "model_spec",
     "resolve_template_config",
     "stop_ids",
@@ -166,6 +168,14 @@ def model_spec(
             raise SpecError(f"decoder.vocab_size {dec.vocab_size} < tokenizer vocabulary {vocab_size}")
     parts["decoder"] = dec
     return ModelSpec.from_dict(cfg, parts), pretrained
+
+
+def geometry_of(model_cfg: Any, trusted: bool = True) -> Geometry:
+    """The media geometry of the model `model_cfg` describes: `ModelSpec.geometry` of its spec
+    (every field checked). trusted: a training config, whose pretrained parts may leave
+    `patch_size` / `temporal_patch` / `merge_size` / `rope` to their folder's `config.json` (read
+    here, config only). False for a checkpoint's config: native components only, no file is read."""
+    return model_spec(model_cfg, trusted)[0].geometry
 
 
 def build_model(model_cfg: Any, tokenizer: TextTokenizer, trusted: bool = True) -> VLM:

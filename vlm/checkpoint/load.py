@@ -12,7 +12,7 @@ A checkpoint is untrusted input. Loading one runs no code it names and reads not
   directory is refused without blocking) of at most 64 MiB; the YAML must be UTF-8, may not use
   aliases and is not interpolated (`${…}` stays text); it must be a mapping with `model`,
   `processor` and `template` mappings.
-* The model is built through `vlm.build`'s registry of native classes with every argument checked
+* The model is built through `vlm.build.model`'s registry of native classes with every argument checked
   (`trusted=False`): no other `_target_`, no Hydra special keys, no pretrained folders, the chat
   template only as text (rendered in Jinja's sandbox).
 * The weights are checked before any of them is read: the safetensors header (its length, JSON,
@@ -24,7 +24,7 @@ A checkpoint is untrusted input. Loading one runs no code it names and reads not
   torch zip whose members fit in the file; its `hyper_parameters` go through the same checks.
 
 Every refusal is a `CheckpointError` whose one-line message names the file (and the config key).
-The files are read by `vlm.checkpoint_files`; a sharded checkpoint's metadata by `vlm.checkpoint_dcp`.
+The files are read by `vlm.checkpoint.files`; a sharded checkpoint's metadata by `vlm.checkpoint.dcp`.
 """
 
 from __future__ import annotations
@@ -34,13 +34,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import torch
 from omegaconf import OmegaConf
 from safetensors.torch import load_model, save_model
 
-from vlm.build import build_model, build_processor, build_template, check_model_config, stop_ids
-from vlm.checkpoint_files import (
+from vlm.build.checks import check_config_keys
+from vlm.build.model import build_model, build_processor, build_template, check_model_config, geometry_of, stop_ids
+from vlm.checkpoint.files import (
     CheckpointError,
     one_line,
     read_config_file,
@@ -49,11 +49,9 @@ from vlm.checkpoint_files import (
     read_torch_file,
     tokenizer_from_text,
 )
-from vlm.config_checks import check_config_keys
 from vlm.data.media_processor import MediaProcessor
 from vlm.data.template import ChatTemplate
 from vlm.model.vlm import VLM
-from vlm.spec import Geometry
 from vlm.tokenizer import TextTokenizer
 
 FORMAT_VERSION = 1
@@ -61,7 +59,7 @@ MAX_CONFIG_BYTES = 64 << 20  # config.yaml
 MAX_TOKENIZER_BYTES = 64 << 20  # tokenizer.json (a 150k-token BPE is ~10 MiB)
 MAX_SAFETENSORS_HEADER = 100 << 20  # the safetensors library's own limit
 MAX_EXTRA_BUFFER_ELEMENTS = 1 << 26  # non-persistent buffers (rotary tables): not in the file
-log = logging.getLogger("vlm.checkpoint")
+log = logging.getLogger("vlm.checkpoint.load")
 
 
 @dataclass
@@ -149,7 +147,7 @@ def check_checkpoint_config(config: Any, where: str) -> None:
     """The shape every checkpoint config has: a mapping with `model`, `processor` and `template`
     mappings (and `val_qtypes`, a list of strings, or nothing), no Hydra special keys anywhere,
     `_target_` only on the model's components and there only a registered native class
-    (`vlm.build.check_model_config`). Nothing is built or called."""
+    (`vlm.build.model.check_model_config`). Nothing is built or called."""
     if not isinstance(config, dict):
         raise CheckpointError(f"{where}: not a mapping (got {type(config).__name__})")
     for key in ("model", "processor", "template"):
@@ -180,7 +178,7 @@ def build_checked(
             skeleton = build_model(config["model"], tokenizer, trusted=False)
         # Processor and template follow the model's geometry; keys they still carry (older
         # checkpoints wrote them) must agree with it.
-        geometry = Geometry.from_model_config(config["model"], trusted=False)
+        geometry = geometry_of(config["model"], trusted=False)
         processor = build_processor(config["processor"], trusted=False, geometry=geometry)
         template = build_template(config["template"], tokenizer, trusted=False, geometry=geometry)
         stop_ids(tokenizer, config["template"])  # the stop tokens are the tokenizer's
@@ -275,29 +273,3 @@ def load_checkpoint(path: str | Path, map_location: str = "cpu") -> LoadedVLM:
         loaded.model.load_state_dict(state, strict=False)  # every key checked above
     loaded.model.eval()
     return loaded
-
-
-class ExportCallback(L.Callback):
-    """Write the export folder at the end of training (rank 0).
-
-    A sharded (FSDP2) model is gathered first: every rank takes part in the collective, rank 0
-    rebuilds an unsharded model from the full weights and writes the folder, then all ranks meet."""
-
-    def __init__(self, out_dir: str):
-        self.out_dir = out_dir
-
-    def on_train_end(self, trainer: L.Trainer, pl_module) -> None:
-        from vlm.parallel import full_state_dict, is_sharded
-
-        model = pl_module.model
-        if is_sharded(model):
-            state = full_state_dict(model)  # collective: every rank calls it
-            if trainer.is_global_zero:
-                model = build_model(pl_module.hparams["model"], pl_module.tokenizer)
-                model.load_state_dict(state, strict=False)
-        if trainer.is_global_zero:
-            out = export_folder(model, pl_module.tokenizer, dict(pl_module.hparams), self.out_dir)
-            log.info("exported model to %s", out)
-            print(f"exported model to {out}")
-        if trainer.world_size > 1:
-            trainer.strategy.barrier("export")

@@ -18,7 +18,7 @@ Mixed precision: with a `bf16*` trainer precision (`mixed_precision: auto`), FSD
 sharded master weights, all-gathers them as bf16 for compute and reduce-scatters gradients in fp32.
 
 Frozen components (`model.freeze`) are sharded like the rest; they have no gradients, and
-`vlm.optim.param_groups` leaves them out of the optimizer.
+`vlm.training.optim.param_groups` leaves them out of the optimizer.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from functools import partial
 import torch
 from torch import nn
 
-log = logging.getLogger("vlm.parallel")
+log = logging.getLogger("vlm.training.parallel")
 
 AC_MODES = ("none", "full", "selective")
 INIT_MODES = ("rank0", "all_ranks")
@@ -255,7 +255,7 @@ try:
                     )
                 self._data_parallel_size = world // int(self._tensor_parallel_size)
             if int(self._tensor_parallel_size) != 1:
-                raise ValueError("vlm.parallel supports data-parallel sharding only (tensor_parallel_size=1)")
+                raise ValueError("vlm.training.parallel supports data-parallel sharding only (tensor_parallel_size=1)")
             super().setup_environment()
 except ImportError:  # pragma: no cover - lightning always present in this project
     pass

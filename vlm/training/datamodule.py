@@ -16,7 +16,7 @@ from pathlib import Path
 import lightning as L
 from torch.utils.data import DataLoader
 
-from vlm.build import build_processor, build_template
+from vlm.build.model import build_processor, build_template, geometry_of
 from vlm.data.collate import Collator
 from vlm.data.sample import SampleTransform
 from vlm.data.webdataset import (
@@ -27,9 +27,9 @@ from vlm.data.webdataset import (
     expand_urls,
     seed_worker,
 )
-from vlm.resume import gather_ranks, my_rank
-from vlm.spec import PROCESSOR_KEYS, SOURCES, TEMPLATE_KEYS, VIDEO_KEYS, Geometry
+from vlm.model.geometry import PROCESSOR_KEYS, SOURCES, TEMPLATE_KEYS, VIDEO_KEYS, Geometry
 from vlm.tokenizer import TextTokenizer
+from vlm.training.resume import gather_ranks, my_rank
 
 
 class VLMDataModule(L.LightningDataModule):
@@ -41,7 +41,7 @@ class VLMDataModule(L.LightningDataModule):
         `MediaProcessor` (`self.media_processor`, whose `to_config()` is what checkpoints store,
         `video` included; `self.video_processor` is its video half).
     template: ChatTemplate config (max_length, image_position, jinja, …).
-    geometry: the model's media geometry (`vlm.spec.Geometry`, or its dict; or `attach` it before
+    geometry: the model's media geometry (`vlm.model.geometry.Geometry`, or its dict; or `attach` it before
         `setup`): patch_size, merge_size, temporal_patch, the token layout and rope come from the
         model config, never from these data keys (`build_datamodule` does both from a training
         config). Without one, `processor` / `template` must carry those keys themselves.
@@ -163,7 +163,7 @@ class VLMDataModule(L.LightningDataModule):
         self.tokenizer = TextTokenizer.from_file(tok_path)
         self.media_processor = build_processor(self.processor_cfg, geometry=self.geometry)
         self.video_processor = self.media_processor.video
-        from vlm.build import resolve_template_config
+        from vlm.build.model import resolve_template_config
 
         self.template_cfg = resolve_template_config(self.template_cfg)  # a jinja path -> its text (checkpoints)
         self.template = build_template(self.template_cfg, self.tokenizer, geometry=self.geometry)
@@ -269,4 +269,4 @@ def build_datamodule(cfg, geometry: Geometry | None = None) -> VLMDataModule:
     from hydra.utils import instantiate
 
     dm = instantiate(cfg.data, _convert_="all")
-    return dm.attach(geometry if geometry is not None else Geometry.from_model_config(cfg.model))
+    return dm.attach(geometry if geometry is not None else geometry_of(cfg.model))

@@ -1,17 +1,17 @@
-"""`python -m vlm.export ckpt=PATH out=DIR [format=vlm|hf_qwen2vl|hf_llava]`: a checkpoint -> a folder.
+"""`python -m vlm.checkpoint.export ckpt=PATH out=DIR [format=vlm|hf_qwen2vl|hf_llava]`: a checkpoint -> a folder.
 
 `format=vlm` (default) writes our export folder; `hf_qwen2vl` / `hf_llava` write a Hugging Face
-layout (`vlm.hf_export`) that transformers and serving engines load, when the model's architecture
+layout (`vlm.checkpoint.hf_export`) that transformers and serving engines load, when the model's architecture
 is that family's (e.g. trained from `model=qwen2vl` or `model=llava`).
 
 `ckpt` is a sharded (DCP) checkpoint directory written by `trainer=fsdp` (`*.distcp` files plus
 `meta.pt`) or a Lightning `.ckpt` file. The shards are read on one process, whatever the number
 of ranks that wrote them, and consolidated into `config.yaml` + `model.safetensors` +
-`tokenizer.json` (`vlm.checkpoint.export_folder`), which `infer.py` loads.
+`tokenizer.json` (`vlm.checkpoint.load.export_folder`), which `infer.py` loads.
 
 Only tensors and plain containers are read (`weights_only=True`); the checkpoint's config builds
 only registered native classes and its tensors are checked against them before they are read
-(see `vlm.checkpoint`). A sharded checkpoint's `.metadata` pickle is read by a restricted
+(see `vlm.checkpoint.load`). A sharded checkpoint's `.metadata` pickle is read by a restricted
 unpickler that admits only torch.distributed.checkpoint's own metadata classes.
 """
 
@@ -21,17 +21,17 @@ import logging
 import sys
 from pathlib import Path
 
-from vlm.checkpoint import (
+from vlm.checkpoint.dcp import safe_dcp_reader
+from vlm.checkpoint.files import one_line, read_torch_file
+from vlm.checkpoint.load import (
     CheckpointError,
     build_checked,
     checkpoint_hparams,
     export_folder,
     read_lightning_checkpoint,
 )
-from vlm.checkpoint_dcp import safe_dcp_reader
-from vlm.checkpoint_files import one_line, read_torch_file
 
-log = logging.getLogger("vlm.export")
+log = logging.getLogger("vlm.checkpoint.export")
 META = "meta.pt"  # Lightning's metadata file inside a sharded checkpoint
 
 
@@ -43,7 +43,7 @@ def is_sharded_checkpoint(path: str | Path) -> bool:
 def load_training_checkpoint(path: str | Path):
     """(VLM with the checkpoint's weights, tokenizer, hparams) from a sharded dir or a `.ckpt`.
 
-    Both are untrusted: the config goes through `vlm.checkpoint.build_checked` (registered native
+    Both are untrusted: the config goes through `vlm.checkpoint.load.build_checked` (registered native
     classes only, every argument checked, the stored tensors' names and shapes against the model
     before anything is read), a `.ckpt` and `meta.pt` through `torch.load(weights_only=True)`, and a
     sharded checkpoint's pickled `.metadata` through a restricted unpickler (`safe_dcp_reader`)."""
@@ -99,10 +99,10 @@ def load_training_checkpoint(path: str | Path):
 
 def export(ckpt: str | Path, out: str | Path, fmt: str = "vlm") -> Path:
     if fmt != "vlm":
-        from vlm.hf_export import export_hf
+        from vlm.checkpoint.hf_export import export_hf
 
         if Path(ckpt).is_dir() and not is_sharded_checkpoint(ckpt):  # our export folder
-            from vlm.checkpoint import load_checkpoint
+            from vlm.checkpoint.load import load_checkpoint
 
             loaded = load_checkpoint(ckpt)
             return export_hf(loaded.model, loaded.tokenizer, out, fmt)
@@ -117,7 +117,7 @@ def main(argv: list[str]) -> int:
     extra = [a for a in argv if "=" not in a] + sorted(set(args) - {"ckpt", "out", "format"})
     if extra or "ckpt" not in args or "out" not in args:
         print(
-            "usage: python -m vlm.export ckpt=CHECKPOINT out=EXPORT_DIR [format=vlm|hf_qwen2vl|hf_llava]",
+            "usage: python -m vlm.checkpoint.export ckpt=CHECKPOINT out=EXPORT_DIR [format=vlm|hf_qwen2vl|hf_llava]",
             file=sys.stderr,
         )
         return 2

@@ -1,6 +1,6 @@
 """Tower warm-up: teach a from-scratch vision encoder to see before the VLM stage.
 
-A recipe stage with `objective: tower_warmup` (vlm/warmup_stage.py; the default `python train.py`
+A recipe stage with `objective: tower_warmup` (vlm/training/warmup_stage.py; the default `python train.py`
 has one) trains `model.encoder` alone on a supervised task whose labels are free, through a
 linear head that is thrown away afterwards; the next stage starts from that tower. Tasks (several
 take turns, one batch each: `glyphs+shapes`):
@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-log = logging.getLogger("vlm.warmup")
+log = logging.getLogger("vlm.training.warmup")
 
 
 TASKS = ("glyphs", "shapes", "char")

@@ -1,7 +1,7 @@
 """Build the data side of a model from plain config dicts: the media processor and the chat
 template (and the tokens that end a generated turn).
 
-Both follow the model's `Geometry` (`vlm.spec`): patch, merge and temporal patch sizes, the token
+Both follow the model's `Geometry` (`vlm.model.geometry`): patch, merge and temporal patch sizes, the token
 layout and the rope come from the model's spec, never from their own configs. A checkpoint's
 processor and template configs are untrusted (`trusted=False`): every key is checked against the
 processor's / template's arguments, no model folder is read and the chat template must be the
@@ -12,12 +12,12 @@ from __future__ import annotations
 
 from functools import partial
 
-from vlm.config_checks import check_arguments, check_config_keys, plain
+from vlm.build.checks import check_arguments, check_config_keys, plain
 from vlm.data.media_processor import MediaProcessor
 from vlm.data.template import ChatTemplate
 from vlm.model.fields import check_number, short
+from vlm.model.geometry import Geometry
 from vlm.model.projector import token_grid, visual_token_count
-from vlm.spec import Geometry
 from vlm.tokenizer import TextTokenizer
 
 # A checkpoint's processor cannot make one image cost more than 8192² pixels (an absurd
@@ -38,7 +38,7 @@ def build_processor(processor_cfg: dict, trusted: bool = True, geometry: Geometr
     folder's `preprocessor_config.json` (`vlm.data.hf_processor`) over the other keys (a training
     config only: a checkpoint records the resolved keys, `trusted=False` refuses it).
 
-    geometry: the model's (`vlm.spec.Geometry`): patch_size, merge_size and video.temporal_patch
+    geometry: the model's (`vlm.model.geometry.Geometry`): patch_size, merge_size and video.temporal_patch
     come from it. A `patch_size` / `merge_size` / `video.temporal_patch` in the config (a
     checkpoint's record, a folder's preprocessor_config.json) that disagrees with it is an error
     naming both values. Without it the config's own keys are used (a standalone processor)."""
@@ -106,7 +106,7 @@ def build_template(
     template_cfg: dict, tokenizer: TextTokenizer, trusted: bool = True, geometry: Geometry | None = None
 ) -> ChatTemplate:
     """template_cfg: ChatTemplate kwargs (max_length, image_position, …). geometry: the model's
-    (`vlm.spec.Geometry`): the token layout (`merge_size`, `queries`, `fusion`, see
+    (`vlm.model.geometry.Geometry`): the token layout (`merge_size`, `queries`, `fusion`, see
     `vlm.model.projector.token_grid`) and `rope` come from it; the same keys in the config (older
     checkpoints carry them) must agree with it and are otherwise ignored. Without it the config's
     own layout keys are used (a standalone template).

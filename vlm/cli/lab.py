@@ -1,11 +1,11 @@
-"""`python -m vlm.lab`: train a grid of small VLMs on synthvqa and write one comparison table.
+"""`python -m vlm.cli.lab`: train a grid of small VLMs on synthvqa and write one comparison table.
 
-    python -m vlm.lab                       # the default grid (conf/lab/default.yaml), < 60 min on 2 CPU cores
-    python -m vlm.lab grid=quick            # the same rows, 100 steps each, < 10 min
-    python -m vlm.lab only=qformer steps=300 seeds=[0,1] out=/tmp/lab.md
+    python -m vlm.cli.lab                       # the default grid (conf/lab/default.yaml), < 60 min on 2 CPU cores
+    python -m vlm.cli.lab grid=quick            # the same rows, 100 steps each, < 10 min
+    python -m vlm.cli.lab only=qformer steps=300 seeds=[0,1] out=/tmp/lab.md
 
 Each row of the grid is a list of `train.py` overrides. Per row and seed the lab trains with the
-real Trainer (`vlm.train.run`), then evaluates the export on the held-out split with the generation
+real Trainer (`vlm.training.train.run`), then evaluates the export on the held-out split with the generation
 code `infer.py` uses. Columns: visual tokens per 64x64 image (what the template gives the decoder)
 and per training sample (measured), trainable parameters, training samples/s (mean over the
 second half of the run), held-out exact match per question type and their mean, and inference
@@ -40,7 +40,7 @@ from omegaconf import OmegaConf
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 BEGIN, END = "<!-- lab:begin -->", "<!-- lab:end -->"
-log = logging.getLogger("vlm.lab")
+log = logging.getLogger("vlm.cli.lab")
 
 
 # ------------------------------------------------------------------------------------ config
@@ -101,9 +101,9 @@ def _train_rate(csv_path: Path) -> tuple[float, float]:
 
 
 def run_row(row: dict, grid: dict, seed: int, out_dir: Path) -> dict:
-    from vlm.checkpoint import load_checkpoint
-    from vlm.infer import evaluate
-    from vlm.train import run as train_run
+    from vlm.checkpoint.load import load_checkpoint
+    from vlm.serve.infer import evaluate
+    from vlm.training.train import run as train_run
 
     cfg = compose_row(row, grid, seed, out_dir)
     t0 = time.perf_counter()
@@ -145,8 +145,8 @@ def run_row(row: dict, grid: dict, seed: int, out_dir: Path) -> dict:
 
 
 def run_prune(base: dict, grid: dict) -> list[dict]:
-    from vlm.checkpoint import load_checkpoint
-    from vlm.infer import evaluate
+    from vlm.checkpoint.load import load_checkpoint
+    from vlm.serve.infer import evaluate
 
     spec = grid["prune"]
     loaded = load_checkpoint(base["export"])
@@ -334,7 +334,7 @@ def main(argv: list[str]) -> int:
     for r in results:
         qtypes += [k[4:] for k in r if k.startswith("acc_") and k != "acc_mean" and k[4:] not in qtypes]
     qtypes = [q for q in qtypes if q not in ("other", "overall")]
-    cmd = "python -m vlm.lab " + " ".join(argv)
+    cmd = "python -m vlm.cli.lab " + " ".join(argv)
     header = (
         f"Measured {stamp} UTC with `{cmd.strip()}` at commit `{commit}` on {os.cpu_count()} CPU "
         f"threads ({platform.processor() or platform.machine()}, torch {torch.__version__}); "

@@ -36,7 +36,11 @@ import lightning as L
 import torch
 from torch import nn
 
-log = logging.getLogger("vlm.callbacks")
+from vlm.build.model import build_model
+from vlm.checkpoint.load import export_folder
+from vlm.training.parallel import full_state_dict, is_sharded
+
+log = logging.getLogger("vlm.training.callbacks")
 
 # Dense (no sparsity) peak TFLOP/s per device: (bf16/fp16 tensor core, tf32/fp32).
 PEAK_TFLOPS: dict[str, tuple[float, float]] = {
@@ -237,7 +241,7 @@ class Throughput(L.Callback):
 class ExampleTable(L.Callback):
     """`val/examples`: a W&B table of the first `n` validation samples of each validation epoch
     (image, question type, question, prediction, answer, correct), from what `validation_step`
-    returns (`vlm.evaluate.Scored`, or None for a batch with nothing scored). Only with a
+    returns (`vlm.evaluation.evaluate.Scored`, or None for a batch with nothing scored). Only with a
     `WandbLogger`, and not for the sanity check."""
 
     def __init__(self, n: int = 8):
@@ -280,8 +284,8 @@ class ExampleTable(L.Callback):
             return
         import wandb
 
-        from vlm.build import build_processor
-        from vlm.metrics import normalize_answer
+        from vlm.build.model import build_processor
+        from vlm.evaluation.metrics import normalize_answer
 
         proc = build_processor(pl_module.hparams["processor"])
         rows = [
@@ -301,3 +305,27 @@ class ExampleTable(L.Callback):
                 {"val/examples": wandb.Table(columns=columns, data=rows), "trainer/global_step": trainer.global_step}
             )
         self.rows = []
+
+
+class ExportCallback(L.Callback):
+    """Write the export folder at the end of training (rank 0).
+
+    A sharded (FSDP2) model is gathered first: every rank takes part in the collective, rank 0
+    rebuilds an unsharded model from the full weights and writes the folder, then all ranks meet."""
+
+    def __init__(self, out_dir: str):
+        self.out_dir = out_dir
+
+    def on_train_end(self, trainer: L.Trainer, pl_module) -> None:
+        model = pl_module.model
+        if is_sharded(model):
+            state = full_state_dict(model)  # collective: every rank calls it
+            if trainer.is_global_zero:
+                model = build_model(pl_module.hparams["model"], pl_module.tokenizer)
+                model.load_state_dict(state, strict=False)
+        if trainer.is_global_zero:
+            out = export_folder(model, pl_module.tokenizer, dict(pl_module.hparams), self.out_dir)
+            log.info("exported model to %s", out)
+            print(f"exported model to {out}")
+        if trainer.world_size > 1:
+            trainer.strategy.barrier("export")

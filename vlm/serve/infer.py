@@ -20,24 +20,24 @@ from __future__ import annotations
 import json
 import sys
 import time
-from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
-from vlm.checkpoint import LoadedVLM, load_checkpoint
+from vlm.checkpoint.load import LoadedVLM, load_checkpoint
 from vlm.data.collate import Collator, collate
-from vlm.data.media import MediaError, decode_image, read_file
+from vlm.data.media import MediaError
 from vlm.data.sample import SampleTransform, format_skips
-from vlm.data.video import probe_video
 from vlm.data.webdataset import ShardDataset
-from vlm.evaluate import Evaluator
-from vlm.generate import generate
+from vlm.evaluation.evaluate import Evaluator
+from vlm.model.generate import generate
+from vlm.serve import local
+from vlm.serve.local_media import checked_image, path_list, read_video
 
 
 def _stop_ids(loaded: LoadedVLM) -> list[int]:
-    from vlm.build import stop_ids
+    from vlm.build.model import stop_ids
 
     return stop_ids(loaded.tokenizer, loaded.config.get("template"))
 
@@ -59,29 +59,6 @@ def prompt_batch(loaded: LoadedVLM, images: list[bytes], prompt: str, videos: li
             raw[f"{i}.mp4"] = v
     sample = SampleTransform(loaded.processor, loaded.template, mode="eval", require_reference=False)(raw)
     return collate([sample], loaded.tokenizer.pad_id, padding_side="left")
-
-
-_FRAME_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-
-
-def read_video(path: str) -> bytes | list[bytes]:
-    """A video file's bytes (header checked), or a folder's frame images sorted by name."""
-    p = Path(path)
-    if p.is_dir():
-        frames = sorted(f for f in p.iterdir() if f.suffix.lower() in _FRAME_SUFFIXES)
-        if not frames:
-            raise FileNotFoundError(f"video folder {p} holds no frame images ({', '.join(_FRAME_SUFFIXES)})")
-        return [checked_image(f) for f in frames]
-    data = read_file(p)  # a regular file within its cap: never a pipe or a device
-    probe_video(data, key=str(p))  # fail early with one clear line (not a video, too large…)
-    return data
-
-
-def checked_image(path) -> bytes:
-    """An image file's bytes, read once within its cap and checked to decode (one clear line if not)."""
-    data = read_file(path)
-    decode_image(data, key=str(path))
-    return data
 
 
 def answer(
@@ -147,7 +124,7 @@ def evaluate(
     max_samples: int | None = None,
     prune: dict | None = None,
 ) -> dict:
-    """Greedy answers on held-out shards (`vlm.evaluate.Evaluator`, the loop validation uses);
+    """Greedy answers on held-out shards (`vlm.evaluation.evaluate.Evaluator`, the loop validation uses);
     returns {'table': str, 'metrics': exact match per type (and 'mean', 'overall'), 'cer': character
     error rate per type, 'n': int, 'seconds': float, 'skipped': {...}, 'visual_tokens': mean visual
     tokens per sample the decoder saw}."""
@@ -181,8 +158,6 @@ def run(cfg: DictConfig) -> dict:
         raise FileNotFoundError("no checkpoint given: pass ckpt=PATH (a .ckpt file or an export folder)")
     loaded = load_checkpoint(cfg.ckpt)
     if cfg.get("chat") or cfg.get("requests"):
-        from vlm.serve import local
-
         torch.manual_seed(cfg.seed)
         if cfg.get("threads"):
             torch.set_num_threads(int(cfg.threads))
@@ -223,13 +198,6 @@ def run(cfg: DictConfig) -> dict:
         prune=prune,
     )
     return {"answer": text}
-
-
-def path_list(v) -> list[str]:
-    """`image=a.png`, `image=[a.png,b.png]` or null -> a list of paths."""
-    if v is None:
-        return []
-    return [str(v)] if isinstance(v, (str, Path)) else [str(x) for x in v]
 
 
 __all__ = ["MediaError", "answer", "checked_image", "evaluate", "path_list", "prompt_batch", "read_video", "run"]
