@@ -447,7 +447,7 @@ def test_sharded_checkpoint_metadata_pickle_is_restricted(tmp_path, hparams, cap
     """A sharded (DCP) checkpoint's `.metadata` is a pickle that torch reads with plain
     `pickle.load`: `vlm.checkpoint.export` and the resume check read it with DCP's classes only."""
     from vlm.checkpoint.export import main as export_main
-    from vlm.training.train import check_resume_checkpoint
+    from vlm.checkpoint.load import check_resume_checkpoint
 
     model, hp = hparams
     good = _sharded(tmp_path / "good", model, hp)
@@ -475,7 +475,7 @@ def test_sharded_checkpoint_metadata_pickle_is_restricted(tmp_path, hparams, cap
 
 def test_resume_refuses_what_is_not_a_checkpoint(tmp_path, ckpt):
     """`ckpt_path=` is checked (weights_only, memory-mapped) before Lightning reads it."""
-    from vlm.training.train import check_resume_checkpoint
+    from vlm.checkpoint.load import check_resume_checkpoint
 
     check_resume_checkpoint(ckpt)
     pwned = tmp_path / "pwned"

@@ -10,7 +10,7 @@ A training config (the user's own Hydra config, `trusted=True`) may name the nat
 classes (or leave `_target_` out: the native class) and the pretrained loaders of
 `vlm.model.hf`, whose folder's `config.json` resolves to a native config before building; the
 folder's weights are then loaded into the native module. A checkpoint's config is untrusted
-(`trusted=False`: `vlm.checkpoint.load.load_checkpoint`, `vlm.checkpoint.export.load_training_checkpoint`,
+(`trusted=False`: `vlm.checkpoint.load.load_checkpoint`,
 `init_from`): every component must name its native class (`NATIVE_COMPONENTS`, what
 `ModelSpec.to_dict` writes), no folder is read. Hydra's special keys (`_args_`, `_partial_`,
 `_recursive_`, `_convert_`, …) and a `_target_` anywhere other than a component's top level are

@@ -40,6 +40,7 @@ from safetensors.torch import load_model, save_model
 
 from vlm.build.checks import check_config_keys
 from vlm.build.model import build_model, build_processor, build_template, check_model_config, geometry_of, stop_ids
+from vlm.checkpoint.dcp import read_dcp_metadata, safe_dcp_reader
 from vlm.checkpoint.files import (
     CheckpointError,
     one_line,
@@ -55,10 +56,9 @@ from vlm.model.vlm import VLM
 from vlm.tokenizer import TextTokenizer
 
 FORMAT_VERSION = 1
-MAX_CONFIG_BYTES = 64 << 20  # config.yaml
-MAX_TOKENIZER_BYTES = 64 << 20  # tokenizer.json (a 150k-token BPE is ~10 MiB)
-MAX_SAFETENSORS_HEADER = 100 << 20  # the safetensors library's own limit
 MAX_EXTRA_BUFFER_ELEMENTS = 1 << 26  # non-persistent buffers (rotary tables): not in the file
+META = "meta.pt"  # Lightning's metadata file inside a sharded checkpoint
+RESUME_KEYWORDS = ("last", "best", "hpc", "registry")  # ckpt_path values Lightning resolves itself
 log = logging.getLogger("vlm.checkpoint.load")
 
 
@@ -233,43 +233,113 @@ def checkpoint_hparams(hp: Any, p: Path) -> tuple[dict, TextTokenizer]:
     return config, tokenizer
 
 
+def is_sharded_checkpoint(path: str | Path) -> bool:
+    """A sharded (DCP) checkpoint directory: `*.distcp` shards plus Lightning's `meta.pt`."""
+    p = Path(path)
+    return p.is_dir() and (p / META).is_file()
+
+
+def _load_export_folder(p: Path, map_location: str) -> LoadedVLM:
+    cfg_file, weights, tok_file = p / "config.yaml", p / "model.safetensors", p / "tokenizer.json"
+    for f in (cfg_file, weights, tok_file):
+        if not f.exists() and not f.is_symlink():
+            raise CheckpointError(f"{p} is not an export folder: {f.name} is missing")
+    config = read_config_file(cfg_file)
+    if config.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{cfg_file}: format_version {one_line(repr(config.get('format_version')), 60)} (expected {FORMAT_VERSION})"
+        )
+    where = f"checkpoint config {cfg_file}"
+    check_checkpoint_config(config, where)  # refuses a hostile config before the other files are read
+    tokenizer = read_tokenizer_file(tok_file)
+    header = read_safetensors_header(weights)
+    loaded = build_checked(config, tokenizer, where, {k: shape for k, (_, shape) in header.items()}, str(weights))
+    try:
+        load_model(loaded.model, str(weights), strict=False, device=map_location)
+    except Exception as e:  # the file changed under us, or the library refuses what we checked
+        raise CheckpointError(f"{weights}: cannot load the weights ({one_line(e, 200)})") from None
+    return loaded
+
+
+def _load_lightning_file(p: Path, map_location: str) -> LoadedVLM:
+    state, config, tokenizer, _ = read_lightning_checkpoint(p, map_location)
+    where = f"checkpoint config {p} (hyper_parameters)"
+    loaded = build_checked(config, tokenizer, where, {k: tuple(v.shape) for k, v in state.items()}, str(p))
+    loaded.model.load_state_dict(state, strict=False)  # every key checked above
+    return loaded
+
+
+def _load_sharded(p: Path) -> LoadedVLM:
+    """A DCP directory, read on one process whatever the number of ranks that wrote it. `meta.pt`
+    goes through `torch.load(weights_only=True)`, the pickled `.metadata` through a restricted
+    unpickler (`safe_dcp_reader`)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    meta = read_torch_file(p / META)
+    hp = meta.get("hyper_parameters") if isinstance(meta, dict) else None
+    if hp is None:
+        raise CheckpointError(f"{p} is not a vlm training checkpoint (no hyper_parameters in {META})")
+    config, tokenizer = checkpoint_hparams(hp, p / META)
+    reader = safe_dcp_reader(p)
+    stored = reader.read_metadata().state_dict_metadata
+    prefix = "state_dict.model."
+    found = {
+        k.removeprefix(prefix): tuple(v.size)
+        for k, v in stored.items()
+        if k.startswith(prefix) and isinstance(v, TensorStorageMetadata)
+    }
+    loaded = build_checked(config, tokenizer, f"checkpoint config {p / META} (hyper_parameters)", found, str(p))
+    want = {k: v for k, v in loaded.model.state_dict().items() if k in found}
+    state = {"state_dict": {f"model.{k}": v for k, v in want.items()}}
+    try:
+        dcp.load(state, storage_reader=reader, no_dist=True)
+    except CheckpointError:
+        raise
+    except Exception as e:  # a damaged shard
+        raise CheckpointError(f"{p}: cannot read the shards ({one_line(e, 200)})") from None
+    loaded.model.load_state_dict({k.removeprefix("model."): v for k, v in state["state_dict"].items()}, strict=False)
+    return loaded
+
+
 def load_checkpoint(path: str | Path, map_location: str = "cpu") -> LoadedVLM:
     """Rebuild model, tokenizer, media processor (image + video) and template from a checkpoint alone.
 
-    `path` is an export folder (with config.yaml) or a Lightning `.ckpt` file; either is checked
-    before anything is built or any weight read (module docstring)."""
+    `path` is an export folder (with config.yaml), a Lightning `.ckpt` file or a sharded (DCP)
+    checkpoint directory written by `trainer=fsdp`; each is checked before anything is built or
+    any weight read (module docstring)."""
     p = Path(path)
     if not p.exists():
         raise CheckpointError(f"checkpoint not found: {p}")
-    if p.is_dir():
-        cfg_file, weights, tok_file = p / "config.yaml", p / "model.safetensors", p / "tokenizer.json"
-        for f in (cfg_file, weights, tok_file):
-            if not f.exists() and not f.is_symlink():
-                raise CheckpointError(f"{p} is not an export folder: {f.name} is missing")
-        config = read_config_file(cfg_file)
-        if config.get("format_version") != FORMAT_VERSION:
-            raise CheckpointError(
-                f"{cfg_file}: format_version {one_line(repr(config.get('format_version')), 60)} "
-                f"(expected {FORMAT_VERSION})"
-            )
-        where = f"checkpoint config {cfg_file}"
-        check_checkpoint_config(config, where)  # refuses a hostile config before the other files are read
-        tokenizer = read_tokenizer_file(tok_file)
-        header = read_safetensors_header(weights)
-        loaded = build_checked(config, tokenizer, where, {k: shape for k, (_, shape) in header.items()}, str(weights))
-        try:
-            load_model(loaded.model, str(weights), strict=False, device=map_location)
-        except Exception as e:  # the file changed under us, or the library refuses what we checked
-            raise CheckpointError(f"{weights}: cannot load the weights ({one_line(e, 200)})") from None
+    if is_sharded_checkpoint(p):
+        loaded = _load_sharded(p)
+    elif p.is_dir():
+        loaded = _load_export_folder(p, map_location)
     else:
-        state, config, tokenizer, _ = read_lightning_checkpoint(p, map_location)
-        loaded = build_checked(
-            config,
-            tokenizer,
-            f"checkpoint config {p} (hyper_parameters)",
-            {k: tuple(v.shape) for k, v in state.items()},
-            str(p),
-        )
-        loaded.model.load_state_dict(state, strict=False)  # every key checked above
+        loaded = _load_lightning_file(p, map_location)
     loaded.model.eval()
     return loaded
+
+
+def check_resume_checkpoint(path) -> None:
+    """`ckpt_path=PATH` (exact resume): refuse, with one line naming the file, anything that is not a
+    loadable checkpoint before Lightning reads it. A `.ckpt` must pass `torch.load(weights_only=True)`
+    (memory-mapped here: the tensors are not read), so a pickled object is refused, never run; a
+    sharded (DCP) directory's `meta.pt` likewise, and its `.metadata` pickle must hold only DCP's
+    own classes (`vlm.checkpoint.dcp.read_dcp_metadata`: Lightning then unpickles it with plain pickle)."""
+    if str(path) in RESUME_KEYWORDS or "://" in str(path) or str(path).startswith("registry:"):
+        return  # resolved by Lightning, then read with weights_only=True (`vlm.training.train.run`)
+    p = Path(str(path))
+    if not p.exists():
+        raise CheckpointError(f"ckpt_path={p}: checkpoint not found")
+    if p.is_dir():
+        if not (p / META).is_file():
+            raise CheckpointError(f"ckpt_path={p}: a directory but not a sharded checkpoint (no {META})")
+        read_dcp_metadata(p)
+        meta = read_torch_file(p / META, mmap=True)
+        if not isinstance(meta, dict):
+            raise CheckpointError(f"ckpt_path={p / META}: not a Lightning checkpoint's metadata")
+    else:
+        ckpt = read_torch_file(p, mmap=True)
+        if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+            raise CheckpointError(f"ckpt_path={p}: not a Lightning checkpoint (no state_dict)")

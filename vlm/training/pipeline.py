@@ -133,8 +133,7 @@ def _is_wandb(cfg: DictConfig) -> bool:
 def resume_point(checkpoints: Path) -> Path | None:
     """The checkpoint an interrupted stage resumes from: `last.ckpt`, else the newest other one;
     one that a kill left half-written (it does not load) is passed over for the one before."""
-    from vlm.checkpoint.load import CheckpointError
-    from vlm.training.train import check_resume_checkpoint
+    from vlm.checkpoint.load import CheckpointError, check_resume_checkpoint
 
     found = sorted(checkpoints.glob("*.ckpt"), key=lambda p: (p.name == "last.ckpt", p.stat().st_mtime), reverse=True)
     for path in found:

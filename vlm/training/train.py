@@ -11,6 +11,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from vlm.build.model import geometry_of
+from vlm.checkpoint.load import CheckpointError, check_resume_checkpoint, load_checkpoint, weight_mismatch
 from vlm.training.datamodule import build_datamodule
 from vlm.training.module import VLMModule
 from vlm.training.parallel import ParallelConfig, is_sharded_strategy
@@ -68,8 +69,6 @@ def init_weights(module: VLMModule, path: str) -> None:
     synthvqa data folder trains its own), the embedding and LM-head rows are copied by token
     string, so a token keeps its row whatever its id, and tokens new to this run keep their
     fresh initialisation. Without this, ids would silently point at other tokens' rows."""
-    from vlm.checkpoint.load import CheckpointError, load_checkpoint, weight_mismatch
-
     loaded = load_checkpoint(path)
     src = loaded.model.state_dict()
     dst = module.model.state_dict()
@@ -97,38 +96,6 @@ def init_weights(module: VLMModule, path: str) -> None:
         )
     module.model.load_state_dict(src)
     log.info("initialised weights from %s", path)
-
-
-RESUME_KEYWORDS = ("last", "best", "hpc", "registry")  # ckpt_path values Lightning resolves itself
-
-
-def check_resume_checkpoint(path) -> None:
-    """`ckpt_path=PATH` (exact resume): refuse, with one line naming the file, anything that is not a
-    loadable checkpoint before Lightning reads it. A `.ckpt` must pass `torch.load(weights_only=True)`
-    (memory-mapped here: the tensors are not read), so a pickled object is refused, never run; a
-    sharded (DCP) directory's `meta.pt` likewise, and its `.metadata` pickle must hold only DCP's
-    own classes (`vlm.checkpoint.dcp.read_dcp_metadata`: Lightning then unpickles it with plain pickle)."""
-    from pathlib import Path
-
-    from vlm.checkpoint.dcp import read_dcp_metadata
-    from vlm.checkpoint.files import CheckpointError, read_torch_file
-
-    if str(path) in RESUME_KEYWORDS or "://" in str(path) or str(path).startswith("registry:"):
-        return  # resolved by Lightning, then read with weights_only=True (`run`)
-    p = Path(str(path))
-    if not p.exists():
-        raise CheckpointError(f"ckpt_path={p}: checkpoint not found")
-    if p.is_dir():
-        if not (p / "meta.pt").is_file():
-            raise CheckpointError(f"ckpt_path={p}: a directory but not a sharded checkpoint (no meta.pt)")
-        read_dcp_metadata(p)
-        meta = read_torch_file(p / "meta.pt", mmap=True)
-        if not isinstance(meta, dict):
-            raise CheckpointError(f"ckpt_path={p / 'meta.pt'}: not a Lightning checkpoint's metadata")
-    else:
-        ckpt = read_torch_file(p, mmap=True)
-        if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
-            raise CheckpointError(f"ckpt_path={p}: not a Lightning checkpoint (no state_dict)")
 
 
 def run(cfg: DictConfig) -> dict[str, float]:
