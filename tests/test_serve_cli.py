@@ -92,3 +92,56 @@ def test_batch_refuses_a_missing_requests_file(tmp_path):
     cfg = compose_infer([f"ckpt={EXPORT}", f"requests={tmp_path / 'nope.jsonl'}"], tmp_path, tmp_path)
     with pytest.raises(FileNotFoundError, match="requests file not found"):
         run(cfg)
+
+
+@pytest.mark.parametrize("kind", ["continuous", "serial"])
+def test_single_prompt_is_one_request_on_the_engine(tmp_path, monkeypatch, capsys, kind):
+    """`infer.py image=… prompt=…` submits one request to the `engine` group's engine and prints
+    its Delta texts as they come."""
+    from vlm.serve import local
+    from vlm.serve.api import Delta
+
+    built = []
+
+    def spy(*args, **kw):
+        engine = build_engine(*args, **kw)
+        submit = engine.submit
+
+        def submit_and_watch(request):
+            handle = submit(request)
+            events = handle.events
+
+            def watched(timeout=None):
+                for ev in events(timeout):
+                    if isinstance(ev, Delta):
+                        built.append(ev.text)
+                    yield ev
+
+            handle.events = watched
+            return handle
+
+        engine.submit = submit_and_watch
+        built.append(engine)
+        return engine
+
+    build_engine = local.build_engine
+    monkeypatch.setattr(local, "build_engine", spy)
+    args = [f"ckpt={EXPORT}", f"image={FIXTURE / 'circle.png'}", "prompt=What color is the circle?"]
+    cfg = compose_infer([*args, "max_new_tokens=5", f"engine={kind}"], tmp_path, tmp_path)
+    res = run(cfg)
+    engine, *deltas = built
+    stats = engine.stats()
+    assert stats["finished"] == 1 and stats["errors"] == 0 and stats["max_batch"] == 1
+    assert res["usage"].visual_tokens == 16 and res["usage"].completion_tokens == 5
+    assert "".join(deltas) == res["answer"] and capsys.readouterr().out == res["answer"] + "\n"
+    # a request the engine refuses is one user-facing error, not a traceback
+    from vlm.errors import SampleError
+
+    cfg = compose_infer([*args, "max_new_tokens=100000", f"engine={kind}"], tmp_path, tmp_path)
+    with pytest.raises(SampleError, match="context_length_exceeded"):
+        run(cfg)
+    # infer.prune becomes the engine's pruning options
+    prune = ["infer.prune.keep_ratio=0.5", "infer.prune.method=random", "infer.prune.seed=3"]
+    built.clear()
+    run(compose_infer([*args, "max_new_tokens=2", f"engine={kind}", *prune], tmp_path, tmp_path))
+    assert built[0].prune == {"keep_ratio": 0.5, "method": "random", "seed": 3}

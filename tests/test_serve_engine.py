@@ -361,3 +361,50 @@ def test_generate_never_emits_media_tokens_and_bf16_answers(tok):
     with Engine(loaded, EngineConfig(max_batch=2, max_context=CTX, dtype="bf16")) as engine:
         fin = engine.submit(ChatRequest(conversation(0), SamplingParams(max_tokens=8))).result(60)
     assert len(fin.token_ids) >= 1 and tok.image_pad_id not in fin.token_ids
+
+
+# ---- one config, one dtype rule, one sampling check for both engines --------------------------------
+@pytest.mark.parametrize("fast_bf16", [False, True])
+def test_serial_and_continuous_engines_pick_the_same_default_dtype(tok, monkeypatch, fast_bf16):
+    from vlm.serve import engine_config
+    from vlm.serve.engines import KINDS, build_engine
+
+    monkeypatch.setattr(engine_config, "fast_bf16_cpu", lambda: fast_bf16)
+    want = engine_config.default_dtype("cpu")
+    assert want == ("bf16" if fast_bf16 else "fp32")
+    answers = {}
+    for kind in KINDS:
+        engine = build_engine(tiny(tok), {"kind": kind, "device": "cpu", "max_context": CTX})
+        assert engine.dtype_name == want and engine.stats()["dtype"] == want, kind
+        assert next(engine.model.parameters()).dtype == engine_config.DTYPES[want], kind
+        with engine:
+            handles = [engine.submit(ChatRequest(conversation(i), SamplingParams(max_tokens=6))) for i in range(4)]
+            answers[kind] = [h.result(60).token_ids for h in handles]
+            assert all(h.first_token_at is not None for h in handles), kind  # the handle's own metric
+    if not fast_bf16:  # fp32: the reference and the batching engine give the same greedy answers
+        assert answers["serial"] == answers["continuous"]
+
+
+def test_serial_engine_refuses_batching_options_and_both_check_sampling_alike(tok):
+    from vlm.errors import ServeConfigError
+    from vlm.serve.engines import build_engine
+    from vlm.serve.serial import SerialEngine
+
+    with pytest.raises(ServeConfigError, match="max_batch not known to engine=serial"):
+        build_engine(tiny(tok), {"kind": "serial", "max_batch": 4})
+    with pytest.raises(ValueError, match="serial engine does not use max_batch=4"):
+        SerialEngine(tiny(tok), EngineConfig(max_batch=4))
+    bad = [
+        SamplingParams(max_tokens=True),
+        SamplingParams(max_tokens=0),
+        SamplingParams(temperature=float("nan")),
+        SamplingParams(top_p=0.0),
+    ]
+    for engine in (
+        SerialEngine(tiny(tok), EngineConfig(max_context=CTX, device="cpu", dtype="fp32")),
+        Engine(tiny(tok), EngineConfig(max_context=CTX, device="cpu", dtype="fp32")),
+    ):
+        with engine:
+            for sp in bad:
+                fin = engine.submit(ChatRequest(conversation(3), sp)).result(60)
+                assert fin.finish_reason == "error" and fin.error.param in ("max_tokens", "temperature", "top_p")

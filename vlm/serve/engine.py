@@ -34,14 +34,22 @@ import logging
 import threading
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import torch
 
 from vlm.model.generate import never_generate, sample_next
 from vlm.serve.api import ChatRequest, Finished, Overloaded, RequestError, Usage
 from vlm.serve.embed_cache import EmbedCache
-from vlm.serve.engine_config import EngineConfig, check_sampling, default_dtype
+from vlm.serve.engine_config import (
+    ALL_OPTIONS,
+    DTYPES,
+    EngineConfig,
+    check_sampling,
+    default_dtype,
+    default_max_context,
+    prune_options,
+    resolve,
+)
 from vlm.serve.handle import RequestHandle, TextStream
 from vlm.serve.kv_slots import DecodeCache, KVSlots, RowCache
 from vlm.serve.media import row_inputs
@@ -55,30 +63,26 @@ __all__ = ["Engine", "EngineConfig", "default_dtype"]
 
 
 class Engine:
+    OPTIONS = ALL_OPTIONS  # the `EngineConfig` fields it honours: all of them
+
     def __init__(self, loaded, config: EngineConfig | None = None):
         from vlm.build.model import stop_ids
 
         self.config = cfg = config or EngineConfig()
-        self.dtype_name = cfg.dtype or default_dtype(cfg.device)
-        if self.dtype_name not in ("bf16", "fp32"):
-            raise ValueError(f"EngineConfig.dtype must be 'bf16' or 'fp32', got {cfg.dtype!r}")
-        self.dtype = torch.bfloat16 if self.dtype_name == "bf16" else torch.float32
-        self.device = torch.device(cfg.device)
+        self.device, self.dtype_name = resolve(cfg)
+        self.dtype = DTYPES[self.dtype_name]
         self.model = loaded.model.to(device=self.device, dtype=self.dtype).eval()
         self.tokenizer = loaded.tokenizer
         dec = self.model.decoder
-        self.max_context = int(cfg.max_context or dec.max_seq_len)
-        path = getattr(loaded, "path", None)
-        self.model_name = cfg.model_name or (Path(path).name if path else "vlm")
+        self.max_context = int(cfg.max_context or default_max_context(self.model))
+        self.model_name = cfg.model_name or "vlm"
         self.builder = PromptBuilder(loaded.processor, loaded.template, loaded.tokenizer, self.max_context)
         self.eos = set(stop_ids(loaded.tokenizer, (loaded.config or {}).get("template")))
         self.suppress = never_generate(self.model, loaded.tokenizer.structural_ids).to(self.device)
         self.slots = KVSlots(
             dec.n_layers, cfg.max_batch, dec.n_kv_heads, self.max_context, dec.head_dim, self.dtype, self.device
         )
-        self.prune = (
-            {"keep_ratio": cfg.prune_keep_ratio, "method": cfg.prune_method} if cfg.prune_keep_ratio < 1.0 else None
-        )
+        self.prune = prune_options(cfg)
         mb = 1 << 20
         self.embed_cache = EmbedCache(int(cfg.embed_cache_mb * mb)) if cfg.embed_cache_mb > 0 else None
         self.bidir = self.model.image_attention == "bidirectional"

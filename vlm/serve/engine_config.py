@@ -1,14 +1,28 @@
-"""The engine's settings (`EngineConfig`), the default dtype rule, and the sampling checks."""
+"""What both engines share: their settings (`EngineConfig`), the device and dtype rule
+(`default_dtype`, `resolve_device`), the default context and the sampling check.
+
+The continuous-batching `vlm.serve.engine.Engine` and the serial reference
+`vlm.serve.serial.SerialEngine` read the same `EngineConfig` and resolve device, dtype and
+context the same way, so the reference checks the engine under the same settings. Each engine
+lists the fields it honours (`OPTIONS`); the serial one refuses batching and cache settings
+it has no use for (`refuse_unused`).
+"""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
+import torch
+
+from vlm.model.prune import METHODS as PRUNE_METHODS
 from vlm.precision import fast_bf16_cpu
 from vlm.serve.api import RequestError, SamplingParams
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
-def default_dtype(device: str = "cpu") -> str:
+
+def default_dtype(device: str | torch.device | None = "cpu") -> str:
     """bf16 on CUDA and on CPUs with native bf16 matmuls (`vlm.precision.fast_bf16_cpu`); fp32
     elsewhere (other CPUs emulate bf16 matmuls, far slower than fp32)."""
     if str(device).startswith("cuda"):
@@ -16,37 +30,96 @@ def default_dtype(device: str = "cpu") -> str:
     return "bf16" if fast_bf16_cpu() else "fp32"
 
 
+def resolve_device(device: str | None) -> torch.device:
+    """None: CUDA when there is one, else the CPU."""
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
 @dataclass
 class EngineConfig:
-    """max_batch: KV slots = requests running at once (prefilling or decoding).
-    max_context: longest prompt + max_tokens (None: the decoder's `max_seq_len`); a slot holds
-    this many positions. prefill_chunk: prompt tokens prefilled per engine step (a chunk never
-    cuts a bidirectional media span, so one span may exceed it). embed_cache_mb / prefix_cache_mb:
-    budgets of the image-embedding and prefix KV caches (0 turns one off). max_queue: requests
-    submitted but not yet in a slot; beyond it `submit` raises `Overloaded`. preprocess_workers:
-    threads building prompts. dtype: "bf16" | "fp32" | None (`default_dtype`). prune_keep_ratio:
-    < 1 drops visual tokens (`vlm.model.prune`, `prune_method`) before prefill (the prefix cache is then
-    off: what is kept depends on the whole prompt). model_name: None = the checkpoint folder's name.
+    """Settings of either engine (`conf/engine/*.yaml`).
+
+    Both engines: max_context: longest prompt + max_tokens (None: the decoder's `max_seq_len`).
+    max_queue: requests submitted but not yet running; beyond it `submit` raises `Overloaded`.
+    dtype: "bf16" | "fp32" | None (`default_dtype` for the device). device: None picks CUDA when
+    there is one. prune_keep_ratio < 1 drops visual tokens (`vlm.model.prune`: `prune_method`,
+    `prune_seed` for the random method) before the decoder. model_name: the name clients see
+    (None: "vlm"; `build_engine` passes the checkpoint's folder or file name).
+
+    Continuous engine only (the serial one runs one request at a time without caches):
+    max_batch: KV slots = requests running at once (prefilling or decoding); a slot holds
+    `max_context` positions. prefill_chunk: prompt tokens prefilled per engine step (a chunk
+    never cuts a bidirectional media span, so one span may exceed it). embed_cache_mb /
+    prefix_cache_mb: budgets of the image-embedding and prefix KV caches (0 turns one off; the
+    prefix cache is off while pruning: what is kept depends on the whole prompt).
+    preprocess_workers: threads building prompts.
     """
 
-    max_batch: int = 16
     max_context: int | None = None
+    max_queue: int = 256
+    dtype: str | None = None
+    device: str | None = None
+    prune_keep_ratio: float = 1.0
+    prune_method: str = "attention"
+    prune_seed: int = 0
+    model_name: str | None = None
+    max_batch: int = 16
     prefill_chunk: int = 512
     embed_cache_mb: float = 256.0
     prefix_cache_mb: float = 512.0
-    max_queue: int = 256
     preprocess_workers: int = 2
-    dtype: str | None = None
-    prune_keep_ratio: float = 1.0
-    prune_method: str = "attention"
-    device: str = "cpu"
-    model_name: str | None = None
+
+
+COMMON_OPTIONS = frozenset(
+    ("max_context", "max_queue", "dtype", "device", "prune_keep_ratio", "prune_method", "prune_seed", "model_name")
+)
+ALL_OPTIONS = frozenset(f.name for f in dataclasses.fields(EngineConfig))
+
+
+def refuse_unused(cfg: EngineConfig, options: frozenset[str], engine: str) -> None:
+    """ValueError naming the settings of `cfg` that differ from the defaults but that `engine`
+    (honouring only `options`) would ignore."""
+    unused = [
+        f"{f.name}={getattr(cfg, f.name)!r}"
+        for f in dataclasses.fields(cfg)
+        if f.name not in options and getattr(cfg, f.name) != f.default
+    ]
+    if unused:
+        raise ValueError(f"{engine} does not use {', '.join(unused)} (it takes: {', '.join(sorted(options))})")
+
+
+def resolve(cfg: EngineConfig) -> tuple[torch.device, str]:
+    """The engine's device and dtype name under the one rule both engines follow."""
+    device = resolve_device(cfg.device)
+    name = cfg.dtype or default_dtype(device)
+    if name not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {cfg.dtype!r}")
+    if cfg.max_queue < 1:
+        raise ValueError(f"max_queue must be at least 1, got {cfg.max_queue}")
+    if not 0.0 < cfg.prune_keep_ratio <= 1.0:
+        raise ValueError(f"prune_keep_ratio must be in (0, 1], got {cfg.prune_keep_ratio}")
+    if cfg.prune_method not in PRUNE_METHODS:
+        raise ValueError(f"prune_method must be one of {', '.join(PRUNE_METHODS)}, got {cfg.prune_method!r}")
+    return device, name
+
+
+def prune_options(cfg: EngineConfig) -> dict | None:
+    """The `prune` argument of `generate` / `row_inputs` (None: no pruning)."""
+    if cfg.prune_keep_ratio >= 1.0:
+        return None
+    return {"keep_ratio": cfg.prune_keep_ratio, "method": cfg.prune_method, "seed": cfg.prune_seed}
+
+
+def default_max_context(model) -> int:
+    """The decoder's `max_seq_len` (4096 when it has none)."""
+    return int(getattr(model.decoder, "max_seq_len", 0) or 4096)
 
 
 def check_sampling(sp: SamplingParams) -> None:
-    if not isinstance(sp.max_tokens, int) or sp.max_tokens < 1:
+    """RequestError for sampling parameters neither engine can run (NaN included)."""
+    if isinstance(sp.max_tokens, bool) or not isinstance(sp.max_tokens, int) or sp.max_tokens < 1:
         raise RequestError(f"max_tokens must be a positive integer, got {sp.max_tokens!r}", param="max_tokens")
-    if sp.temperature < 0:
+    if not sp.temperature >= 0:
         raise RequestError(f"temperature must be >= 0, got {sp.temperature}", param="temperature")
     if not 0.0 < sp.top_p <= 1.0:
         raise RequestError(f"top_p must be in (0, 1], got {sp.top_p}", param="top_p")

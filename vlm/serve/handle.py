@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from collections.abc import Iterator
 
 from vlm.serve.api import Delta, Finished, RequestError, Usage
@@ -72,7 +73,8 @@ _ADMITTED, _EVENT = "admitted", "event"
 
 class RequestHandle:
     """One request in flight. Thread-safe: the engine calls the `_`-less producer methods
-    (`admit`, `emit`, `finish`), the caller the consumer ones (`admitted`, iteration, `cancel`)."""
+    (`admit`, `first_token`, `emit`, `finish`), the caller the consumer ones (`admitted`, iteration,
+    `cancel`, `first_token_at`: the time to first token of benchmarks and servers)."""
 
     def __init__(self, request_id: str):
         self.request_id = request_id
@@ -82,8 +84,14 @@ class RequestHandle:
         self._error: RequestError | None = None
         self._cancel = threading.Event()
         self.finished: Finished | None = None
+        self.first_token_at: float | None = None  # `time.perf_counter()` at the first generated token
 
     # ---- engine side ---------------------------------------------------------------------------
+    def first_token(self) -> None:
+        """The first token was generated (an end token included): stamps `first_token_at` once."""
+        if self.first_token_at is None:
+            self.first_token_at = time.perf_counter()
+
     def admit(self, usage: Usage) -> None:
         self._usage = usage
         self._admitted.set()

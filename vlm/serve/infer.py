@@ -1,5 +1,6 @@
 """`python infer.py ckpt=PATH …`: answer one prompt (streamed), chat, answer a file of requests,
-or evaluate on held-out shards.
+or evaluate on held-out shards. The first three run on the serving engine (the `engine` config
+group, `vlm.serve.local`); evaluation runs the validation loop over batches of shards.
 
     python infer.py ckpt=PATH image=a.png prompt="…"
     python infer.py ckpt=PATH 'image=[a.png,b.png]' prompt="Which image has more shapes, the first or the second?"
@@ -18,7 +19,6 @@ training config, so preprocessing at inference is the preprocessing the model wa
 from __future__ import annotations
 
 import json
-import sys
 import time
 
 import torch
@@ -26,12 +26,11 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
 from vlm.checkpoint.load import LoadedVLM, load_checkpoint
-from vlm.data.collate import Collator, collate
+from vlm.data.collate import Collator
 from vlm.data.media import MediaError
 from vlm.data.sample import SampleTransform, format_skips
 from vlm.data.webdataset import ShardDataset
 from vlm.evaluation.evaluate import Evaluator
-from vlm.model.generate import generate
 from vlm.serve import local
 from vlm.serve.local_media import checked_image, path_list, read_video
 
@@ -40,78 +39,6 @@ def _stop_ids(loaded: LoadedVLM) -> list[int]:
     from vlm.build.model import stop_ids
 
     return stop_ids(loaded.tokenizer, loaded.config.get("template"))
-
-
-def prompt_batch(loaded: LoadedVLM, images: list[bytes], prompt: str, videos: list | None = None) -> dict:
-    """One chat prompt: images then videos, placed where the model saw them in training
-    (template.image_position). A video is its encoded bytes, or a list of frame images (bytes)."""
-    videos = list(videos or [])
-    messages = loaded.template.prompt_messages(len(images), prompt, n_videos=len(videos))
-    raw = {"__key__": "prompt", "json": json.dumps({"messages": messages}).encode()}
-    for i, b in enumerate(images):
-        raw[f"{i}.png"] = b  # the decoder sniffs the real format; the name only marks it as media
-    for j, v in enumerate(videos):
-        i = len(images) + j
-        if isinstance(v, (list, tuple)):
-            for f, b in enumerate(v):
-                raw[f"{i}.{f}.png"] = b
-        else:
-            raw[f"{i}.mp4"] = v
-    sample = SampleTransform(loaded.processor, loaded.template, mode="eval", require_reference=False)(raw)
-    return collate([sample], loaded.tokenizer.pad_id, padding_side="left")
-
-
-def answer(
-    loaded: LoadedVLM,
-    image_paths: list[str],
-    prompt: str,
-    max_new_tokens: int = 64,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    seed: int = 0,
-    stream="stdout",
-    video_paths: list[str] | None = None,
-    prune: dict | None = None,
-) -> str:
-    """Stream the answer to `stream` (default: the current `sys.stdout`, looked up at call time; None:
-    silent) and return it. Images are media 0…n-1, videos follow."""
-    if isinstance(stream, str) and stream == "stdout":
-        stream = sys.stdout
-    images = [checked_image(p) for p in image_paths]  # fail early with one clear line (missing, bomb…)
-    videos = [read_video(p) for p in (video_paths or [])]
-    batch = prompt_batch(loaded, images, prompt, videos)
-    tok = loaded.tokenizer
-    eos = _stop_ids(loaded)
-    ids: list[int] = []
-    printed = ""
-
-    def on_token(t: torch.Tensor) -> None:
-        nonlocal printed
-        if int(t[0]) < 0 or int(t[0]) in eos:
-            return
-        ids.append(int(t[0]))
-        text = tok.decode(ids)
-        if stream is not None and not text.endswith("\ufffd"):  # wait for whole UTF-8 characters
-            stream.write(text[len(printed) :])
-            stream.flush()
-            printed = text
-
-    gen = torch.Generator().manual_seed(seed)
-    generate(
-        loaded.model,
-        batch,
-        max_new_tokens,
-        eos,
-        temperature,
-        top_p,
-        tok.structural_ids,
-        generator=gen,
-        on_token=on_token,
-        prune=prune,
-    )
-    if stream is not None:
-        stream.write("\n")
-    return tok.decode(ids)
 
 
 def evaluate(
@@ -157,15 +84,14 @@ def run(cfg: DictConfig) -> dict:
     if not cfg.get("ckpt"):
         raise FileNotFoundError("no checkpoint given: pass ckpt=PATH (a .ckpt file or an export folder)")
     loaded = load_checkpoint(cfg.ckpt)
-    if cfg.get("chat") or cfg.get("requests"):
-        torch.manual_seed(cfg.seed)
-        if cfg.get("threads"):
-            torch.set_num_threads(int(cfg.threads))
-        return local.chat(loaded, cfg) if cfg.get("chat") else local.batch(loaded, cfg)
-    prune = dict(cfg.get("infer", {}).get("prune") or {}) or None
     torch.manual_seed(cfg.seed)
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
+    if cfg.get("chat"):
+        return local.chat(loaded, cfg)
+    if cfg.get("requests"):
+        return local.batch(loaded, cfg)
+    prune = dict(cfg.get("infer", {}).get("prune") or {}) or None
     data = cfg.get("data")
     if data and data.get("val_shards"):
         res = evaluate(
@@ -185,19 +111,7 @@ def run(cfg: DictConfig) -> dict:
         return res
     if cfg.get("prompt") is None:
         raise FileNotFoundError('nothing to do: pass image=PATH (or video=PATH) prompt="…" or data=synthvqa_heldout')
-    images, videos = path_list(cfg.get("image")), path_list(cfg.get("video"))
-    text = answer(
-        loaded,
-        images,
-        cfg.prompt,
-        cfg.max_new_tokens,
-        cfg.temperature,
-        cfg.top_p,
-        cfg.seed,
-        video_paths=videos,
-        prune=prune,
-    )
-    return {"answer": text}
+    return local.answer(loaded, cfg)
 
 
-__all__ = ["MediaError", "answer", "checked_image", "evaluate", "path_list", "prompt_batch", "read_video", "run"]
+__all__ = ["MediaError", "checked_image", "evaluate", "path_list", "read_video", "run"]

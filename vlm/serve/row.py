@@ -34,7 +34,6 @@ class Row:
     last: int = -1  # the token to feed at the next decode step
     out: list[int] = field(default_factory=list)
     pending: list[int] = field(default_factory=list)  # token ids whose text is not released yet
-    first_token_at: float | None = None
     done: bool = False
     reason: str | None = None  # why generation ended, once it has
 
@@ -53,9 +52,8 @@ class Row:
 
     def _push(self, tok: int, eos: set[int]) -> str | None:
         self.out.append(tok)
-        if self.first_token_at is None:
-            self.first_token_at = time.perf_counter()
-            self.handle.first_token_at = self.first_token_at  # a metric for benchmarks and servers
+        if len(self.out) == 1:
+            self.handle.first_token()
         if tok in eos:
             return "stop"
         self.pending.append(tok)

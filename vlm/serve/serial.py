@@ -5,6 +5,10 @@ admitted / events / cancel, stats, close), so every front end runs on either. It
 and no caches: a request waits in a bounded queue, its prompt is built by `PromptBuilder`, then it
 decodes alone until an end token, a stop string, `max_tokens` or a cancel. Use it to check the
 batching engine's answers against, or where one request at a time is all there is (`engine=serial`).
+
+It reads the same `EngineConfig` and picks device, dtype and context by the same rule
+(`vlm.serve.engine_config`), so a check runs both under the same settings; the batching and cache
+settings it has no use for are refused, not ignored.
 """
 
 from __future__ import annotations
@@ -14,71 +18,49 @@ import logging
 import queue
 import secrets
 import threading
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import torch
 
 from vlm.model.generate import generate
 from vlm.serve.api import ChatRequest, Delta, Finished, Overloaded, RequestError, Usage
+from vlm.serve.engine_config import (
+    COMMON_OPTIONS,
+    DTYPES,
+    EngineConfig,
+    check_sampling,
+    default_max_context,
+    prune_options,
+    refuse_unused,
+    resolve,
+)
 from vlm.serve.handle import RequestHandle, TextStream
 from vlm.serve.prompt import PromptBuilder
 
 log = logging.getLogger(__name__)
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
-
-@dataclass
-class SerialConfig:
-    """max_context: prompt + new tokens at most (None: the decoder's max_seq_len). max_queue: requests
-    waiting beyond the running one before `submit` raises `Overloaded`. device: None picks CUDA when
-    there is one. dtype: "fp32" | "bf16" | None (bf16 on CUDA, fp32 on CPU). prune_keep_ratio < 1
-    drops visual tokens before the decoder (`vlm.model.prune`)."""
-
-    max_context: int | None = None
-    max_queue: int = 64
-    dtype: str | None = None
-    device: str | None = None
-    prune_keep_ratio: float = 1.0
-    model_name: str | None = None
 
 
 class _Stop(Exception):
     """Raised from the token callback to end decoding early (cancel or stop string)."""
 
 
-def _check_sampling(sp) -> None:
-    if isinstance(sp.max_tokens, bool) or not isinstance(sp.max_tokens, int) or sp.max_tokens < 1:
-        raise RequestError(f"max_tokens must be a positive integer, got {sp.max_tokens!r}", param="max_tokens")
-    if not sp.temperature >= 0:
-        raise RequestError(f"temperature must be >= 0, got {sp.temperature}", param="temperature")
-    if not 0.0 < sp.top_p <= 1.0:
-        raise RequestError(f"top_p must be in (0, 1], got {sp.top_p}", param="top_p")
-
-
-def default_max_context(loaded) -> int:
-    return int(getattr(loaded.model.decoder, "max_seq_len", 0) or 4096)
-
-
 class SerialEngine:
-    def __init__(self, loaded, config: SerialConfig | None = None):
+    OPTIONS = COMMON_OPTIONS  # the `EngineConfig` fields it honours (no batching, no caches)
+
+    def __init__(self, loaded, config: EngineConfig | None = None):
         from vlm.build.model import stop_ids
 
-        cfg = config or SerialConfig()
-        self.device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.dtype_name = cfg.dtype or ("bf16" if self.device.type == "cuda" else "fp32")
-        if self.dtype_name not in DTYPES:
-            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {cfg.dtype!r}")
-        if cfg.max_queue < 1:
-            raise ValueError(f"max_queue must be at least 1, got {cfg.max_queue}")
+        cfg = config or EngineConfig()
+        refuse_unused(cfg, self.OPTIONS, "the serial engine")
         self.config = cfg
+        self.device, self.dtype_name = resolve(cfg)
         self.model = loaded.model.to(self.device, DTYPES[self.dtype_name]).eval()
         self.tokenizer = loaded.tokenizer
-        self.max_context = int(cfg.max_context or default_max_context(loaded))
+        self.max_context = int(cfg.max_context or default_max_context(self.model))
         self.model_name = cfg.model_name or "vlm"
         self.builder = PromptBuilder(loaded.processor, loaded.template, loaded.tokenizer, self.max_context)
-        self.eos = set(stop_ids(loaded.tokenizer, loaded.config.get("template")))
-        self.prune = {"keep_ratio": cfg.prune_keep_ratio, "method": "attention"} if cfg.prune_keep_ratio < 1 else None
+        self.eos = set(stop_ids(loaded.tokenizer, (loaded.config or {}).get("template")))
+        self.prune = prune_options(cfg)
         self._queue: queue.Queue = queue.Queue(maxsize=cfg.max_queue)
         self._ids = itertools.count()
         self._thread: threading.Thread | None = None
@@ -163,7 +145,7 @@ class SerialEngine:
         if handle.cancelled:
             return Finished("cancelled", "", [], Usage())
         try:
-            _check_sampling(sp)
+            check_sampling(sp)
             prompt = self.builder(request.messages, sp.max_tokens)
         except RequestError as e:
             return Finished("error", "", [], Usage(), e)
@@ -181,6 +163,8 @@ class SerialEngine:
         def on_token(t: torch.Tensor) -> None:
             nonlocal reason
             tok = int(t[0])
+            if usage.completion_tokens == 0:
+                handle.first_token()
             usage.completion_tokens += 1
             if tok in self.eos:
                 reason = "stop"
