@@ -12,6 +12,9 @@ import torch
 from vlm.data.processor import ImageProcessor
 from vlm.data.video import VideoProcessor, repeat_temporal
 
+# The keys `vlm.model.geometry.Geometry` supplies (a checkpoint stores them only in older versions).
+GEOMETRY_KEYS = ("patch_size", "merge_size", "temporal_patch")
+
 
 class MediaProcessor(ImageProcessor):
     """The image processor plus the video processor that shares its geometry and normalisation.
@@ -72,10 +75,17 @@ class MediaProcessor(ImageProcessor):
             patches = patches[: h * w].reshape(h * w, 3, T, P * P)[:, :, 0].reshape(h * w, 3 * P * P)
         return super().to_pil(patches, grid)
 
-    def to_config(self) -> dict[str, Any]:
+    def to_config(self, geometry: bool = True) -> dict[str, Any]:
+        """Everything needed to rebuild this processor. geometry=False leaves out the keys the
+        model's geometry supplies (`patch_size`, `merge_size`, `video.temporal_patch`): what a
+        checkpoint stores, since `build_processor(cfg, geometry=…)` takes them from the model."""
         cfg = ImageProcessor.to_config(self)
         vid = self.video.to_config()
         cfg["video"] = {k: v for k, v in vid.items() if k in VideoProcessor._VIDEO_KEYS or v != cfg.get(k)}
+        if not geometry:
+            for k in GEOMETRY_KEYS:
+                cfg.pop(k, None)
+                cfg["video"].pop(k, None)
         return cfg
 
     @classmethod

@@ -284,10 +284,11 @@ class ExampleTable(L.Callback):
             return
         import wandb
 
-        from vlm.build.model import build_processor
+        from vlm.build.model import build_processor, geometry_of
         from vlm.evaluation.metrics import normalize_answer
 
-        proc = build_processor(pl_module.hparams["processor"])
+        hp = pl_module.hparams
+        proc = build_processor(hp["processor"], geometry=geometry_of(hp["model"]))
         rows = [
             [
                 wandb.Image(proc.to_pil(*image)) if image is not None else None,

@@ -40,7 +40,7 @@ def build_module(cfg: DictConfig, datamodule, meta_init: bool = False) -> VLMMod
         meta_init=meta_init,
         model=OmegaConf.to_container(cfg.model, resolve=True),
         tokenizer_json=datamodule.tokenizer.to_str(),
-        processor=datamodule.media_processor.to_config(),
+        processor=datamodule.media_processor.to_config(geometry=False),  # the model's geometry supplies the rest
         template=datamodule.template_cfg,
         optimizer=instantiate(cfg.optimizer),
         scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
