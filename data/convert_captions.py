@@ -1,50 +1,14 @@
 #!/usr/bin/env python
-"""Convert image–caption pairs into chat shards (see data/README.md).
+"""Convert image–caption pairs into chat shards.
 
-    python data/convert_captions.py photos/ --out data/shards/captions                 # a.jpg + a.txt, ...
-    python data/convert_captions.py pairs.csv --image-root images/ --out data/shards/captions   # path,caption
-    python data/convert_captions.py pairs.jsonl --image-root images/ --out data/shards/captions # {"image","caption"}
-
-Each sample: user = the image + a prompt drawn (deterministically, per sample key) from --prompts,
-assistant = the caption. Re-running the same command resumes.
+`python data/convert_captions.py …` is `python -m vlm.cli.convert_captions …`:
+the code and its argparse flags live in vlm/cli/convert_captions.py (`--help` lists them).
+Needs the package installed (`pip install -e .`).
 """
 
-from __future__ import annotations
-
-import argparse
-import json
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
-from vlm.convert import (  # noqa: E402
-    DEFAULT_CAPTION_PROMPTS,
-    add_common_arguments,
-    common_kwargs,
-    convert_captions,
-    run_cli,
-)
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("input", help="a folder of images with .txt captions, a CSV (path,caption) or JSONL")
-    p.add_argument("--image-root", default=None, help="folder the paths are relative to (default: the input's folder)")
-    p.add_argument(
-        "--prompts",
-        type=json.loads,
-        default=list(DEFAULT_CAPTION_PROMPTS),
-        help="JSON list of user prompts (default: %(default)s)",
-    )
-    p.add_argument("--seed", type=int, default=0, help="seed of the prompt draw")
-    add_common_arguments(p)
-    args = p.parse_args(argv)
-    return run_cli(
-        convert_captions,
-        dict(input=args.input, image_root=args.image_root, prompts=args.prompts, seed=args.seed, **common_kwargs(args)),
-    )
-
+from vlm.cli.convert_captions import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,32 +1,14 @@
 #!/usr/bin/env python
-"""Convert LLaVA / ShareGPT conversation JSON + an image folder into chat shards (see data/README.md).
+"""Convert LLaVA / ShareGPT conversations into chat shards.
 
-    python data/convert_llava.py llava_instruct.json --image-root images/ --out data/shards/llava
-    python data/convert_llava.py conversations.jsonl --image-root images/ --out data/shards/llava --workers 8
-
-Streams the input (a .json array or JSON Lines), writes OUT/llava-%06d.tar + a report per shard and
-OUT/dataset.json. Re-running the same command resumes (finished shards are skipped).
+`python data/convert_llava.py …` is `python -m vlm.cli.convert_llava …`:
+the code and its argparse flags live in vlm/cli/convert_llava.py (`--help` lists them).
+Needs the package installed (`pip install -e .`).
 """
 
-from __future__ import annotations
-
-import argparse
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
-from vlm.convert import add_common_arguments, common_kwargs, convert_llava, run_cli  # noqa: E402
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("input", help="LLaVA JSON array or JSONL of {id, image, conversations}")
-    p.add_argument("--image-root", required=True, help="folder the records' image paths are relative to")
-    add_common_arguments(p)
-    args = p.parse_args(argv)
-    return run_cli(convert_llava, dict(input=args.input, image_root=args.image_root, **common_kwargs(args)))
-
+from vlm.cli.convert_llava import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 from PIL import Image
 
-from vlm.cli.budget import budget, build_processors, main, parse_args
+from vlm.cli.budget import TOOL, budget, build_processors, main, options
 from vlm.data.media import decode_image
 from vlm.data.processor import ImageProcessor
 from vlm.data.video import VideoProcessor, encode_video
@@ -18,7 +18,7 @@ SEED = [("896x896", (1, 64, 64), 4096, 1024), ("1568x784", (1, 56, 112), 6272, 1
 
 
 def _rows(*argv):
-    opts, items = parse_args(list(argv))
+    opts, items = options(TOOL.compose(list(argv)))
     image, video, context, caps_off = build_processors(opts)
     return budget(items, image, video), context, caps_off
 
@@ -42,11 +42,17 @@ def test_cli_prints_the_table(capsys):
     assert total[-3:] == [str(4096 + 6272 + 256), str(1024 + 1568 + 64), f"{100 * 2656 / 4096:.1f}%"]
 
 
-def test_module_entry_point():
-    r = subprocess.run(
-        [sys.executable, "-m", "vlm.cli.budget", "size=224x224"], capture_output=True, text=True, timeout=60
+def test_module_entry_point(tmp_path):
+    """`python -m vlm.cli.budget` is a Hydra app that writes nothing where it runs (no outputs/,
+    no .hydra/, no log file); a bad key is one `error:` line and exit 2."""
+    run = lambda *a: subprocess.run(
+        [sys.executable, "-m", "vlm.cli.budget", *a], capture_output=True, text=True, timeout=60, cwd=tmp_path
     )
-    assert r.returncode == 0 and "(1, 16, 16)" in r.stdout
+    r = run("size=224x224", "size=28x56")
+    assert r.returncode == 0 and "(1, 16, 16)" in r.stdout and "(1, 4, 2)" in r.stdout, r.stderr
+    r = run("size=224x224", "patch_sise=14")
+    assert r.returncode == 2 and r.stderr.startswith("error: unknown key 'patch_sise'") and r.stderr.count("\n") == 1
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_files_agree_with_the_processors(tmp_path):
@@ -115,3 +121,20 @@ def test_bad_input(tmp_path, capsys):
     assert main(["size=20000x20000", "max_tokens=1024"]) == 0
     assert main(["context=0", "size=10x10"]) == 2
     assert main([]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err == [
+        "error: context must be positive, got 0",
+        "error: nothing to size; give image=, video=, size=WxH or video_size=WxHxN",
+    ]
+
+
+def test_arguments_as_typed(tmp_path):
+    """Repeated item keys keep their order within a kind; paths are taken verbatim (a comma, a
+    space, `${`); a Hydra list works too."""
+    odd = tmp_path / "a, b ${x}.png"
+    Image.new("RGB", (56, 28)).save(odd)
+    rows, _, _ = _rows(f"image={odd}", "size=28x28", "size=56x56", "size=84x84")
+    assert [r.source for r in rows] == [odd.name, "size=28x28", "size=56x56", "size=84x84"]
+    assert rows[0].error is None and rows[0].input == "56x28"
+    rows, _, _ = _rows("size=[28x28,56x56]", "max_video_tokens=inf", "video_size=28x28x4")
+    assert [r.input for r in rows] == ["28x28", "56x56", "28x28 x4f @30fps"]

@@ -4,7 +4,7 @@ Part 1: a checkpoint's config (export folder `config.yaml`, a `.ckpt`'s `hyper_p
 sharded checkpoint's `meta.pt`) names only the registered native classes: every other callable
 reachable under `vlm.` (each module's attributes and, one level further, theirs: `vlm.data.media.io.open`,
 `vlm.build.model.torch.load`, …) is refused as any component's `_target_`, nested, with Hydra's keys,
-through `load_checkpoint`, `vlm.checkpoint.export`, `init_from` and `infer.py`, and none is called.
+through `load_checkpoint`, `python -m vlm.cli.export`, `init_from` and `infer.py`, and none is called.
 
 Part 2: damaged folders and `.ckpt` files (weights, config, tokenizer, special files) are refused
 before anything is built or read in full, with one line naming the file (`infer.py`: one `error:`
@@ -210,7 +210,7 @@ DANGEROUS = [
     "vlm.checkpoint.load.torch.load",
     "vlm.checkpoint.load.os.system",
     "vlm.training.train.os.system",
-    "vlm.checkpoint.export.sys.exit",
+    "vlm.cli.export.sys.exit",
     "vlm.checkpoint.load.shutil.rmtree",
     "vlm.model.hf.pretrained_decoder",
     "vlm.build.model.partial",
@@ -355,8 +355,8 @@ def test_hostile_targets_through_export_folders(export, targets, tmp_path, monke
 
 def test_hostile_targets_through_ckpt_export_cli_and_init_from(ckpt, targets, tmp_path, tok, monkeypatch, capsys):
     """The same through a pickle-free `.ckpt`'s hyper_parameters: `load_checkpoint`,
-    `python -m vlm.checkpoint.export` (its `main`) and `init_from` (`vlm.training.train.init_weights`)."""
-    from vlm.checkpoint.export import main as export_main
+    `python -m vlm.cli.export` (its `main`) and `init_from` (`vlm.training.train.init_weights`)."""
+    from vlm.cli.export import main as export_main
     from vlm.training.module import VLMModule
     from vlm.training.train import init_weights
 
@@ -445,9 +445,9 @@ class _Pwn:
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_sharded_checkpoint_metadata_pickle_is_restricted(tmp_path, hparams, capsys):
     """A sharded (DCP) checkpoint's `.metadata` is a pickle that torch reads with plain
-    `pickle.load`: `vlm.checkpoint.export` and the resume check read it with DCP's classes only."""
-    from vlm.checkpoint.export import main as export_main
+    `pickle.load`: `python -m vlm.cli.export` and the resume check read it with DCP's classes only."""
     from vlm.checkpoint.load import check_resume_checkpoint
+    from vlm.cli.export import main as export_main
 
     model, hp = hparams
     good = _sharded(tmp_path / "good", model, hp)
@@ -820,8 +820,8 @@ def bad_ckpts(ckpt, tmp_path_factory):
 
 
 def test_damaged_ckpts_give_one_line_naming_the_file(bad_ckpts, capsys, tmp_path):
-    """`load_checkpoint` and `python -m vlm.checkpoint.export` (its `main`) refuse each; nothing pickled runs."""
-    from vlm.checkpoint.export import main as export_main
+    """`load_checkpoint` and `python -m vlm.cli.export` (its `main`) refuse each; nothing pickled runs."""
+    from vlm.cli.export import main as export_main
 
     for name, (path, needles) in bad_ckpts.items():
         refused(path, str(path), *needles)
@@ -832,8 +832,20 @@ def test_damaged_ckpts_give_one_line_naming_the_file(bad_ckpts, capsys, tmp_path
 
 
 # --------------------------------------------------------------------- the real entry points
+def test_export_usage_is_one_line(capsys, tmp_path):
+    """`python -m vlm.cli.export` without `ckpt=`/`out=`, or with an unknown key: one `error:` line, exit 2."""
+    from vlm.cli.export import main as export_main
+
+    assert export_main([]) == 2
+    assert export_main([f"ckpt={tmp_path}", f"out={tmp_path / 'o'}", "fromat=hf_llava"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2 and err[0].startswith("error: ckpt= and out= missing; usage: python -m vlm.cli.export ")
+    assert err[1].startswith("error: unknown key 'fromat'")
+    assert not (tmp_path / "o").exists()
+
+
 def test_the_clis_give_one_error_line_and_exit_2(export, damaged, bad_ckpts, tmp_path):
-    """`python infer.py ckpt=… prompt=hi`, `python -m vlm.checkpoint.export ckpt=… out=…` and `python train.py
+    """`python infer.py ckpt=… prompt=hi`, `python -m vlm.cli.export ckpt=… out=…` and `python train.py
     ckpt_path=…` (run in parallel): a hostile `_target_` (`vlm.data.media.io.open` with `_args_`
     that would create a file), damaged folders (a FIFO or /dev/zero never blocks) and a pickled
     `.ckpt` each give one `error:` line naming the file (and the key), exit 2, nothing created."""
@@ -864,7 +876,7 @@ def test_the_clis_give_one_error_line_and_exit_2(export, damaged, bad_ckpts, tmp
     path, needles = bad_ckpts["pickled_object"]
     runs["infer pickled ckpt"] = (["infer.py", f"ckpt={path}", "prompt=hi"], [str(path), *needles])
     runs["export pickled ckpt"] = (
-        ["-m", "vlm.checkpoint.export", f"ckpt={path}", f"out={tmp_path / 'out'}"],
+        ["-m", "vlm.cli.export", f"ckpt={path}", f"out={tmp_path / 'out'}"],
         [str(path), *needles],
     )
     resume = tmp_path / "resume.ckpt"

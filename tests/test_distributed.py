@@ -4,7 +4,7 @@
   process on the combined batch (loss normalised by the step's global label tokens);
 - the non-finite guard stops the step on every rank when only one rank sees a NaN;
 - fsdp saves sharded (DCP) checkpoints that resume on 2 ranks (bit-identical losses) and on 1
-  rank (the same losses within tolerance), and `python -m vlm.checkpoint.export` consolidates them into the
+  rank (the same losses within tolerance), and `python -m vlm.cli.export` consolidates them into the
   export folder that `load_checkpoint` reads.
 
 The file is also the worker script (`python tests/test_distributed.py SPEC.json`). Batches are
@@ -303,8 +303,8 @@ def test_ddp_matches_one_process_and_guards_nan_on_every_rank(reference, synth_d
 
 
 def test_fsdp_matches_one_process_saves_resumes_and_exports(reference, synth_dir, tmp_path):
-    from vlm.checkpoint.export import main as export_main
     from vlm.checkpoint.load import load_checkpoint
+    from vlm.cli.export import main as export_main
 
     a, b, c = tmp_path / "fsdp", tmp_path / "resume2", tmp_path / "resume1"
     common = {"strategy": "fsdp", "steps": 4, "data_dir": str(synth_dir)}
@@ -344,7 +344,7 @@ def test_fsdp_matches_one_process_saves_resumes_and_exports(reference, synth_dir
     for folder in (
         tmp_path / "export",
         a / "export",
-    ):  # `python -m vlm.checkpoint.export`, and the end-of-training export
+    ):  # `python -m vlm.cli.export`, and the end-of-training export
         loaded = load_checkpoint(folder)
         sd = loaded.model.state_dict()
         for k, v in full.items():

@@ -6,7 +6,7 @@ from __future__ import annotations
 import csv
 
 from tests.conftest import TINY
-from vlm.cli.lab import BEGIN, END, load_grid, parse_args, run_prune, run_row, table, write_outputs
+from vlm.cli.lab import BEGIN, END, TOOL, load_grid, main, run_prune, run_row, table, write_outputs
 
 
 def test_lab_grid_end_to_end(tmp_path, synth_dir):
@@ -51,4 +51,25 @@ def test_lab_grid_end_to_end(tmp_path, synth_dir):
         lines = list(csv.DictReader(f))
     assert len(lines) == 4 and {"acc_mean", "latency_ms", "train_samples_s"} <= set(lines[0])
     assert "± " in table([results[0], {**results[0], "acc_mean": 0.5}], qtypes)  # two seeds: mean ± spread
-    assert parse_args(["steps=3", "seeds=[0,1]", "only=qformer"]) == {"steps": 3, "seeds": [0, 1], "only": "qformer"}
+    cfg = TOOL.compose(["steps=3", "seeds=[0,1]", "only=mlp, 2x2", "out=/tmp/lab a.md"])
+    assert (cfg.steps, list(cfg.seeds), cfg.only, cfg.out, cfg.grid) == (
+        3,
+        [0, 1],
+        "mlp, 2x2",
+        "/tmp/lab a.md",
+        "default",
+    )
+
+
+def test_lab_usage_errors(capsys):
+    """A bad argument, an unknown grid or no matching row: one `error:` line, exit 2, nothing run."""
+    assert main(["steps"]) == 2 and main(["stepz=3"]) == 2 and main(["grid=nope"]) == 2 and main(["only=zzz"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert [e.split(" (")[0].split(":")[:2] for e in err[:2]] == [
+        ["error", " expected key=value, got 'steps'"],
+        ["error", " unknown key 'stepz'"],
+    ]
+    assert err[2:] == [
+        "error: no lab grid 'nope': choose one of ['default', 'quick']",
+        "error: no row matches only='zzz'",
+    ]

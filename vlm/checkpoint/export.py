@@ -1,4 +1,4 @@
-"""`python -m vlm.checkpoint.export ckpt=PATH out=DIR [format=vlm|hf_qwen2vl|hf_llava]`: a checkpoint -> a folder.
+"""A training checkpoint -> a folder (`python -m vlm.cli.export ckpt=PATH out=DIR [format=…]`).
 
 `format=vlm` (default) writes our export folder; `hf_qwen2vl` / `hf_llava` write a Hugging Face
 layout (`vlm.checkpoint.hf_export`) that transformers and serving engines load, when the model's architecture
@@ -18,11 +18,9 @@ unpickler that admits only torch.distributed.checkpoint's own metadata classes.
 from __future__ import annotations
 
 import logging
-import sys
 from pathlib import Path
 
 from vlm.checkpoint.load import export_folder, is_sharded_checkpoint, load_checkpoint
-from vlm.errors import CheckpointError
 
 log = logging.getLogger("vlm.checkpoint.export")
 
@@ -40,23 +38,8 @@ def export(ckpt: str | Path, out: str | Path, fmt: str = "vlm") -> Path:
     return export_folder(loaded.model, loaded.tokenizer, loaded.config, out)
 
 
-def main(argv: list[str]) -> int:
-    args = dict(a.split("=", 1) for a in argv if "=" in a)
-    extra = [a for a in argv if "=" not in a] + sorted(set(args) - {"ckpt", "out", "format"})
-    if extra or "ckpt" not in args or "out" not in args:
-        print(
-            "usage: python -m vlm.checkpoint.export ckpt=CHECKPOINT out=EXPORT_DIR [format=vlm|hf_qwen2vl|hf_llava]",
-            file=sys.stderr,
-        )
-        return 2
-    try:
-        out = export(args["ckpt"], args["out"], args.get("format", "vlm"))
-    except (CheckpointError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"exported {args['ckpt']} to {out}")
-    return 0
+if __name__ == "__main__":  # the command is one of the package's entry points
+    import sys
 
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    print("error: run `python -m vlm.cli.export ckpt=… out=… [format=vlm|hf_qwen2vl|hf_llava]`", file=sys.stderr)
+    sys.exit(2)

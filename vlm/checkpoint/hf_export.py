@@ -1,4 +1,4 @@
-"""Our VLM -> a Hugging Face-layout folder (`python -m vlm.checkpoint.export ckpt=… out=… format=hf_qwen2vl|hf_llava`).
+"""Our VLM -> a Hugging Face-layout folder (`python -m vlm.cli.export ckpt=… out=… format=hf_qwen2vl|hf_llava`).
 
 The inverse of `vlm.model.hf`: the same key tables, read backwards, with the fused / reshaped
 tensors put back together (q, k, v -> `qkv`; our linear patch embedding -> the Conv2d / Conv3d

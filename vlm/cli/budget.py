@@ -4,7 +4,9 @@
     python -m vlm.cli.budget size=896x896 size=1568x784 size=224x224 patch_size=14 merge_size=2
     python -m vlm.cli.budget config=outputs/run/export image=a.png        # the processor a model trained with
 
-Arguments are ``key=value`` (repeat ``image=``, ``video=``, ``size=``, ``video_size=``):
+Arguments are ``key=value`` overrides of conf/budget.yaml (a Hydra app, like ``train.py``); repeat
+``image=``, ``video=``, ``size=``, ``video_size=`` or give a list (``'image=[a.png,b.jpg]'``). Rows
+come in the order images, videos, sizes, video sizes:
 
 =====================  =========================================================================
 ``image=PATH``         an image file; only its header is read (EXIF rotation applied, as decoding does)
@@ -32,6 +34,7 @@ Arguments are ``key=value`` (repeat ``image=``, ``video=``, ``size=``, ``video_s
 Patches are the vision encoder's sequence length (``t·h·w``, one patch per T frames of a P×P
 block); tokens are what the LLM sees (``visual_token_count``, the same function the template and the
 model use). Each media span also costs 2 delimiter tokens (``<|vision_start|>``, ``<|vision_end|>``).
+Exit status: 0, 1 when an item could not be sized (its row says why), 2 on a bad option.
 """
 
 from __future__ import annotations
@@ -40,36 +43,28 @@ import json
 import os
 import re
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import hydra
+from omegaconf import DictConfig
 from PIL import Image
 
 from vlm.build.model import geometry_of
+from vlm.cli.app import CONF_PATH, Tool
 from vlm.data.media import ALLOWED_FORMATS, MediaError, load_image, strict_pillow
 from vlm.data.processor import ImageProcessor
 from vlm.data.video import VideoProcessor, probe_video
 from vlm.model.projector import visual_token_count
 
-__all__ = ["BudgetRow", "budget", "main", "parse_args"]
+__all__ = ["BudgetRow", "budget", "build_processors", "main", "options"]
 
 CAPS_OFF_MAX_PIXELS = 10**13  # "no cap": far above any real image, still an int for smart_resize
 _IMAGE_KEYS = ("resolution", "image_size", "min_pixels", "max_pixels", "max_aspect_ratio", "interpolation")
 _VIDEO_KEYS = ("temporal_patch", "target_fps", "max_frames", "max_video_tokens")
 _ITEM_KEYS = ("image", "video", "size", "video_size")
-_KNOWN = {
-    "config",
-    "patch_size",
-    "merge_size",
-    "context",
-    "min_tokens",
-    "max_tokens",
-    "fps",
-    *_IMAGE_KEYS,
-    *_VIDEO_KEYS,
-    *_ITEM_KEYS,
-}
 DELIMITERS = 2
 
 
@@ -87,28 +82,30 @@ class BudgetRow:
     error: str | None = None
 
 
-# ------------------------------------------------------------------------------------ parsing
+# ------------------------------------------------------------------------------------ options
 
 
-def parse_args(argv: list[str]) -> tuple[dict[str, Any], list[tuple[str, str]]]:
-    """``key=value`` strings → (options, media items in order)."""
+def options(cfg: Mapping[str, Any]) -> tuple[dict[str, Any], list[tuple[str, str]]]:
+    """The composed config (conf/budget.yaml) -> (the options given, media items). Items come in
+    the order image, video, size, video_size; a key left null is not given."""
     opts: dict[str, Any] = {}
     items: list[tuple[str, str]] = []
-    for a in argv:
-        if "=" not in a:
-            raise ValueError(f"expected key=value, got {a!r}")
-        k, v = a.split("=", 1)
-        k = k.strip().lstrip("-").replace("-", "_")
-        if k not in _KNOWN:
-            raise ValueError(f"unknown key {k!r}; known: {', '.join(sorted(_KNOWN))}")
+    for k, v in cfg.items():
+        if v is None:
+            continue
         if k in _ITEM_KEYS:
-            items.append((k, v))
-        else:
-            opts["target_fps" if k == "fps" else k] = v
+            continue
+        opts["target_fps" if k == "fps" else str(k)] = v
+    for kind in _ITEM_KEYS:
+        v = cfg.get(kind)
+        values = [] if v is None else [v] if isinstance(v, (str, int, float)) else list(v)
+        items += [(kind, str(x)) for x in values]
     return opts, items
 
 
 def _num(v: Any) -> Any:
+    if isinstance(v, float) and v == float("inf"):  # `max_video_tokens=inf`: no cap
+        return None
     if isinstance(v, str):
         low = v.strip().lower()
         if low in ("none", "null", "off", "inf"):
@@ -328,23 +325,35 @@ def format_table(
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] in ("-h", "--help", "help"):
-        print(__doc__)
-        return 0 if argv else 2
+def run(cfg: DictConfig) -> int:
+    """Print the table for the composed config: 0, 1 when an item could not be sized, 2 (one
+    `error:` line) on a bad option or nothing to size."""
     try:
-        opts, items = parse_args(argv)
+        opts, items = options(cfg)
         image, video, context, caps_off = build_processors(opts)
     except (ValueError, MediaError) as e:
-        print(f"vlm.cli.budget: {e}", file=sys.stderr)
+        print(f"error: {e}", file=sys.stderr)
         return 2
     if not items:
-        print("vlm.cli.budget: nothing to size; give image=, video=, size=WxH or video_size=WxHxN", file=sys.stderr)
+        print("error: nothing to size; give image=, video=, size=WxH or video_size=WxHxN", file=sys.stderr)
         return 2
     rows = budget(items, image, video)
     print(format_table(rows, image, video, context, caps_off))
     return 1 if any(r.error for r in rows) else 0
+
+
+USAGE = "python -m vlm.cli.budget image=PATH size=WxH video=PATH video_size=WxHxN[@FPS] [config=EXPORT] [key=value …]"
+TOOL = Tool("budget", __doc__, text=("config", *_ITEM_KEYS), repeat=_ITEM_KEYS)
+
+
+@hydra.main(version_base="1.3", config_path=CONF_PATH, config_name="budget")
+def app(cfg: DictConfig) -> None:
+    TOOL.run(run, cfg, USAGE)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m vlm.cli.budget KEY=VALUE …` on `argv` (default: the command line); the exit status."""
+    return TOOL.main(app, argv)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,9 @@
     python -m vlm.cli.lab grid=quick            # the same rows, 100 steps each, < 10 min
     python -m vlm.cli.lab only=qformer steps=300 seeds=[0,1] out=/tmp/lab.md
 
+Arguments are `key=value` overrides of conf/lab.yaml (a Hydra app, like `train.py`): `grid`, `only`,
+`steps`, `seeds`, `eval_samples`, `threads`, `out`.
+
 Each row of the grid is a list of `train.py` overrides. Per row and seed the lab trains with the
 real Trainer (`vlm.training.train.run`), then evaluates the export on the held-out split with the generation
 code `infer.py` uses. Columns: visual tokens per 64x64 image (what the template gives the decoder)
@@ -32,13 +35,13 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+import hydra
 import torch
-import yaml
 from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
-ROOT = Path(__file__).resolve().parents[1]
-CONF = ROOT / "conf"
+from vlm.cli.app import CONF, CONF_PATH, ROOT, Tool
+
 BEGIN, END = "<!-- lab:begin -->", "<!-- lab:end -->"
 log = logging.getLogger("vlm.cli.lab")
 
@@ -60,19 +63,6 @@ def load_grid(name: str) -> dict:
     return OmegaConf.to_container(OmegaConf.merge(base, cfg), resolve=True)
 
 
-def parse_args(argv: list[str]) -> dict:
-    """`key=value` pairs (values parsed as YAML)."""
-    out = {}
-    for a in argv:
-        if "=" not in a:
-            raise ValueError(
-                f"expected key=value, got {a!r} (keys: grid, only, steps, seeds, eval_samples, out, threads)"
-            )
-        k, v = a.split("=", 1)
-        out[k] = yaml.safe_load(v) if v else v
-    return out
-
-
 # ------------------------------------------------------------------------------------ one row
 
 
@@ -86,6 +76,10 @@ def compose_row(row: dict, grid: dict, seed: int, out_dir: Path, extra: list[str
         f"threads={grid.get('threads') or 'null'}",
         *(extra or []),
     ]
+    from hydra.core.global_hydra import GlobalHydra
+
+    if GlobalHydra.instance().is_initialized():  # inside the lab's Hydra app, whose configs are conf/
+        return compose("train", overrides=overrides)
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         return compose("train", overrides=overrides)
 
@@ -286,19 +280,24 @@ def log_wandb(results: list[dict], group: str, md: str) -> None:
 # ------------------------------------------------------------------------------------ main
 
 
-def main(argv: list[str]) -> int:
-    args = parse_args(argv)
-    grid = load_grid(str(args.pop("grid", "default")))
-    out = Path(args.pop("out", ROOT / "docs" / "lab.md"))
-    only = args.pop("only", None)
+def run(cfg: DictConfig, argv: list[str] | None = None) -> int:
+    """Run the grid the composed config (conf/lab.yaml) selects; `argv` is quoted in the table's header."""
+    if argv is None:
+        from hydra.core.hydra_config import HydraConfig
+
+        argv = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+    grid = load_grid(str(cfg.grid))
+    out = Path(cfg.out) if cfg.out else ROOT / "docs" / "lab.md"
+    only = cfg.only
     for k in ("steps", "seeds", "eval_samples", "threads"):
-        if k in args:
-            grid[k] = args.pop(k)
-    if args:
-        raise ValueError(f"unknown lab keys {sorted(args)}")
+        if cfg[k] is not None:
+            grid[k] = OmegaConf.to_container(cfg[k]) if OmegaConf.is_config(cfg[k]) else cfg[k]
+    if not isinstance(grid["seeds"], list):
+        grid["seeds"] = [grid["seeds"]]
     rows = [r for r in grid["rows"] if not only or str(only).lower() in r["name"].lower()]
     if not rows:
-        raise ValueError(f"no row matches only={only!r}")
+        print(f"error: no row matches only={only!r}", file=sys.stderr)
+        return 2
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d_%H-%M-%S")
     # the code the grid runs: taken now, not at the end (commits made while it runs are not in it)
     commit = subprocess.run(
@@ -350,8 +349,19 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    from vlm.errors import user_errors
+USAGE = "python -m vlm.cli.lab [grid=default|quick] [only=TEXT] [steps=N] [seeds=[0,1]] [out=FILE.md]"
+TOOL = Tool("lab", __doc__, text=("grid", "only", "out"))
 
-    with user_errors():
-        sys.exit(main(sys.argv[1:]))
+
+@hydra.main(version_base="1.3", config_path=CONF_PATH, config_name="lab")
+def app(cfg: DictConfig) -> None:
+    TOOL.run(run, cfg, USAGE)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m vlm.cli.lab KEY=VALUE …` on `argv` (default: the command line); the exit status."""
+    return TOOL.main(app, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
