@@ -10,7 +10,7 @@ the default VLM with that tower trains on the OCR family through the real Traine
 (`--vlm-steps`). Arm `from scratch`: the same VLM and data, a fresh tower, and `--vlm-steps` plus
 as many steps as the warm-up took in time (at least as much compute). It prints held-out OCR exact
 match (whole strings) and the last training loss per arm. Data are generated under --root (20k
-training images) on first use. Measured numbers: vlm/training/warmup.py and docs/recipe.md.
+training images) on first use. Measured numbers: vlm/training/warmup.py and docs/results/default_recipe.md.
 """
 
 from __future__ import annotations

@@ -226,7 +226,7 @@ def test_from_scratch_vit_keeps_the_image_in_its_residual_stream():
     """The default tiny ViT at initialisation: what the blocks add is small next to the embedded
     patches, so two images give different features. With PyTorch's default init the blocks added
     an O(0.3) near-uniform vector to an O(0.01) patch signal and a from-scratch ViT could not learn
-    to tell characters apart (docs/recipe.md)."""
+    to tell characters apart (docs/results/default_recipe.md)."""
     from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
 

@@ -216,7 +216,7 @@ class VisionEncoder(nn.Module):
         by depth (GPT-2 rule). Why it matters: PyTorch's default init makes each block add a
         near-uniform O(0.3) vector to a residual stream whose image signal is O(0.01) after the
         patch embedding; the image is drowned and a from-scratch ViT learned nothing about
-        characters in thousands of steps (docs/recipe.md, "Why OCR stayed at 0%"). The patch
+        characters in thousands of steps (docs/results/default_recipe.md, "Why OCR stayed at 0%"). The patch
         embedding keeps its default init; pretrained loaders overwrite all of it anyway."""
         n = max(len(self.blocks), 1)
         for name, p in self.blocks.named_parameters():

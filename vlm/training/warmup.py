@@ -10,7 +10,7 @@ take turns, one batch each: `glyphs+shapes`):
   its patch, the character whose ink centre lies there (or none), whether it is the first of its
   string, and the character that follows it (or END). The last two make reading in order a
   one-hop lookup for the decoder: find the glyph that matches the character just written, copy
-  its "next" (see docs/recipe.md).
+  its "next" (see docs/results/default_recipe.md).
 - `shapes`: synthvqa shapes scenes; every visual token names the (shape, colour) whose centre
   lies in it, or none.
 - `char`: name the one character drawn anywhere on the canvas (max-pool over tokens + linear).
