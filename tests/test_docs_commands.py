@@ -13,7 +13,11 @@ anything:
 - `python -m MODULE`: the module imports; a Hydra app composes the arguments, a module with a
   `parse_args(argv)` parses them.
 - `python data/*.py`, `python bench/*.py`: the script exists and its argparse parser accepts the
-  arguments (parsing only: nothing after `parse_args` runs). `--help` runs for real.
+  arguments (parsing only: nothing after `parse_args` runs).
+
+Run for real where it is cheap: each data/*.py script with `--help`, and every `train.py` /
+`infer.py` / `serve.py` command whose quoting matters (quotes, braces, brackets) with `--cfg job`
+(the app's own argument checks and Hydra's parsing of the real argv, no training).
 
 In inline spans, `a|b|c` is the docs' way of writing "one of": each alternative is checked, and a
 lone `…` stands for arguments left out. Each command is one test case, `FILE:LINE`.
@@ -341,6 +345,8 @@ def check(cmd: Command) -> None:
             _run_for_real(argv)
             return
         compose_app(CONF, HYDRA_APPS[argv[0]], args)
+        if re.search(r"['\"{\[]", cmd.text):  # quoting matters: the real entry point must take it too
+            _run_for_real([*argv, "--cfg", "job"])
         return
     if "--help" in args or "-h" in args:
         _run_for_real(argv)
@@ -351,6 +357,16 @@ def check(cmd: Command) -> None:
 def _run_for_real(argv: list[str]) -> None:
     r = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, (r.stdout + r.stderr)[-2000:]
+
+
+SCRIPTS = sorted({c.argv[0] for c in COMMANDS if re.fullmatch(r"data/\w+\.py", c.argv[0])})
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_documented_script_answers_help(script):
+    """Each data/*.py script the docs use runs for real (`--help`: argparse, imports, no work)."""
+    r = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "usage" in r.stdout.lower(), (r.stdout + r.stderr)[-2000:]
 
 
 def test_the_docs_have_commands():
