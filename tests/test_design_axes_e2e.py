@@ -44,13 +44,17 @@ def test_switches_train_through_hydra(overrides, tmp_path, synth_dir):
         assert m.token_count(grid) == 8
 
 
+ALIGN = ["model.freeze.encoder=true", "model.freeze.decoder=true"]  # experiment=llava's stages
+FINETUNE = ["model.freeze.encoder=true"]
+
+
 def test_stages_freeze_and_init_from(tmp_path, synth_dir):
-    """stage1_align trains the projector only; stage2_finetune starts from its export with
-    `init_from` (weights equal, a fresh optimizer at step 0) and also trains the decoder."""
+    """LLaVA's stages as freeze specs: align trains the projector only; fine-tune starts from its
+    export with `init_from` (weights equal, a fresh optimizer at step 0) and also trains the decoder."""
     from vlm.training.train import build_module, run  # noqa: F401
 
     s1 = tmp_path / "s1"
-    cfg1, _ = _train(["experiment=stage1_align"], s1, synth_dir)
+    cfg1, _ = _train(ALIGN, s1, synth_dir)
     ck = torch.load(s1 / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
     names = {n for g in ck["optimizer_states"][0]["param_groups"] for n in [g.get("name")]}
     assert names <= {"projector", "projector_no_decay"} and names
@@ -62,7 +66,7 @@ def test_stages_freeze_and_init_from(tmp_path, synth_dir):
     from vlm.training.train import build_module as bm
 
     s2 = tmp_path / "s2"
-    cfg2 = compose_train(["logger=none", "experiment=stage2_finetune", f"init_from={s1 / 'export'}"], s2, synth_dir)
+    cfg2 = compose_train(["logger=none", *FINETUNE, f"init_from={s1 / 'export'}"], s2, synth_dir)
     dm = build_datamodule(cfg2)
     dm.setup("fit")
     module = bm(cfg2, dm)
@@ -74,7 +78,7 @@ def test_stages_freeze_and_init_from(tmp_path, synth_dir):
     trainable = {n.split(".", 1)[0] for n, p in module.model.named_parameters() if p.requires_grad}
     assert trainable == {"projector", "decoder"}
 
-    _, metrics = _train(["experiment=stage2_finetune", f"init_from={s1 / 'export'}"], s2, synth_dir)
+    _, metrics = _train([*FINETUNE, f"init_from={s1 / 'export'}"], s2, synth_dir)
     after = load_checkpoint(s2 / "export").model.state_dict()
     assert torch.equal(after["encoder.patch_embed.proj.weight"], init["encoder.patch_embed.proj.weight"])  # frozen
     assert not torch.equal(after["decoder.layers.0.mlp.up_proj.weight"], init["decoder.layers.0.mlp.up_proj.weight"])

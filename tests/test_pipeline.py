@@ -162,7 +162,7 @@ def test_the_default_command_is_the_warmup_then_train_recipe(synth_dir, tmp_path
     assert warm.keys() == trained.keys()
     assert all(torch.equal(warm[k], trained[k]) for k in warm if k.startswith("encoder."))
     assert not all(torch.equal(warm[k], trained[k]) for k in warm if k.startswith(("projector.", "decoder.")))
-    assert any(k.endswith("self_attn.q_norm.weight") for k in trained)  # recipe.qk_norm: q/k norms in the decoder
+    assert any(k.endswith("self_attn.q_norm.weight") for k in trained)  # the recipe's model.decoder.qk_norm: q/k norms
     # a plain training run still exists: one stage, no run-folder layout
     plain = tmp_path / "plain"
     r = _run([*cmd[:3], f"hydra.run.dir={plain}", *tiny, "logger=none", "pipeline=none"], tmp_path)
@@ -171,19 +171,29 @@ def test_the_default_command_is_the_warmup_then_train_recipe(synth_dir, tmp_path
 
 
 def test_the_default_recipes_qk_norm_reaches_only_the_tiny_decoder():
-    """recipe.qk_norm (set by the default experiment) is read by the tiny decoder's config alone: a
-    pretrained decoder or a whole pretrained VLM chosen on the command line never gets it, and the
-    other recipes keep the plain tiny decoder."""
+    """The synthvqa default recipe sets model.decoder.qk_norm itself, for the tiny decoder only (the
+    decoder config reads no recipe key): a pretrained decoder or a whole pretrained VLM chosen on the
+    command line never gets it, and other recipes and other data keep the plain tiny decoder."""
     from hydra import compose, initialize_config_dir
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         assert compose("train").model.decoder.qk_norm is True
         assert compose("train", overrides=["pipeline=none"]).model.decoder.qk_norm is True
-        assert compose("train", overrides=["recipe.qk_norm=false"]).model.decoder.qk_norm is False
+        assert compose("train", overrides=["model.decoder.qk_norm=false"]).model.decoder.qk_norm is False
         for ov in (["model/decoder=qwen2", "model.decoder.pretrained=/m"], ["model=llava"]):
             assert "qk_norm" not in compose("train", overrides=ov).model.decoder
         for exp in ("llava", "synthvqa_full"):
             assert compose("train", overrides=[f"experiment={exp}"]).model.decoder.qk_norm is False
+        for data in ("shards", "mix"):
+            assert compose("train", overrides=[f"data={data}"]).model.decoder.qk_norm is False
+
+
+def test_components_read_no_recipe_settings():
+    """Model and data configs are components: a recipe sets their keys, they never read `recipe.*`."""
+    conf = ROOT / "conf"
+    for path in sorted([*(conf / "model").rglob("*.yaml"), *(conf / "data").rglob("*.yaml")]):
+        values = [line.split("#", 1)[0] for line in path.read_text().splitlines()]  # comments may name recipes
+        assert not any("recipe." in v for v in values), path
 
 
 def test_under_torchrun_rank_0_warms_the_tower_up_and_every_rank_trains(synth_dir, tmp_path):

@@ -1,11 +1,12 @@
 """The SigLIP + Qwen2.5 recipe of docs/pretrained.md, run as written with tiny stand-ins.
 
-The commands are read from the document's first bash block, so the test follows the document.
+The commands are read from the document's bash blocks (the LLaVA conversions, the two stages as
+one `experiment=llava` command, and `infer.py` on its result), so the test follows the document.
 Only what cannot run here is substituted: the model folders become tiny random `transformers`
 models saved by the test (same layout: config.json, safetensors, tokenizer.json,
 tokenizer_config.json), the LLaVA JSON + COCO images become a dozen drawn images, and the GPU
-sizes become CPU ones (patch 8 / 32 px, 2 steps, batch 2, `trainer=cpu`). Every other override
-(experiment, freeze, init_from, packing, template length, …) is the document's.
+sizes become CPU ones (patch 8 / 32 px, 2 steps per stage, batch 2, `trainer=cpu`). Every other
+override (experiment, models, data, shards per stage, …) is the document's.
 """
 
 from __future__ import annotations
@@ -27,10 +28,9 @@ transformers = pytest.importorskip("transformers")
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def bash_commands(doc: Path, block: int = 0) -> list[list[str]]:
-    """The `python …` commands of the doc's `block`-th ```bash block, continuation lines joined."""
-    blocks = re.findall(r"```bash\n(.*?)```", doc.read_text(), re.S)
-    text = blocks[block].replace("\\\n", " ")
+def bash_commands(doc: Path) -> list[list[str]]:
+    """The `python …` commands of the doc's ```bash blocks, in order, continuation lines joined."""
+    text = "\n".join(re.findall(r"```bash\n(.*?)```", doc.read_text(), re.S)).replace("\\\n", " ")
     return [shlex.split(line) for line in text.splitlines() if line.strip().startswith("python ")]
 
 
@@ -116,34 +116,31 @@ def _llava_data(tmp: Path) -> None:
 
 def test_siglip_qwen2_stage1_stage2_recipe_runs_as_documented(tmp_path, synth_dir):
     cmds = bash_commands(ROOT / "docs" / "pretrained.md")
-    assert [c[1] for c in cmds] == [
-        "data/convert_llava.py",
-        "data/convert_llava.py",
-        "train.py",
-        "train.py",
-        "infer.py",
-    ]
+    convert = [c for c in cmds if c[1] == "data/convert_llava.py"]
+    recipe = [c for c in cmds if c[1] == "train.py" and "experiment=llava" in c]
+    infer = [c for c in cmds if c[1] == "infer.py"]
+    assert len(convert) == 2 and len(recipe) == 1 and infer, [c[:2] for c in cmds]
     siglip, qwen = _stand_ins(tmp_path, synth_dir)
     _llava_data(tmp_path)
     from PIL import Image
 
     Image.new("RGB", (40, 30), (30, 200, 30)).save(tmp_path / "photo.jpg")
+    run = tmp_path / "llava"
     paths = {
         "/models/siglip-base-patch16-224": str(siglip),
         "/models/Qwen2.5-0.5B-Instruct": str(qwen),
-        "outputs/DATE/TIME": str(tmp_path / "stage1"),
-        "outputs/DATE2/TIME2": str(tmp_path / "stage2"),
+        "outputs/DATE2/TIME2": str(run / "02-finetune"),  # what infer.py reads: the last stage's export
     }
     cpu = {
-        "data.processor.patch_size": "8",
         "data.processor.image_size": "32",
         "trainer": "cpu",
-        "trainer.max_steps": "2",
-        "data.batch_size": "2",
         "--workers": "1",
     }
     run_cfg = [
         "logger=none",
+        "recipe.align_steps=2",
+        "recipe.finetune_steps=2",
+        "data.batch_size=2",
         "trainer.limit_val_batches=0",
         "callbacks.model_checkpoint.monitor=null",
         "data.num_workers=0",
@@ -153,28 +150,24 @@ def test_siglip_qwen2_stage1_stage2_recipe_runs_as_documented(tmp_path, synth_di
         "~callbacks.progress_bar",
         "trainer.enable_progress_bar=false",
         "trainer.precision=32-true",
+        f"pipeline.dir={run}",
+        f"hydra.run.dir={run}/hydra",
     ]
-    stage = iter(["stage1", "stage2"])
-    for argv in cmds:
-        argv = substitute(argv, paths, cpu)
-        if argv[1] == "train.py":
-            out = tmp_path / next(stage)
-            argv += [*run_cfg, f"paths.output_dir={out}", f"hydra.run.dir={out}"]
-        if argv[1] == "infer.py":
-            answer = _run(argv, tmp_path)  # a random tiny LLM: whatever it says, it streamed tokens
-            assert len(answer) > 0, "infer.py generated nothing"
-            continue
-        _run(argv, tmp_path)
-    # stage 1 trained the projector only; stage 2 started from its weights and trained the LLM too
+    for argv in convert:
+        _run(substitute(argv, paths, cpu), tmp_path)
+    _run([*substitute(recipe[0], paths, cpu), *run_cfg], tmp_path)
+    answer = _run(substitute(infer[0], paths, cpu), tmp_path)  # a random tiny LLM: whatever it says, it streamed tokens
+    assert len(answer) > 0, "infer.py generated nothing"
+    # the align stage trained the projector only; fine-tune started from its weights and trained the LLM too
     from vlm.checkpoint.load import load_checkpoint
     from vlm.model.hf import pretrained_decoder, pretrained_vision_encoder
 
-    s1 = load_checkpoint(tmp_path / "stage1" / "export").model
-    s2 = load_checkpoint(tmp_path / "stage2" / "export").model
+    s1 = load_checkpoint(run / "01-align" / "export").model
+    s2 = load_checkpoint(run / "02-finetune" / "export").model
     enc = pretrained_vision_encoder(str(siglip))
     for k, v in enc.state_dict().items():
         assert torch.equal(s1.encoder.state_dict()[k], v) and torch.equal(s2.encoder.state_dict()[k], v), k
     dec = pretrained_decoder(str(qwen)).state_dict()
     w = "layers.0.mlp.down_proj.weight"
-    assert torch.equal(s1.decoder.state_dict()[w], dec[w])  # frozen in stage 1
-    assert not torch.equal(s2.decoder.state_dict()[w], dec[w])  # trained in stage 2
+    assert torch.equal(s1.decoder.state_dict()[w], dec[w])  # frozen in the align stage
+    assert not torch.equal(s2.decoder.state_dict()[w], dec[w])  # trained in the fine-tune stage

@@ -11,6 +11,11 @@ An experiment config that holds a `pipeline` block is a recipe:
         - name: finetune
           overrides: [model.freeze.decoder=false, optimizer.lr=2e-4, trainer.max_steps=1000]
 
+The `pipeline` config group (conf/pipeline/NAME.yaml) holds recipes of stages that fit any
+experiment or data (`pipeline=warmup_train`); `pipeline=none` turns a recipe's stages off, leaving
+one plain run of its settings. Without either, only data=synthvqa has a default recipe
+(conf/experiment/synthvqa_default.yaml); other data trains one plain run.
+
 `python train.py experiment=NAME [overrides]` composes each stage's config as
 `train.yaml + experiment=NAME + your overrides + the stage's overrides` (later ones win) and
 trains it in order. Stage k > 1 starts from stage k-1's export (`init_from`: weights only, a new

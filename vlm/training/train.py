@@ -105,8 +105,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
 
         raise PipelineError(
             "tower_warmup.steps trains the tower alone, which is a recipe stage (objective: tower_warmup), "
-            "not part of one training run: python train.py recipe.warmup_steps=N (the default recipe), "
-            "or pipeline=warmup_train with another experiment (docs/recipes.md)"
+            "not part of one training run: python train.py recipe.warmup_steps=N (the synthvqa default recipe), "
+            "or pipeline=warmup_train with other data or another experiment (docs/recipes.md)"
         )
     ckpt_path = cfg.get("ckpt_path")
     if ckpt_path:  # one clear line for a file that is not a checkpoint, before any work
