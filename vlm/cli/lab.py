@@ -17,7 +17,7 @@ cell shows mean ± spread (half the max-min range). The `prune` block then evalu
 export at several keep ratios and methods.
 
 Outputs: the markdown table between `<!-- lab:begin -->` and `<!-- lab:end -->` in `out` (default
-`docs/lab.md`; the text around the markers is kept), `out` with `.csv` (one line per row and seed),
+`docs/results/lab.md`; the text around the markers is kept), `out` with `.csv` (one line per row and seed),
 and, unless `WANDB_MODE=disabled`, one offline W&B run per row and seed in a group named after the
 lab run (a report groups them by `axis`), plus a summary run holding the table.
 """
@@ -287,7 +287,7 @@ def run(cfg: DictConfig, argv: list[str] | None = None) -> int:
 
         argv = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
     grid = load_grid(str(cfg.grid))
-    out = Path(cfg.out) if cfg.out else ROOT / "docs" / "lab.md"
+    out = Path(cfg.out) if cfg.out else ROOT / "docs" / "results" / "lab.md"
     only = cfg.only
     for k in ("steps", "seeds", "eval_samples", "threads"):
         if cfg[k] is not None:
