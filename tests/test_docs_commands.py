@@ -260,8 +260,15 @@ def compose_app(config_dir: Path, config_name: str, args: list[str]) -> None:
     overrides = [a for a in args if a not in ("-m", "--multirun")]
     flags = [a for a in overrides if a.startswith("-")]
     assert not flags, f"Hydra flags this test does not know: {flags}"
+    overrides = _first_point(overrides)
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    for o in OverridesParser.create().parse_overrides(overrides):  # an `optional` group takes any name
+        group, option = o.key_or_group.split("@", 1)[0], o.value()
+        if (config_dir / group).is_dir() and isinstance(option, str) and not o.is_delete():
+            assert (config_dir / group / f"{option}.yaml").is_file(), f"{group}={option}: no conf/{group}/{option}.yaml"
     with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
-        compose(config_name=config_name, overrides=_first_point(overrides))
+        compose(config_name=config_name, overrides=overrides)
 
 
 def _hydra_main(module_file: Path) -> tuple[Path, str] | None:
@@ -414,6 +421,8 @@ def test_unquoted_braces_and_unknown_keys_fail():
         compose_app(CONF, "train", ["data=shards", "data.train_shards=shards/x-{000000..000099}.tar"])
     with pytest.raises(ConfigCompositionException):
         compose_app(CONF, "train", ["model.encoder.dimm=3"])
+    with pytest.raises(AssertionError, match="no conf/model/projector/mlpp.yaml"):
+        compose_app(CONF, "train", ["model/projector=mlpp"])
     compose_app(CONF, "train", ["data=shards", 'data.train_shards="shards/x-{000000..000099}.tar"'])
 
 
