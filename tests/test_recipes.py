@@ -28,9 +28,11 @@ transformers = pytest.importorskip("transformers")
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def bash_commands(doc: Path) -> list[list[str]]:
-    """The `python …` commands of the doc's ```bash blocks, in order, continuation lines joined."""
-    text = "\n".join(re.findall(r"```bash\n(.*?)```", doc.read_text(), re.S)).replace("\\\n", " ")
+def bash_commands(doc: Path, block: int | None = None) -> list[list[str]]:
+    """The `python …` commands of the doc's `block`-th ```bash block (None: of every block, in
+    order), continuation lines joined."""
+    blocks = re.findall(r"```bash\n(.*?)```", doc.read_text(), re.S)
+    text = "\n".join(blocks if block is None else [blocks[block]]).replace("\\\n", " ")
     return [shlex.split(line) for line in text.splitlines() if line.strip().startswith("python ")]
 
 
@@ -129,7 +131,7 @@ def test_siglip_qwen2_stage1_stage2_recipe_runs_as_documented(tmp_path, synth_di
     paths = {
         "/models/siglip-base-patch16-224": str(siglip),
         "/models/Qwen2.5-0.5B-Instruct": str(qwen),
-        "outputs/DATE2/TIME2": str(run / "02-finetune"),  # what infer.py reads: the last stage's export
+        "outputs/pipelines/llava-seed0": str(run),  # the recipe's run folder: infer.py reads its last stage
     }
     cpu = {
         "data.processor.image_size": "32",
