@@ -104,7 +104,7 @@ def qwen40m(tok, folder: Path):
     pcfg = dict(resolution="dynamic", image_size=224, min_pixels=56 * 56, max_pixels=896 * 896)
     pcfg.update(mean=[0.48145466, 0.4578275, 0.40821073], std=[0.26862954, 0.26130258, 0.27577711])
     loaded = _finish(build_model(m, tok), tok, m, pcfg)
-    export_hf(loaded.model, tok, folder / "hf", "hf_qwen2vl")
+    export_hf(loaded, folder / "hf", "hf_qwen2vl")
     hf = transformers.Qwen2VLForConditionalGeneration.from_pretrained(folder / "hf", dtype=torch.float32).eval()
     return loaded, hf
 

@@ -100,7 +100,13 @@ def test_llava_1_5_7b_key_maps_on_meta(tmp_path):
 
 def test_export_round_trips_through_transformers(tmp_path):
     """HF LLaVA -> our modules -> `format=hf_llava` -> transformers: the same logits."""
+    from functools import partial
+
     from vlm.checkpoint.hf_export import ExportError, export_hf
+    from vlm.checkpoint.load import LoadedVLM
+    from vlm.data.media_processor import MediaProcessor
+    from vlm.data.template import ChatTemplate
+    from vlm.model.geometry import visual_token_count
     from vlm.tokenizer import train_tokenizer
 
     torch.manual_seed(0)
@@ -134,7 +140,9 @@ def test_export_round_trips_through_transformers(tmp_path):
         pretrained_decoder(str(tmp_path / "in")),
         media_token_ids=[tok.image_pad_id, tok.video_pad_id],
     ).eval()
-    export_hf(model, tok, tmp_path / "out", "hf_llava")
+    processor = MediaProcessor(patch_size=8, resolution="crop", image_size=32)
+    loaded = LoadedVLM(model, tok, processor, ChatTemplate(tok, partial(visual_token_count, merge_size=1)), {})
+    export_hf(loaded, tmp_path / "out", "hf_llava")
     back = transformers.LlavaForConditionalGeneration.from_pretrained(tmp_path / "out").eval()
     ids = torch.tensor([[13, 14, 15] + [tok.image_pad_id] * 16 + [16, 17]])
     px = torch.randn(1, 3, 32, 32)
@@ -146,4 +154,4 @@ def test_export_round_trips_through_transformers(tmp_path):
             rtol=1e-4,
         )
     with pytest.raises(ExportError, match="format=hf_qwen2vl: model.encoder.pos=.learned., the format needs .rope2d."):
-        export_hf(model, tok, tmp_path / "bad", "hf_qwen2vl")
+        export_hf(loaded, tmp_path / "bad", "hf_qwen2vl")

@@ -154,7 +154,13 @@ def test_whole_qwen2vl_logits_match_transformers(tmp_path):
 
 def test_qwen2vl_export_round_trips_through_transformers(tmp_path):
     """HF Qwen2-VL -> our modules -> `format=hf_qwen2vl` (hub key layout) -> transformers: same logits."""
+    from functools import partial
+
     from vlm.checkpoint.hf_export import export_hf
+    from vlm.checkpoint.load import LoadedVLM
+    from vlm.data.media_processor import MediaProcessor
+    from vlm.data.template import ChatTemplate
+    from vlm.model.geometry import visual_token_count
     from vlm.model.hf import pretrained_decoder
     from vlm.model.vlm import VLM
     from vlm.tokenizer import train_tokenizer
@@ -178,7 +184,9 @@ def test_qwen2vl_export_round_trips_through_transformers(tmp_path):
         pretrained_decoder(p, rope="mrope"),
         media_token_ids=[tok.image_pad_id, tok.video_pad_id],
     ).eval()
-    export_hf(model, tok, tmp_path / "out", "hf_qwen2vl")
+    processor = MediaProcessor(patch_size=4, merge_size=2, resolution="dynamic", video={"temporal_patch": 2})
+    template = ChatTemplate(tok, partial(visual_token_count, merge_size=2), rope="mrope", merge_size=2)
+    export_hf(LoadedVLM(model, tok, processor, template, {}), tmp_path / "out", "hf_qwen2vl")
     back = transformers.Qwen2VLForConditionalGeneration.from_pretrained(tmp_path / "out").eval()
     ids = torch.tensor([[13, 14, tok.vision_start_id] + [tok.image_pad_id] * 6 + [tok.vision_end_id, 15, 16]])
     mm = (ids == tok.image_pad_id).long()

@@ -34,7 +34,7 @@ def export(ckpt: str | Path, out: str | Path, fmt: str = "vlm") -> Path:
     if fmt != "vlm":
         from vlm.checkpoint.hf_export import export_hf
 
-        return export_hf(loaded.model, loaded.tokenizer, out, fmt)
+        return export_hf(loaded, out, fmt)
     return export_folder(loaded.model, loaded.tokenizer, loaded.config, out)
 
 
