@@ -194,7 +194,7 @@ def build_model(model_cfg: Any, tokenizer: TextTokenizer, trusted: bool = True) 
             modules[part].grow_vocab(spec.decoder.vocab_size)
         else:  # the folder's spec with the dims the model resolved (equal: ModelSpec checked them)
             modules[part] = p.loader.build(p.folder, getattr(spec, part))
-    return VLM(
+    model = VLM(
         modules["encoder"],
         modules["projector"],
         modules["decoder"],
@@ -205,3 +205,8 @@ def build_model(model_cfg: Any, tokenizer: TextTokenizer, trusted: bool = True) 
         packed_attention=spec.packed_attention,
         freeze=spec.freeze,
     )
+    if spec.lora is not None:  # adapters are part of the model: a checkpoint's spec rebuilds them
+        from vlm.model.lora import apply_lora
+
+        apply_lora(model, spec.lora)
+    return model

@@ -270,9 +270,69 @@ class FreezeConfig(Fields):
         self.check_fields()
 
 
+# what `model.lora.targets` may name: the Linear layers of a component's attention or MLP, or the
+# projector's (`vlm.model.lora` maps each to module names)
+LORA_TARGETS = ("decoder.attn", "decoder.mlp", "encoder.attn", "encoder.mlp", "projector")
+
+
+@dataclass(frozen=True)
+class LoraConfig(Fields):
+    """Low-rank adapters (`vlm.model.lora`, built on peft): `r` the rank, `alpha` the scale
+    (`alpha / r`, or `alpha / sqrt(r)` with `use_rslora`), `dropout` on the adapter's input,
+    `targets` the layers that get one (`LORA_TARGETS`), `use_dora` weight-decomposed adapters.
+    `model.lora.r: 0` (the presets' default) or no `lora` key: no adapters."""
+
+    WHERE: ClassVar[str] = "model.lora"
+
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: list[str] = field(default_factory=lambda: ["decoder.attn", "decoder.mlp"])
+    use_dora: bool = False
+    use_rslora: bool = False
+
+    def __post_init__(self) -> None:
+        self.check_fields()
+        _positive(self, "r")
+        if self.alpha <= 0:
+            raise self.fail("alpha", "must be > 0")
+        if not 0 <= self.dropout < 1:
+            raise self.fail("dropout", "must be in [0, 1)")
+        if not self.targets:
+            raise self.fail("targets", f"is empty (choose from {', '.join(LORA_TARGETS)})")
+        for t in self.targets:
+            if t not in LORA_TARGETS:
+                raise self.fail("targets", f"names {t!r}, not one of {', '.join(LORA_TARGETS)}")
+        if len(set(self.targets)) != len(self.targets):
+            raise self.fail("targets", "repeats a target")
+
+    @property
+    def scale(self) -> float:
+        """What the adapter's product `B·A` is multiplied by."""
+        return self.alpha / (self.r**0.5 if self.use_rslora else self.r)
+
+    @property
+    def components(self) -> set[str]:
+        """The components that hold an adapter."""
+        return {t.split(".")[0] for t in self.targets}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> LoraConfig | None:  # type: ignore[override]
+        """None for `r: 0` (adapters off); unknown keys are refused either way."""
+        if not isinstance(d, dict):
+            raise SpecError(f"{cls.WHERE} is not a mapping (got {type(d).__name__})")
+        cls.check_keys(d)
+        if d.get("r") == 0:
+            return None
+        d = dict(d)
+        if isinstance(d.get("targets"), tuple):
+            d["targets"] = list(d["targets"])
+        return cls(**d)
+
+
 COMPONENTS: dict[str, type[Fields]] = {"encoder": EncoderConfig, "projector": ProjectorConfig, "decoder": DecoderConfig}
 # model-level keys; None (older configs wrote it) stands for the default
-OPTIONS = ("image_attention", "fusion", "packed_attention", "cross_attn", "freeze")
+OPTIONS = ("image_attention", "fusion", "packed_attention", "cross_attn", "freeze", "lora")
 
 
 @dataclass(frozen=True)
@@ -290,6 +350,7 @@ class ModelSpec:
     packed_attention: str = "sdpa"
     cross_attn: CrossAttnConfig = field(default_factory=CrossAttnConfig)
     freeze: FreezeConfig = field(default_factory=FreezeConfig)
+    lora: LoraConfig | None = None
 
     def __post_init__(self) -> None:
         for key, allowed in (
@@ -338,7 +399,7 @@ class ModelSpec:
                 raise SpecError(f"model.{part}._target_={target!r} is not {cfg_cls.TARGET}")
             parts[part] = cfg_cls.from_dict({k: v for k, v in c.items() if k != "_target_"})
         opts = {k: d[k] for k in OPTIONS if d.get(k) is not None}
-        for key, cfg_cls in (("cross_attn", CrossAttnConfig), ("freeze", FreezeConfig)):
+        for key, cfg_cls in (("cross_attn", CrossAttnConfig), ("freeze", FreezeConfig), ("lora", LoraConfig)):
             if key in opts:
                 opts[key] = cfg_cls.from_dict(opts[key])
         for key in ("image_attention", "fusion", "packed_attention"):
@@ -353,6 +414,8 @@ class ModelSpec:
         }
         out.update(image_attention=self.image_attention, fusion=self.fusion, packed_attention=self.packed_attention)
         out.update(cross_attn=self.cross_attn.to_dict(), freeze=self.freeze.to_dict())
+        if self.lora is not None:  # no key: no adapters (what older checkpoints hold)
+            out["lora"] = self.lora.to_dict()
         return out
 
     @property

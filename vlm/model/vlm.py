@@ -65,6 +65,7 @@ class VLM(nn.Module):
         self.register_buffer("media_token_ids", torch.tensor(list(media_token_ids)), persistent=False)
         self.image_attention, self.fusion, self.packed_attention = image_attention, fusion, packed_attention
         self.cross_attn_config, self.freeze = spec.cross_attn, spec.freeze
+        self.lora = None  # the adapters' LoraConfig once `vlm.model.lora.apply_lora` has added them
         self.cross_attn: CrossAttentionFusion | None = None
         if fusion == "cross_attn":
             d = decoder.config
@@ -85,6 +86,7 @@ class VLM(nn.Module):
             packed_attention=self.packed_attention,
             cross_attn=self.cross_attn_config,
             freeze=self.freeze,
+            lora=self.lora,
         )
 
     def token_grid(self, grid_thw) -> tuple[int, int, int]:

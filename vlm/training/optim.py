@@ -15,22 +15,41 @@ log = logging.getLogger("vlm.training.optim")
 COMPONENTS = ("encoder", "projector", "decoder", "cross_attn")  # cross_attn: only with fusion=cross_attn
 
 
+def _is_adapter(name: str) -> bool:
+    return ".lora_" in name  # peft's adapter parameters (`vlm.model.lora`)
+
+
+def adapted_components(model: nn.Module) -> set[str]:
+    """The components that hold low-rank adapters (`model.lora.targets`)."""
+    return {n.split(".", 1)[0] for n, _ in model.named_parameters() if _is_adapter(n)}
+
+
 def apply_freeze(model: nn.Module, freeze: dict) -> None:
-    """`model.freeze`: {component: bool}; a frozen component's parameters get no gradient."""
+    """`model.freeze`: {component: bool}; a frozen component's parameters get no gradient.
+
+    With adapters (`model.lora`), a component that holds one is frozen whatever `freeze` says and
+    only its adapters train; the other components follow `freeze`."""
     unknown = set(freeze) - set(COMPONENTS)
     if unknown:
         raise ValueError(f"model.freeze has unknown components {sorted(unknown)}; use {COMPONENTS}")
+    adapted = adapted_components(model)
     for comp in COMPONENTS:
-        frozen = bool(freeze.get(comp, False))
+        frozen = bool(freeze.get(comp, False)) or comp in adapted
         part = getattr(model, comp, None)
-        for p in part.parameters() if part is not None else ():
-            p.requires_grad_(not frozen)
+        for name, p in part.named_parameters() if part is not None else ():
+            p.requires_grad_(_is_adapter(name) or not frozen)
 
 
 def frozen_parts(model: nn.Module, freeze: dict) -> list[nn.Module]:
     """The frozen components the model has (kept in eval mode while training: no dropout or
-    norm-statistics drift)."""
-    return [getattr(model, c) for c in COMPONENTS if freeze.get(c) and getattr(model, c, None) is not None]
+    norm-statistics drift). A component with adapters trains them, so it stays in train mode
+    (the adapters' dropout)."""
+    adapted = adapted_components(model)
+    return [
+        getattr(model, c)
+        for c in COMPONENTS
+        if freeze.get(c) and c not in adapted and getattr(model, c, None) is not None
+    ]
 
 
 def build_optimizer(

@@ -12,6 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from vlm.build.model import geometry_of
 from vlm.checkpoint.load import CheckpointError, check_resume_checkpoint, load_checkpoint, weight_mismatch
+from vlm.model.lora import merge_lora, with_fresh_adapters
 from vlm.training.datamodule import build_datamodule
 from vlm.training.module import VLMModule
 from vlm.training.parallel import ParallelConfig, is_sharded_strategy
@@ -70,8 +71,12 @@ def init_weights(module: VLMModule, path: str) -> None:
     string, so a token keeps its row whatever its id, and tokens new to this run keep their
     fresh initialisation. Without this, ids would silently point at other tokens' rows."""
     loaded = load_checkpoint(path)
+    if loaded.model.lora is not None and module.model.lora is None:  # adapters folded into the base
+        merge_lora(loaded.model)
     src = loaded.model.state_dict()
     dst = module.model.state_dict()
+    if module.model.lora is not None and loaded.model.lora is None:  # base weights; adapters start fresh
+        src = with_fresh_adapters(src, dst)
     src_vocab, dst_vocab = (t.tok.get_vocab(with_added_tokens=True) for t in (loaded.tokenizer, module.tokenizer))
     remap = src_vocab != dst_vocab
     vocab_keys = {k for k in set(src) & set(dst) if k.endswith(VOCAB_ROWS)} if remap else set()
