@@ -408,3 +408,50 @@ def test_serial_engine_refuses_batching_options_and_both_check_sampling_alike(to
             for sp in bad:
                 fin = engine.submit(ChatRequest(conversation(3), sp)).result(60)
                 assert fin.finish_reason == "error" and fin.error.param in ("max_tokens", "temperature", "top_p")
+
+
+MIXED_OPTIONS = [
+    dict(),
+    dict(repetition_penalty=1.5, frequency_penalty=0.8, presence_penalty=0.4),
+    dict(temperature=1.0, top_k=4, seed=1),
+    dict(temperature=0.8, min_p=0.2, top_p=0.95, presence_penalty=1.0, seed=2),
+    dict(temperature=1.0, repetition_penalty=1.3, top_k=8, min_p=0.05, seed=3, logprobs=True, top_logprobs=2),
+    dict(temperature=1.2, seed=4, n=2),
+]
+
+
+@pytest.mark.parametrize("name", ["interleave_mrope_video", "cross_attn"])
+def test_mixed_sampling_options_equal_generate_under_random_arrivals(tok, name):
+    """Greedy and seeded requests with penalties, top_k, min_p, logprobs and n > 1 decode in one
+    batch; each choice equals `generate` on its request alone (choice i seeded with seed + i)."""
+    loaded = tiny(tok, **VARIANTS[name])
+    with torch.no_grad():
+        loaded.model.decoder.lm_head.weight.div_(10)  # softer logits: the options change the answers
+    reqs = [
+        ChatRequest(conversation(i), SamplingParams(max_tokens=6 + i % 4, **MIXED_OPTIONS[i % len(MIXED_OPTIONS)]))
+        for i in range(12)
+    ]
+    eos = stop_ids(loaded.tokenizer, loaded.config["template"])
+
+    def want(r: ChatRequest, index: int) -> list[int]:
+        sp = r.sampling
+        p = PromptBuilder(loaded.processor, loaded.template, loaded.tokenizer, CTX)(r.messages, sp.max_tokens)
+        seed = sp.choice_seed(index)
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        batch = p.batch(loaded.tokenizer.pad_id)
+        kw = dict(suppress_ids=loaded.tokenizer.structural_ids, generator=gen, sampler=sp.sampler())
+        return generate(loaded.model, batch, sp.max_tokens, eos, **kw)[0]
+
+    expected = [[want(r, i) for i in range(r.sampling.n)] for r in reqs]
+    cfg = EngineConfig(max_batch=4, prefill_chunk=16, max_context=CTX, dtype="fp32")
+    with Engine(loaded, cfg) as engine:
+        for seed in (0, 1):
+            got = [h.result(120) for h in submit_randomly(engine, reqs, seed)]
+            for r, fin, exp in zip(reqs, got, expected, strict=True):
+                answers = [c.token_ids for c in fin.choices] if fin.choices else [fin.token_ids]
+                assert answers == exp, (name, seed, r.sampling)
+                if r.sampling.logprobs:
+                    assert len(fin.logprobs) == len([t for t in fin.token_ids if t not in eos])
+        stats = engine.stats()
+    assert stats["running"] == stats["prefilling"] == stats["queue_depth"] == 0
+    assert stats["free_slots"] == cfg.max_batch

@@ -219,7 +219,26 @@ BAD = {
         "context_length_exceeded",
         "max_tokens",
     ),
-    "n=2": ({"messages": _messages(), "n": 2}, 400, "invalid_value", "n"),
+    "n over the cap": ({"messages": _messages(), "n": 9}, 400, "invalid_value", "n"),
+    "presence_penalty out of range": (
+        {"messages": _messages(), "presence_penalty": 2.5},
+        400,
+        "invalid_value",
+        "presence_penalty",
+    ),
+    "top_logprobs over 20": (
+        {"messages": _messages(), "logprobs": True, "top_logprobs": 21},
+        400,
+        "invalid_value",
+        "top_logprobs",
+    ),
+    "min_p over 1": ({"messages": _messages(), "min_p": 1.5}, 400, "invalid_value", "min_p"),
+    "bad JSON schema": (
+        {"messages": _messages(), "response_format": {"type": "json_schema", "json_schema": {"schema": {"type": 7}}}},
+        400,
+        "invalid_value",
+        "response_format",
+    ),
     "temperature a string": ({"messages": _messages(), "temperature": "hot"}, 400, "invalid_value", "temperature"),
     "max_tokens 0": ({"messages": _messages(), "max_tokens": 0}, 400, "invalid_value", "max_tokens"),
     "stop not strings": ({"messages": _messages(), "stop": [1]}, 400, "invalid_value", "stop"),
@@ -331,3 +350,49 @@ def test_serve_config_builds_the_engine_and_options(kind, loaded, tmp_path):
     assert engine.model_name == "export" and engine.max_context == 512
     with pytest.raises(ServeConfigError, match="bogus"):
         build_engine(loaded, bad.engine)
+
+
+# ---- the OpenAI sampling parameters ------------------------------------------------------------------
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "color": {"enum": ["red", "green", "blue"]},
+        "count": {"type": "integer", "minimum": 0, "maximum": 9},
+    },
+    "required": ["color", "count"],
+    "additionalProperties": False,
+}
+
+
+def test_the_client_gets_n_choices_logprobs_and_schema_json(server):
+    pytest.importorskip("llguidance")
+    kw = dict(
+        model="tiny",
+        messages=_messages(),
+        max_tokens=40,
+        temperature=1.0,
+        seed=5,
+        n=2,
+        logprobs=True,
+        top_logprobs=2,
+        response_format={"type": "json_schema", "json_schema": {"name": "shape", "schema": SCHEMA}},
+        extra_body={"top_k": 20, "min_p": 0.01, "repetition_penalty": 1.1, "presence_penalty": 0.2},
+    )
+    r = server.client.chat.completions.create(**kw)
+    assert [c.index for c in r.choices] == [0, 1]
+    for c in r.choices:
+        answer = json.loads(c.message.content)
+        assert answer["color"] in ("red", "green", "blue") and 0 <= answer["count"] <= 9 and len(answer) == 2
+        content = c.logprobs.content
+        assert "".join(t.token for t in content) == c.message.content
+        assert all(len(t.top_logprobs) == 2 and t.logprob <= 0 and bytes(t.bytes).decode() == t.token for t in content)
+    assert server.client.chat.completions.create(**kw).choices[1].message.content == r.choices[1].message.content
+    # streamed: every chunk names its choice; the choices' texts and logprobs add up to the same
+    chunks = list(server.client.chat.completions.create(**kw, stream=True))
+    for i, c in enumerate(r.choices):
+        mine = [ch.choices[0] for ch in chunks if ch.choices and ch.choices[0].index == i]
+        assert "".join(x.delta.content or "" for x in mine) == c.message.content
+        assert [t.logprob for x in mine if x.logprobs for t in x.logprobs.content] == [
+            t.logprob for t in c.logprobs.content
+        ]
+        assert mine[-1].finish_reason == c.finish_reason

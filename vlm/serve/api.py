@@ -20,6 +20,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from vlm.model.generate import SamplerOptions
+
 
 class RequestError(ValueError):
     """A request the engine refuses (bad media, too long for the context, bad parameters).
@@ -41,13 +43,46 @@ class Overloaded(RuntimeError):
 class SamplingParams:
     """max_tokens: new tokens at most. temperature 0 = greedy. stop: strings that end the answer
     (not included in it). seed: sampling with the same seed gives the same answer, whatever else
-    the engine is running."""
+    the engine is running.
+
+    top_k, top_p, min_p, presence_penalty, frequency_penalty, repetition_penalty: see
+    `vlm.model.generate.SamplerOptions` (the order they apply in). n: answers (choices) to the
+    same prompt; choice i samples with seed `seed + i`. logprobs: return each token's
+    log-probability, with the `top_logprobs` most likely alternatives. response_format:
+    None, `{"type": "json_object"}` or `{"type": "json_schema", "schema": {...}}`: the answer is
+    constrained by a grammar (`vlm.serve.structured`) to JSON (matching the schema)."""
 
     max_tokens: int = 64
     temperature: float = 0.0
     top_p: float = 1.0
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
+    top_k: int = 0
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    n: int = 1
+    logprobs: bool = False
+    top_logprobs: int = 0
+    response_format: dict | None = None
+
+    def sampler(self) -> SamplerOptions:
+        """The model-side options of one choice."""
+        return SamplerOptions(
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=max(0, self.top_k),  # -1 (vLLM's "off") = 0
+            min_p=self.min_p,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+            repetition_penalty=self.repetition_penalty,
+            logprobs=self.top_logprobs if self.logprobs else None,
+        )
+
+    def choice_seed(self, index: int) -> int | None:
+        """The seed of choice `index` (None: unseeded)."""
+        return None if self.seed is None else (self.seed + index) % 2**63
 
 
 @dataclass
@@ -73,11 +108,25 @@ class Usage:
 
 
 @dataclass
+class Logprob:
+    """One answer token in OpenAI's terms: its text, UTF-8 bytes, log-probability and the most
+    likely alternatives (`Logprob`s with empty `top`)."""
+
+    token: str
+    bytes: list[int]
+    logprob: float
+    top: list[Logprob] = field(default_factory=list)
+
+
+@dataclass
 class Delta:
-    """New answer text (whole UTF-8 characters only) and the token ids that produced it."""
+    """New answer text (whole UTF-8 characters only) and the token ids that produced it.
+    index: the choice it belongs to (`SamplingParams.n`). logprobs: one per token id, when asked."""
 
     text: str
     token_ids: list[int]
+    index: int = 0
+    logprobs: list[Logprob] | None = None
 
 
 @dataclass
@@ -90,3 +139,8 @@ class Finished:
     token_ids: list[int]
     usage: Usage
     error: RequestError | None = None
+    index: int = 0
+    logprobs: list[Logprob] | None = None  # the answer's tokens, when asked
+    # n > 1: every choice's own Finished, by index (this one carries choice 0's fields and the
+    # usage of all: the prompt once, the completion tokens of every choice)
+    choices: list[Finished] | None = None

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from vlm.serve.api import Finished, Overloaded, RequestError
 from vlm.serve.media_urls import MediaPolicy
-from vlm.serve.openai_protocol import error_from, parse_chat_request, usage_body
+from vlm.serve.openai_protocol import error_from, logprobs_body, parse_chat_request, usage_body
 
 
 def _load(line: str):
@@ -52,6 +52,18 @@ def _record(line_no: int, custom_id, request_id: str | None, fin: Finished | Non
         rec["error"] = error_from(error)["error"]
         return rec
     rec.update(id=request_id, answer=fin.text, finish_reason=fin.finish_reason, usage=usage_body(fin.usage))
+    if fin.logprobs is not None:
+        rec["logprobs"] = logprobs_body(fin.logprobs)
+    if fin.choices:  # n > 1: every answer (`answer` is choice 0's)
+        rec["choices"] = [
+            {
+                "index": c.index,
+                "answer": c.text,
+                "finish_reason": c.finish_reason,
+                "logprobs": logprobs_body(c.logprobs),
+            }
+            for c in fin.choices
+        ]
     return rec
 
 

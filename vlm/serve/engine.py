@@ -24,11 +24,15 @@ engine's dtype and device (the engine owns it from then on).
 
 Greedy outputs equal `vlm.model.generate.generate` run on each request alone (fp32), whatever runs
 beside it: the same masks and positions, per-row sampling with the request's own generator, the
-same suppressed tokens (`vlm.model.generate.never_generate`).
+same suppressed tokens (`vlm.model.generate.never_generate`). Seeded sampling does too, with every
+sampling option (penalties, top_k, min_p, a `response_format` grammar: `vlm.model.generate.pick`,
+`vlm.serve.structured`). A request with `n` choices runs as n rows that enter slots together; the
+first prefills the prompt and the others copy its KV (`_share_prefill`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import threading
@@ -37,8 +41,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from vlm.model.generate import never_generate, sample_next
+from vlm.model.generate import constrain, never_generate, pick
 from vlm.serve.api import ChatRequest, Finished, Overloaded, RequestError, Usage
+from vlm.serve.choices import ChoiceGroup, TokenPieces
 from vlm.serve.embed_cache import EmbedCache
 from vlm.serve.engine_config import (
     ALL_OPTIONS,
@@ -57,6 +62,7 @@ from vlm.serve.prefix_cache import PrefixCache
 from vlm.serve.prompt import PromptBuilder
 from vlm.serve.row import Row
 from vlm.serve.scheduling import chunk_end, stack_cross
+from vlm.serve.structured import Grammars
 
 log = logging.getLogger("vlm.serve.engine")
 __all__ = ["Engine", "EngineConfig", "default_dtype"]
@@ -79,6 +85,8 @@ class Engine:
         self.builder = PromptBuilder(loaded.processor, loaded.template, loaded.tokenizer, self.max_context)
         self.eos = set(stop_ids(loaded.tokenizer, (loaded.config or {}).get("template")))
         self.suppress = never_generate(self.model, loaded.tokenizer.structural_ids).to(self.device)
+        self.grammars = Grammars(loaded.tokenizer, dec.vocab_size, self.eos)
+        self.pieces = TokenPieces(loaded.tokenizer)
         self.slots = KVSlots(
             dec.n_layers, cfg.max_batch, dec.n_kv_heads, self.max_context, dec.head_dim, self.dtype, self.device
         )
@@ -163,11 +171,7 @@ class Engine:
             if self.prefix_cache is not None:
                 entry, cached = self.prefix_cache.lookup(prompt.prefix_keys, prompt.position_ids, len(prompt) - 1)
             usage = Usage(prompt_tokens=len(prompt), visual_tokens=prompt.visual_tokens, cached_tokens=cached)
-            gen = None
-            if sp.temperature > 0:
-                gen = torch.Generator(self.device)
-                gen.manual_seed(sp.seed if sp.seed is not None else int(torch.randint(0, 2**62, ()).item()))
-            row = Row(request, handle, prompt, usage, TextStream(self.tokenizer, sp.stop), gen, entry, cached)
+            row = self._make_rows(request, handle, prompt, usage, entry, cached)
         except RequestError as e:
             self._fail(handle, e)
             return
@@ -177,8 +181,66 @@ class Engine:
             return
         handle.admit(usage)
         with self._lock:
-            self._ready.append(row)
+            self._ready.extend([row, *row.followers])  # n > 1: one queue entry per choice
+            self._waiting += len(row.followers)
             self._lock.notify_all()
+
+    def _make_rows(self, request: ChatRequest, handle: RequestHandle, prompt, usage: Usage, entry, cached: int) -> Row:
+        """The request's first row; with n > 1 choices it carries the others (`followers`), which
+        enter slots with it and copy its prompt KV when its prefill ends (one prefill for all)."""
+        sp = request.sampling
+        try:
+            if sp.n > self.config.max_batch:
+                raise RequestError(f"n={sp.n} is over this engine's max_batch={self.config.max_batch}", param="n")
+            group = ChoiceGroup(handle, sp.n) if sp.n > 1 else None
+            opts = sp.sampler()
+            rows: list[Row] = []
+            for i in range(sp.n):
+                gen = None
+                if sp.temperature > 0:
+                    seed = sp.choice_seed(i)
+                    gen = torch.Generator(self.device)
+                    gen.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, ()).item()))
+                first = i == 0
+                rows.append(
+                    Row(
+                        request,
+                        group.child(i) if group is not None else handle,
+                        prompt,
+                        usage if first else dataclasses.replace(usage),
+                        TextStream(self.tokenizer, sp.stop),
+                        gen,
+                        entry if first else None,
+                        cached if first else 0,
+                        options=opts,
+                        constraint=self.grammars.constraint(sp.response_format),
+                        pieces=self.pieces if sp.logprobs else None,
+                    )
+                )
+        except BaseException:
+            if entry is not None:
+                self.prefix_cache.release(entry)
+            raise
+        for f in rows[1:]:
+            f.leader = rows[0]
+        rows[0].followers = rows[1:]
+        return rows[0]
+
+    def _share_prefill(self, row: Row, logits: torch.Tensor) -> None:
+        """`row`'s prefill just ended: its followers copy the prompt's KV and pick their first token
+        from the same logits (each with its own generator), then decode."""
+        for f in row.followers:
+            if f.leader is not row or f.done or f not in self.prefilling:
+                continue
+            f.leader = None
+            self.slots.move(row.slot, f.slot, row.length)
+            f.inputs, f.length, f.next_pos = row.inputs, row.length, row.next_pos
+            reason = self._sample_and_push(f, logits.clone())
+            if reason is not None:
+                self._end(f, reason)
+            else:
+                self.prefilling.remove(f)
+                self._place_decoding(f)
 
     def _fail(self, handle: RequestHandle, error: RequestError) -> None:
         with self._lock:
@@ -227,9 +289,18 @@ class Engine:
             with self._lock:
                 if not self._ready:
                     return
+                if len(self._ready[0].followers) >= len(self.slots.free):  # a request's choices enter together
+                    return
                 row = self._ready.popleft()
                 self._waiting -= 1
+                mates = []  # its other choices, queued right behind it
+                while self._ready and self._ready[0].leader is row:
+                    mates.append(self._ready.popleft())
+                    self._waiting -= 1
             row.slot = self.slots.take_top()
+            for f in mates:  # a slot now, the prompt's KV when row's prefill ends (`_share_prefill`)
+                f.slot = self.slots.take_top()
+                self.prefilling.append(f)
             if row.prefix is not None:
                 self.slots.write(row.slot, row.prefix.k[:, :, : row.cached], row.prefix.v[:, :, : row.cached])
                 self.prefix_cache.release(row.prefix)
@@ -242,6 +313,10 @@ class Engine:
         for row in list(self.prefilling):
             if budget <= 0:
                 break
+            if row.leader is not None:
+                if not row.leader.done:
+                    continue  # another choice prefills this prompt; `_share_prefill` copies its KV here
+                row.leader = None  # that one ended before its prefill did: prefill alone
             if row.inputs is None:
                 try:
                     row.inputs = row_inputs(self.model, row.prompt, self.embed_cache, self.device, self.prune)
@@ -265,6 +340,7 @@ class Engine:
             self.counters["prefill_tokens"] += end - start
             if end == row.prompt_len:
                 logits = self.model.logits(hidden[:, -1]).float()
+                self._share_prefill(row, logits)
                 reason = self._sample_and_push(row, logits)
                 if reason is not None:
                     self._end(row, reason)
@@ -308,7 +384,7 @@ class Engine:
         greedy = logits.masked_fill(self._suppress_mask(logits), float("-inf")).argmax(-1).tolist()
         finished = []
         for b, r in enumerate(list(rows)):
-            if r.generator is None:
+            if r.plain_greedy:
                 reason = r.push(greedy[b], self.eos)
             else:
                 reason = self._sample_and_push(r, logits[b : b + 1])
@@ -334,9 +410,12 @@ class Engine:
     def _sample_and_push(self, row: Row, logits: torch.Tensor) -> str | None:
         """logits `[1, V]` -> the row's next token (its own sampling parameters and generator)."""
         logits[:, self.suppress] = float("-inf")
-        sp = row.sampling
-        tok = int(sample_next(logits, sp.temperature, sp.top_p, row.generator)[0])
-        return row.push(tok, self.eos)
+        if row.constraint is not None:
+            constrain(logits, row.constraint)
+        tok, lp = pick(logits, row.options, row.prompt.input_ids, row.out, row.generator)
+        if row.constraint is not None:
+            row.constraint.accept(tok)
+        return row.push(tok, self.eos, lp)
 
     # ---- the end of a row -------------------------------------------------------------------------
     def _end(self, row: Row, reason: str | None, error: RequestError | None = None) -> None:

@@ -18,6 +18,7 @@ import torch
 from vlm.model.prune import METHODS as PRUNE_METHODS
 from vlm.precision import fast_bf16_cpu
 from vlm.serve.api import RequestError, SamplingParams
+from vlm.serve.structured import grammar_for
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -115,11 +116,46 @@ def default_max_context(model) -> int:
     return int(getattr(model.decoder, "max_seq_len", 0) or 4096)
 
 
+MAX_N = 8  # choices per request
+MAX_TOP_LOGPROBS = 20  # OpenAI's cap
+PENALTY_RANGE = (-2.0, 2.0)  # presence_penalty, frequency_penalty (OpenAI's range)
+MAX_REPETITION_PENALTY = 10.0
+
+
+def _int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
 def check_sampling(sp: SamplingParams) -> None:
-    """RequestError for sampling parameters neither engine can run (NaN included)."""
-    if isinstance(sp.max_tokens, bool) or not isinstance(sp.max_tokens, int) or sp.max_tokens < 1:
+    """RequestError (with the offending `param`) for sampling parameters neither engine can run,
+    NaN included; a `response_format` whose schema does not compile is one."""
+    if not _int(sp.max_tokens) or sp.max_tokens < 1:
         raise RequestError(f"max_tokens must be a positive integer, got {sp.max_tokens!r}", param="max_tokens")
     if not sp.temperature >= 0:
         raise RequestError(f"temperature must be >= 0, got {sp.temperature}", param="temperature")
     if not 0.0 < sp.top_p <= 1.0:
         raise RequestError(f"top_p must be in (0, 1], got {sp.top_p}", param="top_p")
+    if not _int(sp.top_k) or sp.top_k < -1:
+        raise RequestError(f"top_k must be an integer >= 0 (0 or -1: off), got {sp.top_k!r}", param="top_k")
+    if not 0.0 <= sp.min_p <= 1.0:
+        raise RequestError(f"min_p must be in [0, 1], got {sp.min_p}", param="min_p")
+    lo, hi = PENALTY_RANGE
+    for name in ("presence_penalty", "frequency_penalty"):
+        v = getattr(sp, name)
+        if not lo <= v <= hi:
+            raise RequestError(f"{name} must be in [{lo:g}, {hi:g}], got {v}", param=name)
+    if not 0.0 < sp.repetition_penalty <= MAX_REPETITION_PENALTY:
+        raise RequestError(
+            f"repetition_penalty must be in (0, {MAX_REPETITION_PENALTY:g}], got {sp.repetition_penalty}",
+            param="repetition_penalty",
+        )
+    if not _int(sp.n) or not 1 <= sp.n <= MAX_N:
+        raise RequestError(f"n must be an integer in [1, {MAX_N}], got {sp.n!r}", param="n")
+    if not _int(sp.top_logprobs) or not 0 <= sp.top_logprobs <= MAX_TOP_LOGPROBS:
+        raise RequestError(
+            f"top_logprobs must be an integer in [0, {MAX_TOP_LOGPROBS}], got {sp.top_logprobs!r}",
+            param="top_logprobs",
+        )
+    if sp.top_logprobs and not sp.logprobs:
+        raise RequestError("top_logprobs needs logprobs=true", param="top_logprobs")
+    grammar_for(sp.response_format)

@@ -6,10 +6,13 @@ and the offline batch runner share it, so a body that works in one works in the 
 
 What is accepted: `messages` with roles system / developer (as system) / user / assistant and
 content as a string or a list of `text`, `image_url` and `video_url` parts (see `media_urls`);
-`max_tokens` / `max_completion_tokens`, `temperature`, `top_p`, `stop`, `seed`, `n` (1 only),
-`stream` and `stream_options.include_usage`. Parameters that would change the answer in a way this
-server cannot honour (tools, logprobs, penalties, a JSON response format) are refused rather than
-silently ignored; other unknown fields (`user`, `metadata`, ...) are ignored.
+`max_tokens` / `max_completion_tokens`, `temperature`, `top_p`, `stop`, `seed`, `n`, `logprobs`,
+`top_logprobs`, `presence_penalty`, `frequency_penalty`, `response_format` (text, json_object,
+json_schema), the vLLM extras `top_k`, `min_p`, `repetition_penalty`, `stream` and
+`stream_options.include_usage` (ranges: `vlm.serve.engine_config.check_sampling`; what each does:
+`vlm.model.generate.SamplerOptions`). Parameters that would change the answer in a way this server
+cannot honour (tools, logit_bias) are refused rather than silently ignored; other unknown fields
+(`user`, `metadata`, ...) are ignored.
 """
 
 from __future__ import annotations
@@ -18,7 +21,14 @@ import secrets
 import time
 from dataclasses import dataclass
 
-from vlm.serve.api import ChatRequest, Finished, RequestError, SamplingParams, Usage
+from vlm.serve.api import ChatRequest, Delta, Finished, Logprob, RequestError, SamplingParams, Usage
+from vlm.serve.engine_config import (
+    MAX_N,
+    MAX_REPETITION_PENALTY,
+    MAX_TOP_LOGPROBS,
+    PENALTY_RANGE,
+    check_sampling,
+)
 from vlm.serve.media_urls import MediaPolicy, check_image, media_bytes
 
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
@@ -29,12 +39,7 @@ _UNSUPPORTED = {
     "tools": (None, []),
     "functions": (None, []),
     "tool_choice": (None, "none", "auto"),
-    "logprobs": (None, False),
-    "top_logprobs": (None, 0),
     "logit_bias": (None, {}),
-    "presence_penalty": (None, 0, 0.0),
-    "frequency_penalty": (None, 0, 0.0),
-    "response_format": (None, {"type": "text"}),
 }
 
 
@@ -152,9 +157,6 @@ def parse_chat_request(
     for name, unused in _UNSUPPORTED.items():
         if name in body and body[name] not in unused:
             raise _bad(f"{name} is not supported by this server", name, "unsupported_parameter")
-    n = body.get("n")
-    if n is not None and (isinstance(n, bool) or n != 1):
-        raise _bad(f"n must be 1 (one answer per request), got {n!r}", "n")
     stream = body.get("stream") or False
     if not isinstance(stream, bool):
         raise _bad(f"stream must be true or false, got {stream!r}", "stream")
@@ -165,15 +167,51 @@ def parse_chat_request(
     name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     max_tokens = _number(body, name, default_max_tokens, 1, 2**31, integer=True)
     seed = _number(body, "seed", None, -(2**63), 2**64 - 1, integer=True)
+    logprobs = body.get("logprobs")
+    if logprobs is not None and not isinstance(logprobs, bool):
+        raise _bad(f"logprobs must be true or false, got {logprobs!r}", "logprobs")
+    top_logprobs = _number(body, "top_logprobs", 0, 0, MAX_TOP_LOGPROBS, integer=True)
+    if top_logprobs and not logprobs:
+        raise _bad("top_logprobs needs logprobs=true", "top_logprobs")
+    lo, hi = PENALTY_RANGE
     sampling = SamplingParams(
         max_tokens=int(max_tokens),
         temperature=float(_number(body, "temperature", default_temperature, 0.0, 2.0)),
         top_p=float(_number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True)),
         stop=_stop(body.get("stop")),
         seed=None if seed is None else seed % 2**63,  # any int64 the client sends -> a generator seed
+        top_k=int(_number(body, "top_k", 0, -1, 2**31, integer=True)),
+        min_p=float(_number(body, "min_p", 0.0, 0.0, 1.0)),
+        presence_penalty=float(_number(body, "presence_penalty", 0.0, lo, hi)),
+        frequency_penalty=float(_number(body, "frequency_penalty", 0.0, lo, hi)),
+        repetition_penalty=float(_number(body, "repetition_penalty", 1.0, 0.0, MAX_REPETITION_PENALTY, lo_open=True)),
+        n=int(_number(body, "n", 1, 1, MAX_N, integer=True)),
+        logprobs=bool(logprobs),
+        top_logprobs=int(top_logprobs),
+        response_format=_response_format(body.get("response_format")),
     )
+    check_sampling(sampling)  # the schema compiles (a bad one is a 400 naming response_format)
     messages = parse_messages(body["messages"], policy)
     return ParsedRequest(ChatRequest(messages, sampling, request_id=new_id()), stream, include_usage)
+
+
+def _response_format(v) -> dict | None:
+    """OpenAI's response_format -> `SamplingParams.response_format` (None: plain text)."""
+    if v is None:
+        return None
+    if not isinstance(v, dict) or not isinstance(v.get("type"), str):
+        raise _bad("response_format must be an object with a 'type'", "response_format")
+    kind = v["type"]
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return {"type": "json_object"}
+    if kind == "json_schema":
+        spec = v.get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
+            raise _bad("response_format json_schema needs json_schema.schema (an object)", "response_format")
+        return {"type": "json_schema", "schema": spec["schema"]}
+    raise _bad(f"response_format type must be text, json_object or json_schema, got {kind!r}", "response_format")
 
 
 # ---- response bodies ---------------------------------------------------------------------------
@@ -190,7 +228,28 @@ def usage_body(u: Usage) -> dict:
     }
 
 
+def _lp(x: float) -> float:
+    return x if x > -9999.0 else -9999.0  # JSON has no -inf: OpenAI's floor for impossible tokens
+
+
+def logprobs_body(lps: list[Logprob] | None) -> dict | None:
+    """`choices[i].logprobs`: `{"content": [{token, logprob, bytes, top_logprobs: [...]}]}`."""
+    if lps is None:
+        return None
+    content = [
+        {
+            "token": e.token,
+            "logprob": _lp(e.logprob),
+            "bytes": e.bytes,
+            "top_logprobs": [{"token": t.token, "logprob": _lp(t.logprob), "bytes": t.bytes} for t in e.top],
+        }
+        for e in lps
+    ]
+    return {"content": content, "refusal": None}
+
+
 def completion_body(request_id: str, model: str, fin: Finished, created: int | None = None) -> dict:
+    """A whole answer; with n > 1 one choice per `fin.choices`."""
     return {
         "id": request_id,
         "object": "chat.completion",
@@ -198,19 +257,42 @@ def completion_body(request_id: str, model: str, fin: Finished, created: int | N
         "model": model,
         "choices": [
             {
-                "index": 0,
-                "message": {"role": "assistant", "content": fin.text},
-                "finish_reason": fin.finish_reason,
-                "logprobs": None,
+                "index": c.index,
+                "message": {"role": "assistant", "content": c.text},
+                "finish_reason": c.finish_reason,
+                "logprobs": logprobs_body(c.logprobs),
             }
+            for c in (fin.choices or [fin])
         ],
         "usage": usage_body(fin.usage),
     }
 
 
-def chunk_body(request_id: str, model: str, created: int, delta: dict | None, finish_reason=None, usage=None) -> dict:
+def delta_chunks(request_id: str, model: str, created: int, ev: Delta) -> list[dict]:
+    """The chunks of one `Delta` (none when it holds no text)."""
+    if not ev.text:
+        return []
+    return [chunk_body(request_id, model, created, {"content": ev.text}, index=ev.index, logprobs=ev.logprobs)]
+
+
+def finish_chunks(request_id: str, model: str, created: int, fin: Finished) -> list[dict]:
+    """The last chunk of each choice (its finish_reason)."""
+    return [chunk_body(request_id, model, created, {}, c.finish_reason, index=c.index) for c in (fin.choices or [fin])]
+
+
+def chunk_body(
+    request_id: str,
+    model: str,
+    created: int,
+    delta: dict | None,
+    finish_reason=None,
+    usage=None,
+    index: int = 0,
+    logprobs: list[Logprob] | None = None,
+) -> dict:
     """One streamed chunk; `delta=None` is the usage-only chunk (empty choices) of include_usage."""
-    choices = [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}]
+    choice = {"index": index, "delta": delta, "finish_reason": finish_reason, "logprobs": logprobs_body(logprobs)}
+    choices = [] if delta is None else [choice]
     body = {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model, "choices": choices}
     if usage is not None:
         body["usage"] = usage_body(usage) if isinstance(usage, Usage) else usage

@@ -24,6 +24,7 @@ import torch
 
 from vlm.model.generate import generate
 from vlm.serve.api import ChatRequest, Delta, Finished, Overloaded, RequestError, Usage
+from vlm.serve.choices import TokenPieces, merge
 from vlm.serve.engine_config import (
     COMMON_OPTIONS,
     DTYPES,
@@ -36,6 +37,7 @@ from vlm.serve.engine_config import (
 )
 from vlm.serve.handle import RequestHandle, TextStream
 from vlm.serve.prompt import PromptBuilder
+from vlm.serve.structured import Grammars
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +63,8 @@ class SerialEngine:
         self.builder = PromptBuilder(loaded.processor, loaded.template, loaded.tokenizer, self.max_context)
         self.eos = set(stop_ids(loaded.tokenizer, (loaded.config or {}).get("template")))
         self.prune = prune_options(cfg)
+        self.grammars = Grammars(loaded.tokenizer, self.model.decoder.vocab_size, self.eos)
+        self.pieces = TokenPieces(loaded.tokenizer)
         self._queue: queue.Queue = queue.Queue(maxsize=cfg.max_queue)
         self._ids = itertools.count()
         self._thread: threading.Thread | None = None
@@ -147,6 +151,7 @@ class SerialEngine:
         try:
             check_sampling(sp)
             prompt = self.builder(request.messages, sp.max_tokens)
+            constraints = [self.grammars.constraint(sp.response_format) for _ in range(sp.n)]
         except RequestError as e:
             return Finished("error", "", [], Usage(), e)
         usage = Usage(prompt_tokens=len(prompt), visual_tokens=prompt.visual_tokens)
@@ -156,12 +161,31 @@ class SerialEngine:
         }
         if torch.is_tensor(batch.get("pixel_patches")):
             batch["pixel_patches"] = batch["pixel_patches"].to(next(self.model.parameters()).dtype)
-        gen = torch.Generator(self.device).manual_seed(sp.seed if sp.seed is not None else secrets.randbits(63))
+        results: list[Finished] = []
+        for i, constraint in enumerate(constraints):  # n choices, one after the other
+            if handle.cancelled:
+                results.append(Finished("cancelled", "", [], replace(usage, completion_tokens=0), index=i))
+                continue
+            results.append(self._choice(sp, i, batch, usage if i == 0 else replace(usage), handle, constraint))
+        return results[0] if len(results) == 1 else merge(results)
+
+    def _choice(self, sp, index: int, batch: dict, usage: Usage, handle: RequestHandle, constraint) -> Finished:
+        """One answer (choice `index`, seeded with `sp.choice_seed(index)`) by `generate`."""
+        seed = sp.choice_seed(index)
+        gen = torch.Generator(self.device).manual_seed(seed if seed is not None else secrets.randbits(63))
         stream = TextStream(self.tokenizer, sp.stop)
+        pieces = self.pieces if sp.logprobs else None
         reason = "length"
+        pending: list[int] = []
+        pending_lp: list = []
+        answer_lp: list = []
+        step_lp: list = [None]
+
+        def on_logprobs(lps: list) -> None:
+            step_lp[0] = lps[0]
 
         def on_token(t: torch.Tensor) -> None:
-            nonlocal reason
+            nonlocal reason, pending, pending_lp
             tok = int(t[0])
             if usage.completion_tokens == 0:
                 handle.first_token()
@@ -169,9 +193,15 @@ class SerialEngine:
             if tok in self.eos:
                 reason = "stop"
                 raise _Stop
+            pending.append(tok)
+            if pieces is not None and step_lp[0] is not None:
+                entry = pieces.logprob(step_lp[0])
+                answer_lp.append(entry)
+                pending_lp.append(entry)
             text = stream.push(tok)
             if text:
-                handle.emit(Delta(text, [tok]))
+                handle.emit(Delta(text, pending, index, pending_lp if pieces is not None else None))
+                pending, pending_lp = [], []
             if stream.stopped:
                 reason = "stop"
                 raise _Stop
@@ -185,18 +215,19 @@ class SerialEngine:
                 batch,
                 sp.max_tokens,
                 sorted(self.eos),
-                sp.temperature,
-                sp.top_p,
-                self.tokenizer.structural_ids,
+                suppress_ids=self.tokenizer.structural_ids,
                 generator=gen,
                 on_token=on_token,
                 prune=self.prune,
+                sampler=sp.sampler(),
+                constraints=None if constraint is None else [constraint],
+                on_logprobs=on_logprobs,
             )
         except _Stop:
             pass
         tail = stream.flush() if reason != "cancelled" else ""
         if tail:
-            handle.emit(Delta(tail, []))
+            handle.emit(Delta(tail, pending, index, pending_lp if pieces is not None else None))
         text = stream.sent
         ids = [t for t in stream.ids if t not in self.eos]
-        return Finished(reason, text, ids, usage)
+        return Finished(reason, text, ids, usage, index=index, logprobs=answer_lp if pieces is not None else None)

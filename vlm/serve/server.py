@@ -36,8 +36,10 @@ from vlm.serve.media_urls import MediaPolicy
 from vlm.serve.openai_protocol import (
     chunk_body,
     completion_body,
+    delta_chunks,
     error_body,
     error_from,
+    finish_chunks,
     parse_chat_request,
 )
 
@@ -166,14 +168,16 @@ def create_app(engine, options: ServerOptions | None = None) -> FastAPI:
                     return
                 ev = item[1]
                 if isinstance(ev, Delta) and ev.text:
-                    yield _sse(chunk_body(rid, model, created, {"content": ev.text}))
+                    for chunk in delta_chunks(rid, model, created, ev):  # the choice's index, logprobs
+                        yield _sse(chunk)
                 elif isinstance(ev, Finished):
                     done = True
                     if ev.finish_reason == "error":
                         err = ev.error or RequestError("the request failed", 500, None, "internal_error")
                         yield _sse(error_from(err))
                     else:
-                        yield _sse(chunk_body(rid, model, created, {}, ev.finish_reason))
+                        for chunk in finish_chunks(rid, model, created, ev):  # one per choice
+                            yield _sse(chunk)
                         if include_usage:
                             yield _sse(chunk_body(rid, model, created, None, usage=ev.usage))
                     yield "data: [DONE]\n\n"
