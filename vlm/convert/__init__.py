@@ -1,6 +1,6 @@
 """Converters from common data formats to `vlm` shards (see ``data/README.md``).
 
-Three converters share one machinery:
+Four converters share one machinery:
 
 ``convert_llava``
     LLaVA / ShareGPT conversation JSON + an image folder -> chat samples.
@@ -10,6 +10,10 @@ Three converters share one machinery:
 ``convert_interleaved``
     JSONL documents of text and images (OBELICS parallel lists, ``items`` lists, or MMC4
     ``text_list`` + ``image_info``) -> ``document`` samples.
+``convert_parquet``
+    Parquet files / Arrow ``datasets.save_to_disk`` folders with conversations (ShareGPT
+    ``conversations``, ``messages``, The Cauldron ``texts``) and images (bytes or paths) -> chat
+    samples. Needs pyarrow (the ``parquet`` extra), imported only when it runs.
 
 Machinery (all converters):
 
@@ -46,13 +50,15 @@ expected structure), ``path_escape``, ``url_not_allowed``, ``bad_path``, ``media
 ``image_marker_mismatch``, ``bad_roles``, ``empty_turn``, ``empty_caption``, ``no_text``,
 ``bad_text`` (text that cannot be encoded as UTF-8, e.g. a lone surrogate), ``internal_error`` (an
 unexpected exception while building one record: counted with its message, the run goes on).
-When a record fails several checks, the first one that fails is counted.
+Parquet rows add ``wrong_column_type``, ``empty_conversation`` and ``missing_image``
+(``parquet.SKIP_REASONS``). When a record fails several checks, the first one that fails is counted.
 
 Files: ``common.py`` (errors, the builder registry, report helpers), ``records.py`` (streaming
 JSON readers), ``images.py`` (path confinement, validated image bytes), ``llava.py``,
-``captions.py``, ``interleaved.py`` (one source format each: record builder + public function),
-``shards.py`` (one chunk -> one shard + report), ``pipeline.py`` (``convert()``: chunks, pool,
-resume, ``dataset.json``), ``cli.py`` (helpers of the ``data/convert_*.py`` scripts).
+``captions.py``, ``interleaved.py``, ``parquet.py`` (one source format each: record builder +
+public function), ``shards.py`` (one chunk -> one shard + report), ``pipeline.py``
+(``convert()``: chunks, pool, resume, ``dataset.json``), ``cli.py`` (helpers of the
+``data/convert_*.py`` scripts).
 """
 
 from __future__ import annotations
@@ -63,6 +69,7 @@ from vlm.convert.common import BUILDERS, BadRecord, ConvertError, Skip
 from vlm.convert.images import resolve_image_path
 from vlm.convert.interleaved import convert_interleaved
 from vlm.convert.llava import convert_llava
+from vlm.convert.parquet import convert_parquet
 from vlm.convert.pipeline import convert, format_report
 from vlm.convert.records import iter_json_array, iter_records
 
@@ -78,6 +85,7 @@ __all__ = [
     "convert_captions",
     "convert_interleaved",
     "convert_llava",
+    "convert_parquet",
     "format_report",
     "iter_caption_records",
     "iter_json_array",

@@ -64,12 +64,20 @@ def read_image(image_root: str, rel: Any, opts: dict, key: str) -> tuple[bytes, 
         raise Skip("media_missing", f"no such file: {rel}") from None
     except OSError as e:
         raise Skip("media_unreadable", f"{rel}: {e.strerror or e}") from None
+    return check_image_bytes(data, str(rel), opts, key)
+
+
+def check_image_bytes(data: bytes, what: str, opts: dict, key: str) -> tuple[bytes, str]:
+    """``data`` fully decoded within the limits of ``opts`` (``media_*`` :class:`Skip` otherwise),
+    returned with the extension of the format that decoded; ``what`` names the image in messages."""
+    if len(data) > opts["max_image_bytes"]:
+        raise Skip("media_too_large", f"{what}: {len(data)} bytes > max_image_bytes={opts['max_image_bytes']}")
     try:
         decode_image(data, max_pixels=opts["max_pixels"], key=key)
     except MediaError as e:
-        raise Skip(f"media_{e.reason}", f"{rel}: {e.message}") from None
+        raise Skip(f"media_{e.reason}", f"{what}: {e.message}") from None
     with Image.open(io.BytesIO(data)) as im:  # header only: the format that decoded
         ext = _FORMAT_EXT.get(im.format or "", "")
     if not ext:  # pragma: no cover - decode_image only accepts the formats above
-        raise Skip("media_unidentified", f"{rel}: format {im.format}")
+        raise Skip("media_unidentified", f"{what}: format {im.format}")
     return data, ext
