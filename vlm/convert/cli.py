@@ -1,4 +1,4 @@
-"""Command-line helpers shared by the ``data/convert_*.py`` scripts: the common options, their
+"""Command-line helpers shared by the converters (``python -m vlm.cli.convert_*``): the common options, their
 keyword arguments, and the exit status of a run."""
 
 from __future__ import annotations
