@@ -27,10 +27,20 @@ log = logging.getLogger("vlm.checkpoint.export")
 __all__ = ["export", "is_sharded_checkpoint"]
 
 
-def export(ckpt: str | Path, out: str | Path, fmt: str = "vlm") -> Path:
+def export(ckpt: str | Path, out: str | Path, fmt: str = "vlm", merge_adapters: bool = True) -> Path:
     """Write checkpoint `ckpt` (export folder, `.ckpt` or sharded directory: `load_checkpoint`)
-    as an export folder (`fmt="vlm"`) or a Hugging Face layout (`hf_qwen2vl`, `hf_llava`)."""
+    as an export folder (`fmt="vlm"`) or a Hugging Face layout (`hf_qwen2vl`, `hf_llava`), or its
+    adapters alone (`peft_adapter`: `vlm.checkpoint.adapters`). A model with adapters is written
+    with them folded into its weights (`merge_adapters`), or as the base without them."""
     loaded = load_checkpoint(ckpt)
+    if fmt == "peft_adapter":
+        from vlm.checkpoint.adapters import export_adapter
+
+        return export_adapter(loaded, out)
+    if loaded.model.lora is not None:
+        from vlm.checkpoint.adapters import without_adapters
+
+        loaded = without_adapters(loaded, merge=merge_adapters)
     if fmt != "vlm":
         from vlm.checkpoint.hf_export import export_hf
 

@@ -3,7 +3,9 @@
 `ckpt` is a sharded (DCP) checkpoint directory written by `trainer=fsdp`, a Lightning `.ckpt` file
 or an export folder; `format=vlm` (default) writes an export folder (`config.yaml` +
 `model.safetensors` + `tokenizer.json`, what `infer.py` loads), `hf_qwen2vl` / `hf_llava` a Hugging
-Face layout when the model's architecture is that family's. The checkpoint is untrusted: see
+Face layout when the model's architecture is that family's; a model with adapters (`model.lora`) is
+written merged (`merge_adapters=true`, default) or as its base (`false`), and `peft_adapter` writes
+the adapters alone (peft's folder, docs/adapters.md). The checkpoint is untrusted: see
 `vlm.checkpoint.export` and `vlm.checkpoint.load`. Config: conf/export.yaml.
 """
 
@@ -16,7 +18,7 @@ from omegaconf import DictConfig
 
 from vlm.cli.app import CONF_PATH, Tool
 
-USAGE = "python -m vlm.cli.export ckpt=CHECKPOINT out=EXPORT_DIR [format=vlm|hf_qwen2vl|hf_llava]"
+USAGE = "python -m vlm.cli.export ckpt=CHECKPOINT out=EXPORT_DIR [format=vlm|hf_qwen2vl|hf_llava|peft_adapter] [merge_adapters=true|false]"
 TOOL = Tool("export", __doc__, text=("ckpt", "out", "format"))
 
 
@@ -26,7 +28,7 @@ def run(cfg: DictConfig) -> int:
     from vlm.errors import CheckpointError
 
     try:
-        out = export(cfg.ckpt, cfg.out, cfg.format)
+        out = export(cfg.ckpt, cfg.out, cfg.format, bool(cfg.get("merge_adapters", True)))
     except (CheckpointError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -29,6 +29,7 @@ in the training dtype on this process's threads.
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 
@@ -325,7 +326,13 @@ class ExportCallback(L.Callback):
                 model = build_model(pl_module.hparams["model"], pl_module.tokenizer)
                 model.load_state_dict(state, strict=False)
         if trainer.is_global_zero:
-            out = export_folder(model, pl_module.tokenizer, dict(pl_module.hparams), self.out_dir)
+            config = dict(pl_module.hparams)
+            if getattr(model, "lora", None) is not None:  # adapters folded into the exported weights
+                from vlm.model.lora import merge_lora
+
+                model = merge_lora(copy.deepcopy(model) if model is pl_module.model else model)
+                config["model"] = model.spec.to_dict()
+            out = export_folder(model, pl_module.tokenizer, config, self.out_dir)
             log.info("exported model to %s", out)
             print(f"exported model to {out}")
         if trainer.world_size > 1:
