@@ -204,8 +204,10 @@ BAD = {
     "data URL not an image": (_with_image("data:text/plain;base64,aGVsbG8="), 400, "invalid_image_url", None),
     "image bytes not an image": (_with_image("data:image/png;base64,aGVsbG8="), 400, "invalid_image", None),
     "remote URL": (_with_image("https://example.com/cat.png"), 400, "invalid_image_url", None),
-    "missing file": (_with_image("nope.png"), 400, "file_missing", None),
-    "file outside the media root": (_with_image("/etc/hostname"), 403, "invalid_image_url", None),
+    # every refused path answers alike: nothing tells which paths exist
+    "missing file": (_with_image("nope.png"), 400, "media_path_refused", None),
+    "file outside the media root": (_with_image("/etc/hostname"), 400, "media_path_refused", None),
+    "missing file outside the media root": (_with_image("/nonexistent/x.png"), 400, "media_path_refused", None),
     "too many images": (
         {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": DATA_URL}}] * 3}]},
         400,

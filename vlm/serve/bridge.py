@@ -3,17 +3,20 @@
 `RequestHandle` blocks (thread queues): one small thread per request waits on it and hands each
 event to the loop. The loop side waits with a timeout, so a client that went away is noticed
 within `poll` seconds even while the engine is still busy with other requests, and the request
-is cancelled at once (its slot and cache pins are freed at the engine's next step).
+is cancelled at once (its slot and cache pins are freed at the engine's next step). A caller that
+must act at a given time (a deadline, a keep-alive comment) passes `until` and gets `TICK` then.
 """
 
 from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 from vlm.serve.handle import RequestHandle
 
 ADMITTED, EVENT, ERROR = "admitted", "event", "error"
+TICK = ("tick", None)  # `until` came before the next event
 
 
 class EventPump:
@@ -38,13 +41,21 @@ class EventPump:
         for ev in self.handle:
             self._put((EVENT, ev))
 
-    async def next(self, request, poll: float = 0.5):
+    async def next(self, request, poll: float = 0.5, until: float | None = None):
         """(kind, value): (ADMITTED, Usage), (EVENT, Delta | Finished) or (ERROR, RequestError).
-        None when the client disconnected while waiting; the request is then cancelled."""
+        None when the client disconnected while waiting; the request is then cancelled. `TICK`
+        when `until` (a `time.monotonic()` value) passes with no event."""
         while True:
             try:
-                return await asyncio.wait_for(self._queue.get(), poll)
+                return self._queue.get_nowait()
+            except asyncio.QueueEmpty:
+                pass
+            wait = poll if until is None else max(0.001, min(poll, until - time.monotonic()))
+            try:
+                return await asyncio.wait_for(self._queue.get(), wait)
             except asyncio.TimeoutError:
                 if await request.is_disconnected():
                     self.handle.cancel()
                     return None
+                if until is not None and time.monotonic() >= until:
+                    return TICK

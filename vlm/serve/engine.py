@@ -19,6 +19,13 @@ drain, and a long prompt costs the running rows one chunk of latency per step, n
 prefill. Rows keep their own (M-)RoPE next position, so images of any size, several images and
 videos decode together.
 
+Failures stay with their request: an exception while building one request's prompt, copying its
+cached prefix in, encoding its images, prefilling it or handling its token ends that request alone
+(an `error` finish, its slot and pins freed) and the step goes on for the others; when a batched
+decode step fails, each row is retried alone and only those that fail again end. If the engine
+thread itself dies, `alive` turns False, every waiting and running request ends with a 503 error
+and `submit` refuses new ones.
+
 The engine thread owns the model; the pool never touches it. The model is cast in place to the
 engine's dtype and device (the engine owns it from then on).
 
@@ -110,6 +117,7 @@ class Engine:
         self._ids = itertools.count()
         self._thread: threading.Thread | None = None
         self._closing = False
+        self._dead = False  # the engine thread died: nothing runs any more
         self.counters = dict(steps=0, prefill_tokens=0, generated_tokens=0, finished=0, cancelled=0, errors=0)
 
     # ---- lifecycle -------------------------------------------------------------------------------
@@ -139,6 +147,16 @@ class Engine:
         for h in never_built:
             h.finish(Finished("cancelled", "", [], Usage()))
 
+    @property
+    def alive(self) -> bool:
+        """The engine thread is running and takes work."""
+        return self._thread is not None and self._thread.is_alive() and not self._dead
+
+    def full(self) -> bool:
+        """`submit` would raise `Overloaded` now (a server checks before reading a request body)."""
+        with self._lock:
+            return self._waiting >= self.config.max_queue
+
     def __enter__(self) -> Engine:
         return self.start()
 
@@ -151,8 +169,8 @@ class Engine:
         rid = request.request_id or f"req-{next(self._ids)}"
         handle = RequestHandle(rid)
         with self._lock:
-            if self._closing:
-                raise Overloaded("the engine is shutting down")
+            if self._closing or self._dead:
+                raise Overloaded("the engine is shutting down" if self._closing else "the engine has stopped")
             if self._waiting >= self.config.max_queue:
                 raise Overloaded(f"the engine's queue is full ({self.config.max_queue} requests waiting)")
             self._waiting += 1
@@ -181,9 +199,13 @@ class Engine:
             return
         handle.admit(usage)
         with self._lock:
-            self._ready.extend([row, *row.followers])  # n > 1: one queue entry per choice
-            self._waiting += len(row.followers)
-            self._lock.notify_all()
+            if not self._dead:
+                self._ready.extend([row, *row.followers])  # n > 1: one queue entry per choice
+                self._waiting += len(row.followers)
+                self._lock.notify_all()
+                return
+        self._release_prefix(row)
+        self._fail(handle, _stopped())
 
     def _make_rows(self, request: ChatRequest, handle: RequestHandle, prompt, usage: Usage, entry, cached: int) -> Row:
         """The request's first row; with n > 1 choices it carries the others (`followers`), which
@@ -244,24 +266,62 @@ class Engine:
 
     def _fail(self, handle: RequestHandle, error: RequestError) -> None:
         with self._lock:
-            self._waiting -= 1
+            self._waiting = max(0, self._waiting - 1)
             self.counters["errors"] += 1
         handle.finish(Finished("error", "", [], Usage(), error=error))
 
     # ---- the engine thread ------------------------------------------------------------------------
     def _loop(self) -> None:
-        while True:
-            with self._lock:
-                while not self._closing and not (self._ready or self.prefilling or self.decoding):
-                    self._lock.wait()
-                if self._closing:
-                    return
-            try:
-                self.step()
-            except Exception:  # noqa: BLE001 - fail the running rows, keep serving the next ones
-                log.exception("engine step failed")
-                for r in [*self.prefilling, *self.decoding]:
-                    self._end(r, "error", RequestError("internal error in the engine", status=500))
+        try:
+            while True:
+                with self._lock:
+                    while not self._closing and not (self._ready or self.prefilling or self.decoding):
+                        self._lock.wait()
+                    if self._closing:
+                        return
+                try:
+                    self.step()
+                except Exception as e:  # noqa: BLE001 - not tied to one row: fail the running ones, go on
+                    log.exception("engine step failed")
+                    for r in [*self.prefilling, *self.decoding]:
+                        self._end_safely(r, _internal(e))
+        except BaseException:  # noqa: BLE001 - the thread is dying: nobody may wait on it forever
+            log.critical("the engine thread died", exc_info=True)
+            self._die()
+
+    def _die(self) -> None:
+        """The engine thread is gone: end every request it held or would have run (503)."""
+        with self._lock:
+            self._dead = True
+            rows = [*self._ready, *self.prefilling, *self.decoding]
+            self._ready.clear()
+            self.prefilling, self.decoding = [], []
+            self._waiting = len(self._preprocessing)  # those still end through `_preprocess`
+        for r in rows:
+            if not r.done:
+                r.done = True
+                r.handle.finish(Finished("error", r.stream.sent, list(r.out), r.usage, error=_stopped()))
+
+    def _release_prefix(self, row: Row) -> None:
+        if row.prefix is not None and self.prefix_cache is not None:
+            self.prefix_cache.release(row.prefix)
+        row.prefix = None
+
+    def _end_safely(self, row: Row, error: RequestError) -> None:
+        """End `row` with `error`; if even that fails, still answer its client and free its slot."""
+        try:
+            self._end(row, "error", error)
+        except Exception:  # noqa: BLE001
+            log.exception("ending %s failed", row.handle.request_id)
+            for rows in (self.prefilling, self.decoding):
+                if row in rows:
+                    rows.remove(row)
+            if row.slot >= 0:
+                self.slots.release(row.slot)
+                row.slot = -1
+            if not row.done:
+                row.done = True
+                row.handle.finish(Finished("error", "", list(row.out), row.usage, error=error))
 
     @torch.no_grad()
     def step(self) -> None:
@@ -301,10 +361,14 @@ class Engine:
             for f in mates:  # a slot now, the prompt's KV when row's prefill ends (`_share_prefill`)
                 f.slot = self.slots.take_top()
                 self.prefilling.append(f)
-            if row.prefix is not None:
-                self.slots.write(row.slot, row.prefix.k[:, :, : row.cached], row.prefix.v[:, :, : row.cached])
-                self.prefix_cache.release(row.prefix)
-                row.prefix = None
+            try:
+                if row.prefix is not None:
+                    self.slots.write(row.slot, row.prefix.k[:, :, : row.cached], row.prefix.v[:, :, : row.cached])
+                    self._release_prefix(row)
+            except Exception as e:  # noqa: BLE001 - this request ends; its slot goes back
+                log.exception("admitting %s failed", row.handle.request_id)
+                self._end_safely(row, _internal(e))
+                continue
             row.length = row.cached
             self.prefilling.append(row)
 
@@ -313,40 +377,48 @@ class Engine:
         for row in list(self.prefilling):
             if budget <= 0:
                 break
-            if row.leader is not None:
-                if not row.leader.done:
-                    continue  # another choice prefills this prompt; `_share_prefill` copies its KV here
-                row.leader = None  # that one ended before its prefill did: prefill alone
-            if row.inputs is None:
-                try:
-                    row.inputs = row_inputs(self.model, row.prompt, self.embed_cache, self.device, self.prune)
-                except RequestError as e:
-                    self._end(row, "error", e)
-                    continue
-                pos = row.inputs.position_ids
-                row.next_pos = int((pos.amax(0) if pos.dim() == 2 else pos).max()) + 1
-                if row.inputs.cross is not None:
-                    row.inputs.cross["markers"] += int(self.model.is_media(row.inputs.input_ids[: row.length]).sum())
-            start = row.length
-            end = chunk_end(row.inputs.input_ids, self.model, start, budget, self.bidir)
-            inp = row.inputs
-            ids = inp.input_ids[start:end][None]
-            pos = inp.position_ids[..., start:end]
-            pos = pos[:, None] if pos.dim() == 2 else pos[None]
-            cache = RowCache(self.slots, row.slot, start, inp.cross)
-            hidden = self.model(ids, pos, cache=cache, inputs_embeds=inp.embeds[start:end][None])
-            row.length = end
-            budget -= end - start
-            self.counters["prefill_tokens"] += end - start
-            if end == row.prompt_len:
-                logits = self.model.logits(hidden[:, -1]).float()
-                self._share_prefill(row, logits)
-                reason = self._sample_and_push(row, logits)
-                if reason is not None:
-                    self._end(row, reason)
-                else:
-                    self.prefilling.remove(row)
-                    self._place_decoding(row)
+            try:
+                budget -= self._prefill_row(row, budget)
+            except Exception as e:  # noqa: BLE001 - e.g. out of memory in the vision encoder: this row only
+                log.exception("prefilling %s failed", row.handle.request_id)
+                self._end_safely(row, _internal(e))
+
+    def _prefill_row(self, row: Row, budget: int) -> int:
+        """One prefill chunk of `row` (its inputs made first); the prompt tokens it took."""
+        if row.leader is not None:
+            if not row.leader.done:
+                return 0  # another choice prefills this prompt; `_share_prefill` copies its KV here
+            row.leader = None  # that one ended before its prefill did: prefill alone
+        if row.inputs is None:
+            try:
+                row.inputs = row_inputs(self.model, row.prompt, self.embed_cache, self.device, self.prune)
+            except RequestError as e:
+                self._end(row, "error", e)
+                return 0
+            pos = row.inputs.position_ids
+            row.next_pos = int((pos.amax(0) if pos.dim() == 2 else pos).max()) + 1
+            if row.inputs.cross is not None:
+                row.inputs.cross["markers"] += int(self.model.is_media(row.inputs.input_ids[: row.length]).sum())
+        start = row.length
+        end = chunk_end(row.inputs.input_ids, self.model, start, budget, self.bidir)
+        inp = row.inputs
+        ids = inp.input_ids[start:end][None]
+        pos = inp.position_ids[..., start:end]
+        pos = pos[:, None] if pos.dim() == 2 else pos[None]
+        cache = RowCache(self.slots, row.slot, start, inp.cross)
+        hidden = self.model(ids, pos, cache=cache, inputs_embeds=inp.embeds[start:end][None])
+        row.length = end
+        self.counters["prefill_tokens"] += end - start
+        if end == row.prompt_len:
+            logits = self.model.logits(hidden[:, -1]).float()
+            self._share_prefill(row, logits)
+            reason = self._sample_and_push(row, logits)
+            if reason is not None:
+                self._end(row, reason)
+            else:
+                self.prefilling.remove(row)
+                self._place_decoding(row)
+        return end - start
 
     def _place_decoding(self, row: Row) -> None:
         """Move a row whose prefill ended into slot `len(decoding)` (the decode batch is a view)."""
@@ -368,15 +440,7 @@ class Engine:
         if not rows:
             return
         n = len(rows)
-        dev = self.device
-        tokens = torch.tensor([[r.last] for r in rows], device=dev)
-        lengths = torch.tensor([r.length for r in rows], device=dev)
-        pos = torch.tensor([[r.next_pos] for r in rows], device=dev)
-        if self.model.decoder.rope == "mrope":
-            pos = pos[None].expand(3, n, 1)
-        cache = DecodeCache(self.slots, lengths, self._decode_cross())
-        hidden = self.model(tokens, pos, cache.key_valid(), cache=cache)
-        logits = self.model.logits(hidden[:, -1]).float()
+        logits, failed = self._decode_logits(rows)
         for r in rows:
             r.length += 1
             r.next_pos += 1
@@ -384,14 +448,61 @@ class Engine:
         greedy = logits.masked_fill(self._suppress_mask(logits), float("-inf")).argmax(-1).tolist()
         finished = []
         for b, r in enumerate(list(rows)):
-            if r.plain_greedy:
-                reason = r.push(greedy[b], self.eos)
-            else:
-                reason = self._sample_and_push(r, logits[b : b + 1])
+            if r in failed:
+                continue
+            try:
+                if r.plain_greedy:
+                    reason = r.push(greedy[b], self.eos)
+                else:
+                    reason = self._sample_and_push(r, logits[b : b + 1])
+            except Exception as e:  # noqa: BLE001 - this row's token handling failed: this row ends
+                log.exception("decoding %s failed", r.handle.request_id)
+                failed[r] = _internal(e)
+                continue
             if reason is not None:
                 finished.append(r)
         for r in finished:
             self._end(r, r.reason)
+        for r, error in failed.items():
+            self._end_safely(r, error)
+
+    def _decode_logits(self, rows: list[Row]) -> tuple[torch.Tensor, dict[Row, RequestError]]:
+        """One decode step's logits `[n, V]` for the decoding rows. If the batched step fails, each
+        row is run alone (a one-token chunk over its own slot): those that fail again are returned
+        with their error (their logits row is zeros), the others go on as if nothing happened."""
+        n, dev = len(rows), self.device
+        try:
+            tokens = torch.tensor([[r.last] for r in rows], device=dev)
+            lengths = torch.tensor([r.length for r in rows], device=dev)
+            pos = torch.tensor([[r.next_pos] for r in rows], device=dev)
+            if self.model.decoder.rope == "mrope":
+                pos = pos[None].expand(3, n, 1)
+            cache = DecodeCache(self.slots, lengths, self._decode_cross())
+            hidden = self.model(tokens, pos, cache.key_valid(), cache=cache)
+            return self.model.logits(hidden[:, -1]).float(), {}
+        except Exception:  # noqa: BLE001
+            log.exception("the decode step over %d rows failed: running each alone", n)
+        out, failed = [], {}
+        for r in rows:
+            try:
+                out.append(self._decode_one(r))
+            except Exception as e:  # noqa: BLE001
+                log.exception("decoding %s failed", r.handle.request_id)
+                failed[r] = _internal(e)
+                out.append(None)
+        width = next((x.shape[-1] for x in out if x is not None), 1)
+        zeros = torch.zeros(1, width, device=dev)
+        return torch.cat([zeros if x is None else x for x in out]), failed
+
+    def _decode_one(self, r: Row) -> torch.Tensor:
+        """`r`'s next-token logits `[1, V]` from a step over its slot alone."""
+        tokens = torch.tensor([[r.last]], device=self.device)
+        pos = torch.tensor([[r.next_pos]], device=self.device)
+        if self.model.decoder.rope == "mrope":
+            pos = pos[None].expand(3, 1, 1)
+        cache = RowCache(self.slots, r.slot, r.length, r.inputs.cross)
+        hidden = self.model(tokens, pos, cache=cache)
+        return self.model.logits(hidden[:, -1]).float()
 
     def _suppress_mask(self, logits: torch.Tensor) -> torch.Tensor:
         m = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
@@ -449,6 +560,8 @@ class Engine:
                 self.decoding[i] = last
             self.decoding.pop()
             self.slots.release(len(self.decoding))
+        elif row.slot >= 0:  # taken at admission, never placed
+            self.slots.release(row.slot)
         row.slot = -1
 
     def stats(self) -> dict:
@@ -457,6 +570,7 @@ class Engine:
             ready = len(self._ready)
         return {
             **self.counters,
+            "alive": self.alive,
             "queue_depth": queue,
             "ready": ready,
             "running": len(self.decoding),
@@ -468,3 +582,12 @@ class Engine:
             "embed_cache": self.embed_cache.stats() if self.embed_cache else None,
             "prefix_cache": self.prefix_cache.stats() if self.prefix_cache else None,
         }
+
+
+def _internal(e: BaseException) -> RequestError:
+    """What the client of a request that failed inside the engine is told (details go to the log)."""
+    return RequestError(f"internal error in the engine: {type(e).__name__}", status=500, code="internal_error")
+
+
+def _stopped() -> RequestError:
+    return RequestError("the engine has stopped; the server cannot answer", status=503, code="engine_stopped")

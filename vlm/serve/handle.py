@@ -20,23 +20,63 @@ class TextStream:
     """Token ids -> answer text, released in whole UTF-8 characters and cut at the first stop string.
 
     Text that could still become a stop string is held back until it cannot (so a stop string
-    never reaches the client, even split over several tokens)."""
+    never reaches the client, even split over several tokens). Each token costs work in the new
+    text only: the tokens since the last release are decoded (not the whole answer), and only the
+    held-back tail plus the new text is searched for stop strings, so a long answer or a stop list
+    at the caps (`vlm.serve.openai_protocol.MAX_STOP` strings of `MAX_STOP_CHARS`) does not slow
+    down the engine step every other request shares."""
 
     def __init__(self, tokenizer, stop: list[str] | tuple[str, ...] = ()):
         self.tok = tokenizer
-        self.stop = [s for s in stop if s]
+        self.stop = list(dict.fromkeys(s for s in stop if s))
         self.ids: list[int] = []
-        self.sent = ""  # text already released
         self.stopped = False
+        self._start = 0  # ids[_start:_read] produced `_window_text`, the context of the next decode
+        self._read = 0
+        self._window_text = ""
+        self._held = ""  # decoded, not released: it may be the start of a stop string
+        self._parts: list[str] = []  # released text
+
+    @property
+    def sent(self) -> str:
+        """The text released so far."""
+        if len(self._parts) > 1:
+            self._parts = ["".join(self._parts)]
+        return self._parts[0] if self._parts else ""
+
+    def _release(self, text: str) -> str:
+        if text:
+            self._parts.append(text)
+        return text
+
+    def _new_text(self, final: bool = False) -> str | None:
+        """Text of the tokens since the last call that returned some (None: an incomplete UTF-8
+        character at the end, wait for the rest)."""
+        text = self.tok.decode(self.ids[self._start :])
+        if text.endswith("\ufffd"):
+            if not final:
+                return None
+            text = text.removesuffix("\ufffd")
+        if len(text) <= len(self._window_text):
+            return ""
+        new = text[len(self._window_text) :]
+        self._start, self._read = self._read, len(self.ids)
+        self._window_text = self.tok.decode(self.ids[self._start :])  # decoded alone, as the next call will
+        return new
 
     def _holdback(self, text: str) -> int:
         """How many trailing characters of `text` may be the start of a stop string."""
         keep = 0
         for s in self.stop:
-            for k in range(min(len(s) - 1, len(text)), 0, -1):
-                if text.endswith(s[:k]):
-                    keep = max(keep, k)
+            i = max(0, len(text) - len(s) + 1)
+            while True:
+                i = text.find(s[0], i)
+                if i < 0 or len(text) - i <= keep:
                     break
+                if s.startswith(text[i:]):
+                    keep = len(text) - i
+                    break
+                i += 1
         return keep
 
     def push(self, token_id: int) -> str:
@@ -44,28 +84,26 @@ class TextStream:
         if self.stopped:
             return ""
         self.ids.append(int(token_id))
-        text = self.tok.decode(self.ids)
-        if text.endswith("\ufffd"):  # an incomplete UTF-8 character: wait for the rest
+        new = self._new_text()
+        if not new:
             return ""
-        for s in self.stop:
-            at = text.find(s, max(0, len(self.sent) - len(s)))
-            if at >= 0:
-                self.stopped = True
-                out, self.sent = text[len(self.sent) : at], text[:at]
-                return out
+        text = self._held + new
+        cut = min((at for at in (text.find(s) for s in self.stop) if at >= 0), default=-1)
+        if cut >= 0:
+            self.stopped = True
+            self._held = ""
+            return self._release(text[:cut])
         end = len(text) - self._holdback(text)
-        if end <= len(self.sent):
-            return ""
-        out, self.sent = text[len(self.sent) : end], text[:end]
-        return out
+        self._held = text[end:]
+        return self._release(text[:end])
 
     def flush(self) -> str:
         """At the end of a request: the held-back text (no stop string completed)."""
         if self.stopped:
             return ""
-        text = self.tok.decode(self.ids).removesuffix("\ufffd")
-        out, self.sent = text[len(self.sent) :], text
-        return out
+        text = self._held + (self._new_text(final=True) or "")
+        self._held = ""
+        return self._release(text)
 
 
 _ADMITTED, _EVENT = "admitted", "event"

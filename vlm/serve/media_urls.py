@@ -4,7 +4,12 @@ The server never fetches a remote URL: it would make every client able to send t
 address it can reach (and wait on it). A client that has an image at a URL downloads it and sends
 it inline. Local paths are for clients on the same machine (the terminal chat, the batch runner, a
 local script); `MediaPolicy.local_media=False` refuses them and `media_root` confines them to one
-folder (symlinks resolved first, so a link cannot lead outside it).
+folder (symlinks resolved first, so a link cannot lead outside it). The HTTP server reads local
+files only when it has a `media_root`.
+
+Under a `media_root`, every refused path gets the same answer (`PATH_REFUSED`: one status, code
+and message): outside the folder, missing, a directory, unreadable; so does any path when local
+files are off. A client learns nothing about which paths exist beyond what it may read.
 
 Images are checked here from their header alone (a real image, within the pixel cap) so that a
 bad one is refused before it takes a place in the engine's queue; the engine decodes it fully.
@@ -26,6 +31,8 @@ from vlm.serve.api import RequestError
 
 _SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*):")
 _DATA_URL = re.compile(r"^data:([^,;]*)((?:;[^,;]*)*),(.*)$", re.DOTALL)
+PATH_REFUSED = "media_path_refused"  # the one code of every refused local path
+_HIDDEN_REASONS = ("missing", "unreadable", "not_a_file")  # read errors that would tell what exists
 
 
 @dataclass
@@ -39,7 +46,7 @@ class MediaPolicy:
     max_videos: int = 1
     max_image_pixels: int = 16_777_216  # 4096 x 4096
     max_file_bytes: int = 64 * 2**20
-    local_media: bool = True
+    local_media: bool = True  # the HTTP server sets it only with a media_root (`server.options_from`)
     media_root: str | None = None
     base_dir: str | None = None
 
@@ -66,18 +73,31 @@ def _from_data_url(url: str, kind: str, where: str) -> bytes:
     return data
 
 
-def _local_path(url: str, where: str, policy: MediaPolicy) -> Path:
+def _path_refused(where: str, kind: str) -> RequestError:
+    return _refuse(
+        f"{where}: this server does not read that path (local files are read only from its media folder, "
+        f"when it has one); send the {kind} inline as a data URL (data:{kind}/...;base64,...)",
+        where,
+        PATH_REFUSED,
+    )
+
+
+def _local_path(url: str, where: str, kind: str, policy: MediaPolicy) -> Path:
     if not policy.local_media:
-        raise _refuse(f"{where}: this server does not read local files; send the {url!r} inline as a data URL", where)
+        raise _path_refused(where, kind)
     text = url[len("file://") :] if url.startswith("file://") else url
-    root = Path(policy.media_root).expanduser().resolve() if policy.media_root else None
-    path = Path(text).expanduser()
-    if root is None and policy.base_dir and not path.is_absolute():
-        path = Path(policy.base_dir) / path
-    if root is not None:
-        path = (root / path).resolve()  # an absolute path stays absolute
+    if policy.media_root:
+        root = Path(policy.media_root).expanduser().resolve()
+        try:
+            path = (root / text).resolve()  # an absolute path stays absolute; symlinks are followed
+        except (OSError, RuntimeError, ValueError):  # a symlink loop, a NUL byte
+            raise _path_refused(where, kind) from None
         if not path.is_relative_to(root):
-            raise _refuse(f"{where}: {text} is outside the folder this server reads media from", where, status=403)
+            raise _path_refused(where, kind)
+        return path
+    path = Path(text).expanduser()
+    if policy.base_dir and not path.is_absolute():
+        path = Path(policy.base_dir) / path
     return path
 
 
@@ -98,11 +118,15 @@ def media_bytes(url, kind: str, where: str, policy: MediaPolicy) -> bytes:
         )
     if scheme not in (None, "file"):
         raise _refuse(f"{where}: unsupported URL scheme {scheme!r} (use a data: URL or a local path)", where)
-    path = _local_path(url, where, policy)
+    path = _local_path(url, where, kind, policy)
     try:
         return read_file(path, policy.max_file_bytes)
     except MediaError as e:
+        if policy.media_root and e.reason in _HIDDEN_REASONS:
+            raise _path_refused(where, kind) from None
         raise _refuse(f"{where}: {e.message or e}", where, f"file_{e.reason}") from None
+    except (OSError, ValueError):  # a name too long, a NUL byte
+        raise _path_refused(where, kind) from None
 
 
 def check_image(data: bytes, where: str, policy: MediaPolicy) -> None:

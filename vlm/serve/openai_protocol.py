@@ -34,6 +34,7 @@ from vlm.serve.media_urls import MediaPolicy, check_image, media_bytes
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 _MEDIA_PARTS = {"image_url": "image", "video_url": "video"}
 MAX_STOP = 16
+MAX_STOP_CHARS = 256  # per stop string: each one is matched against the answer's tail every token
 # field -> the values that mean "not used" (anything else is refused)
 _UNSUPPORTED = {
     "tools": (None, []),
@@ -137,6 +138,9 @@ def _stop(v) -> list[str]:
         v = [v]
     if not isinstance(v, list) or not all(isinstance(s, str) and s for s in v) or len(v) > MAX_STOP:
         raise _bad(f"stop must be a non-empty string or a list of at most {MAX_STOP} of them", "stop")
+    longest = max((len(s) for s in v), default=0)
+    if longest > MAX_STOP_CHARS:
+        raise _bad(f"a stop string is {longest} characters long; this server takes at most {MAX_STOP_CHARS}", "stop")
     return v
 
 

@@ -70,6 +70,7 @@ class SerialEngine:
         self._thread: threading.Thread | None = None
         self._closed = threading.Event()
         self._current: RequestHandle | None = None
+        self._dead = False  # the worker thread died
         self._counts = {"finished": 0, "cancelled": 0, "errors": 0}  # the continuous engine's names
 
     # ---- lifecycle -----------------------------------------------------------------------------
@@ -99,6 +100,15 @@ class SerialEngine:
             if item is not None:
                 item[1].finish(Finished("cancelled", "", [], Usage()))
 
+    @property
+    def alive(self) -> bool:
+        """The worker thread is running and takes work."""
+        return self._thread is not None and self._thread.is_alive() and not self._dead
+
+    def full(self) -> bool:
+        """`submit` would raise `Overloaded` now."""
+        return self._queue.full()
+
     def __enter__(self) -> SerialEngine:
         return self.start()
 
@@ -107,8 +117,8 @@ class SerialEngine:
 
     # ---- requests ------------------------------------------------------------------------------
     def submit(self, request: ChatRequest) -> RequestHandle:
-        if self._closed.is_set():
-            raise Overloaded("the engine is shut down")
+        if self._closed.is_set() or self._dead:
+            raise Overloaded("the engine is shut down" if self._closed.is_set() else "the engine has stopped")
         handle = RequestHandle(request.request_id or f"req-{next(self._ids)}")
         try:
             self._queue.put_nowait((request, handle))
@@ -119,6 +129,7 @@ class SerialEngine:
     def stats(self) -> dict:
         return {
             **self._counts,
+            "alive": self.alive,
             "queue_depth": self._queue.qsize(),
             "running": int(self._current is not None),
             "max_batch": 1,
@@ -127,6 +138,26 @@ class SerialEngine:
 
     # ---- the worker ----------------------------------------------------------------------------
     def _loop(self) -> None:
+        try:
+            self._serve()
+        except BaseException:  # noqa: BLE001 - the worker is dying: end what it held and what waits
+            log.critical("the serial engine's worker died", exc_info=True)
+            self._dead = True
+            stopped = RequestError(
+                "the engine has stopped; the server cannot answer", status=503, code="engine_stopped"
+            )
+            current, self._current = self._current, None
+            if current is not None and current.finished is None:
+                current.finish(Finished("error", "", [], Usage(), stopped))
+            while True:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is not None:
+                    item[1].finish(Finished("error", "", [], Usage(), stopped))
+
+    def _serve(self) -> None:
         while not self._closed.is_set():
             item = self._queue.get()
             if item is None:
