@@ -20,6 +20,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -240,22 +241,16 @@ def test_merged_export_and_base_plus_adapter_equal_the_adapted_model(tmp_path, l
     torch.testing.assert_close(_logits(base.model, batch), want, atol=1e-5, rtol=1e-5)
     files = sorted(p.name for p in (tmp_path / "adapter").iterdir())
     assert files == ["adapter_config.json", "adapter_model.safetensors"]
-    # infer.py ckpt=BASE adapter=FOLDER answers with the merged weights
-    from tests.conftest import compose_infer
-
     # init_from: a plain checkpoint's weights are the base of an adapted model (fresh adapters)
     from vlm.build.model import build_model
     from vlm.training.train import init_weights
 
-    class M:
-        pass
-
-    m = M()
-    m.model = build_model(adapted.config["model"], adapted.tokenizer, trusted=False)
-    m.tokenizer = adapted.tokenizer
-    init_weights(m, str(tmp_path / "base"))
-    torch.testing.assert_close(_logits(m.model, batch), _logits(load_checkpoint(tmp_path / "base").model, batch))
-    assert compose_infer  # (infer's own wiring: test_infer_with_adapter)
+    module = SimpleNamespace(
+        model=build_model(adapted.config["model"], adapted.tokenizer, trusted=False), tokenizer=adapted.tokenizer
+    )
+    init_weights(module, str(tmp_path / "base"))
+    assert module.model.lora is not None
+    torch.testing.assert_close(_logits(module.model, batch), _logits(load_checkpoint(tmp_path / "base").model, batch))
 
 
 def test_infer_with_adapter(tmp_path, lora_run, synth_dir, capsys):
@@ -267,9 +262,10 @@ def test_infer_with_adapter(tmp_path, lora_run, synth_dir, capsys):
     ckpt = out / "checkpoints" / "step000006.ckpt"
     assert export_main([f"ckpt={ckpt}", f"out={tmp_path / 'base'}", "merge_adapters=false"]) == 0
     assert export_main([f"ckpt={ckpt}", f"out={tmp_path / 'adapter'}", "format=peft_adapter"]) == 0
-    img = next((synth_dir / "synthvqa").rglob("*.png"), None)
-    if img is None:
-        pytest.skip("no image in the tiny synthvqa")
+    from PIL import Image
+
+    img = tmp_path / "img.png"
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(img)
     cfg = compose_infer(
         [
             f"ckpt={tmp_path / 'base'}",
@@ -282,6 +278,11 @@ def test_infer_with_adapter(tmp_path, lora_run, synth_dir, capsys):
         synth_dir,
     )
     run(cfg)
+    bad = compose_infer(
+        [f"ckpt={tmp_path / 'base'}", f"adapter={tmp_path}", f"image={img}", "prompt=What?"], tmp_path, synth_dir
+    )
+    with pytest.raises(CheckpointError, match="adapter_config.json is missing"):
+        run(bad)
 
 
 # ---- Qwen2-VL: peft on transformers' model reads our adapter folder ---------------------------------------
@@ -507,15 +508,18 @@ def test_fsdp_two_ranks_train_and_export_with_adapters(tmp_path, synth_dir):
     )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
     assert len(_losses(out)) == 3
-    shards = [p for p in (out / "checkpoints").iterdir() if (p / "meta.pt").is_file()]
+    shards = sorted((p for p in (out / "checkpoints").iterdir() if (p / "meta.pt").is_file()), key=os.path.getmtime)
     assert shards, list((out / "checkpoints").iterdir())
-    adapted = load_checkpoint(shards[0])
+    adapted = load_checkpoint(shards[-1])
     assert adapted.model.lora is not None
-    assert export_main([f"ckpt={shards[0]}", f"out={tmp_path / 'merged'}"]) == 0
-    assert export_main([f"ckpt={shards[0]}", f"out={tmp_path / 'adapter'}", "format=peft_adapter"]) == 0
+    assert "MEMBER: 2/2" in r.stdout + r.stderr  # two ranks
+    b = [v for k, v in adapted.model.state_dict().items() if ".lora_B." in k]
+    assert b and all(v.abs().sum() > 0 for v in b)  # every adapter trained (B starts at zero)
+    assert export_main([f"ckpt={shards[-1]}", f"out={tmp_path / 'merged'}"]) == 0
+    assert export_main([f"ckpt={shards[-1]}", f"out={tmp_path / 'adapter'}", "format=peft_adapter"]) == 0
     merged = load_checkpoint(tmp_path / "merged")
     batch = _batch(adapted.model, adapted.tokenizer)
     torch.testing.assert_close(_logits(merged.model, batch), _logits(adapted.model, batch), atol=1e-5, rtol=1e-5)
-    export = out / "export"
-    if export.is_dir():  # the end-of-training export: merged
-        assert load_checkpoint(export).model.lora is None
+    end = load_checkpoint(out / "export")  # the end-of-training export: merged
+    assert end.model.lora is None
+    torch.testing.assert_close(_logits(end.model, batch), _logits(adapted.model, batch), atol=1e-5, rtol=1e-5)
