@@ -445,7 +445,7 @@ def _rename(sd, old, new):
         (
             "shape",
             None,
-            lambda sd: {k: (v[:, :16] if "q_proj.lora_A" in k else v) for k, v in sd.items()},
+            lambda sd: {k: (v[:, :16].contiguous() if "q_proj.lora_A" in k else v) for k, v in sd.items()},
             (),
             "decoder.layers.0.self_attn.q_proj: lora_A [4, 16] / lora_B [32, 4] do not fit the layer (need [4, 32] / [32, 4])",
         ),
