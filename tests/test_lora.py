@@ -390,6 +390,81 @@ def test_peft_on_transformers_qwen2vl_matches_our_adapted_model(tmp_path, dora):
 LORA_TARGETS_ALL = ("decoder.attn", "decoder.mlp", "encoder.attn", "encoder.mlp", "projector")
 
 
+def test_peft_on_transformers_llava_matches_our_adapted_model(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from functools import partial
+
+    from peft import PeftModel
+
+    from vlm.checkpoint.adapters import export_adapter, without_adapters
+    from vlm.checkpoint.hf_export import export_hf
+    from vlm.checkpoint.load import LoadedVLM
+    from vlm.data.media_processor import MediaProcessor
+    from vlm.data.processor import patchify
+    from vlm.data.template import ChatTemplate
+    from vlm.model.geometry import visual_token_count
+    from vlm.model.hf import pretrained_decoder, pretrained_llava_projector, pretrained_vision_encoder
+    from vlm.model.lora import apply_lora
+    from vlm.model.vlm import VLM
+
+    tok = _tok()
+    torch.manual_seed(0)
+    cfg = transformers.LlavaConfig(
+        vision_config=transformers.CLIPVisionConfig(
+            hidden_size=32,
+            intermediate_size=52,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            image_size=32,
+            patch_size=8,
+        ),
+        text_config=transformers.LlamaConfig(
+            vocab_size=tok.vocab_size,
+            hidden_size=48,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        ),
+        image_token_id=tok.image_pad_id,
+        vision_feature_layer=-2,
+    )
+    transformers.LlavaForConditionalGeneration(cfg).save_pretrained(tmp_path / "in")
+    p = str(tmp_path / "in")
+    model = VLM(
+        pretrained_vision_encoder(p, feature_layer=-2),
+        pretrained_llava_projector(p),
+        pretrained_decoder(p),
+        media_token_ids=[tok.image_pad_id, tok.video_pad_id],
+    )
+    apply_lora(model, LoraConfig(r=4, alpha=8, targets=list(LORA_TARGETS_ALL), use_rslora=True))
+    _nudge(model)
+    model.eval()
+    processor = MediaProcessor(patch_size=8, resolution="crop", image_size=32)
+    template = ChatTemplate(tok, partial(visual_token_count, merge_size=1))
+    adapter = export_adapter(LoadedVLM(model, tok, processor, template, {}), tmp_path / "adapter")
+    base = without_adapters(LoadedVLM(copy.deepcopy(model), tok, processor, template, {}), merge=False)
+    export_hf(base, tmp_path / "hf", "hf_llava")
+    ids = torch.tensor([[13, 14, 15] + [tok.image_pad_id] * 16 + [16, 17]])
+    px = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        ours = model.logits(
+            model(
+                ids,
+                torch.arange(ids.shape[1])[None],
+                None,
+                patchify(px[0], 8),
+                torch.tensor([[1, 4, 4]]),
+                torch.tensor([1]),
+            )
+        )
+        hf = transformers.LlavaForConditionalGeneration.from_pretrained(tmp_path / "hf").eval()
+        plain = hf(input_ids=ids, pixel_values=px).logits
+        theirs = PeftModel.from_pretrained(hf, adapter).eval()(input_ids=ids, pixel_values=px).logits
+    assert (plain - ours).abs().max() > 1e-3
+    torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=1e-4)
+
+
 # ---- malformed adapter folders ------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny_adapter(tmp_path_factory):
