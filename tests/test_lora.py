@@ -285,6 +285,37 @@ def test_infer_with_adapter(tmp_path, lora_run, synth_dir, capsys):
         run(bad)
 
 
+def test_serve_with_adapter_serves_the_merged_model(tmp_path, lora_run, monkeypatch):
+    from hydra import compose, initialize_config_dir
+
+    import vlm.serve.engines as engines
+    from vlm.checkpoint.load import load_checkpoint
+    from vlm.cli.export import main as export_main
+    from vlm.serve import server
+
+    out, _ = lora_run
+    ckpt = out / "checkpoints" / "step000006.ckpt"
+    for name, args in (("base", ["merge_adapters=false"]), ("adapter", ["format=peft_adapter"]), ("merged", [])):
+        assert export_main([f"ckpt={ckpt}", f"out={tmp_path / name}", *args]) == 0
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def spy(loaded, *a, **kw):
+        seen["loaded"] = loaded
+        raise Stop
+
+    monkeypatch.setattr(engines, "build_engine", spy)
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("serve", overrides=[f"ckpt={tmp_path / 'base'}", f"adapter={tmp_path / 'adapter'}"])
+    with pytest.raises(Stop):
+        server.run(cfg)
+    merged = load_checkpoint(tmp_path / "merged")
+    batch = _batch(merged.model, merged.tokenizer)
+    torch.testing.assert_close(_logits(seen["loaded"].model, batch), _logits(merged.model, batch), atol=1e-5, rtol=1e-5)
+
+
 # ---- Qwen2-VL: peft on transformers' model reads our adapter folder ---------------------------------------
 def _window_order(t, h, w, m=2):
     idx = torch.arange(t * h * w).view(t, h // m, m, w // m, m)

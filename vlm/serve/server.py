@@ -500,6 +500,10 @@ def run(cfg) -> None:
     if warning:
         print(warning, file=sys.stderr, flush=True)
     loaded = load_checkpoint(cfg.ckpt)
+    if cfg.get("adapter"):  # a peft adapter folder, folded into the base's weights
+        from vlm.checkpoint.adapters import merge_adapter
+
+        merge_adapter(loaded.model, cfg.adapter)
     engine = build_engine(loaded, cfg.engine, dtype=cfg.dtype, model_name=cfg.get("model_name"), ckpt=cfg.ckpt)
     app = create_app(engine, options)
     drain = cfg.get("drain_timeout_s")
