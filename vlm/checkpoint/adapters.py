@@ -40,6 +40,7 @@ from safetensors.torch import save_file
 from vlm.checkpoint.files import CheckpointError, one_line, read_capped, read_safetensors_header
 from vlm.model.config import LoraConfig, ModelSpec
 from vlm.model.hf import LLAMA_LAYER, QWEN2VL_BLOCK, QWEN2VL_MERGER, SIGLIP_LAYER, expand
+from vlm.model.hf.keys import LLAVA_PROJECTOR
 from vlm.model.lora import ADAPTER, adapted_modules, merge_lora
 
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
@@ -56,6 +57,8 @@ _UNSUPPORTED = {
     "target_parameters": None,
     "trainable_token_indices": None,
     "use_bdlora": None,
+    "alora_invocation_tokens": None,  # activated only after these tokens: not a weight merge
+    "arrow_config": None,
 }
 
 
@@ -71,11 +74,11 @@ def _modules(table: dict[str, str], hf_prefix: str, ours_prefix: str) -> dict[st
 
 def layout_names(spec: ModelSpec, layout: str) -> dict[str, tuple[str, int | None]]:
     """{our module: (its name in `layout`, which of [q, k, v] it is in a fused projection, or None)}."""
+    if layout == "vlm":  # our own names
+        return {}
     dec = expand(LLAMA_LAYER, spec.decoder.n_layers, {})
     n_enc = spec.encoder.built_layers
     out: dict[str, tuple[str, int | None]] = {}
-    if layout == "vlm":
-        return {}
     text = _modules({k.removeprefix("model."): v for k, v in dec.items()}, "model.language_model.", "decoder.")
     out.update({k: (v, None) for k, v in text.items()})
     if layout == "qwen2vl":
@@ -89,8 +92,7 @@ def layout_names(spec: ModelSpec, layout: str) -> dict[str, tuple[str, int | Non
         vis = expand(SIGLIP_LAYER, n_enc, {})
         vis = _modules({k.removeprefix("vision_model."): v for k, v in vis.items()}, "model.vision_tower.", "encoder.")
         out.update({k: (v, None) for k, v in vis.items()})
-        for i, j in ((1, 0), (2, 2)):
-            out[f"projector.proj.{j}"] = (f"model.multi_modal_projector.linear_{i}", None)
+        out.update({k: (v, None) for k, v in _modules(LLAVA_PROJECTOR, "model.", "projector.").items()})
     return out
 
 
