@@ -251,6 +251,24 @@ def test_merged_export_and_base_plus_adapter_equal_the_adapted_model(tmp_path, l
     init_weights(module, str(tmp_path / "base"))
     assert module.model.lora is not None
     torch.testing.assert_close(_logits(module.model, batch), _logits(load_checkpoint(tmp_path / "base").model, batch))
+    # and the other way: an adapted checkpoint initialises a plain model with its adapters merged
+    plain = SimpleNamespace(
+        model=build_model(merged.config["model"], merged.tokenizer, trusted=False), tokenizer=merged.tokenizer
+    )
+    init_weights(plain, str(ck))
+    assert plain.model.lora is None
+    torch.testing.assert_close(_logits(plain.model, batch), want, atol=1e-5, rtol=1e-5)
+    # format=peft_adapter of a model without adapters, and a checkpoint with adapters but no peft: one line
+    assert export_main([f"ckpt={tmp_path / 'merged'}", f"out={tmp_path / 'none'}", "format=peft_adapter"]) == 2
+    import sys as _sys
+
+    saved = _sys.modules.get("peft")
+    _sys.modules["peft"] = None
+    try:
+        with pytest.raises(CheckpointError, match=r"model.lora needs peft: pip install -e \.\[lora\]"):
+            load_checkpoint(ck)
+    finally:
+        _sys.modules["peft"] = saved
 
 
 def test_infer_with_adapter(tmp_path, lora_run, synth_dir, capsys):
