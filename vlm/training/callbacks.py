@@ -39,6 +39,7 @@ from torch import nn
 
 from vlm.build.model import build_model
 from vlm.checkpoint.load import export_folder
+from vlm.training.optim import adapted_components
 from vlm.training.parallel import full_state_dict, is_sharded
 
 log = logging.getLogger("vlm.training.callbacks")
@@ -135,10 +136,11 @@ class FlopModel:
         order = ["encoder", "projector", "decoder", "cross_attn"]
         self.mult = {}
         upstream_trainable = False
+        adapted = adapted_components(model)  # low-rank adapters: no weight gradient for the rest
         for comp in order:
-            trainable = not freeze.get(comp, False)
-            self.mult[comp] = 3 if trainable else (2 if upstream_trainable else 1)
-            upstream_trainable |= trainable
+            trainable = not freeze.get(comp, False) and comp not in adapted
+            self.mult[comp] = 3 if trainable else (2 if upstream_trainable or comp in adapted else 1)
+            upstream_trainable |= trainable or comp in adapted
 
     def __call__(self, st: dict) -> dict[str, float]:
         vision = self.enc_per_patch * st.get("patches", 0) + self.enc_attn * st.get("patch_sq", 0)
