@@ -647,3 +647,44 @@ def test_fsdp_two_ranks_train_and_export_with_adapters(tmp_path, synth_dir):
     end = load_checkpoint(out / "export")  # the end-of-training export: merged
     assert end.model.lora is None
     torch.testing.assert_close(_logits(end.model, batch), _logits(adapted.model, batch), atol=1e-5, rtol=1e-5)
+
+
+def test_serve_routes_requests_to_adapters_by_model_name(tmp_path, lora_run):
+    from fastapi.testclient import TestClient
+
+    from vlm.checkpoint.load import load_checkpoint
+    from vlm.cli.export import main as export_main
+    from vlm.errors import ServeConfigError
+    from vlm.serve.engines import build_engine
+    from vlm.serve.named import adapter_copies, adapter_engines
+    from vlm.serve.server import create_app
+
+    out, _ = lora_run
+    ckpt = out / "checkpoints" / "step000006.ckpt"
+    for name, args in (("base", ["merge_adapters=false"]), ("adapter", ["format=peft_adapter"]), ("merged", [])):
+        assert export_main([f"ckpt={ckpt}", f"out={tmp_path / name}", *args]) == 0
+    base, merged = load_checkpoint(tmp_path / "base"), load_checkpoint(tmp_path / "merged")
+    before = {k: v.clone() for k, v in base.model.state_dict().items()}
+    copies = adapter_copies(base, {"task": str(tmp_path / "adapter")})
+    assert all(torch.equal(v, before[k]) for k, v in base.model.state_dict().items())  # the base is untouched
+
+    def build(loaded, name):
+        return build_engine(loaded, {"kind": "serial"}, dtype="fp32", model_name=name)
+
+    with pytest.raises(ServeConfigError, match="'task' is the base model's name"):
+        adapter_engines(build(load_checkpoint(tmp_path / "base"), "task"), copies, build)
+    engine = adapter_engines(build(base, "base"), copies, build)
+    want = merged.model.state_dict()
+    for k, v in engine.engines["task"].model.state_dict().items():
+        torch.testing.assert_close(v, want[k], atol=1e-6, rtol=1e-6)
+    ref = build(merged, "merged")
+    body = {"messages": [{"role": "user", "content": "a red square"}], "max_tokens": 4, "temperature": 0}
+    with engine, ref, TestClient(create_app(engine)) as client, TestClient(create_app(ref)) as ref_client:
+        assert [m["id"] for m in client.get("/v1/models").json()["data"]] == ["base", "task"]
+        got = client.post("/v1/chat/completions", json={**body, "model": "task"}).json()
+        assert got["model"] == "task"
+        expected = ref_client.post("/v1/chat/completions", json=body).json()
+        assert got["choices"][0]["message"] == expected["choices"][0]["message"]
+        assert client.post("/v1/chat/completions", json=body).json()["model"] == "base"
+        r = client.post("/v1/chat/completions", json={**body, "model": "other"})
+        assert r.status_code == 404 and "this server serves 'base', 'task'" in r.json()["error"]["message"]

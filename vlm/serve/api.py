@@ -90,6 +90,7 @@ class ChatRequest:
     messages: list[dict]
     sampling: SamplingParams = field(default_factory=SamplingParams)
     request_id: str | None = None  # the engine assigns one when None
+    model: str | None = None  # which served model answers (`vlm.serve.named`); None: the default
 
 
 @dataclass

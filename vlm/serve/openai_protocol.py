@@ -152,9 +152,13 @@ def parse_chat_request(
     if not isinstance(body, dict):
         raise _bad("the request body must be a JSON object", None, "invalid_request")
     model = body.get("model")
-    if model is not None and model != model_name:
+    names = [model_name] if isinstance(model_name, str) else list(model_name)  # several: base + adapters
+    if model is not None and model not in names:
         raise _bad(
-            f"the model {model!r} does not exist; this server serves {model_name!r}", "model", "model_not_found", 404
+            f"the model {model!r} does not exist; this server serves {', '.join(map(repr, names))}",
+            "model",
+            "model_not_found",
+            404,
         )
     if "messages" not in body:
         raise _bad("missing required parameter: 'messages'", "messages", "missing_required_parameter")
@@ -196,7 +200,8 @@ def parse_chat_request(
     )
     check_sampling(sampling)  # the schema compiles (a bad one is a 400 naming response_format)
     messages = parse_messages(body["messages"], policy)
-    return ParsedRequest(ChatRequest(messages, sampling, request_id=new_id()), stream, include_usage)
+    chosen = model if model is not None and len(names) > 1 else None
+    return ParsedRequest(ChatRequest(messages, sampling, request_id=new_id(), model=chosen), stream, include_usage)
 
 
 def _response_format(v) -> dict | None:

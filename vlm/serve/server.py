@@ -265,8 +265,12 @@ def create_app(engine, options: ServerOptions | None = None) -> FastAPI:
 
     @app.get("/v1/models")
     async def models():
-        card = {"id": model, "object": "model", "created": 0, "owned_by": "vlm", "max_model_len": engine.max_context}
-        return {"object": "list", "data": [card]}
+        names = getattr(engine, "model_names", [model])  # a base and its adapters (vlm.serve.named)
+        cards = [
+            {"id": n, "object": "model", "created": 0, "owned_by": "vlm", "max_model_len": engine.max_context}
+            for n in names
+        ]
+        return {"object": "list", "data": cards}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -285,7 +289,12 @@ def create_app(engine, options: ServerOptions | None = None) -> FastAPI:
             del raw
             # reading files and decoding base64 is blocking work: off the event loop
             parsed = await run_in_threadpool(
-                parse_chat_request, body, model, opts.media, opts.default_max_tokens, opts.default_temperature
+                parse_chat_request,
+                body,
+                getattr(engine, "model_names", model),
+                opts.media,
+                opts.default_max_tokens,
+                opts.default_temperature,
             )
             del body
         finally:
@@ -313,10 +322,11 @@ def create_app(engine, options: ServerOptions | None = None) -> FastAPI:
                 handed_over = True
                 raise first[1]
             rid, created = parsed.request.request_id, int(time.time())
+            name = parsed.request.model or model
             if parsed.stream:
                 handed_over = True
                 return StreamingResponse(
-                    _stream(request, pump, rid, created, parsed.include_usage, arrived, deadline),
+                    _stream(request, pump, rid, created, parsed.include_usage, arrived, deadline, name),
                     media_type="text/event-stream",
                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
                     # runs however the response ends, also when the client left before the stream
@@ -343,12 +353,12 @@ def create_app(engine, options: ServerOptions | None = None) -> FastAPI:
                     metrics.finished(ev, ev.finish_reason, arrived, now, handle.first_token_at)
                     if ev.finish_reason == "error":
                         raise ev.error or RequestError("the request failed", 500, None, "internal_error")
-                    return completion_body(rid, model, ev, created)
+                    return completion_body(rid, name, ev, created)
         finally:
             if not handed_over:
                 handle.cancel()
 
-    async def _stream(request, pump: EventPump, rid, created, include_usage, arrived, deadline):
+    async def _stream(request, pump: EventPump, rid, created, include_usage, arrived, deadline, model=model):
         done = False
         sent = time.monotonic()  # when the client last got a line
         last = None  # perf_counter of the last Delta
@@ -504,7 +514,15 @@ def run(cfg) -> None:
         from vlm.checkpoint.adapters import merge_adapter
 
         merge_adapter(loaded.model, cfg.adapter)
+    copies = {}
+    if cfg.get("adapters"):  # one more model per adapter, picked by the request's `model` (vlm.serve.named)
+        from vlm.serve.named import adapter_copies, adapter_engines
+
+        copies = adapter_copies(loaded, dict(cfg.adapters))
     engine = build_engine(loaded, cfg.engine, dtype=cfg.dtype, model_name=cfg.get("model_name"), ckpt=cfg.ckpt)
+    if copies:
+        build = lambda lv, name: build_engine(lv, cfg.engine, dtype=cfg.dtype, model_name=name)
+        engine = adapter_engines(engine, copies, build)
     app = create_app(engine, options)
     drain = cfg.get("drain_timeout_s")
     config = uvicorn.Config(
