@@ -110,6 +110,7 @@ def test_init_from_another_tokenizer_copies_rows_by_token(tmp_path, synth_dir):
         [
             "logger=none",
             "data=synthvqa_strips",
+            "model.decoder.qk_norm=true",  # stage 1 ran synthvqa's default experiment, which sets it
             "data.processor.resolution=fixed",
             "data.synthetic.train_samples=16",
             "data.synthetic.heldout_samples=8",

@@ -7,6 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from tests.conftest import compose_train
 from vlm.training.datamodule import build_datamodule
@@ -66,7 +67,9 @@ def test_example_table_logs_the_first_validation_samples(tmp_path, synth_dir, mo
     from vlm.evaluation.evaluate import Scored
     from vlm.training.callbacks import ExampleTable
 
-    dm = _datamodule(tmp_path, synth_dir)
+    cfg = compose_train([], tmp_path, synth_dir)
+    dm = build_datamodule(cfg)
+    dm.setup("fit")
     batch = next(iter(dm.val_dataloader()))
     B = len(batch["keys"])
     scored = Scored(batch["keys"], batch["qtypes"], batch["prompts"], batch["answers"], ["x"] * B)
@@ -74,7 +77,9 @@ def test_example_table_logs_the_first_validation_samples(tmp_path, synth_dir, mo
     logged = []
     monkeypatch.setattr(type(logger), "experiment", property(lambda self: SimpleNamespace(log=logged.append)))
     trainer = SimpleNamespace(loggers=[logger], sanity_checking=False, global_step=7)
-    module = SimpleNamespace(hparams={"processor": dm.media_processor.to_config()})
+    # what a checkpoint stores: the processor without the geometry, which the model config supplies
+    hparams = {"processor": dm.media_processor.to_config(geometry=False), "model": OmegaConf.to_container(cfg.model)}
+    module = SimpleNamespace(hparams=hparams)
     table = ExampleTable(n=3)
     table.on_validation_epoch_start(trainer, module)
     table.on_validation_batch_end(trainer, module, None, batch, 0)  # a batch with nothing scored
