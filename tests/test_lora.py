@@ -649,7 +649,8 @@ def test_fsdp_two_ranks_train_and_export_with_adapters(tmp_path, synth_dir):
     torch.testing.assert_close(_logits(end.model, batch), _logits(adapted.model, batch), atol=1e-5, rtol=1e-5)
 
 
-def test_serve_routes_requests_to_adapters_by_model_name(tmp_path, lora_run):
+@pytest.mark.parametrize("kind", ["serial", "continuous"])
+def test_serve_routes_requests_to_adapters_by_model_name(tmp_path, lora_run, kind):
     from fastapi.testclient import TestClient
 
     from vlm.checkpoint.load import load_checkpoint
@@ -669,7 +670,7 @@ def test_serve_routes_requests_to_adapters_by_model_name(tmp_path, lora_run):
     assert all(torch.equal(v, before[k]) for k, v in base.model.state_dict().items())  # the base is untouched
 
     def build(loaded, name):
-        return build_engine(loaded, {"kind": "serial"}, dtype="fp32", model_name=name)
+        return build_engine(loaded, {"kind": kind}, dtype="fp32", model_name=name)
 
     with pytest.raises(ServeConfigError, match="'task' is the base model's name"):
         adapter_engines(build(load_checkpoint(tmp_path / "base"), "task"), copies, build)
