@@ -332,6 +332,13 @@ def test_serve_with_adapter_serves_the_merged_model(tmp_path, lora_run, monkeypa
     merged = load_checkpoint(tmp_path / "merged")
     batch = _batch(merged.model, merged.tokenizer)
     torch.testing.assert_close(_logits(seen["loaded"].model, batch), _logits(merged.model, batch), atol=1e-5, rtol=1e-5)
+    # a checkpoint trained with adapters is served with them merged (plain Linear layers)
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("serve", overrides=[f"ckpt={ckpt}"])
+    with pytest.raises(Stop):
+        server.run(cfg)
+    assert seen["loaded"].model.lora is None and "lora" not in seen["loaded"].config["model"]
+    assert not any(".lora_" in k for k in seen["loaded"].model.state_dict())
 
 
 # ---- Qwen2-VL: peft on transformers' model reads our adapter folder ---------------------------------------

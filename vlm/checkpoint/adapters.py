@@ -185,6 +185,16 @@ def export_adapter(loaded: Any, out: str | Path, layout: str = "auto") -> Path:
     return out
 
 
+def for_inference(loaded: Any, adapter: str | Path | None = None) -> Any:
+    """`loaded` ready to generate: a checkpoint's own adapters merged (plain Linear layers, which
+    inference-only rewrites such as fused projections expect) and the adapter folder `adapter`, if
+    given, merged on top (`merge_adapter`)."""
+    loaded = without_adapters(loaded, merge=True)
+    if adapter:
+        merge_adapter(loaded.model, adapter)
+    return loaded
+
+
 # ---- load: merge a folder into a plain model -------------------------------------------------------
 def _fail(folder: Path, why: str) -> CheckpointError:
     return CheckpointError(f"adapter {folder}: {why}")

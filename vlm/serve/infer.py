@@ -84,10 +84,10 @@ def run(cfg: DictConfig) -> dict:
     if not cfg.get("ckpt"):
         raise FileNotFoundError("no checkpoint given: pass ckpt=PATH (a .ckpt file or an export folder)")
     loaded = load_checkpoint(cfg.ckpt)
-    if cfg.get("adapter"):  # a peft adapter folder, folded into the base's weights
-        from vlm.checkpoint.adapters import merge_adapter
+    if loaded.model.lora is not None or cfg.get("adapter"):  # adapters folded into the weights
+        from vlm.checkpoint.adapters import for_inference
 
-        merge_adapter(loaded.model, cfg.adapter)
+        loaded = for_inference(loaded, cfg.get("adapter"))
     torch.manual_seed(cfg.seed)
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))

@@ -510,10 +510,10 @@ def run(cfg) -> None:
     if warning:
         print(warning, file=sys.stderr, flush=True)
     loaded = load_checkpoint(cfg.ckpt)
-    if cfg.get("adapter"):  # a peft adapter folder, folded into the base's weights
-        from vlm.checkpoint.adapters import merge_adapter
+    if loaded.model.lora is not None or cfg.get("adapter"):  # adapters folded into the weights
+        from vlm.checkpoint.adapters import for_inference
 
-        merge_adapter(loaded.model, cfg.adapter)
+        loaded = for_inference(loaded, cfg.get("adapter"))
     copies = {}
     if cfg.get("adapters"):  # one more model per adapter, picked by the request's `model` (vlm.serve.named)
         from vlm.serve.named import adapter_copies, adapter_engines
