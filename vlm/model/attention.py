@@ -46,6 +46,60 @@ class KVCache:
         self.length += n
 
 
+class FusedLinears:
+    """Inference: `nn.Linear`s that read the same input, run as one GEMM.
+
+    Their weights (and biases) are copied once into one buffer and each layer's parameters become
+    views of it, so the memory stays the same and in-place weight updates reach both. `__call__`
+    returns None (the caller runs the layers one by one) while grad is on or once a parameter no
+    longer is its view (the module was cast or moved, a weight or a layer was replaced)."""
+
+    def __init__(self, linears: list[nn.Linear]):
+        ws = [lin.weight for lin in linears]
+        with torch.no_grad():
+            self.weight = torch.cat([w.detach() for w in ws])
+            self.bias = None  # a layer without bias adds zeros
+            if any(lin.bias is not None for lin in linears):
+                self.bias = torch.cat(
+                    [w.new_zeros(w.shape[0]) if lin.bias is None else lin.bias.detach() for lin, w in zip(linears, ws)]
+                )
+        self.sizes = [w.shape[0] for w in ws]
+        start = 0
+        for lin, n in zip(linears, self.sizes):
+            lin.weight = nn.Parameter(self.weight[start : start + n], requires_grad=lin.weight.requires_grad)
+            if lin.bias is not None:
+                lin.bias = nn.Parameter(self.bias[start : start + n], requires_grad=lin.bias.requires_grad)
+            start += n
+        self.linears = linears
+        self._ptrs = self._pointers(linears)
+
+    @staticmethod
+    def _pointers(linears) -> tuple:
+        return tuple(
+            (id(lin), lin.weight.data_ptr(), -1 if lin.bias is None else lin.bias.data_ptr()) for lin in linears
+        )
+
+    def __call__(self, x: Tensor, linears) -> tuple[Tensor, ...] | None:
+        """The layers' outputs, or None: grad is on, or `linears` (the module's layers now) are not
+        the fused ones with their parameters still views of the buffer."""
+        if torch.is_grad_enabled() or self._pointers(linears) != self._ptrs:
+            return None
+        return F.linear(x, self.weight, self.bias).split(self.sizes, -1)
+
+    @staticmethod
+    def of(linears: list) -> FusedLinears | None:
+        """Fused when every layer is a plain `nn.Linear` of one input size, dtype and device."""
+        if any(type(lin) is not nn.Linear for lin in linears):
+            return None
+        w0 = linears[0].weight
+        if any(
+            lin.in_features != linears[0].in_features or lin.weight.dtype != w0.dtype or lin.weight.device != w0.device
+            for lin in linears
+        ):
+            return None
+        return FusedLinears(linears)
+
+
 class SelfAttention(nn.Module):
     """Multi-head self-attention with grouped-query heads and optional rotary positions.
 
@@ -76,6 +130,12 @@ class SelfAttention(nn.Module):
         # attention logits bounded and tolerates higher learning rates.
         self.q_norm = nn.RMSNorm(self.head_dim, eps=1e-6) if qk_norm else None
         self.k_norm = nn.RMSNorm(self.head_dim, eps=1e-6) if qk_norm else None
+        self._qkv: FusedLinears | None = None  # `fuse_projections` (inference)
+
+    def fuse_projections(self) -> bool:
+        """Inference: the q/k/v projections as one GEMM (`FusedLinears`); False if they cannot be."""
+        self._qkv = FusedLinears.of([self.q_proj, self.k_proj, self.v_proj])
+        return self._qkv is not None
 
     def forward(
         self,
@@ -87,9 +147,15 @@ class SelfAttention(nn.Module):
         layer_idx: int = 0,
     ) -> Tensor:
         B, L, _ = x.shape
-        q = self.q_proj(x).view(B, L, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        qkv = (
+            self._qkv(x, (self.q_proj, self.k_proj, self.v_proj))
+            if self._qkv is not None and not self.training
+            else None
+        )
+        q, k, v = qkv if qkv is not None else (self.q_proj(x), self.k_proj(x), self.v_proj(x))
+        q = q.view(B, L, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:

@@ -11,10 +11,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vlm.model.attention import KVCache, SelfAttention
+from vlm.model.attention import FusedLinears, KVCache, SelfAttention
 from vlm.model.config import DecoderConfig
 from vlm.model.fields import SpecError
 from vlm.model.rope import inv_frequencies, rope_cos_sin
+
+
+def _additive_for_cached(mask: Tensor | None, x: Tensor) -> Tensor | None:
+    """A cached forward's boolean mask (a decode step, a later prefill chunk: queries fewer than keys)
+    as the additive one SDPA would make of it in every layer (0 / -inf in x's dtype), made once.
+    Inference only: other masks, and every mask under grad, stay as they are."""
+    if not isinstance(mask, Tensor) or mask.dtype != torch.bool or torch.is_grad_enabled():
+        return mask
+    if mask.shape[-1] == mask.shape[-2] or not x.is_floating_point():
+        return mask
+    return torch.zeros(mask.shape, dtype=x.dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
 
 
 class RMSNorm(nn.Module):
@@ -38,9 +49,21 @@ class SwiGLU(nn.Module):
         self.gate_proj = nn.Linear(dim, hidden, bias=False)
         self.up_proj = nn.Linear(dim, hidden, bias=False)
         self.down_proj = nn.Linear(hidden, dim, bias=False)
+        self._gate_up: FusedLinears | None = None  # `fuse_projections` (inference)
+
+    def fuse_projections(self) -> bool:
+        """Inference: gate and up projections as one GEMM (`FusedLinears`)."""
+        self._gate_up = FusedLinears.of([self.gate_proj, self.up_proj])
+        return self._gate_up is not None
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gu = (
+            self._gate_up(x, (self.gate_proj, self.up_proj))
+            if self._gate_up is not None and not self.training
+            else None
+        )
+        gate, up = gu if gu is not None else (self.gate_proj(x), self.up_proj(x))
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderBlock(nn.Module):
@@ -128,6 +151,7 @@ class Decoder(nn.Module):
         is_causal = mask is None and (cache is None or cache.length == 0)
         if mask is None and not is_causal and inputs_embeds.shape[1] > 1:
             raise ValueError("a mask is needed for multi-token forwards on a non-empty cache")
+        mask = _additive_for_cached(mask, inputs_embeds)
         x = inputs_embeds
         for i, layer in enumerate(self.layers):
             if before_layer is not None:

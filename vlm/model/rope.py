@@ -7,8 +7,17 @@ three components, so on text-only input M-RoPE equals 1D RoPE.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
+
+
+@functools.lru_cache(maxsize=16)
+def _mrope_component(section: tuple[int, ...], device: torch.device) -> Tensor:
+    """`[Dh/2]` in {0, 1, 2}: which position component each frequency pair reads (built once per
+    section and device: a decode step computes its rotation tables once per token)."""
+    return torch.repeat_interleave(torch.arange(3, device=device), torch.tensor(section, device=device))
 
 
 def inv_frequencies(head_dim: int, theta: float, device=None) -> Tensor:
@@ -35,9 +44,7 @@ def rope_cos_sin(
                 raise ValueError(f"mrope_section {mrope_section} must sum to head_dim/2 = {inv_freq.numel()}")
             # freqs per component: [3, B, L, Dh/2]; then pick each frequency pair's component.
             freqs = position_ids[..., None].float() * inv_freq
-            component = torch.repeat_interleave(
-                torch.arange(3, device=inv_freq.device), torch.tensor(mrope_section, device=inv_freq.device)
-            )  # [Dh/2] in {0,1,2}
+            component = _mrope_component(tuple(mrope_section), inv_freq.device)  # [Dh/2] in {0,1,2}
             freqs = freqs.gather(0, component.view(1, 1, 1, -1).expand(1, *freqs.shape[1:])).squeeze(0)
             emb = torch.cat([freqs, freqs], dim=-1)
             return emb.cos(), emb.sin()

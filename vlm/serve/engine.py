@@ -85,6 +85,7 @@ class Engine:
         self.device, self.dtype_name = resolve(cfg)
         self.dtype = DTYPES[self.dtype_name]
         self.model = loaded.model.to(device=self.device, dtype=self.dtype).eval()
+        self.model.fuse_projections()  # q/k/v and gate/up as one GEMM each (same weights, no copy)
         self.tokenizer = loaded.tokenizer
         dec = self.model.decoder
         self.max_context = int(cfg.max_context or default_max_context(self.model))

@@ -96,6 +96,11 @@ class DecodeCache:
         self.rows = torch.arange(self.n, device=lengths.device)
         self.length = int(lengths.max())
         self.uniform = bool((lengths == self.length).all())  # every row at the same position
+        if not self.uniform:  # rows of different lengths: where each (row, head)'s new key goes in
+            # a layer's buffer seen as `[max_batch * H_kv * max_context, Dh]` (one index_copy_ per store)
+            h, ctx = slots.k.shape[2], slots.max_context
+            heads = torch.arange(h, device=lengths.device)
+            self.flat = ((self.rows[:, None] * h + heads) * ctx + lengths[:, None]).reshape(-1)
 
     def key_valid(self) -> Tensor | None:
         """`[n, S]` bool: row b's keys `[0, lengths[b]]` (its new token included); None when every
@@ -113,6 +118,7 @@ class DecodeCache:
             kl[: self.n, :, self.length] = k[:, :, 0]
             vl[: self.n, :, self.length] = v[:, :, 0]
         else:
-            kl[self.rows, :, self.lengths] = k[:, :, 0]
-            vl[self.rows, :, self.lengths] = v[:, :, 0]
+            dh = kl.shape[-1]
+            kl.view(-1, dh).index_copy_(0, self.flat, k[:, :, 0].reshape(-1, dh))
+            vl.view(-1, dh).index_copy_(0, self.flat, v[:, :, 0].reshape(-1, dh))
         return kl[: self.n, :, :S], vl[: self.n, :, :S]
