@@ -219,6 +219,33 @@ def test_browser_origins_are_refused_unless_listed(loaded):
         assert s.post(body, headers={"Origin": "http://evil.example"}).status_code == 403
 
 
+def test_a_loopback_server_answers_only_loopback_host_names(loaded):
+    """DNS rebinding: a page whose own name now resolves to 127.0.0.1 sends `Host: evil.example`."""
+    from omegaconf import OmegaConf
+
+    from vlm.serve.server import _host_name, allowed_hosts_from
+
+    assert [_host_name(h) for h in ("127.0.0.1:8000", "[::1]:80", "LocalHost", "::1")] == [
+        "127.0.0.1",
+        "::1",
+        "localhost",
+        "::1",
+    ]
+    assert allowed_hosts_from(OmegaConf.create({"host": "0.0.0.0"})) is None
+    assert "127.0.0.2" in allowed_hosts_from(OmegaConf.create({"host": "127.0.0.2"}))
+    assert allowed_hosts_from(OmegaConf.create({"host": "0.0.0.0", "allowed_hosts": ["vlm.internal"]})) == [
+        "vlm.internal"
+    ]
+    hosts = allowed_hosts_from(OmegaConf.create({"host": "127.0.0.1"}))
+    body = {"messages": _messages(), "max_tokens": 2}
+    with serving(loaded, allowed_hosts=hosts) as s:
+        assert s.post(body).status_code == 200  # Host: 127.0.0.1:PORT
+        assert httpx.get(f"{s.url}/health", headers={"Host": "localhost"}).status_code == 200
+        for evil in ("evil.example", "evil.example:8000", "127.0.0.1.evil.example"):
+            r = httpx.get(f"{s.url}/v1/models", headers={"Host": evil})
+            assert r.status_code == 421 and r.json()["error"]["code"] == "host_not_allowed", evil
+
+
 # ---- requests that must not hurt the others ---------------------------------------------------------
 def test_a_slow_large_upload_does_not_delay_another_stream(loaded):
     """One client trickles a 4 MB body and stops halfway until another client's stream has ended:

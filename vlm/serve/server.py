@@ -25,7 +25,9 @@ on the event loop that streams every other client's tokens, and a request that o
 Safe defaults: no local files unless `media_root` names a folder (`media_urls`); an optional API
 key (`Authorization: Bearer`, everything but `/health`); requests that carry an `Origin` header (a
 web page in a browser) are refused unless the origin is listed in `cors_origins`, so a page the
-operator visits cannot drive a server on localhost.
+operator visits cannot drive a server on localhost; a server on a loopback address also answers only
+requests whose `Host` names a loopback address (`allowed_hosts`), so a page that rebinds its own
+DNS name to 127.0.0.1 cannot read it either.
 """
 
 from __future__ import annotations
@@ -76,6 +78,8 @@ class ServerOptions:
     api_key: if set, every endpoint but /health wants `Authorization: Bearer <api_key>`.
     cors_origins: web origins allowed to call the server from a browser ("*": any); a request
     with an Origin header not listed is refused (403).
+    allowed_hosts: the `Host` header values (without port) this server answers (None: any); a
+    request naming another host is refused (421) before anything else is read.
     request_timeout_s: a request still running this long after it arrived ends (None: never).
     keepalive_s: a stream that has sent nothing for this long gets an SSE comment line."""
 
@@ -87,6 +91,7 @@ class ServerOptions:
     max_inflight_bytes: int = 256 * 2**20
     api_key: str | None = None
     cors_origins: list[str] = field(default_factory=list)
+    allowed_hosts: list[str] | None = None
     request_timeout_s: float | None = 600.0
     keepalive_s: float = 15.0
 
@@ -180,6 +185,7 @@ class _Guard:
         self.key = opts.api_key.encode() if opts.api_key else None
         self.any_origin = "*" in opts.cors_origins
         self.origins = {o.rstrip("/") for o in opts.cors_origins}
+        self.hosts = None if opts.allowed_hosts is None else {h.lower().strip("[]") for h in opts.allowed_hosts}
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -194,6 +200,10 @@ class _Guard:
                 message = {**message, "headers": [*message.get("headers", []), (b"x-request-id", rid.encode())]}
             await send(message)
 
+        if self.hosts is not None and _host_name(headers.get("host", "")) not in self.hosts:
+            return await self._refuse(
+                scope, send_with_id, 421, "this server does not answer for that Host", "host_not_allowed"
+            )
         origin = headers.get("origin")
         preflight = scope["method"] == "OPTIONS" and "access-control-request-method" in headers
         if origin is not None and not (self.any_origin or origin.rstrip("/") in self.origins):
@@ -217,6 +227,17 @@ class _Guard:
     async def _refuse(self, scope, send, status, message, code, headers=None):
         self.metrics.refusal(code)
         await _error(status, message, code=code, headers=headers)(scope, _no_body, send)
+
+
+def _host_name(host: str) -> str:
+    """A Host header's name, lower-case, without its port or an IPv6 address's brackets."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[1:].partition("]")[0]
+    return host.rpartition(":")[0] if host.count(":") == 1 else host
+
+
+LOOPBACK_HOSTS = ["localhost", "127.0.0.1", "::1"]
 
 
 async def _no_body():
@@ -445,9 +466,19 @@ def options_from(cfg) -> ServerOptions:
         max_inflight_bytes=int(float(cfg.get("max_inflight_mb", 256)) * 2**20),
         api_key=api_key_from(cfg),
         cors_origins=[str(o) for o in (cfg.get("cors_origins") or [])],
+        allowed_hosts=allowed_hosts_from(cfg),
         request_timeout_s=float(timeout) if timeout else None,
         keepalive_s=float(cfg.get("keepalive_s", 15) or 0),
     )
+
+
+def allowed_hosts_from(cfg) -> list[str] | None:
+    """`allowed_hosts` from the config; unset: the loopback names when the server listens on a
+    loopback address (the DNS-rebinding guard), any host otherwise (put a proxy's name here)."""
+    hosts = cfg.get("allowed_hosts")
+    if hosts:
+        return [str(h) for h in hosts]
+    return [*LOOPBACK_HOSTS, str(cfg.host).strip("[]").lower()] if _is_loopback(str(cfg.host)) else None
 
 
 def api_key_from(cfg) -> str | None:
