@@ -2,6 +2,7 @@
 
     python bench/serve.py                          # defaults: a few minutes on a 2-core CPU
     python bench/serve.py --clients 1 4 16 64 --requests 1000 --models tiny qwen40m --new-tokens 32
+    python bench/serve.py --load --clients 1 4 16 32 --new-tokens 64 --dtype bf16   # the load table only
 
 Models (random weights: speed does not depend on them): `tiny`, the default config; `qwen40m`, a
 ~40M Qwen2-VL-shaped model (its ViT with 2D RoPE and 2x2 merger, a Qwen2 decoder with M-RoPE)
@@ -9,6 +10,11 @@ built from a random transformers Qwen2-VL, loaded into our modules, exported wit
 `format=hf_qwen2vl` and loaded back by `Qwen2VLForConditionalGeneration.from_pretrained`, so both
 sides run the same weights. End tokens are made unreachable: every system generates exactly
 `--new-tokens` per request.
+
+`--load`: only the engine under a closed-loop load on qwen40m (one new image per request, cycling
+224x224, 448x336 and 640x480, a short question, greedy, `--new-tokens` each, `--dtype`): generated
+tokens/s, inter-token p50 (the gaps between a request's streamed tokens) and TTFT p50 / p95 per
+client count.
 
 Tables: throughput and time to first token at 1..64 concurrent clients (threads calling
 `submit`, closed loop) vs `generate()` one request at a time vs transformers `generate` one at a
@@ -36,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from vlm.build.model import build_model, build_processor, build_template, geometry_of, stop_ids  # noqa: E402
 from vlm.checkpoint.load import LoadedVLM  # noqa: E402
 from vlm.model.generate import generate  # noqa: E402
-from vlm.serve.api import ChatRequest, SamplingParams  # noqa: E402
+from vlm.serve.api import ChatRequest, Delta, SamplingParams  # noqa: E402
 from vlm.serve.engine import Engine, EngineConfig  # noqa: E402
 from vlm.serve.prompt import PromptBuilder  # noqa: E402
 from vlm.tokenizer import train_tokenizer  # noqa: E402
@@ -76,8 +82,9 @@ def tiny_model(tok) -> LoadedVLM:
     return _finish(build_model(m, tok), tok, m, pcfg)
 
 
-def qwen40m(tok, folder: Path):
-    """(our LoadedVLM, transformers model) with the same ~40M random weights."""
+def qwen40m(tok, folder: Path, with_hf: bool = True):
+    """(our LoadedVLM, transformers model) with the same ~40M random weights (with_hf=False: no
+    transformers model, None in its place)."""
     import transformers
 
     from vlm.checkpoint.hf_export import export_hf
@@ -104,6 +111,8 @@ def qwen40m(tok, folder: Path):
     pcfg = dict(resolution="dynamic", image_size=224, min_pixels=56 * 56, max_pixels=896 * 896)
     pcfg.update(mean=[0.48145466, 0.4578275, 0.40821073], std=[0.26862954, 0.26130258, 0.27577711])
     loaded = _finish(build_model(m, tok), tok, m, pcfg)
+    if not with_hf:
+        return loaded, None
     export_hf(loaded, folder / "hf", "hf_qwen2vl")
     hf = transformers.Qwen2VLForConditionalGeneration.from_pretrained(folder / "hf", dtype=torch.float32).eval()
     return loaded, hf
@@ -142,6 +151,66 @@ def run_engine(loaded, msgs, clients: int, new: int, **cfg) -> dict:
         wall = time.perf_counter() - t0
         stats = engine.stats()
     return {"tok_s": len(msgs) * new / wall, "ttft": ttft, "stats": stats, "wall": wall}
+
+
+LOAD_SIZES = [(224, 224), (448, 336), (640, 480)]
+
+
+def load_conversation(i: int) -> list[dict]:
+    w, h = LOAD_SIZES[i % len(LOAD_SIZES)]
+    content = [{"type": "image", "image": png(w, h, 9000 + i)}, {"type": "text", "text": WORDS[i % len(WORDS)]}]
+    return [{"role": "user", "content": content}]
+
+
+def run_load(loaded, clients: int, n: int, new: int, dtype: str, **cfg) -> dict:
+    """`clients` threads in a closed loop over `n` requests, each streaming its answer: tokens/s,
+    TTFTs and the gaps between consecutive streamed tokens (a delta of k tokens counts k gaps)."""
+    msgs = [load_conversation(i) for i in range(n)]
+    ecfg = EngineConfig(max_context=CTX, dtype=dtype, **{"max_batch": max(clients, 1), **cfg})
+    ttft, gaps, lock, nxt = [], [], threading.Lock(), iter(range(n))
+    with Engine(loaded, ecfg) as engine:
+        engine.submit(ChatRequest(load_conversation(n), SamplingParams(max_tokens=2))).result(600)  # warm-up
+
+        def client():
+            while True:
+                with lock:
+                    i = next(nxt, None)
+                if i is None:
+                    return
+                t0 = time.perf_counter()
+                h = engine.submit(ChatRequest(msgs[i], SamplingParams(max_tokens=new)))
+                last, mine = None, []
+                for ev in h.events(600):
+                    now = time.perf_counter()
+                    k = len(ev.token_ids) if isinstance(ev, Delta) else 0
+                    if last is not None and k:
+                        mine += [(now - last) / k] * k
+                    if k:
+                        last = now
+                ttft.append(h.first_token_at - t0)
+                gaps.extend(mine)
+
+        t0 = time.perf_counter()
+        ts = [threading.Thread(target=client) for _ in range(clients)]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+        wall = time.perf_counter() - t0
+    return {"tok_s": n * new / wall, "ttft": ttft, "gaps": gaps}
+
+
+def load_table(loaded, clients, new: int, dtype: str) -> None:
+    print(f"\n### qwen40m under load, {dtype}, {new} new tokens, images cycling 224x224 / 448x336 / 640x480\n")
+    print("| clients | requests | tokens/s | inter-token p50 ms | TTFT p50 ms | TTFT p95 ms |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: |")
+    for c in clients:
+        n = max(2 * c, 8)
+        r = run_load(loaded, c, n, new, dtype)
+        print(
+            f"| {c} | {n} | {r['tok_s']:.1f} | {pct(r['gaps'], 50):.1f} | {pct(r['ttft'], 50):.0f} | {pct(r['ttft'], 95):.0f} |",
+            flush=True,
+        )
 
 
 def run_generate(loaded, msgs, new: int) -> dict:
@@ -380,6 +449,8 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=200, help="requests of the memory run")
     ap.add_argument("--decode-batches", type=int, nargs="+", default=[1, 8, 64])
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--load", action="store_true", help="only the load table (qwen40m)")
+    ap.add_argument("--dtype", nargs="+", default=["fp32"], help="dtypes of the load table")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -387,6 +458,12 @@ def main() -> None:
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU {torch.backends.cpu.get_cpu_capability()}"
     )
+    if args.load:
+        with tempfile.TemporaryDirectory() as tmp:
+            loaded, _ = qwen40m(tok, Path(tmp), with_hf=False)
+            for dtype in args.dtype:
+                load_table(loaded, args.clients, args.new_tokens, dtype)
+        return
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models:
             hf = None
