@@ -132,9 +132,10 @@ class SelfAttention(nn.Module):
         self.k_norm = nn.RMSNorm(self.head_dim, eps=1e-6) if qk_norm else None
         self._qkv: FusedLinears | None = None  # `fuse_projections` (inference)
 
-    def fuse_projections(self) -> bool:
-        """Inference: the q/k/v projections as one GEMM (`FusedLinears`); False if they cannot be."""
-        self._qkv = FusedLinears.of([self.q_proj, self.k_proj, self.v_proj])
+    def fuse_projections(self, enabled: bool = True) -> bool:
+        """Inference: the q/k/v projections as one GEMM (`FusedLinears`); False if they cannot be
+        (or `enabled` is False: back to three layers, the fused buffer dropped)."""
+        self._qkv = FusedLinears.of([self.q_proj, self.k_proj, self.v_proj]) if enabled else None
         return self._qkv is not None
 
     def forward(

@@ -51,9 +51,9 @@ class SwiGLU(nn.Module):
         self.down_proj = nn.Linear(hidden, dim, bias=False)
         self._gate_up: FusedLinears | None = None  # `fuse_projections` (inference)
 
-    def fuse_projections(self) -> bool:
-        """Inference: gate and up projections as one GEMM (`FusedLinears`)."""
-        self._gate_up = FusedLinears.of([self.gate_proj, self.up_proj])
+    def fuse_projections(self, enabled: bool = True) -> bool:
+        """Inference: gate and up projections as one GEMM (`FusedLinears`; `enabled` False: not)."""
+        self._gate_up = FusedLinears.of([self.gate_proj, self.up_proj]) if enabled else None
         return self._gate_up is not None
 
     def forward(self, x: Tensor) -> Tensor:

@@ -236,13 +236,13 @@ class VLM(nn.Module):
 
         return self.decoder(embeds, position_ids, mask, cache, before)
 
-    def fuse_projections(self) -> int:
+    def fuse_projections(self, enabled: bool = True) -> int:
         """Inference: every attention's q/k/v and every SwiGLU's gate/up projections run as one GEMM
         each (`vlm.model.attention.FusedLinears`: same parameters, now views of one buffer; training
-        and grad-enabled forwards use the layers one by one). Returns how many modules were fused."""
-        return sum(
-            bool(m.fuse_projections()) for m in self.modules() if m is not self and hasattr(m, "fuse_projections")
-        )
+        and grad-enabled forwards use the layers one by one). `enabled=False` undoes it (the layers
+        keep their weights). Returns how many modules are fused."""
+        mods = [m for m in self.modules() if m is not self and hasattr(m, "fuse_projections")]
+        return sum(bool(m.fuse_projections(enabled)) for m in mods)
 
     def logits(self, hidden: Tensor) -> Tensor:
         return self.decoder.lm_head(hidden)
