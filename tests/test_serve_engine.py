@@ -190,6 +190,25 @@ def test_greedy_equals_generate_under_random_arrivals(tok, name):
         assert stats["free_slots"] == cfg.max_batch
 
 
+@pytest.mark.parametrize("name", ["interleave_mrope_video", "cross_attn", "rope1d_qformer"])
+def test_fused_projections_give_the_same_greedy_answers(tok, name):
+    """The engine fuses q/k/v and gate/up into one GEMM each in bf16; forced on in fp32 the
+    answers must still equal `generate()` on each request alone (same weights, views of one buffer)."""
+    loaded = tiny(tok, **VARIANTS[name])
+    msgs = [conversation(i) for i in range(4)]
+    want = [reference(loaded, m, 6) for m in msgs]
+    with Engine(loaded, EngineConfig(max_batch=3, prefill_chunk=16, max_context=CTX, dtype="fp32")) as engine:
+        assert engine.model.fuse_projections(True) > 0
+        try:
+            got = [
+                h.result(120)
+                for h in submit_randomly(engine, [ChatRequest(m, SamplingParams(max_tokens=6)) for m in msgs], 3)
+            ]
+        finally:
+            assert engine.model.fuse_projections(False) == 0
+    assert [g.token_ids for g in got] == want
+
+
 def test_events_stream_text_then_finished(tok):
     loaded = tiny(tok)
     with Engine(loaded, EngineConfig(max_batch=2, max_context=CTX, dtype="fp32")) as engine:
