@@ -354,6 +354,7 @@ def test_peft_on_transformers_qwen2vl_matches_our_adapted_model(tmp_path, dora):
 
     from peft import PeftModel
 
+    from tests.test_hf_qwen2vl import TEXT, VISION
     from vlm.checkpoint.adapters import export_adapter, merge_adapter, without_adapters
     from vlm.checkpoint.hf_export import export_hf
     from vlm.checkpoint.load import LoadedVLM
@@ -367,26 +368,8 @@ def test_peft_on_transformers_qwen2vl_matches_our_adapted_model(tmp_path, dora):
     tok = _tok()
     torch.manual_seed(0)
     hf_cfg = transformers.Qwen2VLConfig(
-        vision_config=dict(
-            depth=2,
-            embed_dim=32,
-            hidden_size=48,
-            num_heads=4,
-            mlp_ratio=2,
-            patch_size=4,
-            spatial_merge_size=2,
-            temporal_patch_size=2,
-            in_channels=3,
-        ),
-        text_config=dict(
-            vocab_size=tok.vocab_size,
-            hidden_size=48,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            rope_scaling={"type": "mrope", "mrope_section": [2, 1, 3]},
-        ),
+        vision_config=VISION,
+        text_config={**TEXT, "vocab_size": tok.vocab_size},
         image_token_id=tok.image_pad_id,
         video_token_id=tok.video_pad_id,
         vision_start_token_id=tok.vision_start_id,
