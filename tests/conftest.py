@@ -61,3 +61,12 @@ def synth_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("data") / "synthvqa"
     ensure_synthvqa(root, train_samples=64, heldout_samples=40, cfg=SynthConfig(canvas=64, turns=3), workers=1)
     return root.parent
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on now (for a test server)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -15,9 +15,9 @@ from vlm.model.vlm import VLM  # noqa: E402
 IMG = 95
 
 
-def test_llava_logits_match_transformers(tmp_path):
-    torch.manual_seed(0)
-    cfg = transformers.LlavaConfig(
+def tiny_llava_config(vocab_size: int, image_token_id: int, rope_theta: float = 10000.0, **kw):
+    """A tiny LLaVA: a 3-layer CLIP tower (32 px images, 8 px patches) and a 2-layer Llama."""
+    return transformers.LlavaConfig(
         vision_config=transformers.CLIPVisionConfig(
             hidden_size=32,
             intermediate_size=52,
@@ -27,17 +27,23 @@ def test_llava_logits_match_transformers(tmp_path):
             patch_size=8,
         ),
         text_config=transformers.LlamaConfig(
-            vocab_size=100,
+            vocab_size=vocab_size,
             hidden_size=48,
             intermediate_size=64,
             num_hidden_layers=2,
             num_attention_heads=4,
             num_key_value_heads=2,
+            rope_theta=rope_theta,
         ),
-        image_token_id=IMG,
+        image_token_id=image_token_id,
         vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
+        **kw,
     )
+
+
+def test_llava_logits_match_transformers(tmp_path):
+    torch.manual_seed(0)
+    cfg = tiny_llava_config(100, IMG, vision_feature_select_strategy="default")
     ref = transformers.LlavaForConditionalGeneration(cfg).eval()
     with torch.no_grad():
         for n, p in ref.named_parameters():
@@ -111,27 +117,7 @@ def test_export_round_trips_through_transformers(tmp_path):
 
     torch.manual_seed(0)
     tok = train_tokenizer(["a red square", "user\n", "assistant\n"] * 10, vocab_size=100)
-    cfg = transformers.LlavaConfig(
-        vision_config=transformers.CLIPVisionConfig(
-            hidden_size=32,
-            intermediate_size=52,
-            num_hidden_layers=3,
-            num_attention_heads=4,
-            image_size=32,
-            patch_size=8,
-        ),
-        text_config=transformers.LlamaConfig(
-            vocab_size=tok.vocab_size,
-            hidden_size=48,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            rope_theta=5000.0,
-        ),
-        image_token_id=tok.image_pad_id,
-        vision_feature_layer=-2,
-    )
+    cfg = tiny_llava_config(tok.vocab_size, tok.image_pad_id, rope_theta=5000.0)
     ref = transformers.LlavaForConditionalGeneration(cfg).eval()
     ref.save_pretrained(tmp_path / "in")
     model = VLM(

@@ -435,6 +435,7 @@ def test_peft_on_transformers_llava_matches_our_adapted_model(tmp_path):
 
     from peft import PeftModel
 
+    from tests.test_hf_llava import tiny_llava_config
     from vlm.checkpoint.adapters import export_adapter, without_adapters
     from vlm.checkpoint.hf_export import export_hf
     from vlm.checkpoint.load import LoadedVLM
@@ -448,26 +449,7 @@ def test_peft_on_transformers_llava_matches_our_adapted_model(tmp_path):
 
     tok = _tok()
     torch.manual_seed(0)
-    cfg = transformers.LlavaConfig(
-        vision_config=transformers.CLIPVisionConfig(
-            hidden_size=32,
-            intermediate_size=52,
-            num_hidden_layers=3,
-            num_attention_heads=4,
-            image_size=32,
-            patch_size=8,
-        ),
-        text_config=transformers.LlamaConfig(
-            vocab_size=tok.vocab_size,
-            hidden_size=48,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-        ),
-        image_token_id=tok.image_pad_id,
-        vision_feature_layer=-2,
-    )
+    cfg = tiny_llava_config(tok.vocab_size, tok.image_pad_id)
     transformers.LlavaForConditionalGeneration(cfg).save_pretrained(tmp_path / "in")
     p = str(tmp_path / "in")
     model = VLM(

@@ -8,7 +8,6 @@ import base64
 import io
 import json
 import shutil
-import socket
 import threading
 import time
 from pathlib import Path
@@ -17,6 +16,7 @@ import httpx
 import pytest
 from PIL import Image
 
+from tests.conftest import free_port
 from vlm.checkpoint.load import load_checkpoint
 from vlm.model.generate import generate
 from vlm.serve.api import ChatRequest, Overloaded, SamplingParams
@@ -41,12 +41,6 @@ def _kinds() -> list[str]:
     except ImportError:
         return ["serial"]
     return ["serial", "continuous"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +82,7 @@ def server(request, loaded, media_dir):
     engine = build_engine(loaded, options, dtype="fp32", model_name="tiny")
     media = MediaPolicy(max_images=2, max_image_pixels=100 * 100, media_root=str(media_dir))
     app = create_app(engine, ServerOptions(media, default_max_tokens=8, max_body_bytes=1 << 20, poll_s=0.05))
-    port = _free_port()
+    port = free_port()
     srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     with engine:
         thread = threading.Thread(target=srv.run, daemon=True)

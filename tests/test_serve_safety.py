@@ -10,7 +10,6 @@ import base64
 import contextlib
 import json
 import signal
-import socket
 import threading
 import time
 from pathlib import Path
@@ -18,6 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.conftest import free_port
 from vlm.serve.engines import build_engine
 from vlm.serve.media_urls import PATH_REFUSED, MediaPolicy
 from vlm.serve.server import ServerOptions, create_app, draining_server, exposure_warning
@@ -30,12 +30,6 @@ FIXTURE = Path(__file__).parent / "fixtures" / "v1_checkpoint"
 PNG = (FIXTURE / "circle.png").read_bytes()
 DATA_URL = "data:image/png;base64," + base64.b64encode(PNG).decode()
 KEY = "sk-test-0123456789"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +70,7 @@ def serving(loaded, kind: str = "continuous", drain_s: float | None = None, engi
     options.setdefault("default_max_tokens", 8)
     options.setdefault("poll_s", 0.05)
     app = create_app(engine, ServerOptions(**options))
-    port = _free_port()
+    port = free_port()
     config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", timeout_graceful_shutdown=drain_s)
     srv = draining_server(app, config)
     with engine:
