@@ -191,14 +191,21 @@ def test_greedy_equals_generate_under_random_arrivals(tok, name):
 
 
 @pytest.mark.parametrize("name", ["interleave_mrope_video", "cross_attn", "rope1d_qformer"])
-def test_fused_projections_give_the_same_greedy_answers(tok, name):
-    """The engine fuses q/k/v and gate/up into one GEMM each in bf16; forced on in fp32 the
-    answers must still equal `generate()` on each request alone (same weights, views of one buffer)."""
+def test_fused_and_packed_projections_give_the_same_greedy_answers(tok, name, monkeypatch):
+    """The engine fuses q/k/v and gate/up into one GEMM each and runs its Linear layers as packed
+    oneDNN GEMMs (`vlm.model.packed`, here for every layer size); the answers must still equal
+    `generate()` on each request alone with plain `F.linear` (same weights, views of one buffer)."""
+    from vlm.model import packed
+
+    monkeypatch.setattr(packed, "SMALL", 0)
     loaded = tiny(tok, **VARIANTS[name])
     msgs = [conversation(i) for i in range(4)]
     want = [reference(loaded, m, 6) for m in msgs]
     with Engine(loaded, EngineConfig(max_batch=3, prefill_chunk=16, max_context=CTX, dtype="fp32")) as engine:
         assert engine.model.fuse_projections(True) > 0
+        assert not packed.available(torch.float32) or any(
+            type(m) is packed.PackedLinear for m in engine.model.modules()
+        )
         try:
             got = [
                 h.result(120)

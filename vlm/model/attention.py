@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vlm.model import packed
+from vlm.model.packed import PackedGemm, PackedLinear, packed_gemm
 from vlm.model.rope import apply_rope
 
 
@@ -72,6 +74,7 @@ class FusedLinears:
             start += n
         self.linears = linears
         self._ptrs = self._pointers(linears)
+        self._gemm: PackedGemm | None = None  # while the layers are `PackedLinear`s (`pack_linears`)
 
     @staticmethod
     def _pointers(linears) -> tuple:
@@ -84,12 +87,25 @@ class FusedLinears:
         the fused ones with their parameters still views of the buffer."""
         if torch.is_grad_enabled() or self._pointers(linears) != self._ptrs:
             return None
+        if (
+            type(linears[0]) is PackedLinear
+            and x.numel() * self.weight.shape[0] >= packed.SMALL
+            and x.device.type == "cpu"
+            and x.dtype == self.weight.dtype
+        ):
+            return self.packed()(x).split(self.sizes, -1)
+        self._gemm = None
         return F.linear(x, self.weight, self.bias).split(self.sizes, -1)
+
+    def packed(self) -> PackedGemm:
+        """The packed GEMM of the fused weight and bias as they are now (packed again if they changed)."""
+        self._gemm = packed_gemm(self._gemm, self.weight, self.bias)
+        return self._gemm
 
     @staticmethod
     def of(linears: list) -> FusedLinears | None:
         """Fused when every layer is a plain `nn.Linear` of one input size, dtype and device."""
-        if any(type(lin) is not nn.Linear for lin in linears):
+        if any(type(lin) not in (nn.Linear, PackedLinear) for lin in linears):
             return None
         w0 = linears[0].weight
         if any(

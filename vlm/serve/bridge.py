@@ -1,10 +1,12 @@
 """A request handle's events, awaited from asyncio without holding the event loop.
 
-`RequestHandle` blocks (thread queues): one small thread per request waits on it and hands each
-event to the loop. The loop side waits with a timeout, so a client that went away is noticed
-within `poll` seconds even while the engine is still busy with other requests, and the request
-is cancelled at once (its slot and cache pins are freed at the engine's next step). A caller that
-must act at a given time (a deadline, a keep-alive comment) passes `until` and gets `TICK` then.
+The handle pushes each event to the loop as the engine produces it (`RequestHandle.listen`:
+`call_soon_threadsafe` from the engine thread, no thread per request); a handle without `listen`
+gets one small thread that waits on it. The loop side waits with a timeout, so a client that went
+away is noticed within `poll` seconds even while the engine is still busy with other requests, and
+the request is cancelled at once (its slot and cache pins are freed at the engine's next step). A
+caller that must act at a given time (a deadline, a keep-alive comment) passes `until` and gets
+`TICK` then.
 """
 
 from __future__ import annotations
@@ -13,9 +15,9 @@ import asyncio
 import threading
 import time
 
-from vlm.serve.handle import RequestHandle
+from vlm.serve.handle import ADMITTED, ERROR, EVENT, RequestHandle
 
-ADMITTED, EVENT, ERROR = "admitted", "event", "error"
+__all__ = ["ADMITTED", "ERROR", "EVENT", "TICK", "EventPump"]
 TICK = ("tick", None)  # `until` came before the next event
 
 
@@ -24,7 +26,11 @@ class EventPump:
         self.handle = handle
         self._loop = asyncio.get_running_loop()
         self._queue: asyncio.Queue = asyncio.Queue()
-        threading.Thread(target=self._run, name=f"pump-{handle.request_id}", daemon=True).start()
+        listen = getattr(handle, "listen", None)
+        if listen is not None:
+            listen(lambda kind, value: self._put((kind, value)))
+        else:
+            threading.Thread(target=self._run, name=f"pump-{handle.request_id}", daemon=True).start()
 
     def _put(self, item) -> None:
         try:

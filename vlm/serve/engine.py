@@ -49,6 +49,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from vlm.model.generate import constrain, never_generate, pick
+from vlm.model.packed import pack_linears
 from vlm.serve.api import ChatRequest, Finished, Overloaded, RequestError, Usage
 from vlm.serve.choices import ChoiceGroup, TokenPieces
 from vlm.serve.embed_cache import EmbedCache
@@ -85,10 +86,11 @@ class Engine:
         self.device, self.dtype_name = resolve(cfg)
         self.dtype = DTYPES[self.dtype_name]
         self.model = loaded.model.to(device=self.device, dtype=self.dtype).eval()
-        # q/k/v and gate/up as one GEMM each (same weights, no copy) in bf16, where oneDNN's GEMMs gain
-        # from the wider matrices (qwen40m decode step, 2 threads: 5-15% faster at batch 1..32); fp32's
-        # were 1-4% slower fused
-        self.model.fuse_projections(self.dtype != torch.float32)
+        # q/k/v and gate/up as one GEMM each (same weights, no copy): packed GEMMs have a fixed cost per
+        # call, and bf16's gain from the wider matrices (qwen40m decode step, 2 threads: 5-15% faster
+        # at batch 1..32); plain fp32 GEMMs were 1-4% slower fused
+        packed = pack_linears(self.model, cfg.packed_weights)
+        self.model.fuse_projections(packed > 0 or self.dtype != torch.float32)
         self.tokenizer = loaded.tokenizer
         dec = self.model.decoder
         self.max_context = int(cfg.max_context or default_max_context(self.model))

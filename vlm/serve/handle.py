@@ -3,17 +3,21 @@
 An engine thread produces events; any other thread consumes them. `admitted()` returns once the
 prompt is built (or raises its `RequestError`), so a server can answer 4xx before it starts a
 stream; iterating yields `Delta`s and ends with one `Finished`; `cancel()` asks the engine to
-free the request's slot at its next step.
+free the request's slot at its next step. `listen(fn)` has the events pushed to `fn` instead (the
+HTTP server's way: no thread per request waits on a queue).
 """
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from vlm.serve.api import Delta, Finished, RequestError, Usage
+
+log = logging.getLogger("vlm.serve.handle")
 
 
 class TextStream:
@@ -106,7 +110,7 @@ class TextStream:
         return self._release(text)
 
 
-_ADMITTED, _EVENT = "admitted", "event"
+ADMITTED, EVENT, ERROR = "admitted", "event", "error"  # what `RequestHandle.listen` passes on
 
 
 class RequestHandle:
@@ -117,6 +121,8 @@ class RequestHandle:
     def __init__(self, request_id: str):
         self.request_id = request_id
         self._events: queue.Queue = queue.Queue()
+        self._lock = threading.Lock()  # producer calls vs `listen`
+        self._listener: Callable[[str, object], None] | None = None
         self._admitted = threading.Event()
         self._usage: Usage | None = None
         self._error: RequestError | None = None
@@ -131,21 +137,59 @@ class RequestHandle:
             self.first_token_at = time.perf_counter()
 
     def admit(self, usage: Usage) -> None:
-        self._usage = usage
-        self._admitted.set()
+        with self._lock:
+            self._usage = usage
+            self._admitted.set()
+            if self._listener is not None:
+                self._tell(ADMITTED, usage)
 
     def emit(self, delta: Delta) -> None:
-        self._events.put(delta)
+        with self._lock:
+            if self._listener is not None:
+                self._tell(EVENT, delta)
+            else:
+                self._events.put(delta)
 
     def finish(self, finished: Finished) -> None:
-        if finished.error is not None and not self._admitted.is_set():
-            self._error = finished.error
+        with self._lock:
+            early = finished.error is not None and not self._admitted.is_set()
+            if early:
+                self._error = finished.error
+            self.finished = finished
             self._admitted.set()
-        self.finished = finished
-        self._admitted.set()
-        self._events.put(finished)
+            if self._listener is None:
+                self._events.put(finished)
+            else:
+                self._tell(*((ERROR, finished.error) if early else (EVENT, finished)))
+
+    def _tell(self, kind: str, value) -> None:
+        try:
+            self._listener(kind, value)
+        except Exception:  # noqa: BLE001 - a consumer's failure must not reach the engine thread
+            log.exception("the listener of %s failed", self.request_id)
 
     # ---- caller side ---------------------------------------------------------------------------
+    def listen(self, fn: Callable[[str, object], None]) -> None:
+        """Have the events pushed instead of waited for: `fn(ADMITTED, usage)` or `fn(ERROR,
+        request_error)` once the prompt is built, then `fn(EVENT, delta_or_finished)` for each
+        `Delta` and the `Finished`. What happened before is delivered at once, in order. `fn` runs
+        on the producing thread (the engine's): it must be quick (an asyncio server hands the item
+        to its loop with `call_soon_threadsafe`), and iteration sees nothing after this call."""
+        with self._lock:
+            self._listener = fn
+            if not self._admitted.is_set():
+                return
+            if self._error is not None:
+                self._tell(ERROR, self._error)
+                return
+            self._tell(ADMITTED, self._usage if self._usage is not None else Usage())
+            while True:
+                try:
+                    ev = self._events.get_nowait()
+                except queue.Empty:
+                    return
+                self._tell(EVENT, ev)
+
     @property
     def cancelled(self) -> bool:
         return self._cancel.is_set()

@@ -23,6 +23,7 @@ from dataclasses import replace
 import torch
 
 from vlm.model.generate import generate
+from vlm.model.packed import pack_linears
 from vlm.serve.api import ChatRequest, Delta, Finished, Overloaded, RequestError, Usage
 from vlm.serve.choices import TokenPieces, merge
 from vlm.serve.engine_config import (
@@ -57,6 +58,7 @@ class SerialEngine:
         self.config = cfg
         self.device, self.dtype_name = resolve(cfg)
         self.model = loaded.model.to(self.device, DTYPES[self.dtype_name]).eval()
+        pack_linears(self.model, cfg.packed_weights)
         self.tokenizer = loaded.tokenizer
         self.max_context = int(cfg.max_context or default_max_context(self.model))
         self.model_name = cfg.model_name or "vlm"
