@@ -312,3 +312,24 @@ def test_attend_in_bf16_matches_fp32_within_bf16_rounding(masked):
     )
     for a, b in zip(ga, gr):
         assert (a.float() - b).abs().max() < 0.05 * b.abs().max() + 0.02
+
+
+def test_attend_bf16_full_attention_in_query_chunks():
+    """bf16 inference, every query against every key (an image's patches): `attend` runs matmuls
+    over chunks of queries; the result stays within bf16 rounding of fp32 SDPA, as SDPA's own bf16."""
+    import torch.nn.functional as F
+
+    from vlm.model import attention
+    from vlm.model.attention import attend
+
+    torch.manual_seed(2)
+    L = attention.QUERY_CHUNK + 37  # two chunks, a ragged last one (L * L within BF16_MATMUL_MAX)
+    q32, k32, v32 = (torch.randn(1, 2, L, 16) for _ in range(3))
+    ref = F.scaled_dot_product_attention(q32, k32, v32)
+    q, k, v = (t.bfloat16() for t in (q32, k32, v32))
+    with torch.no_grad():
+        ours = attend(q, k, v)
+        sdpa = F.scaled_dot_product_attention(q, k, v)
+    assert ours.shape == ref.shape and ours.dtype == torch.bfloat16
+    err_ours, err_sdpa = (ours.float() - ref).abs().max(), (sdpa.float() - ref).abs().max()
+    assert err_ours < 0.05 and err_ours <= 2 * err_sdpa + 1e-3, (err_ours, err_sdpa)

@@ -77,3 +77,26 @@ def test_small_gemms_stay_on_f_linear():
     with torch.no_grad():
         m(torch.randn(1, 48))  # 1 x 48 x 96 multiply-adds: below SMALL
     assert m[0]._gemm is None
+
+
+def test_fused_projections_follow_casts_and_replaced_layers(small_gemms_packed):
+    """q/k/v fused into one (packed) GEMM give the three layers' outputs; once the module is cast
+    or a layer replaced, the fused buffer is stale and the layers run one by one."""
+    from vlm.model.attention import SelfAttention
+
+    torch.manual_seed(0)
+    attn = SelfAttention(32, 4, 2, qkv_bias=True).eval()
+    pack_linears(attn)
+    assert attn.fuse_projections(True)
+    x = torch.randn(2, 3, 32)
+    layers = (attn.q_proj, attn.k_proj, attn.v_proj)
+    with torch.no_grad():
+        fused = attn._qkv(x, layers)
+        torch.testing.assert_close(list(fused), [F.linear(x, m.weight, m.bias) for m in layers], atol=1e-5, rtol=1e-5)
+        attn.to(torch.float64)  # a cast: new tensors, no longer views of the fused buffer
+        assert attn._qkv(x.double(), layers) is None
+        attn.to(torch.float32)
+        assert attn.fuse_projections(True)
+        attn.k_proj = nn.Linear(32, 16, bias=True)
+        assert attn._qkv(x, (attn.q_proj, attn.k_proj, attn.v_proj)) is None
+        assert attn(x).shape == (2, 3, 32)  # runs layer by layer

@@ -186,6 +186,8 @@ def test_greedy_equals_generate_under_random_arrivals(tok, name):
             assert got[i].usage.completion_tokens == len(want[i])
         assert stats["embed_cache"]["hits"] > 0
         assert stats["prefix_cache"]["hits"] > 0
+        # several rows' prefill chunks in one forward where attention is causal and self-only
+        assert (stats["packed_prefills"] > 0) == (name in ("interleave_mrope_video", "rope1d_qformer")), stats
         assert stats["running"] == stats["prefilling"] == stats["queue_depth"] == 0
         assert stats["free_slots"] == cfg.max_batch
 

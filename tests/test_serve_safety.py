@@ -55,7 +55,8 @@ class Server:
         t0 = time.time()
         while time.time() - t0 < timeout:
             s = self.engine.stats()
-            if s["running"] == 0 and s.get("prefilling", 0) == 0 and s["queue_depth"] == 0:
+            busy = s["running"] or s.get("prefilling", 0) or s["queue_depth"]
+            if not busy and s.get("free_slots") == s.get("max_batch"):  # a row between queue and slot holds one
                 return s
             time.sleep(0.02)
         raise AssertionError(f"engine still busy: {self.engine.stats()}")
@@ -406,6 +407,34 @@ def test_a_failing_batched_decode_step_is_retried_row_by_row(loaded, monkeypatch
         for i in (0, 1):  # the same greedy answer as without the failures
             assert out[i][0] == alone.choices[0].message.content
             assert out[i][1].choices[0].finish_reason == "length"
+        assert s.wait_idle()["errors"] == 0
+
+
+def test_a_failing_packed_prefill_is_retried_row_by_row(loaded, monkeypatch):
+    """Several rows' prefill chunks run as one forward (`PackedPrefill`); when it fails, each row's
+    chunk runs alone and the answers are the ones the rows get without the failure."""
+    from vlm.serve.kv_slots import PackedPrefill
+
+    with serving(loaded, default_max_tokens=6) as s:
+        alone = s.client().chat.completions.create(
+            model="tiny", messages=_messages(text="What color?"), temperature=0, max_tokens=6
+        )
+        model = s.engine.model
+        forward, failed = model.forward, []
+
+        def flaky(*a, cache=None, **kw):
+            if isinstance(cache, PackedPrefill):
+                failed.append(len(cache.segments))
+                raise RuntimeError("out of memory (injected)")
+            return forward(*a, cache=cache, **kw)
+
+        monkeypatch.setattr(model, "forward", flaky)
+        _slow_steps(monkeypatch, s.engine, 0.05)  # let the three requests arrive before a step takes them
+        out, errors = _run_beside(s, "", n_good=2, max_tokens=6)
+        assert not errors and len(out) == 3
+        for i in (0, 1):  # the same prompt as `alone` (the third has a marker after it)
+            assert out[i][0] == alone.choices[0].message.content
+        assert failed and max(failed) > 1
         assert s.wait_idle()["errors"] == 0
 
 

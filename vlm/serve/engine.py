@@ -12,8 +12,9 @@ thread gives it a KV slot when one is free -> prefill in chunks -> decode until 
 stop string, max_tokens or `cancel()`.
 
 Each engine step (`Engine.step`): drop cancelled rows; give free slots to admitted requests (copy
-a cached prefix in); prefill at most `prefill_chunk` prompt tokens (several requests' chunks, one
-forward each); then one decode step for every decoding row at once. A request joins the decode
+a cached prefix in); prefill at most `prefill_chunk` prompt tokens (several requests' chunks
+packed into one forward, each attending over its own KV slot: `PackedPrefill`); then one decode
+step for every decoding row at once. A request joins the decode
 batch the step its prefill ends and leaves it the step it finishes: nobody waits for a batch to
 drain, and a long prompt costs the running rows one chunk of latency per step, not its whole
 prefill. Rows keep their own (M-)RoPE next position, so images of any size, several images and
@@ -64,7 +65,7 @@ from vlm.serve.engine_config import (
     resolve,
 )
 from vlm.serve.handle import RequestHandle, TextStream
-from vlm.serve.kv_slots import DecodeCache, KVSlots, RowCache
+from vlm.serve.kv_slots import DecodeCache, KVSlots, PackedPrefill, RowCache
 from vlm.serve.media import row_inputs
 from vlm.serve.prefix_cache import PrefixCache
 from vlm.serve.prompt import PromptBuilder
@@ -107,6 +108,9 @@ class Engine:
         mb = 1 << 20
         self.embed_cache = EmbedCache(int(cfg.embed_cache_mb * mb)) if cfg.embed_cache_mb > 0 else None
         self.bidir = self.model.image_attention == "bidirectional"
+        # several rows' prefill chunks in one forward: causal attention only (a bidirectional media
+        # span needs the model's span mask) and no cross-attention media (per-row state)
+        self.packed_prefill = not self.bidir and self.model.cross_attn is None
         self.prefix_cache = (
             PrefixCache(int(cfg.prefix_cache_mb * mb), self.bidir)
             if cfg.prefix_cache_mb > 0 and self.prune is None
@@ -124,7 +128,9 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._closing = False
         self._dead = False  # the engine thread died: nothing runs any more
-        self.counters = dict(steps=0, prefill_tokens=0, generated_tokens=0, finished=0, cancelled=0, errors=0)
+        self.counters = dict(
+            steps=0, prefill_tokens=0, packed_prefills=0, generated_tokens=0, finished=0, cancelled=0, errors=0
+        )
 
     # ---- lifecycle -------------------------------------------------------------------------------
     def start(self) -> Engine:
@@ -379,44 +385,93 @@ class Engine:
             self.prefilling.append(row)
 
     def _prefill(self) -> None:
-        budget = self.config.prefill_chunk
+        """Up to `prefill_chunk` prompt tokens this step, from as many prefilling rows as fit, in
+        one forward (`PackedPrefill`) where the model allows it. A failure ends the row it came
+        from: making a row's inputs fails alone; a packed forward that fails is run again one row
+        at a time, and only the rows that fail again end."""
+        budget, batch = self.config.prefill_chunk, []
         for row in list(self.prefilling):
             if budget <= 0:
                 break
             try:
-                budget -= self._prefill_row(row, budget)
+                span = self._next_chunk(row, budget)
             except Exception as e:  # noqa: BLE001 - e.g. out of memory in the vision encoder: this row only
                 log.exception("prefilling %s failed", row.handle.request_id)
                 self._end_safely(row, _internal(e))
+                continue
+            if span is not None:
+                batch.append((row, *span))
+                budget -= span[1] - span[0]
+        if len(batch) > 1 and self.packed_prefill:
+            try:
+                hidden = self._forward_packed(batch)
+            except Exception:  # noqa: BLE001
+                log.exception("a packed prefill of %d rows failed: running each alone", len(batch))
+            else:
+                self.counters["packed_prefills"] += 1
+                for row, _, end in batch:  # every chunk is in its slot before any row moves slots
+                    row.length = end
+                for (row, start, end), h in zip(batch, hidden):
+                    self._safely(row, self._chunk_done, row, start, end, h)
+                return
+        for row, start, end in batch:
+            self._safely(row, lambda r, s, e: self._chunk_done(r, s, e, self._forward_chunk(r, s, e)), row, start, end)
 
-    def _prefill_row(self, row: Row, budget: int) -> int:
-        """One prefill chunk of `row` (its inputs made first); the prompt tokens it took."""
+    def _safely(self, row: Row, fn, *args) -> None:
+        """`fn(*args)`; if it raises, `row` ends with an internal error and the step goes on."""
+        try:
+            fn(*args)
+        except Exception as e:  # noqa: BLE001 - this row only
+            log.exception("prefilling %s failed", row.handle.request_id)
+            self._end_safely(row, _internal(e))
+
+    def _next_chunk(self, row: Row, budget: int) -> tuple[int, int] | None:
+        """`row`'s next prefill chunk `(start, end)` within `budget` tokens (its inputs made first:
+        vision encoding), or None: it waits for another choice's prefill, or it ended."""
         if row.leader is not None:
             if not row.leader.done:
-                return 0  # another choice prefills this prompt; `_share_prefill` copies its KV here
+                return None  # another choice prefills this prompt; `_share_prefill` copies its KV here
             row.leader = None  # that one ended before its prefill did: prefill alone
         if row.inputs is None:
             try:
                 row.inputs = row_inputs(self.model, row.prompt, self.embed_cache, self.device, self.prune)
             except RequestError as e:
                 self._end(row, "error", e)
-                return 0
+                return None
             pos = row.inputs.position_ids
             row.next_pos = int((pos.amax(0) if pos.dim() == 2 else pos).max()) + 1
             if row.inputs.cross is not None:
                 row.inputs.cross["markers"] += int(self.model.is_media(row.inputs.input_ids[: row.length]).sum())
         start = row.length
-        end = chunk_end(row.inputs.input_ids, self.model, start, budget, self.bidir)
+        return start, chunk_end(row.inputs.input_ids, self.model, start, budget, self.bidir)
+
+    def _forward_chunk(self, row: Row, start: int, end: int) -> torch.Tensor:
+        """One row's chunk through the model over its own slot: the last position's hidden `[D]`."""
         inp = row.inputs
-        ids = inp.input_ids[start:end][None]
         pos = inp.position_ids[..., start:end]
         pos = pos[:, None] if pos.dim() == 2 else pos[None]
         cache = RowCache(self.slots, row.slot, start, inp.cross)
-        hidden = self.model(ids, pos, cache=cache, inputs_embeds=inp.embeds[start:end][None])
+        hidden = self.model(inp.input_ids[start:end][None], pos, cache=cache, inputs_embeds=inp.embeds[start:end][None])
+        return hidden[0, -1]
+
+    def _forward_packed(self, batch: list[tuple[Row, int, int]]) -> list[torch.Tensor]:
+        """Several rows' chunks in one forward, packed end to end: each row's last hidden `[D]`."""
+        ids = torch.cat([r.inputs.input_ids[s:e] for r, s, e in batch])
+        embeds = torch.cat([r.inputs.embeds[s:e] for r, s, e in batch])
+        pos = torch.cat([r.inputs.position_ids[..., s:e] for r, s, e in batch], dim=-1)
+        pos = pos[:, None] if pos.dim() == 2 else pos[None]
+        cache = PackedPrefill(self.slots, [(r.slot, s, e - s) for r, s, e in batch])
+        hidden = self.model(ids[None], pos, cache=cache, inputs_embeds=embeds[None])[0]
+        ends = torch.tensor([e - s for _, s, e in batch]).cumsum(0) - 1
+        return list(hidden[ends.to(hidden.device)])
+
+    def _chunk_done(self, row: Row, start: int, end: int, last_hidden: torch.Tensor) -> None:
+        """`row`'s chunk `[start, end)` is in its slot; at the prompt's end, its first token (and
+        the row moves to a decode slot, swapping with a prefilling row: lengths must be current)."""
         row.length = end
         self.counters["prefill_tokens"] += end - start
         if end == row.prompt_len:
-            logits = self.model.logits(hidden[:, -1]).float()
+            logits = self.model.logits(last_hidden[None]).float()
             self._share_prefill(row, logits)
             reason = self._sample_and_push(row, logits)
             if reason is not None:
@@ -424,7 +479,6 @@ class Engine:
             else:
                 self.prefilling.remove(row)
                 self._place_decoding(row)
-        return end - start
 
     def _place_decoding(self, row: Row) -> None:
         """Move a row whose prefill ended into slot `len(decoding)` (the decode batch is a view)."""

@@ -51,8 +51,9 @@ class EngineConfig:
 
     Continuous engine only (the serial one runs one request at a time without caches):
     max_batch: KV slots = requests running at once (prefilling or decoding); a slot holds
-    `max_context` positions. prefill_chunk: prompt tokens prefilled per engine step (a chunk
-    never cuts a bidirectional media span, so one span may exceed it). embed_cache_mb /
+    `max_context` positions. prefill_chunk: prompt tokens prefilled per engine step, the chunks
+    of several requests in one forward (a chunk never cuts a bidirectional media span, so one span
+    may exceed it). embed_cache_mb /
     prefix_cache_mb: budgets of the image-embedding and prefix KV caches (0 turns one off; the
     prefix cache is off while pruning: what is kept depends on the whole prompt).
     preprocess_workers: threads building prompts.
@@ -68,7 +69,7 @@ class EngineConfig:
     model_name: str | None = None
     packed_weights: bool = True
     max_batch: int = 16
-    prefill_chunk: int = 512
+    prefill_chunk: int = 2048
     embed_cache_mb: float = 256.0
     prefix_cache_mb: float = 512.0
     preprocess_workers: int = 2

@@ -19,6 +19,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from vlm.model.attention import attend, causal_mask
+
 
 class KVSlots:
     """Per-slot KV buffers and the slot bookkeeping (which slots are free)."""
@@ -122,3 +124,37 @@ class DecodeCache:
             kl.view(-1, dh).index_copy_(0, self.flat, k[:, :, 0].reshape(-1, dh))
             vl.view(-1, dh).index_copy_(0, self.flat, v[:, :, 0].reshape(-1, dh))
         return kl[: self.n, :, :S], vl[: self.n, :, :S]
+
+
+class PackedPrefill:
+    """A `KVCache` for one forward over the prefill chunks of several rows, packed end to end.
+
+    segments: `(slot, start, n)` per row, in packed order: the row's chunk is positions
+    `[start, start + n)` of its slot. The forward sees one sequence `[1, Σn]` (embeddings, positions
+    and every GEMM over all chunks at once); attention runs here, per chunk (`attend`): each chunk's
+    keys and values go into its slot, and its queries attend causally over its own slot's
+    positions `[0, start + n)`, never another row's. `length` is 0, so the model builds no mask of
+    its own (causal image attention only: bidirectional media spans are not covered)."""
+
+    length = 0
+    cross = None
+
+    def __init__(self, slots: KVSlots, segments: list[tuple[int, int, int]]):
+        self.slots, self.segments = slots, segments
+
+    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """q `[1, H, Σn, Dh]`, k, v `[1, H_kv, Σn, Dh]` -> `[1, H, Σn, Dh]`."""
+        kl, vl = self.slots.k[layer], self.slots.v[layer]
+        outs, at = [], 0
+        for slot, start, n in self.segments:
+            end = start + n
+            kl[slot, :, start:end] = k[0, :, at : at + n]
+            vl[slot, :, start:end] = v[0, :, at : at + n]
+            keys, values = kl[slot : slot + 1, :, :end], vl[slot : slot + 1, :, :end]
+            mask = None
+            if start:  # additive, as the model makes a cached chunk's mask (the same SDPA kernel and bits)
+                bad = ~causal_mask(n, end, device=q.device)
+                mask = torch.zeros(bad.shape, dtype=q.dtype, device=q.device).masked_fill_(bad, float("-inf"))
+            outs.append(attend(q[:, :, at : at + n], keys, values, mask, is_causal=start == 0))
+            at += n
+        return torch.cat(outs, dim=2)
