@@ -507,6 +507,14 @@ def measure(server: Server, levels: list[int], n: int, new: int, budget_s: float
 WORK: list = []  # per level: the same requests for both sides
 
 
+def pooled(runs: list[list[Level]]) -> list[Level]:
+    """Several runs over the same levels -> one Level each: walls added, answers in run order
+    (tokens/s is then total tokens over total time; percentiles are over every request)."""
+    return [
+        Level(lvs[0].clients, sum(lv.wall for lv in lvs), [a for lv in lvs for a in lv.answers]) for lvs in zip(*runs)
+    ]
+
+
 def pct(xs: list[float], q: float) -> float:
     import numpy as np
 
@@ -598,12 +606,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--level-budget-s", type=float, default=900, help="no new request after this, per level")
     ap.add_argument("--save", type=Path, default=None, help="write every answer and its timings here (JSON)")
     ap.add_argument("--ready-timeout-s", type=float, default=900, help="a server not ready by then is given up")
+    ap.add_argument(
+        "--rounds", type=int, default=1, help="run both servers this many times, in opposite orders; pool the runs"
+    )
     args = ap.parse_args(argv)
     args.levels = [int(x) for x in str(args.levels).split(",") if x.strip()]
     args.dtype = [d.strip() for d in str(args.dtype).split(",") if d.strip()]
     bad = [d for d in args.dtype if d not in ("fp32", "bf16")]
-    if bad or not args.levels or min(args.levels) < 1 or args.requests < 1:
-        ap.error("--dtype takes fp32,bf16; --levels positive integers; --requests >= 1")
+    if bad or not args.levels or min(args.levels) < 1 or args.requests < 1 or args.rounds < 1:
+        ap.error("--dtype takes fp32,bf16; --levels positive integers; --requests and --rounds >= 1")
     return args
 
 
@@ -641,21 +652,39 @@ def main(argv: list[str] | None = None) -> int:
         print(f"built qwen40m and exported it with format=hf_qwen2vl in {time.perf_counter() - t0:.0f} s")
         for dtype in dtypes:
             print(f"\n{dtype}:", flush=True)
-            srv = ours_server(ours_dir, dtype, args.threads, args.max_batch, tmp)
-            health, ours = measure(srv, args.levels, args.requests, args.new_tokens, args.level_budget_s, 300)
-            ran = (health.get("engine") or {}).get("dtype", "?")
-            sides = [f"ours ran {ran} (ready after {srv.ready_s:.0f} s)"]
-            theirs, line = None, why
-            if py is not None:
-                srv = vllm_server(py, hf_dir, dtype, args.threads, args.max_batch, tmp)
-                try:
-                    _, theirs = measure(
-                        srv, args.levels, args.requests, args.new_tokens, args.level_budget_s, args.ready_timeout_s
-                    )
-                    sides.append(f"vLLM ran {vllm_dtype(srv.log)} (ready after {srv.ready_s:.0f} s)")
-                except Unavailable as e:
-                    line = f"vLLM could not start ({dtype}): {e}"
-                    print(line, flush=True)
+            ours_runs, their_runs, sides, line = [], [], {}, why
+            for r in range(args.rounds):
+                order = ["ours", "vLLM"] if r % 2 == 0 else ["vLLM", "ours"]  # a drifting machine hits both alike
+                for side in order:
+                    if side == "ours":
+                        srv = ours_server(ours_dir, dtype, args.threads, args.max_batch, tmp)
+                        health, runs = measure(
+                            srv, args.levels, args.requests, args.new_tokens, args.level_budget_s, 300
+                        )
+                        ours_runs.append(runs)
+                        ran = (health.get("engine") or {}).get("dtype", "?")
+                        sides["ours"] = f"ours ran {ran} (ready after {srv.ready_s:.0f} s)"
+                    elif py is not None and line is None:
+                        srv = vllm_server(py, hf_dir, dtype, args.threads, args.max_batch, tmp)
+                        try:
+                            _, runs = measure(
+                                srv,
+                                args.levels,
+                                args.requests,
+                                args.new_tokens,
+                                args.level_budget_s,
+                                args.ready_timeout_s,
+                            )
+                            their_runs.append(runs)
+                            sides["vLLM"] = f"vLLM ran {vllm_dtype(srv.log)} (ready after {srv.ready_s:.0f} s)"
+                        except Unavailable as e:
+                            line = f"vLLM could not start ({dtype}): {e}"
+                            print(line, flush=True)
+            ours = pooled(ours_runs)
+            theirs = pooled(their_runs) if their_runs else None
+            sides = [sides[k] for k in ("ours", "vLLM") if k in sides]
+            if args.rounds > 1:
+                sides.append(f"{args.rounds} rounds in alternating order, pooled")
             out = table(dtype, ours, theirs, args.requests, args.new_tokens)
             out += f"\n\n{'; '.join(sides)}"
             if theirs:

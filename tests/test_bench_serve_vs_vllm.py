@@ -1,5 +1,6 @@
 """bench/serve_vs_vllm.py with `--skip-vllm` on one tiny level: the build, the hf_qwen2vl export,
-our server on a loopback port, the streamed load and the table (vLLM itself is not installed here)."""
+our server on a loopback port, the streamed load, two rounds pooled and the table (vLLM itself is
+not installed here)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from tests.conftest import ROOT
 
 def test_skip_vllm_measures_our_server_alone():
     cmd = [sys.executable, str(ROOT / "bench" / "serve_vs_vllm.py"), "--skip-vllm", "--dtype", "fp32"]
-    cmd += ["--levels", "1", "--requests", "2", "--new-tokens", "4"]
+    cmd += ["--levels", "1", "--requests", "2", "--new-tokens", "4", "--rounds", "2"]
     p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=240)
     assert p.returncode == 0, p.stderr[-2000:]
     out = p.stdout
@@ -20,5 +21,6 @@ def test_skip_vllm_measures_our_server_alone():
     row = re.search(r"^\| 1 \| ([\d.]+) / – \| – \| [\d.–]+ / – \| (\d+) / – \| (\d+) / – \|$", out, re.M)
     assert row, out
     assert float(row.group(1)) > 0  # tokens/s
-    assert "2/2 ok" in out, out
+    assert out.count("2/2 ok") == 2 and out.count("ours ready on") == 2, out  # one run per round
+    assert "2 rounds in alternating order, pooled" in out, out
     assert "vLLM ran" not in out  # skipped: no vLLM side
