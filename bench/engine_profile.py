@@ -3,7 +3,8 @@ qwen40m (`bench/serve.py`'s ~41M Qwen2-VL-shaped model), decode at several batch
 
     python bench/engine_profile.py                              # fp32 and bf16, batches 1 4 16 32
     python bench/engine_profile.py --dtypes bf16 --batches 16 --top 25
-    python bench/engine_profile.py --engine compile_decode=true  # an EngineConfig field
+    python bench/engine_profile.py --engine packed_weights=false  # an EngineConfig field
+    python bench/engine_profile.py --ablate --no-prefill        # + GEMMs / attention / the rest
 
 The engine is driven by hand (no engine thread): requests are submitted, `step()` runs until every
 row decodes, then `--steps` decode-only steps are timed without the profiler (wall ms, median)
@@ -67,7 +68,41 @@ def table(prof, steps: int, wall_ms: float, top: int, title: str) -> None:
     )
 
 
-def decode_profile(loaded, dtype: str, b: int, steps: int, top: int, extra: dict) -> None:
+def ablation(engine: Engine, steps: int) -> None:
+    """The decode step's wall time as is, with its GEMMs replaced by zeros of their shape, and with
+    its attention too: what is left is norms, rotary, residuals, Python and dispatch."""
+    import torch.nn.functional as F
+
+    from vlm.model import packed
+
+    rows = engine.decoding
+
+    def wall() -> float:
+        ts = []
+        for _ in range(3 * steps):
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                engine._decode_logits(rows)
+            ts.append((time.perf_counter() - t0) * 1e3)
+        return statistics.median(ts)
+
+    full = wall()
+    call, linear, sdpa = packed.PackedGemm.__call__, F.linear, F.scaled_dot_product_attention
+    try:
+        packed.PackedGemm.__call__ = lambda self, x: x.new_zeros(*x.shape[:-1], self.packed.shape[0])
+        F.linear = lambda x, w, b=None: x.new_zeros(*x.shape[:-1], w.shape[0])
+        no_gemm = wall()
+        F.scaled_dot_product_attention = lambda q, k, v, **kw: torch.zeros_like(q)
+        rest = wall()
+    finally:
+        packed.PackedGemm.__call__, F.linear, F.scaled_dot_product_attention = call, linear, sdpa
+    print(
+        f"ablation (wall ms, median of {3 * steps}): step {full:.2f} = GEMMs {full - no_gemm:.2f}"
+        f" + attention {no_gemm - rest:.2f} + the rest {rest:.2f}"
+    )
+
+
+def decode_profile(loaded, dtype: str, b: int, steps: int, top: int, extra: dict, ablate: bool = False) -> None:
     cfg = EngineConfig(max_context=CTX, dtype=dtype, max_batch=max(b, 1), prefix_cache_mb=0, **extra)
     engine = Engine(loaded, cfg)
     try:
@@ -87,6 +122,8 @@ def decode_profile(loaded, dtype: str, b: int, steps: int, top: int, extra: dict
                 engine.step()
         title = f"{dtype} decode, batch {b} (cached positions {min(lengths)}..{max(lengths)})"
         table(prof, steps, statistics.median(walls), top, title)
+        if ablate:
+            ablation(engine, steps)
     finally:
         engine.close()
 
@@ -124,6 +161,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--top", type=int, default=15)
     ap.add_argument("--no-prefill", action="store_true")
+    ap.add_argument("--ablate", action="store_true", help="split each decode step: GEMMs, attention, the rest")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--engine", nargs="*", default=[], help="EngineConfig fields, name=value (true/false/ints)")
     args = ap.parse_args()
@@ -142,7 +180,7 @@ def main() -> None:
         for dtype in args.dtypes:
             print(f"\n### qwen40m, {dtype}{', ' + ' '.join(args.engine) if args.engine else ''}")
             for b in args.batches:
-                decode_profile(loaded, dtype, b, args.steps, args.top, extra)
+                decode_profile(loaded, dtype, b, args.steps, args.top, extra, args.ablate)
             if not args.no_prefill:
                 prefill_profile(loaded, dtype, args.top, extra)
 
