@@ -72,6 +72,7 @@ from vlm.serve.prompt import PromptBuilder
 from vlm.serve.row import Row
 from vlm.serve.scheduling import chunk_end, stack_cross
 from vlm.serve.structured import Grammars
+from vlm.serve.threads import single_threaded_here
 
 log = logging.getLogger("vlm.serve.engine")
 __all__ = ["Engine", "EngineConfig", "default_dtype"]
@@ -116,7 +117,11 @@ class Engine:
             if cfg.prefix_cache_mb > 0 and self.prune is None
             else None
         )
-        self.pool = ThreadPoolExecutor(max(1, cfg.preprocess_workers), thread_name_prefix="vlm-preprocess")
+        # the preprocessing threads run single-threaded: the engine thread's OpenMP team stays the
+        # process's only one (`vlm.serve.threads`)
+        self.pool = ThreadPoolExecutor(
+            max(1, cfg.preprocess_workers), thread_name_prefix="vlm-preprocess", initializer=single_threaded_here
+        )
         self._lock = threading.Condition()
         self._ready: deque[Row] = deque()  # admitted, waiting for a slot
         self._waiting = 0  # submitted, not yet in a slot (preprocessing or ready)

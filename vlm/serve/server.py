@@ -531,11 +531,15 @@ def run(cfg) -> None:
 
     from vlm.checkpoint.load import load_checkpoint
     from vlm.serve.engines import build_engine
+    from vlm.serve.threads import single_threaded_here
 
     if not cfg.get("ckpt"):
         raise FileNotFoundError("no checkpoint given: pass ckpt=PATH (a .ckpt file or an export folder)")
     if cfg.get("threads"):
-        torch.set_num_threads(int(cfg.threads))
+        torch.set_num_threads(int(cfg.threads))  # the engine thread's, and new threads' by default
+    # this thread loads the model and then serves HTTP: single-threaded, so that the engine thread's
+    # OpenMP team is the process's only one (`vlm.serve.threads`)
+    single_threaded_here()
     options = options_from(cfg)
     warning = exposure_warning(cfg.host, options.api_key)
     if warning:

@@ -1,0 +1,36 @@
+"""`vlm.serve.threads`: the engine thread's OpenMP team is the serving process's only one."""
+
+from __future__ import annotations
+
+import threading
+
+
+def test_only_the_engine_thread_runs_multi_threaded_ops():
+    """The preprocessing threads run torch single-threaded (no OpenMP team of their own, so the
+    engine thread's workers keep spinning between its parallel regions); nobody else's setting moves."""
+    import torch
+
+    from tests.test_serve_engine import CTX, WORDS, tiny
+    from vlm.serve.engine import Engine, EngineConfig
+    from vlm.serve.threads import single_threaded_here
+    from vlm.tokenizer import train_tokenizer
+
+    before = torch.get_num_threads()
+    probe = []
+    t = threading.Thread(target=lambda: probe.append((single_threaded_here(), torch.get_num_threads())))
+    t.start()
+    t.join()
+    if not probe[0][0]:
+        return  # not libgomp: nothing to check
+    assert probe[0][1] == 1 and torch.get_num_threads() == before
+    fresh = []
+    t = threading.Thread(target=lambda: fresh.append(torch.get_num_threads()))
+    t.start()
+    t.join()
+    assert fresh == [before]  # a new thread still gets the process's count
+    engine = Engine(tiny(train_tokenizer(WORDS * 10, vocab_size=300)), EngineConfig(max_context=CTX, dtype="fp32"))
+    try:
+        assert engine.pool.submit(torch.get_num_threads).result(10) == 1
+    finally:
+        engine.close()
+    assert torch.get_num_threads() == before

@@ -1,0 +1,46 @@
+"""One OpenMP team per serving process: the engine thread's.
+
+PyTorch's CPU kernels run on OpenMP (GNU libgomp in the PyPI wheels). Every thread that runs a
+multi-threaded op gets a team of worker threads of its own, and libgomp counts them all: once the
+process holds more OpenMP threads than the machine has CPUs, every team's workers stop spinning
+between parallel regions and sleep at once, so each of a decode step's ~60 parallel regions pays a
+wake-up. On a 2-core CPU a chain of 48 GEMMs took 6-7 ms with one team and 12 ms once three other
+threads had each run one parallel op. In a server the main thread (loading the model) and the
+image-preprocessing threads would add those teams; so the engine thread runs its ops with the
+configured thread count and every other thread of the engine runs single-threaded
+(`single_threaded_here`), which keeps the engine's team the only one.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import logging
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+@functools.cache
+def _libgomp():
+    """The libgomp this process loaded with torch (None: another OpenMP runtime, or none)."""
+    torch.get_num_threads()  # makes sure torch's OpenMP runtime is loaded and initialised
+    try:
+        with open("/proc/self/maps") as f:
+            paths = sorted({line.split()[-1] for line in f if "libgomp" in line and "/" in line})
+        return ctypes.CDLL(paths[0]) if paths else None
+    except (OSError, IndexError):
+        return None
+
+
+def single_threaded_here() -> bool:
+    """Run this thread's torch ops on this thread alone (no OpenMP team of its own), leaving every
+    other thread's setting and torch's process-wide thread count as they are. False where the
+    OpenMP runtime is not libgomp (then nothing changes)."""
+    torch.get_num_threads()  # torch sets this thread's OpenMP thread count on first use: do it first
+    lib = _libgomp()
+    if lib is None:
+        return False
+    lib.omp_set_num_threads(1)
+    return torch.get_num_threads() == 1
