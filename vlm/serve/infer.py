@@ -33,6 +33,7 @@ from vlm.data.webdataset import ShardDataset
 from vlm.evaluation.evaluate import Evaluator
 from vlm.serve import local
 from vlm.serve.local_media import checked_image, path_list, read_video
+from vlm.serve.threads import single_threaded
 
 
 def _stop_ids(loaded: LoadedVLM) -> list[int]:
@@ -83,18 +84,33 @@ def evaluate(
 def run(cfg: DictConfig) -> dict:
     if not cfg.get("ckpt"):
         raise FileNotFoundError("no checkpoint given: pass ckpt=PATH (a .ckpt file or an export folder)")
+    if cfg.get("threads"):
+        torch.set_num_threads(int(cfg.threads))
+    if cfg.get("chat") or cfg.get("requests"):
+        # an engine thread runs the model: this one loads it and talks to the user single-threaded,
+        # so the engine's OpenMP team is the process's only one (`vlm.serve.threads`)
+        with single_threaded():
+            return _run_engine(cfg)
+    return _run_here(cfg)
+
+
+def _run_engine(cfg: DictConfig) -> dict:
+    loaded = _load(cfg)
+    return local.chat(loaded, cfg) if cfg.get("chat") else local.batch(loaded, cfg)
+
+
+def _load(cfg: DictConfig) -> LoadedVLM:
     loaded = load_checkpoint(cfg.ckpt)
     if loaded.model.lora is not None or cfg.get("adapter"):  # adapters folded into the weights
         from vlm.checkpoint.adapters import for_inference
 
         loaded = for_inference(loaded, cfg.get("adapter"))
     torch.manual_seed(cfg.seed)
-    if cfg.get("threads"):
-        torch.set_num_threads(int(cfg.threads))
-    if cfg.get("chat"):
-        return local.chat(loaded, cfg)
-    if cfg.get("requests"):
-        return local.batch(loaded, cfg)
+    return loaded
+
+
+def _run_here(cfg: DictConfig) -> dict:
+    loaded = _load(cfg)
     prune = dict(cfg.get("infer", {}).get("prune") or {}) or None
     data = cfg.get("data")
     if data and data.get("val_shards"):

@@ -13,6 +13,7 @@ configured thread count and every other thread of the engine runs single-threade
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import logging
@@ -44,3 +45,15 @@ def single_threaded_here() -> bool:
         return False
     lib.omp_set_num_threads(1)
     return torch.get_num_threads() == 1
+
+
+@contextlib.contextmanager
+def single_threaded():
+    """`single_threaded_here` for the block; this thread's own thread count comes back after it."""
+    n = torch.get_num_threads()
+    changed = single_threaded_here()
+    try:
+        yield
+    finally:
+        if changed:
+            _libgomp().omp_set_num_threads(n)
