@@ -420,7 +420,10 @@ class Engine:
                     self._safely(row, self._chunk_done, row, start, end, h)
                 return
         for row, start, end in batch:
-            self._safely(row, lambda r, s, e: self._chunk_done(r, s, e, self._forward_chunk(r, s, e)), row, start, end)
+            self._safely(row, self._prefill_alone, row, start, end)
+
+    def _prefill_alone(self, row: Row, start: int, end: int) -> None:
+        self._chunk_done(row, start, end, self._forward_chunk(row, start, end))
 
     def _safely(self, row: Row, fn, *args) -> None:
         """`fn(*args)`; if it raises, `row` ends with an internal error and the step goes on."""

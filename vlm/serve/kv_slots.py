@@ -141,20 +141,22 @@ class PackedPrefill:
 
     def __init__(self, slots: KVSlots, segments: list[tuple[int, int, int]]):
         self.slots, self.segments = slots, segments
+        self._masks: dict[int, Tensor] = {}  # segment -> its additive mask, made at the first layer
 
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         """q `[1, H, Σn, Dh]`, k, v `[1, H_kv, Σn, Dh]` -> `[1, H, Σn, Dh]`."""
         kl, vl = self.slots.k[layer], self.slots.v[layer]
         outs, at = [], 0
-        for slot, start, n in self.segments:
+        for i, (slot, start, n) in enumerate(self.segments):
             end = start + n
             kl[slot, :, start:end] = k[0, :, at : at + n]
             vl[slot, :, start:end] = v[0, :, at : at + n]
             keys, values = kl[slot : slot + 1, :, :end], vl[slot : slot + 1, :, :end]
-            mask = None
-            if start:  # additive, as the model makes a cached chunk's mask (the same SDPA kernel and bits)
+            mask = self._masks.get(i)
+            if start and mask is None:  # additive, as the model makes a cached chunk's mask (same kernel, same bits)
                 bad = ~causal_mask(n, end, device=q.device)
                 mask = torch.zeros(bad.shape, dtype=q.dtype, device=q.device).masked_fill_(bad, float("-inf"))
+                self._masks[i] = mask
             outs.append(attend(q[:, :, at : at + n], keys, values, mask, is_causal=start == 0))
             at += n
         return torch.cat(outs, dim=2)
