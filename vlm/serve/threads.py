@@ -9,6 +9,11 @@ threads had each run one parallel op. In a server the main thread (loading the m
 image-preprocessing threads would add those teams; so the engine thread runs its ops with the
 configured thread count and every other thread of the engine runs single-threaded
 (`single_threaded_here`), which keeps the engine's team the only one.
+
+Two thread counts decide whether a thread's op starts a team: libgomp's own (per thread, read by
+ATen's parallel loops and oneDNN) and MKL's (process-wide unless set per thread; MKL's fp32 GEMMs
+read it). A plain fp32 `F.linear` on a thread whose libgomp count is 1 still starts a team of
+MKL's size, so both are set per thread here.
 """
 
 from __future__ import annotations
@@ -35,6 +40,31 @@ def _libgomp():
         return None
 
 
+@functools.cache
+def _mkl_local():
+    """MKL's per-thread thread count setter (`MKL_Set_Num_Threads_Local`, in the library torch
+    links MKL into), or None where torch has no MKL."""
+    with open("/proc/self/maps") as f:
+        paths = sorted({line.split()[-1] for line in f if "libtorch_cpu" in line and "/" in line})
+    for path in paths:
+        try:
+            fn = ctypes.CDLL(path).MKL_Set_Num_Threads_Local  # the C entry (by value)
+        except (OSError, AttributeError):
+            continue
+        fn.argtypes, fn.restype = [ctypes.c_int], ctypes.c_int
+        return fn
+    return None
+
+
+def _set_mkl_here(n: int) -> int:
+    """This thread's MKL thread count (0: back to the process-wide one); the previous one, or 0."""
+    try:
+        fn = _mkl_local()
+    except OSError:
+        return 0
+    return fn(n) if fn is not None else 0
+
+
 def single_threaded_here() -> bool:
     """Run this thread's torch ops on this thread alone (no OpenMP team of its own), leaving every
     other thread's setting and torch's process-wide thread count as they are. False where the
@@ -44,16 +74,20 @@ def single_threaded_here() -> bool:
     if lib is None:
         return False
     lib.omp_set_num_threads(1)
+    _set_mkl_here(1)
     return torch.get_num_threads() == 1
 
 
 @contextlib.contextmanager
 def single_threaded():
-    """`single_threaded_here` for the block; this thread's own thread count comes back after it."""
+    """`single_threaded_here` for the block; this thread's own thread counts come back after it."""
     n = torch.get_num_threads()
+    mkl_before = _set_mkl_here(0)  # read this thread's MKL count (0 = the process-wide one)
+    _set_mkl_here(mkl_before)
     changed = single_threaded_here()
     try:
         yield
     finally:
         if changed:
             _libgomp().omp_set_num_threads(n)
+            _set_mkl_here(mkl_before)
