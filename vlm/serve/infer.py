@@ -33,6 +33,7 @@ from vlm.data.webdataset import ShardDataset
 from vlm.evaluation.evaluate import Evaluator
 from vlm.serve import local
 from vlm.serve.local_media import checked_image, path_list, read_video
+from vlm.serve.memory import keep_freed_memory
 from vlm.serve.threads import single_threaded
 
 
@@ -86,6 +87,7 @@ def run(cfg: DictConfig) -> dict:
         raise FileNotFoundError("no checkpoint given: pass ckpt=PATH (a .ckpt file or an export folder)")
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
+    keep_freed_memory()  # activations reuse freed pages instead of faulting in new ones (`vlm.serve.memory`)
     if cfg.get("chat") or cfg.get("requests"):
         # an engine thread runs the model: this one loads it and talks to the user single-threaded,
         # so the engine's OpenMP team is the process's only one (`vlm.serve.threads`)

@@ -531,6 +531,7 @@ def run(cfg) -> None:
 
     from vlm.checkpoint.load import load_checkpoint
     from vlm.serve.engines import build_engine
+    from vlm.serve.memory import keep_freed_memory
     from vlm.serve.threads import single_threaded_here
 
     if not cfg.get("ckpt"):
@@ -540,6 +541,7 @@ def run(cfg) -> None:
     # this thread loads the model and then serves HTTP: single-threaded, so that the engine thread's
     # OpenMP team is the process's only one (`vlm.serve.threads`)
     single_threaded_here()
+    keep_freed_memory()  # activations reuse freed pages instead of faulting in new ones (`vlm.serve.memory`)
     options = options_from(cfg)
     warning = exposure_warning(cfg.host, options.api_key)
     if warning:
