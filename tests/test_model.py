@@ -323,7 +323,7 @@ def test_attend_bf16_full_attention_in_query_chunks():
     from vlm.model.attention import attend
 
     torch.manual_seed(2)
-    L = attention.QUERY_CHUNK + 37  # two chunks, a ragged last one (L * L within BF16_MATMUL_MAX)
+    L = attention.QUERY_CHUNK + 37  # two chunks, a ragged last one
     q32, k32, v32 = (torch.randn(1, 2, L, 16) for _ in range(3))
     ref = F.scaled_dot_product_attention(q32, k32, v32)
     q, k, v = (t.bfloat16() for t in (q32, k32, v32))

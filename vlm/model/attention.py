@@ -223,7 +223,7 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, is_causa
     fused kernel run without expanding the keys: 2-10x faster than `enable_gqa` on CPUs."""
     L, S = q.shape[-2], k.shape[-2]
     B, H, Hkv, Dh = q.shape[0], q.shape[1], k.shape[1], q.shape[-1]
-    if EAGER_CPU_MAX < L * S <= BF16_MATMUL_MAX and _bf16_cpu_full(q, k, mask, is_causal):
+    if L * S > EAGER_CPU_MAX and _bf16_cpu_full(q, k, mask, is_causal):
         return _query_chunks(q, k, v)
     if q.device.type != "cpu" or L != S or L * S > EAGER_CPU_MAX:
         one_mask = mask is None or mask.dim() < 4 or mask.shape[1] == 1  # the same for every head
@@ -254,10 +254,6 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, is_causa
 
 #: query rows per chunk of `_query_chunks` (bounds its scores to [B, H, 512, S])
 QUERY_CHUNK = 512
-#: bf16 full attention over at most this many query x key positions takes `_query_chunks`: in the
-#: vision tower of a served model it won at 768 patches (448x336: 38 vs 46 ms for the whole tower)
-#: and lost at 1564 (640x480: 157 vs 127 ms)
-BF16_MATMUL_MAX = 1024 * 1024
 
 
 def _bf16_cpu_full(q: Tensor, k: Tensor, mask, is_causal: bool) -> bool:
@@ -274,8 +270,9 @@ def _bf16_cpu_full(q: Tensor, k: Tensor, mask, is_causal: bool) -> bool:
 
 def _query_chunks(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """Full attention as matmuls over chunks of `QUERY_CHUNK` queries: in bf16 on a CPU these run
-    at GEMM speed where SDPA's flash kernel does not (4 heads of 768 image patches, 2-core AVX-512
-    BF16: 2.5 vs 3.9 ms); fp32 stays on SDPA, faster there."""
+    at GEMM speed where SDPA's flash kernel does not (4 heads of 64 dims, 2-core AVX-512 BF16:
+    768 image patches 2.5 vs 4.0 ms, 1564 10.7 vs 16.7 ms, 4096 71 vs 110 ms, with freed memory
+    kept: `vlm.serve.memory`); fp32 stays on SDPA, faster there."""
     scale = q.shape[-1] ** -0.5
     kt = k.transpose(-1, -2)
     return torch.cat([((c * scale) @ kt).softmax(-1) @ v for c in q.split(QUERY_CHUNK, dim=-2)], dim=-2)
