@@ -333,3 +333,28 @@ def test_attend_bf16_full_attention_in_query_chunks():
     assert ours.shape == ref.shape and ours.dtype == torch.bfloat16
     err_ours, err_sdpa = (ours.float() - ref).abs().max(), (sdpa.float() - ref).abs().max()
     assert err_ours < 0.05 and err_ours <= 2 * err_sdpa + 1e-3, (err_ours, err_sdpa)
+
+
+@pytest.mark.parametrize("cached", [0, 70])
+def test_causal_chunks_match_sdpa(cached):
+    """`causal_chunks` (a prefill chunk's causal attention as folded-GQA matmuls over query chunks):
+    queries are the last L of S positions; in fp32 it equals SDPA with the causal mask within
+    rounding, across a ragged last chunk; in bf16 it stays within bf16 rounding of that."""
+    import torch.nn.functional as F
+
+    from vlm.model import attention
+    from vlm.model.attention import causal_chunks, causal_mask, fast_causal
+
+    torch.manual_seed(3)
+    L = 2 * attention.CAUSAL_CHUNK + 29
+    S = cached + L
+    q = torch.randn(1, 8, L, 16)
+    k, v = torch.randn(1, 2, S, 16), torch.randn(1, 2, S, 16)
+    mask = causal_mask(L, S)
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    with torch.no_grad():
+        got = causal_chunks(q, k, v)
+        got16 = causal_chunks(q.bfloat16(), k.bfloat16(), v.bfloat16())
+        assert fast_causal(q.bfloat16()) and not fast_causal(q) and not fast_causal(q[:, :, :1].bfloat16())
+    assert got.shape == ref.shape and (got - ref).abs().max() < 1e-5
+    assert got16.dtype == torch.bfloat16 and (got16.float() - ref).abs().max() < 0.05

@@ -407,7 +407,7 @@ class Engine:
             if span is not None:
                 batch.append((row, *span))
                 budget -= span[1] - span[0]
-        if len(batch) > 1 and self.packed_prefill:
+        if batch and self.packed_prefill:
             try:
                 hidden = self._forward_packed(batch)
             except Exception:  # noqa: BLE001

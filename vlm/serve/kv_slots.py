@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from vlm.model.attention import attend, causal_mask
+from vlm.model.attention import attend, causal_chunks, causal_mask, fast_causal
 
 
 class KVSlots:
@@ -152,6 +152,10 @@ class PackedPrefill:
             kl[slot, :, start:end] = k[0, :, at : at + n]
             vl[slot, :, start:end] = v[0, :, at : at + n]
             keys, values = kl[slot : slot + 1, :, :end], vl[slot : slot + 1, :, :end]
+            if fast_causal(q):
+                outs.append(causal_chunks(q[:, :, at : at + n], keys, values))
+                at += n
+                continue
             mask = self._masks.get(i)
             if start and mask is None:  # additive, as the model makes a cached chunk's mask (same kernel, same bits)
                 bad = ~causal_mask(n, end, device=q.device)
