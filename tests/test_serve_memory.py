@@ -51,3 +51,22 @@ def test_keep_freed_memory_is_idempotent():
     from vlm.serve.memory import keep_freed_memory
 
     assert keep_freed_memory() == keep_freed_memory()
+
+
+def test_loaded_objects_leave_the_collectors_full_passes():
+    """What is alive when loading ends moves to the permanent generation (a full collection no
+    longer walks it); objects made later are collected as usual."""
+    import gc
+
+    from vlm.serve.memory import freeze_loaded_objects
+
+    loaded = [{"weight": i} for i in range(1000)]
+    try:
+        frozen = freeze_loaded_objects()
+        assert frozen >= len(loaded) and gc.get_freeze_count() == frozen
+        assert not any(o is loaded for o in gc.get_objects())  # out of every generation the collector walks
+        later = [[]]
+        later[0].append(later)  # a cycle made after the freeze
+        assert gc.collect() >= 0 and any(o is later for o in gc.get_objects())
+    finally:
+        gc.unfreeze()

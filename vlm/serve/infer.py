@@ -33,7 +33,7 @@ from vlm.data.webdataset import ShardDataset
 from vlm.evaluation.evaluate import Evaluator
 from vlm.serve import local
 from vlm.serve.local_media import checked_image, path_list, read_video
-from vlm.serve.memory import keep_freed_memory
+from vlm.serve.memory import freeze_loaded_objects, keep_freed_memory
 from vlm.serve.threads import single_threaded
 
 
@@ -98,6 +98,7 @@ def run(cfg: DictConfig) -> dict:
 
 def _run_engine(cfg: DictConfig) -> dict:
     loaded = _load(cfg)
+    freeze_loaded_objects()  # the collector's full passes no longer walk the model (`vlm.serve.memory`)
     return local.chat(loaded, cfg) if cfg.get("chat") else local.batch(loaded, cfg)
 
 

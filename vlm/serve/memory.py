@@ -1,4 +1,5 @@
-"""glibc's malloc tuned for a serving process: freed memory is kept for the next request.
+"""Memory habits of a serving process: freed memory is kept for the next request, and the objects
+loaded at start stay out of the garbage collector's way.
 
 By default glibc serves every block above a threshold (128 KiB, rising to the largest block freed
 so far) with a fresh `mmap` and gives heap memory above 128 KiB at the top back to the kernel on
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import gc
 import logging
 
 log = logging.getLogger(__name__)
@@ -38,3 +40,14 @@ def keep_freed_memory() -> bool:
     if not ok:
         log.info("glibc refused the malloc thresholds; freed memory goes back to the kernel")
     return ok
+
+
+def freeze_loaded_objects() -> int:
+    """Move every object alive now (the model's modules, the tokenizer's vocabulary, the imported
+    libraries: ~400 thousand for a 40M-parameter model) out of the garbage collector's reach; the
+    number moved. A full collection walks every tracked object while holding the GIL: ~100 ms
+    each in a server that had loaded such a model, a pause for the engine thread at every one.
+    Call once loading is done; what is created later is collected as usual."""
+    gc.collect()
+    gc.freeze()
+    return gc.get_freeze_count()

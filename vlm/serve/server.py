@@ -531,7 +531,7 @@ def run(cfg) -> None:
 
     from vlm.checkpoint.load import load_checkpoint
     from vlm.serve.engines import build_engine
-    from vlm.serve.memory import keep_freed_memory
+    from vlm.serve.memory import freeze_loaded_objects, keep_freed_memory
     from vlm.serve.threads import single_threaded_here
 
     if not cfg.get("ckpt"):
@@ -561,6 +561,7 @@ def run(cfg) -> None:
         build = lambda lv, name: build_engine(lv, cfg.engine, dtype=cfg.dtype, model_name=name)
         engine = adapter_engines(engine, copies, build)
     app = create_app(engine, options)
+    freeze_loaded_objects()  # the collector's full passes no longer walk the model (`vlm.serve.memory`)
     drain = cfg.get("drain_timeout_s")
     config = uvicorn.Config(
         app,
