@@ -3,6 +3,7 @@
     python bench/serve_vs_vllm.py                        # fp32 and bf16 (where the CPU has native bf16), 1/4/16/32 clients
     python bench/serve_vs_vllm.py --dtype fp32 --levels 1,4 --requests 16
     python bench/serve_vs_vllm.py --skip-vllm --levels 1 --requests 2 --new-tokens 8    # ours alone, under a minute
+    python bench/serve_vs_vllm.py --skip-vllm --levels 4,16 --ours engine.prefill_groups=4  # an engine option
 
 The model is bench/serve.py's `qwen40m` (~41M random Qwen2-VL-shaped weights, end tokens made
 unreachable so every answer runs to `--new-tokens`), written as an export folder (what `serve.py`
@@ -342,11 +343,12 @@ class Server:
         self.proc = None
 
 
-def ours_server(folder: Path, dtype: str, threads: int, max_batch: int, tmp: Path) -> Server:
+def ours_server(folder: Path, dtype: str, threads: int, max_batch: int, tmp: Path, extra=()) -> Server:
+    """`serve.py` on the export; `extra`: more of its overrides (e.g. `engine.prefill_groups=4`)."""
     port = free_port()
     cmd = [sys.executable, str(ROOT / "serve.py"), f"ckpt={folder}", "host=127.0.0.1", f"port={port}"]
     cmd += [f"dtype={dtype}", f"threads={threads}", f"engine.max_batch={max_batch}", f"engine.max_context={CTX}"]
-    cmd += [f"model_name={MODEL_NAME}", "log_level=warning", f"hydra.run.dir={tmp / 'hydra_serve'}"]
+    cmd += [f"model_name={MODEL_NAME}", "log_level=warning", f"hydra.run.dir={tmp / 'hydra_serve'}", *extra]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     return Server("ours", cmd, env, tmp / f"ours_{dtype}.log", port)
 
@@ -609,7 +611,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument(
         "--rounds", type=int, default=1, help="run both servers this many times, in opposite orders; pool the runs"
     )
+    ap.add_argument("--ours", nargs="*", default=[], help="more serve.py overrides, e.g. engine.prefill_groups=4")
     args = ap.parse_args(argv)
+    if any("=" not in o for o in args.ours):
+        ap.error("--ours takes serve.py overrides of the form key=value")
     args.levels = [int(x) for x in str(args.levels).split(",") if x.strip()]
     args.dtype = [d.strip() for d in str(args.dtype).split(",") if d.strip()]
     bad = [d for d in args.dtype if d not in ("fp32", "bf16")]
@@ -657,7 +662,7 @@ def main(argv: list[str] | None = None) -> int:
                 order = ["ours", "vLLM"] if r % 2 == 0 else ["vLLM", "ours"]  # a drifting machine hits both alike
                 for side in order:
                     if side == "ours":
-                        srv = ours_server(ours_dir, dtype, args.threads, args.max_batch, tmp)
+                        srv = ours_server(ours_dir, dtype, args.threads, args.max_batch, tmp, args.ours)
                         health, runs = measure(
                             srv, args.levels, args.requests, args.new_tokens, args.level_budget_s, 300
                         )

@@ -483,3 +483,34 @@ def test_mixed_sampling_options_equal_generate_under_random_arrivals(tok, name):
         stats = engine.stats()
     assert stats["running"] == stats["prefilling"] == stats["queue_depth"] == 0
     assert stats["free_slots"] == cfg.max_batch
+
+
+def test_a_burst_of_requests_gets_first_tokens_in_groups(tok):
+    """prefill_groups=2: of four requests admitted together, a step prefills half of those still
+    waiting (2, then 1, then 1; the first ones decode meanwhile); prefill_groups=1 takes all four at once.
+    Answers are the same either way; a group count under 1 is refused."""
+    loaded = tiny(tok)
+    msgs = [[{"role": "user", "content": f"say {w}"}] for w in WORDS[:4]]
+
+    def first_steps(groups: int) -> tuple[list[int], list[str]]:
+        engine = Engine(loaded, EngineConfig(max_batch=4, max_context=CTX, dtype="fp32", prefill_groups=groups))
+        try:
+            hs = [engine.submit(ChatRequest(m, SamplingParams(max_tokens=4))) for m in msgs]
+            for h in hs:
+                h.admitted(60)
+            waiting = []  # requests still waiting for their prefill after each step
+            while engine._ready or engine.prefilling:
+                engine.step()
+                waiting.append(len(engine.prefilling))
+            while engine.decoding:
+                engine.step()
+            return waiting, [h.result(60).text for h in hs]
+        finally:
+            engine.close()
+
+    grouped, answers = first_steps(2)
+    at_once, same = first_steps(1)
+    assert grouped == [2, 1, 0] and at_once == [0]
+    assert answers == same
+    with pytest.raises(ValueError, match="prefill_groups"):
+        Engine(loaded, EngineConfig(max_context=CTX, prefill_groups=0))

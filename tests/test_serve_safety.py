@@ -415,7 +415,7 @@ def test_a_failing_packed_prefill_is_retried_row_by_row(loaded, monkeypatch):
     chunk runs alone and the answers are the ones the rows get without the failure."""
     from vlm.serve.kv_slots import PackedPrefill
 
-    with serving(loaded, default_max_tokens=6) as s:
+    with serving(loaded, engine_opts={"prefill_groups": 1}, default_max_tokens=6) as s:  # all in one step
         alone = s.client().chat.completions.create(
             model="tiny", messages=_messages(text="What color?"), temperature=0, max_tokens=6
         )

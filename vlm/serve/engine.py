@@ -86,6 +86,10 @@ class Engine:
 
         self.config = cfg = config or EngineConfig()
         self.device, self.dtype_name = resolve(cfg)
+        if cfg.prefill_groups < 1 or cfg.prefill_chunk < 1:
+            raise ValueError(
+                f"prefill_chunk and prefill_groups must be at least 1, got {cfg.prefill_chunk}, {cfg.prefill_groups}"
+            )
         self.dtype = DTYPES[self.dtype_name]
         self.model = loaded.model.to(device=self.device, dtype=self.dtype).eval()
         # q/k/v and gate/up as one GEMM each (same weights, no copy): packed GEMMs have a fixed cost per
@@ -390,13 +394,14 @@ class Engine:
             self.prefilling.append(row)
 
     def _prefill(self) -> None:
-        """Up to `prefill_chunk` prompt tokens this step, from as many prefilling rows as fit, in
-        one forward (`PackedPrefill`) where the model allows it. A failure ends the row it came
+        """Up to `prefill_chunk` prompt tokens this step, from as many prefilling rows as fit (at
+        most 1 / `prefill_groups` of them), in one forward (`PackedPrefill`) where the model allows it. A failure ends the row it came
         from: making a row's inputs fails alone; a packed forward that fails is run again one row
         at a time, and only the rows that fail again end."""
         budget, batch = self.config.prefill_chunk, []
+        rows = -(-len(self.prefilling) // self.config.prefill_groups)  # prefill_groups > 1: a burst spread over steps
         for row in list(self.prefilling):
-            if budget <= 0:
+            if budget <= 0 or len(batch) >= rows:
                 break
             try:
                 span = self._next_chunk(row, budget)
