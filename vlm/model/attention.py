@@ -298,7 +298,7 @@ def causal_chunks(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     against unrepeated keys) and a chunk of queries reads only the keys up to its last position,
     so the GEMMs skip most of the masked half. In bf16 on a CPU this runs at GEMM speed where SDPA's
     flash kernel does not (8 query / 2 key heads of 64 dims, 2-core AVX-512 BF16: 430 positions
-    2.0 vs 3.5 ms)."""
+    2.0 vs 4.1 ms, 1600 16.9 vs 23.5 ms)."""
     B, H, L, Dh = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     G, off = H // Hkv, S - L

@@ -395,9 +395,9 @@ class Engine:
 
     def _prefill(self) -> None:
         """Up to `prefill_chunk` prompt tokens this step, from as many prefilling rows as fit (at
-        most 1 / `prefill_groups` of them), in one forward (`PackedPrefill`) where the model allows it. A failure ends the row it came
-        from: making a row's inputs fails alone; a packed forward that fails is run again one row
-        at a time, and only the rows that fail again end."""
+        most 1 / `prefill_groups` of them), in one forward (`PackedPrefill`) where the model allows
+        it. A failure ends the row it came from: making a row's inputs fails alone; a packed forward
+        that fails is run again one row at a time, and only the rows that fail again end."""
         budget, batch = self.config.prefill_chunk, []
         rows = -(-len(self.prefilling) // self.config.prefill_groups)  # prefill_groups > 1: a burst spread over steps
         for row in list(self.prefilling):
