@@ -69,25 +69,28 @@ def single_threaded_here() -> bool:
     """Run this thread's torch ops on this thread alone (no OpenMP team of its own), leaving every
     other thread's setting and torch's process-wide thread count as they are. False where the
     OpenMP runtime is not libgomp (then nothing changes)."""
+    return _single_threaded() is not None and torch.get_num_threads() == 1
+
+
+def _single_threaded() -> int | None:
+    """`single_threaded_here`; this thread's MKL count before it (0: the process-wide one), or
+    None where the runtime is not libgomp."""
     torch.get_num_threads()  # torch sets this thread's OpenMP thread count on first use: do it first
     lib = _libgomp()
     if lib is None:
-        return False
+        return None
     lib.omp_set_num_threads(1)
-    _set_mkl_here(1)
-    return torch.get_num_threads() == 1
+    return _set_mkl_here(1)
 
 
 @contextlib.contextmanager
 def single_threaded():
     """`single_threaded_here` for the block; this thread's own thread counts come back after it."""
     n = torch.get_num_threads()
-    mkl_before = _set_mkl_here(0)  # read this thread's MKL count (0 = the process-wide one)
-    _set_mkl_here(mkl_before)
-    changed = single_threaded_here()
+    mkl_before = _single_threaded()
     try:
         yield
     finally:
-        if changed:
+        if mkl_before is not None:
             _libgomp().omp_set_num_threads(n)
             _set_mkl_here(mkl_before)
