@@ -358,3 +358,55 @@ def test_causal_chunks_match_sdpa(cached):
         assert fast_causal(q.bfloat16()) and not fast_causal(q) and not fast_causal(q[:, :, :1].bfloat16())
     assert got.shape == ref.shape and (got - ref).abs().max() < 1e-5
     assert got16.dtype == torch.bfloat16 and (got16.float() - ref).abs().max() < 0.05
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rope", ["rope", "mrope"])
+@pytest.mark.parametrize("fused", [False, True])
+def test_one_token_step_is_the_general_forward_bit_for_bit(dtype, rope, fused, monkeypatch):
+    """A decode step (one new token per row after a cached past) takes the decoder's lean path
+    (`Decoder._forward_one`); it gives the same bits as the general layer forward, with rows at
+    different positions (a boolean key mask, as the serving engine's ragged rows), with fused
+    and packed projections, in fp32 and bf16 — and a decoder with QK-norm keeps the general path."""
+    from vlm.model.attention import KVCache
+    from vlm.model.packed import pack_linears
+
+    torch.manual_seed(0)
+    dec = Decoder(vocab_size=64, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, rope=rope, max_seq_len=64).eval()
+    dec.to(dtype)
+    pack_linears(dec)
+    for layer in dec.layers:
+        layer.self_attn.fuse_projections(fused)
+        layer.mlp.fuse_projections(fused)
+    B, past = 3, 9
+    x0 = torch.randn(B, past, 64).to(dtype)
+    pos0 = torch.arange(past).expand(B, past)
+    x1 = torch.randn(B, 1, 64).to(dtype)
+    pos1 = torch.tensor([[past], [past - 2], [past - 5]])  # rows at different positions
+    valid = torch.ones(B, past + 1, dtype=torch.bool)
+    valid[1, past - 2 : past], valid[2, past - 5 : past] = False, False  # their keys past their own length
+    if rope == "mrope":
+        pos0, pos1 = pos0[None].expand(3, B, past), torch.stack([pos1, pos1 + 1, pos1 + 2])
+
+    def step():
+        cache = KVCache(2, B, 2, 64, 16, dtype, "cpu")
+        with torch.no_grad():
+            dec(x0, pos0, cache=cache)
+            cache.advance(past)
+            out = dec(x1, pos1, valid[:, None, None, :], cache=cache)
+        return out, cache.k[0][:, :, past].clone(), cache.v[1][:, :, past].clone()
+
+    calls, lean_step = [], Decoder._forward_one
+    monkeypatch.setattr(Decoder, "_forward_one", lambda self, *a: calls.append(1) or lean_step(self, *a))
+    lean = step()
+    monkeypatch.setattr(Decoder, "_one_token_path", lambda self, *a: False)
+    general = step()
+    assert calls == [1]  # the first run took the one-token path (once: the prefill did not)
+    for a, b in zip(lean, general):
+        assert a.dtype == dtype and torch.equal(a, b)
+    monkeypatch.undo()
+    qk = Decoder(vocab_size=64, dim=64, n_layers=1, n_heads=4, n_kv_heads=2, qk_norm=True).eval()
+    with torch.no_grad():
+        assert not qk._one_token_path(None, KVCache(1, 1, 2, 8, 16, torch.float32, "cpu"))
+        assert dec._one_token_path(None, KVCache(1, 1, 2, 8, 16, torch.float32, "cpu"))
+    assert not dec._one_token_path(None, KVCache(1, 1, 2, 8, 16, torch.float32, "cpu"))  # grad on: general

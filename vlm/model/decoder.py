@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from vlm.model.attention import FusedLinears, KVCache, SelfAttention
 from vlm.model.config import DecoderConfig
 from vlm.model.fields import SpecError
-from vlm.model.rope import inv_frequencies, rope_cos_sin
+from vlm.model.rope import inv_frequencies, one_token_tables, rope_cos_sin
 
 
 def _additive_for_cached(mask: Tensor | None, x: Tensor) -> Tensor | None:
@@ -87,6 +87,12 @@ class DecoderBlock(nn.Module):
         x = x + self.self_attn(self.input_layernorm(x), rope, mask, is_causal, cache, layer_idx)
         return x + self.mlp(self.post_attention_layernorm(x))
 
+    def forward_one(self, x: Tensor, cos: Tensor, signed_sin: Tensor, mask, cache, layer_idx: int) -> Tensor:
+        """`forward` for one new token per row after a cached past: x `[B, D]` -> `[B, D]`
+        (`SelfAttention.forward_one`)."""
+        x = x + self.self_attn.forward_one(self.input_layernorm(x), cos, signed_sin, mask, cache, layer_idx)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
 
 class Decoder(nn.Module):
     """Token embeddings + N pre-norm blocks + final norm + LM head.
@@ -147,6 +153,8 @@ class Decoder(nn.Module):
         (apply `lm_head` only where logits are needed). before_layer(i, x) -> x runs before layer
         i (the cross-attention fusion blocks hook in here)."""
         rope = rope_cos_sin(position_ids, self.inv_freq, self.mrope_section if self.rope == "mrope" else None)
+        if inputs_embeds.shape[1] == 1 and cache is not None and cache.length > 0 and self._one_token_path(before_layer, cache):
+            return self._forward_one(inputs_embeds, rope, mask, cache)
         # Plain causal fast path only when the queries are the whole key sequence.
         is_causal = mask is None and (cache is None or cache.length == 0)
         if mask is None and not is_causal and inputs_embeds.shape[1] > 1:
@@ -158,6 +166,31 @@ class Decoder(nn.Module):
                 x = before_layer(i, x)
             x = layer(x, rope, mask, is_causal, cache, i)
         return self.norm(x)
+
+    def _one_token_path(self, before_layer, cache) -> bool:
+        """A decode step may take `_forward_one`: inference, no per-layer hook (cross-attention),
+        plain blocks without QK-norm, a cache that stores keys (not one that attends itself)."""
+        return (
+            before_layer is None
+            and getattr(cache, "attend", None) is None
+            and not torch.is_grad_enabled()
+            and all(type(b) is DecoderBlock and b.self_attn.q_norm is None for b in self.layers)
+        )
+
+    def _forward_one(self, inputs_embeds: Tensor, rope: tuple[Tensor, Tensor], mask, cache) -> Tensor:
+        """`forward` for one new token per row after a cached past (every decode step): `[B, 1, D]`
+        -> `[B, 1, D]`, the same bits in about half the ops. A decode step's tensors are tiny, so
+        its time beyond the GEMMs and attention is mostly the cost of issuing ops; the layers run
+        on `[B, D]` rows (no per-layer head transposes) and the rotary step is three products
+        instead of six (`vlm.model.rope.apply_rope_one`): a qwen40m decode step of 4 rows on a
+        2-core AVX-512 CPU took 6-7% less time (fp32 15.5 -> 14.5 ms, bf16 12.4 -> 11.7 ms)."""
+        B = inputs_embeds.shape[0]
+        cos, signed_sin = one_token_tables(*rope)
+        mask = _additive_for_cached(mask, inputs_embeds)
+        x = inputs_embeds.view(B, -1)
+        for i, layer in enumerate(self.layers):
+            x = layer.forward_one(x, cos, signed_sin, mask, cache, i)
+        return self.norm(x).view(B, 1, -1)
 
     @torch.no_grad()
     def grow_vocab(self, n: int) -> None:
