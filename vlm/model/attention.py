@@ -197,9 +197,11 @@ class SelfAttention(nn.Module):
             out = attend(q, k, v, mask, is_causal and mask is None)
         return self.o_proj(out.transpose(1, 2).reshape(B, L, -1))
 
-    def forward_one(self, x: Tensor, cos: Tensor, signed_sin: Tensor, mask: Tensor | None, cache, layer_idx: int) -> Tensor:
+    def forward_one(
+        self, x: Tensor, cos: Tensor, signed_sin: Tensor, mask: Tensor | None, cache, layer_idx: int
+    ) -> Tensor:
         """`forward` for one new token per row over a cache that already holds the rows' past (a
-        decode step), in about half the ops: x `[B, D]` -> `[B, D]`; the rotary tables come from
+        decode step), in fewer ops: x `[B, D]` -> `[B, D]`; the rotary tables come from
         `vlm.model.rope.one_token_tables`. The same bits as `forward` (the same GEMMs, rotary
         products, cache writes and `attend`); no QK-norm (`Decoder` checks)."""
         B, H, Hkv, Dh = x.shape[0], self.n_heads, self.n_kv_heads, self.head_dim
