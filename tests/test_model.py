@@ -363,16 +363,18 @@ def test_causal_chunks_match_sdpa(cached):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rope", ["rope", "mrope"])
 @pytest.mark.parametrize("fused", [False, True])
-def test_one_token_step_is_the_general_forward_bit_for_bit(dtype, rope, fused, monkeypatch):
+@pytest.mark.parametrize("kv_heads", [2, 4])
+def test_one_token_step_is_the_general_forward_bit_for_bit(dtype, rope, fused, kv_heads, monkeypatch):
     """A decode step (one new token per row after a cached past) takes the decoder's lean path
     (`Decoder._forward_one`); it gives the same bits as the general layer forward, with rows at
     different positions (a boolean key mask, as the serving engine's ragged rows), with fused
-    and packed projections, in fp32 and bf16 — and a decoder with QK-norm keeps the general path."""
+    and packed projections, with and without grouped-query heads, in fp32 and bf16 — and a
+    decoder with QK-norm keeps the general path."""
     from vlm.model.attention import KVCache
     from vlm.model.packed import pack_linears
 
     torch.manual_seed(0)
-    dec = Decoder(vocab_size=64, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, rope=rope, max_seq_len=64).eval()
+    dec = Decoder(vocab_size=64, dim=64, n_layers=2, n_heads=4, n_kv_heads=kv_heads, rope=rope, max_seq_len=64).eval()
     dec.to(dtype)
     pack_linears(dec)
     for layer in dec.layers:
@@ -389,7 +391,7 @@ def test_one_token_step_is_the_general_forward_bit_for_bit(dtype, rope, fused, m
         pos0, pos1 = pos0[None].expand(3, B, past), torch.stack([pos1, pos1 + 1, pos1 + 2])
 
     def step():
-        cache = KVCache(2, B, 2, 64, 16, dtype, "cpu")
+        cache = KVCache(2, B, kv_heads, 64, 16, dtype, "cpu")
         with torch.no_grad():
             dec(x0, pos0, cache=cache)
             cache.advance(past)

@@ -210,7 +210,7 @@ class SelfAttention(nn.Module):
         q = apply_rope_one(q.view(B, H, Dh), cos, signed_sin)
         k = apply_rope_one(k.view(B, Hkv, Dh), cos, signed_sin)
         k, v = cache.update(layer_idx, k.view(B, Hkv, 1, Dh), v.view(B, Hkv, 1, Dh))
-        return self.o_proj(attend(q.view(B, H, 1, Dh), k, v, mask).view(B, H * Dh))
+        return self.o_proj(attend(q.view(B, H, 1, Dh), k, v, mask).reshape(B, H * Dh))
 
 
 #: square CPU sequences up to this many query x key positions use `attend`'s matmul path (measured

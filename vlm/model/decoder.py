@@ -193,7 +193,7 @@ class Decoder(nn.Module):
         B = inputs_embeds.shape[0]
         cos, signed_sin = one_token_tables(*rope)
         mask = _additive_for_cached(mask, inputs_embeds)
-        x = inputs_embeds.view(B, -1)
+        x = inputs_embeds.reshape(B, -1)
         for i, layer in enumerate(self.layers):
             x = layer.forward_one(x, cos, signed_sin, mask, cache, i)
         return self.norm(x).view(B, 1, -1)
