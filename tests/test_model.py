@@ -364,17 +364,24 @@ def test_causal_chunks_match_sdpa(cached):
 @pytest.mark.parametrize("rope", ["rope", "mrope"])
 @pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("kv_heads", [2, 4])
-def test_one_token_step_is_the_general_forward_bit_for_bit(dtype, rope, fused, kv_heads, monkeypatch):
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_one_token_step_is_the_general_forward_bit_for_bit(dtype, rope, fused, kv_heads, qk_norm, monkeypatch):
     """A decode step (one new token per row after a cached past) takes the decoder's lean path
     (`Decoder._forward_one`); it gives the same bits as the general layer forward, with rows at
     different positions (a boolean key mask, as the serving engine's ragged rows), with fused
-    and packed projections, with and without grouped-query heads, in fp32 and bf16 — and a
-    decoder with QK-norm keeps the general path."""
+    and packed projections, with and without grouped-query heads and QK-norm, in fp32 and bf16;
+    forwards with grad on keep the general path."""
     from vlm.model.attention import KVCache
     from vlm.model.packed import pack_linears
 
     torch.manual_seed(0)
-    dec = Decoder(vocab_size=64, dim=64, n_layers=2, n_heads=4, n_kv_heads=kv_heads, rope=rope, max_seq_len=64).eval()
+    dec = Decoder(
+        vocab_size=64, dim=64, n_layers=2, n_heads=4, n_kv_heads=kv_heads, rope=rope, max_seq_len=64, qk_norm=qk_norm
+    ).eval()
+    if qk_norm:  # non-trivial norm weights, so a skipped or misplaced norm shows
+        for layer in dec.layers:
+            torch.nn.init.uniform_(layer.self_attn.q_norm.weight, 0.5, 1.5)
+            torch.nn.init.uniform_(layer.self_attn.k_norm.weight, 0.5, 1.5)
     dec.to(dtype)
     pack_linears(dec)
     for layer in dec.layers:
@@ -407,8 +414,6 @@ def test_one_token_step_is_the_general_forward_bit_for_bit(dtype, rope, fused, k
     for a, b in zip(lean, general):
         assert a.dtype == dtype and torch.equal(a, b)
     monkeypatch.undo()
-    qk = Decoder(vocab_size=64, dim=64, n_layers=1, n_heads=4, n_kv_heads=2, qk_norm=True).eval()
     with torch.no_grad():
-        assert not qk._one_token_path(None, KVCache(1, 1, 2, 8, 16, torch.float32, "cpu"))
         assert dec._one_token_path(None, KVCache(1, 1, 2, 8, 16, torch.float32, "cpu"))
     assert not dec._one_token_path(None, KVCache(1, 1, 2, 8, 16, torch.float32, "cpu"))  # grad on: general

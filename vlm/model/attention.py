@@ -203,12 +203,14 @@ class SelfAttention(nn.Module):
         """`forward` for one new token per row over a cache that already holds the rows' past (a
         decode step), in fewer ops: x `[B, D]` -> `[B, D]`; the rotary tables come from
         `vlm.model.rope.one_token_tables`. The same bits as `forward` (the same GEMMs, rotary
-        products, cache writes and `attend`); no QK-norm (`Decoder` checks)."""
+        products, QK-norm, cache writes and `attend`)."""
         B, H, Hkv, Dh = x.shape[0], self.n_heads, self.n_kv_heads, self.head_dim
         qkv = self._qkv(x, (self.q_proj, self.k_proj, self.v_proj)) if self._qkv is not None else None
         q, k, v = qkv if qkv is not None else (self.q_proj(x), self.k_proj(x), self.v_proj(x))
-        q = apply_rope_one(q.view(B, H, Dh), cos, signed_sin)
-        k = apply_rope_one(k.view(B, Hkv, Dh), cos, signed_sin)
+        q, k = q.view(B, H, Dh), k.view(B, Hkv, Dh)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope_one(q, cos, signed_sin), apply_rope_one(k, cos, signed_sin)
         k, v = cache.update(layer_idx, k.view(B, Hkv, 1, Dh), v.view(B, Hkv, 1, Dh))
         return self.o_proj(attend(q.view(B, H, 1, Dh), k, v, mask).reshape(B, H * Dh))
 

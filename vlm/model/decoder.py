@@ -174,12 +174,12 @@ class Decoder(nn.Module):
 
     def _one_token_path(self, before_layer, cache) -> bool:
         """A decode step may take `_forward_one`: inference, no per-layer hook (cross-attention),
-        plain blocks without QK-norm, a cache that stores keys (not one that attends itself)."""
+        a cache that stores keys (not one that attends itself), the blocks built here."""
         return (
             before_layer is None
             and getattr(cache, "attend", None) is None
             and not torch.is_grad_enabled()
-            and all(type(b) is DecoderBlock and b.self_attn.q_norm is None for b in self.layers)
+            and all(type(b) is DecoderBlock for b in self.layers)
         )
 
     def _forward_one(self, inputs_embeds: Tensor, rope: tuple[Tensor, Tensor], mask, cache) -> Tensor:
