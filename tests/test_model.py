@@ -335,6 +335,27 @@ def test_attend_bf16_full_attention_in_query_chunks():
     assert err_ours < 0.05 and err_ours <= 2 * err_sdpa + 1e-3, (err_ours, err_sdpa)
 
 
+def test_query_chunks_size_from_the_scores_bytes_and_same_bits(monkeypatch):
+    """`_query_chunks` sizes its chunks so a chunk's scores fit `QUERY_CHUNK_BYTES` (an image's
+    patches: more patches, fewer query rows per chunk, never below `QUERY_CHUNK_MIN`), and a query
+    row's result is the same bits however the queries are chunked."""
+    from vlm.model import attention
+
+    def rows(B, H, L):
+        return attention.query_chunk_rows(torch.empty(B, H, L, 64, dtype=torch.bfloat16), L)
+
+    assert (rows(1, 4, 256), rows(1, 4, 768), rows(1, 4, 1564), rows(1, 4, 4096)) == (512, 256, 128, 64)
+    assert rows(4, 4, 1564) == attention.QUERY_CHUNK_MIN  # four images of that size in one group
+    torch.manual_seed(4)
+    q, k, v = (torch.randn(2, 3, 300, 16).bfloat16() for _ in range(3))
+    with torch.no_grad():
+        whole = attention._query_chunks(q, k, v)  # 300 rows fit: one chunk
+        monkeypatch.setattr(attention, "QUERY_CHUNK_BYTES", 1)
+        monkeypatch.setattr(attention, "QUERY_CHUNK_MIN", 64)  # chunks of 64: four, a ragged last one
+        chunked = attention._query_chunks(q, k, v)
+    assert torch.equal(whole, chunked)
+
+
 @pytest.mark.parametrize("cached", [0, 70])
 def test_causal_chunks_match_sdpa(cached):
     """`causal_chunks` (a prefill chunk's causal attention as folded-GQA matmuls over query chunks):

@@ -269,8 +269,13 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, is_causa
     return probs @ v
 
 
-#: query rows per chunk of `_query_chunks` (bounds its scores to [B, H, 512, S])
-QUERY_CHUNK = 512
+#: bytes of one chunk's scores in `_query_chunks` (`[B, H, rows, S]`): a chunk whose scores stay
+#: in the core's cache is written, softmaxed and read again there. 2-core AVX-512 BF16, 4 heads of
+#: 64 dims, median ms of the whole attention: 1564 patches 22.5 with 512-row chunks (6.4 MB of
+#: scores) vs 11.7 with 128 rows (1.6 MB); 4096 patches 154 vs 73 (64 rows); 768 patches 2.6 vs 2.5.
+QUERY_CHUNK_BYTES = 2 << 20
+#: the most query rows per chunk, and the fewest (below it the matmuls get too thin to run fast)
+QUERY_CHUNK, QUERY_CHUNK_MIN = 512, 64
 
 
 def _bf16_cpu_full(q: Tensor, k: Tensor, mask, is_causal: bool) -> bool:
@@ -285,14 +290,29 @@ def _bf16_cpu_full(q: Tensor, k: Tensor, mask, is_causal: bool) -> bool:
     )
 
 
+def query_chunk_rows(q: Tensor, S: int) -> int:
+    """Query rows per chunk of `_query_chunks` for `q [B, H, L, Dh]` against `S` keys: the largest
+    power of two whose scores fit `QUERY_CHUNK_BYTES`, within `[QUERY_CHUNK_MIN, QUERY_CHUNK]`."""
+    fit = QUERY_CHUNK_BYTES // max(1, q.shape[0] * q.shape[1] * S * q.element_size())
+    rows = QUERY_CHUNK
+    while rows > QUERY_CHUNK_MIN and rows > fit:
+        rows //= 2
+    return rows
+
+
 def _query_chunks(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """Full attention as matmuls over chunks of `QUERY_CHUNK` queries: in bf16 on a CPU these run
-    at GEMM speed where SDPA's flash kernel does not (4 heads of 64 dims, 2-core AVX-512 BF16:
-    768 image patches 2.5 vs 4.0 ms, 1564 10.7 vs 16.7 ms, 4096 71 vs 110 ms, with freed memory
-    kept: `vlm.serve.memory`); fp32 stays on SDPA, faster there."""
-    scale = q.shape[-1] ** -0.5
-    kt = k.transpose(-1, -2)
-    return torch.cat([((c * scale) @ kt).softmax(-1) @ v for c in q.split(QUERY_CHUNK, dim=-2)], dim=-2)
+    """Full attention as matmuls over chunks of queries (`query_chunk_rows`): in bf16 on a CPU
+    these run at GEMM speed where SDPA's flash kernel does not (4 heads of 64 dims, 2-core AVX-512
+    BF16: 768 image patches 2.5 vs 4.0 ms, 1564 11.7 vs 16.8 ms, 4096 73 vs 109 ms); fp32 stays
+    on SDPA, faster there. Each query row's result does not depend on the chunking."""
+    L, rows = q.shape[-2], query_chunk_rows(q, k.shape[-2])
+    if rows >= L:
+        return ((q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)).softmax(-1) @ v
+    qs, kt = q * q.shape[-1] ** -0.5, k.transpose(-1, -2)
+    out = q.new_empty(*q.shape[:-1], v.shape[-1])
+    for a in range(0, L, rows):
+        out[..., a : a + rows, :] = (qs[..., a : a + rows, :] @ kt).softmax(-1) @ v
+    return out
 
 
 def fast_causal(q: Tensor) -> bool:
@@ -302,8 +322,9 @@ def fast_causal(q: Tensor) -> bool:
 
 
 #: query positions per chunk of `causal_chunks` (times the query heads of a key head: its scores
-#: are `[B, H_kv, H / H_kv * CAUSAL_CHUNK, S]`)
-CAUSAL_CHUNK = 256
+#: are `[B, H_kv, H / H_kv * CAUSAL_CHUNK, S]`). 8 query / 2 key heads of 64 dims, bf16, 2-core
+#: AVX-512 BF16, median ms: 430 positions 2.15 with 128 vs 2.93 with 256, 1600 19.2 vs 22.9.
+CAUSAL_CHUNK = 128
 
 
 def causal_chunks(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
@@ -315,7 +336,7 @@ def causal_chunks(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     against unrepeated keys) and a chunk of queries reads only the keys up to its last position,
     so the GEMMs skip most of the masked half. In bf16 on a CPU this runs at GEMM speed where SDPA's
     flash kernel does not (8 query / 2 key heads of 64 dims, 2-core AVX-512 BF16: 430 positions
-    2.0 vs 4.1 ms, 1600 16.9 vs 23.5 ms)."""
+    2.5 vs 3.1 ms, 1600 18.8 vs 22.8 ms)."""
     B, H, L, Dh = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     G, off = H // Hkv, S - L
