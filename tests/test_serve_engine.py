@@ -487,13 +487,15 @@ def test_mixed_sampling_options_equal_generate_under_random_arrivals(tok, name):
 
 def test_a_burst_of_requests_gets_first_tokens_in_groups(tok):
     """prefill_groups=2: of four requests admitted together, a step prefills half of those still
-    waiting (2, then 1, then 1; the first ones decode meanwhile); prefill_groups=1 takes all four at once.
-    Answers are the same either way; a group count under 1 is refused."""
+    waiting (2, then 1, then 1; the first ones decode meanwhile); prefill_groups=1 takes all four at once;
+    prefill_group_min sets the smallest group (4 groups of at least 2: 2, then 2; at least 4: all
+    at once). Answers are the same every way; a group count or minimum under 1 is refused."""
     loaded = tiny(tok)
     msgs = [[{"role": "user", "content": f"say {w}"}] for w in WORDS[:4]]
 
-    def first_steps(groups: int) -> tuple[list[int], list[str]]:
-        engine = Engine(loaded, EngineConfig(max_batch=4, max_context=CTX, dtype="fp32", prefill_groups=groups))
+    def first_steps(groups: int, least: int = 1) -> tuple[list[int], list[str]]:
+        cfg = EngineConfig(max_batch=4, max_context=CTX, dtype="fp32", prefill_groups=groups, prefill_group_min=least)
+        engine = Engine(loaded, cfg)
         try:
             hs = [engine.submit(ChatRequest(m, SamplingParams(max_tokens=4))) for m in msgs]
             for h in hs:
@@ -510,7 +512,11 @@ def test_a_burst_of_requests_gets_first_tokens_in_groups(tok):
 
     grouped, answers = first_steps(2)
     at_once, same = first_steps(1)
-    assert grouped == [2, 1, 0] and at_once == [0]
-    assert answers == same
+    pairs, same_pairs = first_steps(4, least=2)
+    whole, same_whole = first_steps(4, least=4)
+    assert grouped == [2, 1, 0] and at_once == [0] and pairs == [2, 0] and whole == [0]
+    assert answers == same == same_pairs == same_whole
     with pytest.raises(ValueError, match="prefill_groups"):
         Engine(loaded, EngineConfig(max_context=CTX, prefill_groups=0))
+    with pytest.raises(ValueError, match="prefill_group_min"):
+        Engine(loaded, EngineConfig(max_context=CTX, prefill_group_min=0))

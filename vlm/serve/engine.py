@@ -86,9 +86,10 @@ class Engine:
 
         self.config = cfg = config or EngineConfig()
         self.device, self.dtype_name = resolve(cfg)
-        if cfg.prefill_groups < 1 or cfg.prefill_chunk < 1:
+        if min(cfg.prefill_groups, cfg.prefill_chunk, cfg.prefill_group_min) < 1:
             raise ValueError(
-                f"prefill_chunk and prefill_groups must be at least 1, got {cfg.prefill_chunk}, {cfg.prefill_groups}"
+                "prefill_chunk, prefill_groups and prefill_group_min must be at least 1, got "
+                f"{cfg.prefill_chunk}, {cfg.prefill_groups}, {cfg.prefill_group_min}"
             )
         self.dtype = DTYPES[self.dtype_name]
         self.model = loaded.model.to(device=self.device, dtype=self.dtype).eval()
@@ -395,11 +396,12 @@ class Engine:
 
     def _prefill(self) -> None:
         """Up to `prefill_chunk` prompt tokens this step, from as many prefilling rows as fit (at
-        most 1 / `prefill_groups` of them), in one forward (`PackedPrefill`) where the model allows
+        most 1 / `prefill_groups` of them, at least `prefill_group_min`), in one forward (`PackedPrefill`) where the model allows
         it. A failure ends the row it came from: making a row's inputs fails alone; a packed forward
         that fails is run again one row at a time, and only the rows that fail again end."""
         budget, batch = self.config.prefill_chunk, []
-        rows = -(-len(self.prefilling) // self.config.prefill_groups)  # prefill_groups > 1: a burst spread over steps
+        cfg = self.config  # prefill_groups > 1: a burst spread over steps, in groups of prefill_group_min or more
+        rows = max(-(-len(self.prefilling) // cfg.prefill_groups), cfg.prefill_group_min)
         for row in list(self.prefilling):
             if budget <= 0 or len(batch) >= rows:
                 break

@@ -57,7 +57,9 @@ class EngineConfig:
     waiting for their prefill (at least one), so the first of a burst of arrivals get their first
     token after a fraction of the burst's prefill instead of all of it (1: every prompt that fits
     `prefill_chunk`, the most tokens/s; 4: time to first token about a third shorter at 4-32
-    clients, tokens/s within a few percent). embed_cache_mb /
+    clients, tokens/s within a few percent). prefill_group_min: a step prefills at least this many
+    of them (all when fewer wait), so a small burst is not spread over steps that each also run a
+    decode step. embed_cache_mb /
     prefix_cache_mb: budgets of the image-embedding and prefix KV caches (0 turns one off; the
     prefix cache is off while pruning: what is kept depends on the whole prompt).
     preprocess_workers: threads building prompts.
@@ -75,6 +77,7 @@ class EngineConfig:
     max_batch: int = 16
     prefill_chunk: int = 2048
     prefill_groups: int = 1
+    prefill_group_min: int = 1
     embed_cache_mb: float = 256.0
     prefix_cache_mb: float = 512.0
     preprocess_workers: int = 2
