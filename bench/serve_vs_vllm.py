@@ -3,7 +3,7 @@
     python bench/serve_vs_vllm.py                        # fp32 and bf16 (where the CPU has native bf16), 1/4/16/32 clients
     python bench/serve_vs_vllm.py --dtype fp32 --levels 1,4 --requests 16
     python bench/serve_vs_vllm.py --skip-vllm --levels 1 --requests 2 --new-tokens 8    # ours alone, under a minute
-    python bench/serve_vs_vllm.py --skip-vllm --levels 4,16 --ours engine.prefill_groups=4  # an engine option
+    python bench/serve_vs_vllm.py --skip-vllm --levels 4,16 --ours engine.prefill_groups=1  # an engine option
 
 The model is bench/serve.py's `qwen40m` (~41M random Qwen2-VL-shaped weights, end tokens made
 unreachable so every answer runs to `--new-tokens`), written as an export folder (what `serve.py`

@@ -54,12 +54,12 @@ class EngineConfig:
     `max_context` positions. prefill_chunk: prompt tokens prefilled per engine step, the chunks
     of several requests in one forward (a chunk never cuts a bidirectional media span, so one span
     may exceed it). prefill_groups: a step prefills at most 1 / prefill_groups of the requests
-    waiting for their prefill (at least one), so the first of a burst of arrivals get their first
-    token after a fraction of the burst's prefill instead of all of it (1: every prompt that fits
-    `prefill_chunk`, the most tokens/s; 4: time to first token about a third shorter at 4-32
-    clients, tokens/s within a few percent). prefill_group_min: a step prefills at least this many
-    of them (all when fewer wait), so a small burst is not spread over steps that each also run a
-    decode step. embed_cache_mb /
+    waiting for their prefill, so the first of a burst of arrivals get their first token after a
+    fraction of the burst's prefill instead of all of it (1: every prompt that fits
+    `prefill_chunk`). prefill_group_min: a step prefills at least this many of them (all when
+    fewer wait), so a small burst is not spread over steps that each also run a decode step. The
+    defaults (4 and 4) leave bursts of up to 4 whole and give 16 clients their first token
+    30-45% sooner at the median than 1 and 1, at the same tokens/s. embed_cache_mb /
     prefix_cache_mb: budgets of the image-embedding and prefix KV caches (0 turns one off; the
     prefix cache is off while pruning: what is kept depends on the whole prompt).
     preprocess_workers: threads building prompts.
@@ -76,8 +76,8 @@ class EngineConfig:
     packed_weights: bool = True
     max_batch: int = 16
     prefill_chunk: int = 2048
-    prefill_groups: int = 1
-    prefill_group_min: int = 1
+    prefill_groups: int = 4
+    prefill_group_min: int = 4
     embed_cache_mb: float = 256.0
     prefix_cache_mb: float = 512.0
     preprocess_workers: int = 2
