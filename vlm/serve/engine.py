@@ -396,9 +396,10 @@ class Engine:
 
     def _prefill(self) -> None:
         """Up to `prefill_chunk` prompt tokens this step, from as many prefilling rows as fit (at
-        most 1 / `prefill_groups` of them, at least `prefill_group_min`), in one forward (`PackedPrefill`) where the model allows
-        it. A failure ends the row it came from: making a row's inputs fails alone; a packed forward
-        that fails is run again one row at a time, and only the rows that fail again end."""
+        most 1 / `prefill_groups` of them, at least `prefill_group_min`), in one forward
+        (`PackedPrefill`) where the model allows it. A failure ends the row it came from: making a
+        row's inputs fails alone; a packed forward that fails is run again one row at a time, and
+        only the rows that fail again end."""
         budget, batch = self.config.prefill_chunk, []
         cfg = self.config  # prefill_groups > 1: a burst spread over steps, in groups of prefill_group_min or more
         rows = max(-(-len(self.prefilling) // cfg.prefill_groups), cfg.prefill_group_min)
